@@ -1,0 +1,113 @@
+"""Tiny random-weight checkpoints and tokenizers, made on the spot: no hub, no network.
+
+`make_tiny_model(tmp_dir, arch=...)` writes a Hugging Face checkpoint directory (config.json,
+model.safetensors, tokenizer files, a chat template) that both tokenmill and transformers load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SAMPLE_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention stores keys and values in fixed-size blocks.",
+    "A scheduler fills a token budget with decodes first, then prefill chunks.",
+    "Large language models turn prompts into completions one token at a time.",
+    "Sorting prompts by length keeps batches full and padding small.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20.",
+    "Once upon a time there was a tiny model that learned to count.",
+    "def add(a, b):\n    return a + b\n",
+    "Emoji and accents: café, naïve, jalapeño, 東京.",
+]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on SAMPLE_TEXT, wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(SAMPLE_TEXT * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="</s>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+ARCHS = {
+    # name: (transformers config class name, extra config kwargs)
+    "llama": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=False)),
+    "llama-mha-tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4,
+                                           tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1,
+                                      tie_word_embeddings=False, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=6, num_key_value_heads=2,
+                                  tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  tie_word_embeddings=False)),
+}
+
+
+def make_tiny_model(
+    path: str | Path,
+    arch: str = "llama",
+    hidden_size: int = 48,
+    num_layers: int = 2,
+    intermediate_size: int = 100,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """Write a tiny random-weight checkpoint of `arch` (see ARCHS) to `path` and return it."""
+    import transformers
+
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    cls_name, kwargs = ARCHS[arch]
+    kwargs = {**kwargs, **overrides}
+    config = getattr(transformers, cls_name)(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init is small; scale up so logits are peaked and greedy argmax is well separated.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+            elif "bias" in name:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "tokenmill_test_arch.json").write_text(json.dumps({"arch": arch}))
+    return path

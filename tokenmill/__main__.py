@@ -1,0 +1,3 @@
+from tokenmill.cli.app import main
+
+main()

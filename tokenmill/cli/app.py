@@ -1,0 +1,52 @@
+"""The `tokenmill` command: a Typer app; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated, Optional
+
+import typer
+
+from tokenmill import __version__
+
+app = typer.Typer(
+    name="tokenmill",
+    help="Run language models over prompt datasets: generate, bench, serve, merge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# Each module defines `register(app)`. Imports stay inside the commands, so `tokenmill --help`
+# does not import torch.
+SUBCOMMAND_MODULES = ("generate", "merge", "bench", "serve")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tokenmill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = None,
+) -> None:
+    """tokenmill: a paged-attention inference engine for batch jobs and serving."""
+
+
+for _name in SUBCOMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"tokenmill.cli.{_name}")
+    except ModuleNotFoundError as _e:  # a subcommand still being written
+        if _e.name != f"tokenmill.cli.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,105 @@
+"""Typer options shared by the subcommands, built from the config dataclasses.
+
+Defaults and help text come from EngineConfig / SamplingParams fields, never written here.
+A command declares `**engine options` by listing these Annotated aliases, then calls
+`engine_config(...)` / `sampling_params(...)` with the values it received.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from tokenmill.engine.config import EngineConfig, field_default, field_help
+from tokenmill.engine.sampling_params import SamplingParams
+
+_E = "Engine"
+_S = "Sampling"
+
+
+def _eopt(name: str, *flags: str):
+    return typer.Option(*flags, help=field_help(EngineConfig, name), rich_help_panel=_E)
+
+
+def _sopt(name: str, *flags: str):
+    return typer.Option(*flags, help=field_help(SamplingParams, name), rich_help_panel=_S)
+
+
+# Engine options ---------------------------------------------------------------------------------
+Model = Annotated[Optional[str], _eopt("model", "--model", "-m")]
+Dtype = Annotated[str, _eopt("dtype", "--dtype")]
+Device = Annotated[str, _eopt("device", "--device")]
+MaxModelLen = Annotated[Optional[int], _eopt("max_model_len", "--max-model-len")]
+MaxNumSeqs = Annotated[int, _eopt("max_num_seqs", "--max-num-seqs")]
+MaxNumBatchedTokens = Annotated[int, _eopt("max_num_batched_tokens", "--max-num-batched-tokens")]
+KvCacheMemory = Annotated[Optional[str], _eopt("kv_cache_memory", "--kv-cache-memory")]
+GpuMemoryUtilization = Annotated[
+    float, _eopt("gpu_memory_utilization", "--gpu-memory-utilization")
+]
+BlockSize = Annotated[int, _eopt("block_size", "--block-size")]
+EnablePrefixCaching = Annotated[
+    bool, _eopt("enable_prefix_caching", "--enable-prefix-caching/--no-prefix-caching")
+]
+EnforceEager = Annotated[bool, _eopt("enforce_eager", "--enforce-eager")]
+Seed = Annotated[int, _eopt("seed", "--seed")]
+
+ENGINE_DEFAULTS = {
+    name: field_default(EngineConfig, name)
+    for name in (
+        "model", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+        "kv_cache_memory", "gpu_memory_utilization", "block_size", "enable_prefix_caching",
+        "enforce_eager", "seed",
+    )
+}
+
+# Sampling options -------------------------------------------------------------------------------
+N = Annotated[int, _sopt("n", "--n")]
+Temperature = Annotated[float, _sopt("temperature", "--temperature", "-t")]
+TopP = Annotated[float, _sopt("top_p", "--top-p")]
+TopK = Annotated[int, _sopt("top_k", "--top-k")]
+MinP = Annotated[float, _sopt("min_p", "--min-p")]
+PresencePenalty = Annotated[float, _sopt("presence_penalty", "--presence-penalty")]
+FrequencyPenalty = Annotated[float, _sopt("frequency_penalty", "--frequency-penalty")]
+RepetitionPenalty = Annotated[float, _sopt("repetition_penalty", "--repetition-penalty")]
+SamplingSeed = Annotated[Optional[int], _sopt("seed", "--sampling-seed")]
+Stop = Annotated[Optional[list[str]], _sopt("stop", "--stop")]
+StopTokenIds = Annotated[Optional[list[int]], _sopt("stop_token_ids", "--stop-token-id")]
+IncludeStopStrInOutput = Annotated[
+    bool, _sopt("include_stop_str_in_output", "--include-stop-str-in-output")
+]
+IgnoreEos = Annotated[bool, _sopt("ignore_eos", "--ignore-eos")]
+MaxTokens = Annotated[Optional[int], _sopt("max_tokens", "--max-tokens")]
+MinTokens = Annotated[int, _sopt("min_tokens", "--min-tokens")]
+Logprobs = Annotated[Optional[int], _sopt("logprobs", "--logprobs")]
+SkipSpecialTokens = Annotated[
+    bool, _sopt("skip_special_tokens", "--skip-special-tokens/--keep-special-tokens")
+]
+
+SAMPLING_DEFAULTS = {
+    name: field_default(SamplingParams, name)
+    for name in (
+        "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "stop", "stop_token_ids", "include_stop_str_in_output",
+        "ignore_eos", "max_tokens", "min_tokens", "logprobs", "skip_special_tokens",
+    )
+}
+
+
+def engine_config(**values) -> EngineConfig:
+    """EngineConfig from CLI values; raises typer.BadParameter with the config's message."""
+    try:
+        return EngineConfig(**values)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def sampling_params(**values) -> SamplingParams:
+    """SamplingParams from CLI values (`sampling_seed` maps to `seed`)."""
+    if "sampling_seed" in values:
+        values["seed"] = values.pop("sampling_seed")
+    values = {k: v for k, v in values.items() if not (k in ("stop", "stop_token_ids") and not v)}
+    try:
+        return SamplingParams(**values)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e

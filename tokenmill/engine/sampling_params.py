@@ -1,0 +1,139 @@
+"""SamplingParams: how one request is decoded. Names and defaults follow vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Decoding options for one request. Invalid values raise ValueError naming the field."""
+
+    n: int = field(default=1, metadata={"help": "Completions to generate per prompt."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature; 0 means greedy decoding."}
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens whose "
+                               "probability adds up to top_p (0 < top_p <= 1)."}
+    )
+    top_k: int = field(
+        default=-1, metadata={"help": "Keep only the top_k most likely tokens (-1 or 0: off)."}
+    )
+    min_p: float = field(
+        default=0.0, metadata={"help": "Drop tokens whose probability is below min_p times the "
+                               "most likely token's (0 <= min_p <= 1)."}
+    )
+    presence_penalty: float = field(
+        default=0.0, metadata={"help": "Subtracted once from the logit of every token already "
+                               "generated (-2..2)."}
+    )
+    frequency_penalty: float = field(
+        default=0.0, metadata={"help": "Subtracted from a token's logit once per time it was "
+                               "generated (-2..2)."}
+    )
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Divides positive (multiplies negative) logits of tokens "
+                               "seen in the prompt or output; 1 is off (> 0)."}
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "Per-request seed: the same seed gives the same samples "
+                                "whatever else is in the batch."}
+    )
+    stop: str | list[str] | None = field(
+        default=None, metadata={"help": "Stop when the text contains one of these strings."}
+    )
+    stop_token_ids: list[int] | None = field(
+        default=None, metadata={"help": "Stop when one of these token ids is generated."}
+    )
+    include_stop_str_in_output: bool = field(
+        default=False, metadata={"help": "Keep the matched stop string in the output text."}
+    )
+    ignore_eos: bool = field(
+        default=False, metadata={"help": "Keep generating past the end-of-sequence token."}
+    )
+    max_tokens: int | None = field(
+        default=16, metadata={"help": "Most tokens to generate per completion (None: up to the "
+                              "model's context)."}
+    )
+    min_tokens: int = field(
+        default=0, metadata={"help": "Generate at least this many tokens before EOS or "
+                             "stop_token_ids may end the completion."}
+    )
+    logprobs: int | None = field(
+        default=None, metadata={"help": "Return the log-probabilities of the sampled token and "
+                                "of the top-N alternatives per generated token."}
+    )
+    skip_special_tokens: bool = field(
+        default=True, metadata={"help": "Leave special tokens out of the output text."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is not None:
+            self.stop = list(self.stop)
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if self.top_k == 0:
+            self.top_k = -1
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"{name} must be {rule} (got {getattr(self, name)!r})")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", ">= 1")
+        if self.temperature < 0:
+            raise bad("temperature", ">= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "-1 or 0 (off) or a positive integer")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "in [0, 1]")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "in [-2, 2]")
+        if not self.repetition_penalty > 0.0:
+            raise bad("repetition_penalty", "> 0")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise bad("max_tokens", ">= 1")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", ">= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise bad("logprobs", "a non-negative integer or None")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "an integer or None")
+        if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
+        """Build from a plain dict (a JSON row's overrides); unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown sampling option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return SamplingParams(**{**self.to_dict(), **changes})
