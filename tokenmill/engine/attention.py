@@ -1,0 +1,155 @@
+"""Attention backends over the paged KV cache, and the per-forward metadata they read.
+
+Layout of one varlen batch (flash-attention's names). Three sequences: a decode (1 new token,
+context 9), a prefill chunk of 4 tokens with 3 already cached, a fresh prefill of 5 tokens:
+
+    query tokens   | d | c c c c | p p p p p |
+    cu_seqlens_q = [0, 1, 5, 10]     seq_lens = [9, 7, 5]     (cached + new, per sequence)
+
+Query token i of sequence s sits at position seq_lens[s] - q_len[s] + i and attends causally
+to every key at a position <= its own. Keys and values live in per-layer caches
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+block_tables[s, j] is the j-th block of sequence s (rows padded with 0 past its last block);
+slot_mapping[t] = block_id * block_size + offset is where new token t's K/V is written
+(-1: padding token, write nothing).
+
+The metadata travels to the layers in one context object (STYLE habit 6): `set_forward_context`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Batch layout for one forward pass; tensors on the model's device."""
+
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks_per_seq] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not write
+    max_seqlen_q: int
+    max_seqlen_k: int
+    # Host copies, so the torch backend never synchronises with the device to read them.
+    cu_seqlens_q_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_seqlen_q == 1
+
+
+_context: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def set_forward_context(meta: AttentionMetadata):
+    """Make `meta` visible to the attention layers for the duration of one forward pass."""
+    global _context
+    prev, _context = _context, meta
+    try:
+        yield
+    finally:
+        _context = prev
+
+
+def get_forward_context() -> AttentionMetadata:
+    if _context is None:
+        raise RuntimeError("attention called outside set_forward_context(...)")
+    return _context
+
+
+class AttentionBackend(ABC):
+    """Writes the new K/V into the paged cache, then attends over cache + new tokens."""
+
+    name: str
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def write_kv_torch(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Reference cache write: k_cache.flat[slot_mapping[t]] = k[t] for every slot >= 0."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def paged_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """Reference paged attention: one causal SDPA call per sequence, K/V gathered by block table.
+
+    Used on CPU, and as the oracle the Triton kernels are tested against.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    cu = meta.cu_seqlens_q_cpu
+    for s, seq_len in enumerate(meta.seq_lens_cpu):
+        q_start, q_end = cu[s], cu[s + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        num_blocks = -(-seq_len // block_size)
+        blocks = meta.block_tables[s, :num_blocks].long()
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [seq_len, kvh, d]
+        vals = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        qs = q[q_start:q_end].transpose(0, 1)  # [num_heads, q_len, head_dim]
+        ks = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [num_heads, seq_len, d]
+        vs = vals.transpose(0, 1).repeat_interleave(group, dim=0)
+        # query i sits at position seq_len - q_len + i; it sees keys at positions <= that.
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        o = F.scaled_dot_product_attention(
+            qs.to(ks.dtype), ks, vs, attn_mask=mask, scale=scale
+        )  # [num_heads, q_len, head_dim]
+        out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Pure-torch paged attention: the CPU path and the reference for the Triton backend."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention_torch(q, k_cache, v_cache, meta, scale)
+
+
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """'auto' picks Triton on CUDA (when importable) and torch elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from tokenmill.engine.triton_attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"attention backend must be auto, torch or triton (got {name!r})")
