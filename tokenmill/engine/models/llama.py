@@ -1,0 +1,92 @@
+"""Llama family: Llama 2/3/3.x, Mistral, SmolLM (and the base the Qwen families extend).
+
+    embed -> [ RMSNorm -> attention -> +residual -> RMSNorm -> gated MLP -> +residual ] x L
+          -> RMSNorm -> lm_head (tied to embed when tie_word_embeddings)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill.engine.attention import AttentionBackend
+from tokenmill.engine.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, \
+    rope_parameters
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool):
+        super().__init__()
+        self.self_attn = Attention(config, backend, qkv_bias, o_bias, qk_norm)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size,
+                            bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, rotary):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, rotary)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, backend, qkv_bias, o_bias, qk_norm, max_position):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, backend, qkv_bias, o_bias, qk_norm)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        inv_freq, scaling = rope_parameters(config)
+        self.rotary = RotaryEmbedding(inv_freq, scaling, max_position)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, self.rotary)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only causal LM over a flat varlen batch: forward(input_ids, positions)."""
+
+    qkv_bias_default = False
+    qk_norm = False
+
+    def __init__(self, config, backend: AttentionBackend, max_position: int):
+        super().__init__()
+        self.config = config
+        qkv_bias, o_bias = self.bias_flags(config)
+        self.model = LlamaModel(config, backend, qkv_bias, o_bias, self.qk_norm, max_position)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @staticmethod
+    def bias_flags(config) -> tuple[bool, bool]:
+        b = bool(getattr(config, "attention_bias", False))
+        return b, b
+
+    def forward(self, input_ids, positions):
+        return self.model(input_ids, positions)  # [num_tokens, hidden_size]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return nn.functional.linear(hidden, weight)  # [num_tokens, vocab_size]
+
+    # Checkpoint name -> (our parameter name, shard) for the fused projections.
+    packed = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }

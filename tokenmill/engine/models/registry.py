@@ -1,0 +1,25 @@
+"""Architecture name (config.json "architectures") -> model class."""
+
+from __future__ import annotations
+
+from tokenmill.engine.models.llama import LlamaForCausalLM
+from tokenmill.engine.models.qwen2 import Qwen2ForCausalLM
+from tokenmill.engine.models.qwen3 import Qwen3ForCausalLM
+
+MODELS: dict[str, type] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(config) -> type:
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs:
+        if arch in MODELS:
+            return MODELS[arch]
+    raise ValueError(
+        f"unsupported architecture {', '.join(archs) or config.model_type!r}; tokenmill supports "
+        f"{', '.join(sorted(MODELS))}"
+    )

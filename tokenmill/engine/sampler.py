@@ -1,0 +1,174 @@
+"""Sampling: logits of the rows that reached their end -> next token ids (+ logprobs).
+
+Order of operations, per row (the same as vLLM and transformers' logits processors):
+ 1. logprobs, when asked, are log_softmax of the raw model logits;
+ 2. penalties: repetition (prompt + output tokens, transformers' rule: positive logits divided,
+    negative multiplied), then frequency and presence (OpenAI's rule, output tokens only);
+ 3. min_tokens: EOS and stop_token_ids are masked until the row has min_tokens outputs;
+ 4. temperature 0 -> argmax; otherwise logits / temperature, then top-k, top-p (on the
+    renormalised top-k distribution) and min-p masks, then one draw.
+
+A draw uses the exponential race: token = argmax(probs / E) with E ~ Exp(1) per vocab entry,
+which picks token i with probability probs[i]. E depends only on (row seed, output index),
+so a seeded request samples the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.outputs import Logprob
+from tokenmill.engine.request import Request
+
+_MASK = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[dict[int, Logprob] | None]  # one per row, None where not asked
+
+
+def noise_seed(seed: int, position: int) -> int:
+    """The RNG seed of one draw: a function of (request seed, output index) only."""
+    return (seed * 0x9E3779B1 + position * 0x85EBCA77 + 0x165667B1) % (2**63 - 1)
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """In place: repetition, frequency and presence penalties and the min_tokens mask."""
+    for i, req in enumerate(reqs):
+        p = req.params
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(
+                sorted(set(req.prompt_token_ids) | set(req.output_token_ids)),
+                dtype=torch.long, device=logits.device,
+            )
+            vals = row[seen]
+            row[seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        if (p.frequency_penalty or p.presence_penalty) and req.output_token_ids:
+            out = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=row.numel())[: row.numel()].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if req.num_output_tokens < p.min_tokens:
+            banned = set(p.stop_token_ids or ())
+            if not p.ignore_eos:
+                banned |= req.eos_token_ids
+            for t in banned:
+                if 0 <= t < row.numel():
+                    row[t] = _MASK
+    return logits
+
+
+def needs_penalties(reqs: list[Request]) -> bool:
+    return any(
+        r.params.repetition_penalty != 1.0
+        or r.params.frequency_penalty
+        or r.params.presence_penalty
+        or r.num_output_tokens < r.params.min_tokens
+        for r in reqs
+    )
+
+
+def top_k_top_p_min_p_mask(
+    logits: torch.Tensor,  # [num_seqs, vocab_size], already divided by temperature
+    top_k: torch.Tensor,  # [num_seqs] int, -1 = off
+    top_p: torch.Tensor,  # [num_seqs] float, 1 = off
+    min_p: torch.Tensor,  # [num_seqs] float, 0 = off
+) -> torch.Tensor:  # [num_seqs, vocab_size] bool, True = token may be sampled
+    """Reference masks: top-k, then top-p on the renormalised survivors, then min-p."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab_size, device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, vocab_size).clamp(max=vocab_size)
+    keep_sorted = ranks < k[:, None]
+    sorted_logits = sorted_logits.masked_fill(~keep_sorted, _MASK)
+    probs = sorted_logits.softmax(dim=-1)
+    # keep a token while the mass strictly before it is below top_p (the first always stays)
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep_sorted &= mass_before < top_p[:, None]
+    probs = sorted_logits.masked_fill(~keep_sorted, _MASK).softmax(dim=-1)
+    keep_sorted &= probs >= min_p[:, None] * probs[:, :1]
+    keep = torch.zeros_like(keep_sorted)
+    keep.scatter_(1, order, keep_sorted)
+    return keep
+
+
+def exponential_noise(seeds: list[int], positions: list[int], vocab_size: int,
+                      device: torch.device) -> torch.Tensor:  # [num_seqs, vocab_size]
+    rows = []
+    for s, pos in zip(seeds, positions):
+        g = torch.Generator(device=device).manual_seed(noise_seed(s, pos))
+        rows.append(torch.empty(vocab_size, device=device).exponential_(generator=g))
+    return torch.stack(rows)
+
+
+def compute_logprobs(
+    raw_logits: torch.Tensor, token_ids: torch.Tensor, reqs: list[Request]
+) -> list[dict[int, Logprob] | None]:
+    """Sampled token's logprob and rank, plus the top-N, from log_softmax of raw logits."""
+    asked = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    result: list[dict[int, Logprob] | None] = [None] * len(reqs)
+    if not asked:
+        return result
+    idx = torch.tensor(asked, device=raw_logits.device)
+    lp = torch.log_softmax(raw_logits[idx].float(), dim=-1)  # [num_asked, vocab_size]
+    chosen = token_ids[idx]
+    chosen_lp = lp.gather(1, chosen[:, None])[:, 0]
+    ranks = (lp > chosen_lp[:, None]).sum(dim=-1) + 1
+    max_n = max(reqs[i].params.logprobs for i in asked)
+    top_lp, top_ids = lp.topk(max_n, dim=-1) if max_n else (None, None)
+    chosen_l, chosen_lp_l, ranks_l = chosen.tolist(), chosen_lp.tolist(), ranks.tolist()
+    top_lp_l = top_lp.tolist() if max_n else None
+    top_ids_l = top_ids.tolist() if max_n else None
+    for j, i in enumerate(asked):
+        d = {chosen_l[j]: Logprob(chosen_lp_l[j], ranks_l[j])}
+        for r in range(reqs[i].params.logprobs):
+            t = top_ids_l[j][r]
+            if t not in d:
+                d[t] = Logprob(top_lp_l[j][r], r + 1)
+        result[i] = d
+    return result
+
+
+class Sampler:
+    """Turns the last-token logits of finished-chunk rows into next tokens."""
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        # logits: [num_seqs, vocab_size] float32
+        raw = logits
+        if needs_penalties(reqs):
+            logits = apply_penalties(logits.clone(), reqs)
+        greedy = [r.params.is_greedy for r in reqs]
+        token_ids = logits.argmax(dim=-1)  # [num_seqs]
+        if not all(greedy):
+            token_ids = self._sample_random(logits, reqs, greedy, token_ids)
+        logprobs = compute_logprobs(raw, token_ids, reqs)
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def _sample_random(self, logits, reqs, greedy, token_ids):
+        rows = [i for i, g in enumerate(greedy) if not g]
+        dev = logits.device
+        sub = [reqs[i] for i in rows]
+        idx = torch.tensor(rows, device=dev)
+        temps = torch.tensor([r.params.temperature for r in sub], device=dev)
+        scaled = logits[idx] / temps[:, None]  # [num_random, vocab_size]
+        if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in sub):
+            keep = top_k_top_p_min_p_mask(
+                scaled,
+                torch.tensor([r.params.top_k for r in sub], device=dev),
+                torch.tensor([r.params.top_p for r in sub], device=dev),
+                torch.tensor([r.params.min_p for r in sub], device=dev),
+            )
+            scaled = scaled.masked_fill(~keep, _MASK)
+        probs = scaled.softmax(dim=-1)
+        noise = exponential_noise(
+            [r.seed for r in sub], [r.num_output_tokens for r in sub], probs.shape[-1], dev
+        )
+        token_ids = token_ids.clone()
+        token_ids[idx] = (probs / noise).argmax(dim=-1)
+        return token_ids

@@ -1,0 +1,188 @@
+"""The scheduler: which tokens of which requests the next forward pass computes.
+
+THE ONE RULE: every request's num_computed_tokens catches up with its num_tokens, under a
+per-step budget of max_num_batched_tokens tokens and max_num_seqs sequences. A fresh prompt,
+a chunk of a long prompt, a prefix-cache hit (computed tokens start above zero), a decode
+(one token behind) and a recompute after preemption (reset to zero) are all this rule.
+
+Order within a step: running requests first, oldest first (mostly decodes, plus unfinished
+prefill chunks), then waiting requests, oldest first, as far as budget and KV blocks allow.
+When a running request needs a block and none is free, the newest running request is
+preempted (its blocks freed, its computed tokens reset) and goes back to the front of the
+waiting queue.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledSeq:
+    """The slice of one request that this step computes. Read-only for the model runner."""
+
+    req_id: str
+    token_ids: list[int]  # the num_new tokens to compute
+    start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
+    block_ids: list[int]  # the request's block table
+    sample: bool  # whether this step reaches the end of the request's tokens
+    req: Request  # for the sampler: params, seed, prompt/output ids (never mutated downstream)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """What the next forward pass runs."""
+
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the block manager."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: list[Request] = []
+
+        # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
+        while len(scheduled) < len(self.running) and budget > 0:
+            req = self.running[len(scheduled)]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._reserve(req, num_new, out):
+                break  # req itself was the newest and got preempted
+            scheduled.append(req)
+            budget -= num_new
+            out.seqs.append(self._scheduled_seq(req, num_new))
+
+        # 2. Waiting requests, oldest first, while budget, sequence slots and blocks last.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if out.preempted_ids:
+                break  # memory is short: admit nobody new this step
+            req = self.waiting[0]
+            if not req.block_ids:
+                req.num_computed_tokens = self.block_manager.match_prefix(req)
+                if req.num_preemptions == 0:
+                    req.num_cached_tokens = req.num_computed_tokens
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.block_manager.can_allocate(req, req.num_computed_tokens + num_new):
+                break
+            self.block_manager.allocate(req, req.num_computed_tokens + num_new)
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            budget -= num_new
+            out.seqs.append(self._scheduled_seq(req, num_new))
+        return out
+
+    def _reserve(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Make room in the cache for req's next num_new tokens, preempting if needed."""
+        bm = self.block_manager
+        while not bm.can_allocate(req, req.num_computed_tokens + num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted_ids.append(victim.req_id)
+            if victim is req:
+                return False
+        bm.allocate(req, req.num_computed_tokens + num_new)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free_request(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    @staticmethod
+    def _scheduled_seq(req: Request, num_new: int) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        return ScheduledSeq(
+            req_id=req.req_id,
+            token_ids=req.token_ids(start, start + num_new),
+            start_pos=start,
+            block_ids=req.block_ids,
+            sample=start + num_new == req.num_tokens,
+            req=req,
+        )
+
+    def update_from_output(
+        self, sched: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[Request]:
+        """Advance counters, append sampled tokens, finish requests; return the finished."""
+        finished = []
+        for seq in sched.seqs:
+            req = seq.req
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += seq.num_new_tokens
+            self.block_manager.register_full_blocks(req)
+            token = sampled.get(seq.req_id)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            status = check_stop(req, token)
+            if status is not None:
+                self.finish(req, status)
+                finished.append(req)
+        return finished
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End req (stop, length or abort) and free its blocks at once."""
+        if req.is_finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.status = status
+        self.block_manager.free_request(req)
+
+
+def check_stop(req: Request, token: int) -> RequestStatus | None:
+    """Token-level stop rules (stop strings are checked by the detokenizer)."""
+    params = req.params
+    n_out = req.num_output_tokens
+    if n_out >= params.min_tokens:
+        if not params.ignore_eos and token in req.eos_token_ids:
+            req.stop_reason = None
+            return RequestStatus.FINISHED_STOPPED
+        if params.stop_token_ids and token in params.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+    if n_out >= req.max_tokens:
+        return RequestStatus.FINISHED_LENGTH
+    return None
