@@ -1,0 +1,145 @@
+"""POST /v1/chat/completions: the model's chat template, one engine request with n completions.
+
+A stream sends, per choice, a first chunk with `delta.role = "assistant"`, then content deltas,
+then a chunk with its finish_reason; then a usage chunk if asked for; then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenmill.engine.outputs import Logprob, RequestOutput
+from tokenmill.server.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+    random_id,
+    usage,
+)
+from tokenmill.server.serving import DeltaTracker, RequestTimer, sse, token_text
+
+
+def chat_logprobs(
+    logprobs: list[dict[int, Logprob]], token_ids: list[int], num_top: int
+) -> ChatChoiceLogprobs:
+    content = []
+    for token_id, entry in zip(token_ids, logprobs, strict=False):
+        sampled = entry.get(token_id)
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num_top]
+        text = token_text(token_id, sampled)
+        content.append(
+            ChatTokenLogprob(
+                token=text,
+                logprob=-9999.0 if sampled is None else sampled.logprob,
+                bytes=list(text.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(
+                        token=(t := token_text(tid, lp)),
+                        logprob=lp.logprob,
+                        bytes=list(t.encode("utf-8")),
+                    )
+                    for tid, lp in ranked
+                ],
+            )
+        )
+    return ChatChoiceLogprobs(content=content)
+
+
+class ChatStream:
+    """Formats engine outputs of one /v1/chat/completions call, streamed or not."""
+
+    def __init__(
+        self, req: ChatCompletionRequest, model: str, request_id: str, num_prompt_tokens: int
+    ) -> None:
+        self.req, self.model, self.request_id = req, model, request_id
+        self.id = random_id("chatcmpl")
+        self.num_prompt_tokens = num_prompt_tokens
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        self.trackers = [DeltaTracker(stop=stop) for _ in range(req.n)]
+        self.timer = RequestTimer()
+        self.final: RequestOutput | None = None
+
+    def _logprobs(self, d) -> ChatChoiceLogprobs | None:
+        if not self.req.logprobs or d.logprobs is None:
+            return None
+        return chat_logprobs(d.logprobs, d.token_ids, self.req.top_logprobs or 0)
+
+    def _usage(self):
+        out = self.final
+        num_gen = 0 if out is None else sum(len(c.token_ids) for c in out.outputs)
+        return usage(self.num_prompt_tokens, num_gen)
+
+    def _chunk(self, choices: list[ChatStreamChoice]) -> str:
+        chunk = ChatCompletionChunk(id=self.id, model=self.model, choices=choices)
+        return sse(chunk.model_dump(exclude_none=True))
+
+    async def sse_events(
+        self, outputs: AsyncIterator[RequestOutput], on_finish
+    ) -> AsyncIterator[str]:
+        for i in range(self.req.n):
+            yield self._chunk(
+                [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
+            )
+        async for out in outputs:
+            self.timer.seen(out)
+            if out.finished:
+                self.final = out
+                on_finish(self.timer, out)
+            choices = []
+            for c in out.outputs:
+                d = self.trackers[c.index].delta(c)
+                if not d.text and not c.finished and not (d.token_ids and self.req.logprobs):
+                    continue
+                choices.append(
+                    ChatStreamChoice(
+                        index=c.index,
+                        delta=DeltaMessage(content=d.text),
+                        logprobs=self._logprobs(d),
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+            if choices:
+                yield self._chunk(choices)
+        if self.req.include_usage_in_stream:
+            chunk = ChatCompletionChunk(
+                id=self.id, model=self.model, choices=[], usage=self._usage()
+            )
+            yield sse(chunk.model_dump())
+
+    async def collect(self, outputs: AsyncIterator[RequestOutput], on_finish) -> dict:
+        async for out in outputs:
+            self.timer.seen(out)
+            if out.finished:
+                self.final = out
+                on_finish(self.timer, out)
+        assert self.final is not None
+        choices = []
+        for c in self.final.outputs:
+            d = self.trackers[c.index].delta(c)
+            choices.append(
+                ChatCompletionChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(content=d.text),
+                    logprobs=self._logprobs(d),
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+        resp = ChatCompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=self._usage()
+        )
+        return resp.model_dump()
+
+
+def encode_messages(llm: Any, req: ChatCompletionRequest) -> list[int]:
+    """Apply the chat template; runs on the engine thread."""
+    return list(llm.encode_chat([m.to_template_dict() for m in req.messages]))

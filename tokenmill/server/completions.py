@@ -1,0 +1,207 @@
+"""POST /v1/completions: one engine request per prompt, n completions each.
+
+Choice index = prompt index * n + completion index, as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.engine.outputs import Logprob, RequestOutput
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.server.errors import APIError
+from tokenmill.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    random_id,
+    usage,
+)
+from tokenmill.server.serving import (
+    DeltaTracker,
+    RequestTimer,
+    check_prompt,
+    sse,
+    token_text,
+)
+
+
+@dataclass
+class PreparedPrompt:
+    token_ids: list[int]
+    text: str | None  # only kept for echo
+
+
+def split_prompts(prompt: Any) -> list[str | list[int]]:
+    """str | list[str] | list[int] | list[list[int]] -> a list of prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(
+            400, "prompt is empty; send a string, a list of strings or token ids", "prompt"
+        )
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def prepare_prompts(
+    llm: Any, prompts: list[str | list[int]], params: SamplingParams, echo: bool
+) -> list[PreparedPrompt]:
+    """Tokenize and check every prompt; runs on the engine thread."""
+    prepared = []
+    for i, p in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            if not p:
+                raise APIError(400, f"{param} is an empty string", param)
+            ids = list(llm.encode(p))
+        else:
+            ids = list(p)
+        check_prompt(llm, ids, params, param)
+        text = None
+        if echo:
+            text = p if isinstance(p, str) else llm.tokenizer.decode(ids)
+        prepared.append(PreparedPrompt(ids, text))
+    return prepared
+
+
+def completion_logprobs(
+    logprobs: list[dict[int, Logprob]], token_ids: list[int], offset: int
+) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs block: tokens, token_logprobs, top_logprobs, text_offset."""
+    out = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, logprobs, strict=False):
+        sampled = entry.get(token_id)
+        text = token_text(token_id, sampled)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if sampled is None else sampled.logprob)
+        out.top_logprobs.append({token_text(t, lp): lp.logprob for t, lp in entry.items()})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+class CompletionStream:
+    """Formats engine outputs of one /v1/completions call, streamed or not."""
+
+    def __init__(
+        self,
+        req: CompletionRequest,
+        model: str,
+        prompts: list[PreparedPrompt],
+        request_ids: list[str],
+    ) -> None:
+        self.req, self.model, self.prompts = req, model, prompts
+        self.id = random_id("cmpl")
+        self.index_of = {rid: i for i, rid in enumerate(request_ids)}
+        self.trackers: dict[int, DeltaTracker] = {}
+        self.offsets: dict[int, int] = {}
+        self.timers = {rid: RequestTimer() for rid in request_ids}
+        self.final: dict[str, RequestOutput] = {}
+
+    def choice_deltas(self, out: RequestOutput) -> list[CompletionChoice]:
+        p = self.index_of[out.request_id]
+        choices = []
+        for c in out.outputs:
+            index = p * self.req.n + c.index
+            tracker = self.trackers.get(index)
+            first = tracker is None
+            if first:
+                tracker = self.trackers[index] = DeltaTracker(stop=_stops(self.req.stop))
+                self.offsets[index] = len(self.prompts[p].text or "")
+            d = tracker.delta(c)
+            text = d.text
+            if first and self.req.echo:
+                text = (self.prompts[p].text or "") + text
+            if not text and not c.finished and not (d.token_ids and d.logprobs is not None):
+                continue
+            logprobs = None
+            if d.logprobs is not None:
+                logprobs = completion_logprobs(d.logprobs, d.token_ids, self.offsets[index])
+                self.offsets[index] += sum(len(t) for t in logprobs.tokens)
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+        return choices
+
+    def usage(self):
+        num_prompt = sum(len(p.token_ids) for p in self.prompts)
+        num_gen = sum(len(c.token_ids) for o in self.final.values() for c in o.outputs)
+        return usage(num_prompt, num_gen)
+
+    def chunk(self, choices: list[CompletionChoice], with_usage: bool = False) -> dict:
+        resp = CompletionResponse(
+            id=self.id,
+            model=self.model,
+            choices=choices,
+            usage=self.usage() if with_usage else None,
+        )
+        return resp.model_dump(exclude_none=not with_usage)
+
+    async def sse_events(
+        self, outputs: AsyncIterator[RequestOutput], on_finish
+    ) -> AsyncIterator[str]:
+        async for out in outputs:
+            self.timers[out.request_id].seen(out)
+            if out.finished:
+                self.final[out.request_id] = out
+                on_finish(self.timers[out.request_id], out)
+            choices = self.choice_deltas(out)
+            if choices:
+                yield sse(self.chunk(choices))
+        if self.req.include_usage_in_stream:
+            yield sse(
+                CompletionResponse(
+                    id=self.id, model=self.model, choices=[], usage=self.usage()
+                ).model_dump()
+            )
+
+    async def collect(self, outputs: AsyncIterator[RequestOutput], on_finish) -> dict:
+        async for out in outputs:
+            self.timers[out.request_id].seen(out)
+            if out.finished:
+                self.final[out.request_id] = out
+                on_finish(self.timers[out.request_id], out)
+        # One delta over each final output is the whole completion.
+        choices = [ch for rid in self.index_of for ch in self.choice_deltas(self.final[rid])]
+        choices.sort(key=lambda ch: ch.index)
+        resp = CompletionResponse(id=self.id, model=self.model, choices=choices, usage=self.usage())
+        return resp.model_dump()
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+async def add_all(
+    engine: Any,
+    base_id: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    queue: asyncio.Queue,
+) -> list[str]:
+    """Add one engine request per prompt; if one is refused, abort those already added."""
+    request_ids: list[str] = []
+    try:
+        for i, ids in enumerate(prompts):
+            rid = f"{base_id}-{i}"
+            await engine.add(rid, ids, params, queue)
+            request_ids.append(rid)
+    except BaseException:
+        for rid in request_ids:
+            engine.abort(rid)
+        raise
+    return request_ids

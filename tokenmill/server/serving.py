@@ -1,0 +1,169 @@
+"""What /v1/completions and /v1/chat/completions share: prompt checks, stream deltas, SSE.
+
+Prompts are tokenized and checked on the engine thread (`check_prompt`), so a too-long prompt
+or an out-of-vocabulary token id becomes a 400 that names the limit, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.server.errors import APIError, error_body
+from tokenmill.server.metrics import ServerMetrics
+
+
+def vocab_size(llm: Any) -> int:
+    size = getattr(getattr(llm, "hf_config", None), "vocab_size", None)
+    return int(size) if size else len(llm.tokenizer)
+
+
+def check_prompt(llm: Any, token_ids: list[int], params: SamplingParams, param: str) -> None:
+    """Raise a 400 for an empty prompt, unknown token ids, or prompt + output past the context."""
+    if not token_ids:
+        raise APIError(400, f"{param} is empty; send at least one token", param)
+    size = vocab_size(llm)
+    bad = [t for t in token_ids if not 0 <= t < size]
+    if bad:
+        raise APIError(
+            400, f"{param} has token ids outside the vocabulary [0, {size}): {bad[:5]}", param
+        )
+    limit, num_prompt = llm.max_model_len, len(token_ids)
+    if num_prompt >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, "
+            f"your prompt has {num_prompt} tokens; shorten it.",
+            param,
+            "context_length_exceeded",
+        )
+    if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, "
+            f"you requested {num_prompt + params.max_tokens} tokens ({num_prompt} in "
+            f"the prompt, {params.max_tokens} for the completion); reduce the "
+            "prompt or max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+
+
+def to_bad_request(e: ValueError, param: str | None = None) -> APIError:
+    return APIError(400, str(e), param)
+
+
+@dataclass
+class Delta:
+    text: str
+    logprobs: list[dict[int, Logprob]] | None
+    token_ids: list[int]
+
+
+@dataclass
+class DeltaTracker:
+    """Turns cumulative CompletionOutputs into deltas, one tracker per completion index.
+
+    While a completion runs, text that could still change is held back: a trailing U+FFFD (an
+    unfinished UTF-8 character) and a tail that could be the start of a stop string, which the
+    engine strips from the final text.
+    """
+
+    stop: list[str] = field(default_factory=list)
+    num_sent_chars: int = 0
+    num_sent_tokens: int = 0
+
+    def delta(self, out: CompletionOutput) -> Delta:
+        text = out.text
+        end = len(text) if out.finished else len(text) - self._holdback(text)
+        new_text = text[self.num_sent_chars : end] if end > self.num_sent_chars else ""
+        self.num_sent_chars = max(self.num_sent_chars, end)
+        new_ids = out.token_ids[self.num_sent_tokens :]
+        new_logprobs = None
+        if out.logprobs is not None:
+            new_logprobs = out.logprobs[self.num_sent_tokens : len(out.token_ids)]
+        self.num_sent_tokens = len(out.token_ids)
+        return Delta(new_text, new_logprobs, list(new_ids))
+
+    def _holdback(self, text: str) -> int:
+        held = len(text) - len(text.rstrip("\ufffd"))
+        body = text[: len(text) - held]
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(body)), longest, -1):
+                if body.endswith(s[:k]):
+                    longest = k
+                    break
+        return held + longest
+
+
+def token_text(token_id: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return f"token_id:{token_id}"
+
+
+class RequestTimer:
+    """Arrival / first-token / finish times of one engine request, for /metrics."""
+
+    def __init__(self) -> None:
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+
+    def seen(self, out: RequestOutput) -> None:
+        if self.first_token is None and any(c.token_ids for c in out.outputs):
+            self.first_token = time.monotonic()
+
+    def finish(self, metrics: ServerMetrics, out: RequestOutput) -> None:
+        reason = "abort"
+        reasons = [c.finish_reason for c in out.outputs if c.finish_reason]
+        if reasons:
+            reason = "stop" if "stop" in reasons else reasons[0]
+        metrics.observe_request(
+            reason,
+            self.arrival,
+            self.first_token,
+            time.monotonic(),
+            sum(len(c.token_ids) for c in out.outputs),
+        )
+
+
+def sse(payload: Any) -> str:
+    body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {body}\n\n"
+
+
+async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Close an SSE stream with `[DONE]`, or with an OpenAI error event if the engine failed."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield sse(error_body(e.status, e.message, e.param, e.code))
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as e:  # the headers are sent: the error must travel inside the stream
+        yield sse(error_body(500, f"internal error: {e!r}"))
+    yield sse("[DONE]")
+
+
+async def watch_disconnect(request: Any, coro: Any, poll_s: float = 0.25) -> Any:
+    """Await `coro`, cancelling it (which aborts its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
