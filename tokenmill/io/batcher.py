@@ -1,0 +1,247 @@
+"""The window loop: rows in, engine requests out, results back in input order.
+
+    rows ──window──> tokenize in bulk ──sort/bin──> llm.add_request ... llm.step() ──> results
+                                                                   reorder buffer ──> writer
+
+A window of `window_rows` rows is tokenized in one tokenizer call, sorted (longest work first,
+rows sharing a prefix side by side) and queued to the engine as one continuous batch. The next
+window is queued while the current one drains (once fewer than `refill_below` requests are left),
+so the scheduler never runs dry at a window boundary. Rows finish in any order; the reorder
+buffer releases the longest finished prefix in input order. Memory stays bounded: at most two
+windows of rows are held at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.io.parse import RowError, RowParser
+from tokenmill.io.rows import RawRecord, Row, RowResult
+
+_PREFIX_SORT_TOKENS = 64  # rows are grouped by this much of their prompt within a length bin
+
+
+@dataclass
+class _Pending:
+    position: int
+    row: Row
+    num_prompt_tokens: int
+
+
+@dataclass
+class Prepared:
+    """A row ready for the engine: its position in this shard's row sequence and token ids."""
+
+    position: int
+    row: Row
+    token_ids: list[int]
+    params: Any  # SamplingParams
+
+
+class Batcher:
+    """Feeds an engine window by window and yields RowResults in input order.
+
+    `records` yields (position, RawRecord) in input order; `on_step()` is called after every
+    engine step (progress, periodic commits); `should_stop()` ends the run early (signals,
+    --fail-fast): requests still in the engine are aborted and nothing more is yielded.
+    """
+
+    def __init__(
+        self,
+        llm,
+        parser: RowParser,
+        window_rows: int,
+        sort: bool = True,
+        refill_below: int | None = None,
+    ):
+        self.llm = llm
+        self.parser = parser
+        self.window_rows = window_rows
+        self.sort = sort
+        max_num_seqs = getattr(getattr(llm, "config", None), "max_num_seqs", 256)
+        self.refill_below = refill_below if refill_below is not None else max_num_seqs
+        self.max_model_len = llm.max_model_len
+        # Only finished rows are used: skip incremental detokenizing where the engine allows.
+        add_params = inspect.signature(llm.add_request).parameters
+        self._add_kwargs = {"stream": False} if "stream" in add_params else {}
+        self._ready: dict[int, RowResult] = {}  # position -> result, not yet released
+        self._pending: dict[str, _Pending] = {}  # request id -> what it belongs to
+
+    def run(
+        self,
+        records: Iterator[tuple[int, RawRecord]],
+        first_position: int,
+        on_step: Callable[[], None] = lambda: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[RowResult]:
+        next_release = first_position
+        next_load = first_position
+        exhausted = False
+        while True:
+            # Queue another window while the engine drains, if memory allows.
+            while (
+                not exhausted
+                and len(self._pending) < self.refill_below
+                and next_load - next_release < self.window_rows
+            ):
+                window = _take(records, self.window_rows)
+                if not window:
+                    exhausted = True
+                    break
+                next_load = window[-1][0] + 1
+                self._submit(self._prepare(window))
+            if should_stop():
+                self.abort_all()
+                return
+            if self._pending:
+                for out in self.llm.step():
+                    if out.finished:
+                        self._finish(out)
+                on_step()
+            while next_release in self._ready:
+                yield self._ready.pop(next_release)
+                next_release += 1
+            if exhausted and not self._pending and not self._ready:
+                return
+            if exhausted and not self._pending and self._ready:  # pragma: no cover - a bug
+                raise RuntimeError(
+                    f"rows {sorted(self._ready)[:5]} finished but row {next_release} never did"
+                )
+
+    def abort_all(self) -> None:
+        for request_id in list(self._pending):
+            self.llm.abort_request(request_id)
+        self._pending.clear()
+
+    # Stages -------------------------------------------------------------------------------------
+    def _prepare(self, window: list[tuple[int, RawRecord]]) -> list[Prepared]:
+        """Parse and tokenize a window; unusable rows go straight to the reorder buffer."""
+        rows = [(pos, self.parser.parse(rec)) for pos, rec in window]
+        texts = [
+            (pos, row) for pos, row in rows if row.error is None and isinstance(row.prompt, str)
+        ]
+        encoded = self._encode_texts([row.prompt for _, row in texts]) if texts else []
+        token_ids = {pos: ids for (pos, _), ids in zip(texts, encoded, strict=True)}
+        prepared = []
+        for pos, row in rows:
+            try:
+                if row.error is not None:
+                    raise RowError(row.error, row.error_type or "invalid_row")
+                if row.messages is not None:
+                    ids = list(self.llm.encode_chat(row.messages))
+                elif pos in token_ids:
+                    ids = token_ids[pos]
+                else:
+                    ids = list(row.prompt)  # pre-tokenized
+                params = self.parser.params(row)
+                self._check_length(row, ids, params)
+                prepared.append(Prepared(pos, row, ids, params))
+            except RowError as e:
+                self._ready[pos] = RowResult(row, error=str(e), error_type=e.error_type)
+            except Exception as e:  # noqa: BLE001 - a template or tokenizer failing on one row
+                self._ready[pos] = RowResult(
+                    row, error=f"{_where(row)}cannot tokenize: {e}", error_type="tokenize_error"
+                )
+        return prepared
+
+    def _submit(self, prepared: list[Prepared]) -> None:
+        if self.sort:
+            prepared = sorted(prepared, key=_sort_key)
+        for p in prepared:
+            request_id = str(p.position)
+            try:
+                self.llm.add_request(request_id, p.token_ids, p.params, **self._add_kwargs)
+            except ValueError as e:
+                self._ready[p.position] = RowResult(
+                    p.row, error=f"{_where(p.row)}{e}", error_type="rejected"
+                )
+                continue
+            self._pending[request_id] = _Pending(p.position, p.row, len(p.token_ids))
+
+    def _finish(self, out) -> None:
+        pending = self._pending.pop(out.request_id)
+        completions = sorted(out.outputs, key=lambda c: c.index)
+        num_top = self.parser.params(pending.row).logprobs
+        self._ready[pending.position] = RowResult(
+            pending.row,
+            texts=[c.text for c in completions],
+            finish_reasons=[c.finish_reason for c in completions],
+            num_prompt_tokens=len(out.prompt_token_ids) or pending.num_prompt_tokens,
+            num_output_tokens=sum(len(c.token_ids) for c in completions),
+            logprobs=None if num_top is None else [self._logprobs(c, num_top) for c in completions],
+        )
+
+    # Helpers ------------------------------------------------------------------------------------
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        encode_batch = getattr(self.llm, "encode_batch", None)
+        if encode_batch is not None:
+            return encode_batch(texts)
+        return self.llm.tokenizer(texts)["input_ids"]  # one call: the fast tokenizer's threads
+
+    def _check_length(self, row: Row, ids: list[int], params) -> None:
+        if not ids:
+            raise RowError(f"{_where(row)}the prompt is empty after tokenization", "empty_prompt")
+        limit = self.max_model_len
+        need = len(ids) + (params.max_tokens or 1)
+        if need > limit:
+            raise RowError(
+                f"{_where(row)}prompt has {len(ids)} tokens and max_tokens is "
+                f"{params.max_tokens}, more than the model's context of {limit} tokens; shorten "
+                "the prompt, lower max_tokens or pass --max-model-len",
+                "prompt_too_long",
+            )
+
+    def _logprobs(self, completion, num_top: int) -> list[dict[str, Any]] | None:
+        if completion.logprobs is None:
+            return None
+        entries = []
+        for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False):
+            top = sorted(candidates.items(), key=lambda kv: (kv[1].rank or 0, -kv[1].logprob))
+            entry = (
+                self._lp_entry(token_id, candidates[token_id])
+                if token_id in candidates
+                else {
+                    "token_id": token_id,
+                    "token": self._token_text(token_id, None),
+                    "logprob": None,
+                }
+            )
+            entry["top_logprobs"] = [self._lp_entry(t, lp) for t, lp in top[:num_top]]
+            entries.append(entry)
+        return entries
+
+    def _lp_entry(self, token_id: int, lp) -> dict[str, Any]:
+        return {
+            "token_id": token_id,
+            "token": self._token_text(token_id, lp.decoded_token),
+            "logprob": lp.logprob,
+        }
+
+    def _token_text(self, token_id: int, decoded: str | None) -> str:
+        return decoded if decoded is not None else self.llm.tokenizer.decode([token_id])
+
+
+def _sort_key(p: Prepared) -> tuple:
+    """Longest expected work first, in power-of-two bins; a shared prompt prefix side by side.
+
+    Long requests started early finish with the batch instead of trailing alone at its end;
+    neighbours with one prefix hit the prefix cache while its blocks are still resident.
+    """
+    work = len(p.token_ids) + (p.params.max_tokens or 0)
+    return (-work.bit_length(), p.token_ids[:_PREFIX_SORT_TOKENS], p.position)
+
+
+def _take(records: Iterator[tuple[int, RawRecord]], num: int) -> list[tuple[int, RawRecord]]:
+    out = []
+    for item in records:
+        out.append(item)
+        if len(out) >= num:
+            break
+    return out
+
+
+def _where(row: Row) -> str:
+    return f"line {row.line}: " if row.line is not None else f"row {row.index}: "
