@@ -350,12 +350,10 @@ class _Job:
         return report
 
     def _already_done(self, output: Path, state: JournalState) -> int:
-        if not self.config.quiet:
-            print(
-                f"{output} is already complete ({state.rows_done} rows); pass --overwrite to "
-                "run again",
-                file=sys.stderr,
-            )
+        print(
+            f"{output} is already complete ({state.rows_done} rows); pass --overwrite to run again",
+            file=sys.stderr,
+        )
         return self._exit_code(state, output)
 
     def _exit_code(self, state: JournalState, output: Path) -> int:

@@ -130,12 +130,14 @@ def parse_json_line(raw: bytes | str, index: int, line_no: int | None) -> RawRec
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f"line {line_no}" if line_no is not None else f"row {index}"
-        return RawRecord(index, line_no, error=f"{where} is not valid JSON ({e}); fix or remove it")
+        return RawRecord(
+            index, line_no, error=f"{where}: not valid JSON ({e}); fix or remove the line"
+        )
     if not isinstance(data, dict):
         return RawRecord(
             index,
             line_no,
-            error=f"line {line_no} is a JSON {type(data).__name__}, expected an object like "
+            error=f"line {line_no}: a JSON {type(data).__name__}, expected an object like "
             '{"prompt": "..."}',
         )
     return RawRecord(index, line_no, data=data)

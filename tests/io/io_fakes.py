@@ -1,0 +1,112 @@
+"""A fake engine with the LLM's incremental interface, for testing the batch job's plumbing.
+
+It "generates" deterministic text from the prompt's token ids and finishes requests in a
+shuffled order, a few per step, so input-order restoration is exercised for real.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+
+
+class WordTokenizer:
+    """Whitespace tokenizer: word -> id from a hash, the same in every process. Fast enough for
+    200k-row tests."""
+
+    def __init__(self):
+        self.words: dict[int, str] = {}
+
+    def _id(self, word: str) -> int:
+        token_id = zlib.crc32(word.encode()) % 1_000_003
+        self.words[token_id] = word
+        return token_id
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            return {"input_ids": [self._id(w) for w in texts.split()]}
+        return {"input_ids": [[self._id(w) for w in t.split()] for t in texts]}
+
+    def decode(self, ids):
+        return " ".join(self.words.get(i, f"<{i}>") for i in ids)
+
+
+@dataclass
+class FakeStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_scheduled_seqs_total: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+class FakeEngine:
+    """finish_per_step requests finish per step, picked at random among the unfinished."""
+
+    def __init__(self, max_model_len: int = 64, finish_per_step: int = 3, seed: int = 0):
+        self.tokenizer = WordTokenizer()
+        self.max_model_len = max_model_len
+        self.finish_per_step = finish_per_step
+        self.rng = random.Random(seed)
+        self.unfinished: dict[str, tuple[list[int], object]] = {}
+        self.added: list[str] = []  # request ids in the order they were queued
+        self.finish_order: list[str] = []
+        self.aborted: list[str] = []
+        self.stats = FakeStats()
+        self.max_unfinished = 0
+
+    def model_info(self) -> dict:
+        return {"model": "fake", "dtype": "float32", "device": "cpu"}
+
+    def encode_chat(self, messages):
+        return self.tokenizer(" ".join(f"<{m['role']}> {m['content']}" for m in messages))[
+            "input_ids"
+        ]
+
+    def add_request(self, request_id, prompt, params):
+        if request_id in self.unfinished:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if len(prompt) + (params.max_tokens or 1) > self.max_model_len:
+            raise ValueError("prompt too long for the fake engine")
+        self.unfinished[request_id] = (list(prompt), params)
+        self.added.append(request_id)
+        self.max_unfinished = max(self.max_unfinished, len(self.unfinished))
+
+    def abort_request(self, request_id):
+        if self.unfinished.pop(request_id, None) is not None:
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self):
+        return bool(self.unfinished)
+
+    def step(self):
+        self.stats.num_steps += 1
+        self.stats.num_scheduled_seqs_total += len(self.unfinished)
+        ids = list(self.unfinished)
+        done = self.rng.sample(ids, min(self.finish_per_step, len(ids)))
+        outs = []
+        for request_id in done:
+            prompt, params = self.unfinished.pop(request_id)
+            self.finish_order.append(request_id)
+            completions = []
+            for i in range(params.n):
+                token_ids = [(t + i) % 97 for t in prompt[: params.max_tokens or 4]]
+                completions.append(
+                    CompletionOutput(
+                        i, fake_text(prompt, i, params.max_tokens), token_ids, "length"
+                    )
+                )
+            self.stats.num_prompt_tokens += len(prompt)
+            self.stats.num_generated_tokens += sum(len(c.token_ids) for c in completions)
+            outs.append(RequestOutput(request_id, None, prompt, completions, finished=True))
+        return outs
+
+
+def fake_text(prompt_ids: list[int], index: int, max_tokens: int | None) -> str:
+    """What FakeEngine returns for a prompt: tests compute expected outputs with it."""
+    return f"out[{index}]:" + ",".join(map(str, prompt_ids[: max_tokens or 4]))

@@ -1,0 +1,113 @@
+"""Row parsing: prompt detection, chat, OpenAI batch lines, overrides, and bad rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.io.parse import RowParser
+from tokenmill.io.rows import CHAT, OPENAI_CHAT, OPENAI_COMPLETION, PROMPT, RawRecord
+
+
+def parse(data, parser=None, line=7):
+    return (parser or RowParser()).parse(RawRecord(3, line, data=data))
+
+
+@pytest.mark.parametrize("column", ["prompt", "text", "input"])
+def test_prompt_column_is_auto_detected(column):
+    row = parse({column: "hello", "other": 1})
+    assert (row.kind, row.prompt, row.error) == (PROMPT, "hello", None)
+
+
+def test_explicit_prompt_and_id_columns_and_kept_columns():
+    parser = RowParser(prompt_column="question", id_column="qid", keep_columns=("meta", "gone"))
+    row = parse({"question": "why?", "qid": 42, "prompt": "not me", "meta": {"a": 1}}, parser)
+    assert (row.prompt, row.id, row.kept) == ("why?", "42", {"meta": {"a": 1}, "gone": None})
+    assert "id column 'qid'" in parse({"question": "why?"}, parser).error
+
+
+def test_id_defaults_to_id_column_then_row_index():
+    assert parse({"prompt": "x", "id": "abc"}).id == "abc"
+    assert parse({"prompt": "x"}).id == "3"
+
+
+def test_chat_messages_with_text_parts():
+    msgs = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ]
+    row = parse({"messages": msgs})
+    assert row.kind == CHAT and row.messages == [{"role": "user", "content": "ab"}]
+
+
+def test_sampling_overrides_are_validated_like_cli_flags():
+    parser = RowParser(SamplingParams(temperature=0.5, max_tokens=9))
+    row = parse({"prompt": "x", "sampling": {"temperature": 0, "n": 2}}, parser)
+    params = parser.params(row)
+    assert (params.temperature, params.n, params.max_tokens) == (0, 2, 9)
+    bad = parse({"prompt": "x", "sampling": {"top_p": 7}}, parser)
+    assert bad.error_type == "invalid_sampling" and "top_p must be in (0, 1]" in bad.error
+    assert "line 7" in bad.error
+    unknown = parse({"prompt": "x", "sampling": {"temprature": 0}}, parser)
+    assert "unknown sampling option(s) temprature" in unknown.error
+
+
+@pytest.mark.parametrize(
+    "data, error_type, words",
+    [
+        ({"prompt": "   "}, "empty_prompt", "empty"),
+        ({"question": "x"}, "missing_prompt", "--prompt-column"),
+        ({"prompt": 3}, "invalid_prompt", "string or a list of token ids"),
+        ({"messages": [{"role": "user"}]}, "invalid_messages", "role and a content"),
+        ({"prompt": "x", "sampling": "hot"}, "invalid_sampling", "must be an object"),
+    ],
+)
+def test_bad_rows_say_what_to_fix(data, error_type, words):
+    row = parse(data)
+    assert row.error_type == error_type and words in row.error and row.error.startswith("line 7")
+
+
+def openai_line(url, body, custom_id="c1"):
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def test_openai_completion_and_chat_lines():
+    row = parse(
+        openai_line(
+            "/v1/completions",
+            {"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0, "logprobs": 2},
+        )
+    )
+    assert (row.kind, row.prompt, row.id, row.custom_id) == (OPENAI_COMPLETION, "hi", "c1", "c1")
+    assert row.overrides == {"max_tokens": 5, "temperature": 0, "logprobs": 2}
+    chat = parse(
+        openai_line(
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "yo"}],
+                "max_completion_tokens": 4,
+                "logprobs": True,
+                "top_logprobs": 3,
+                "stream": False,
+            },
+        )
+    )
+    assert chat.kind == OPENAI_CHAT and chat.overrides == {"max_tokens": 4, "logprobs": 3}
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        (openai_line("/v1/embeddings", {"input": "x"}), "url must be one of"),
+        (openai_line("/v1/completions", {"prompt": "x", "tools": []}), "'tools' is not supported"),
+        (openai_line("/v1/completions", {"prompt": "x", "temperature": -1}), "temperature must be"),
+        (openai_line("/v1/completions", {"prompt": ""}), "empty"),
+    ],
+)
+def test_bad_openai_lines(line, words):
+    row = parse(line)
+    assert row.error is not None and words in row.error
+
+
+def test_malformed_json_record_becomes_error_row():
+    row = RowParser().parse(RawRecord(5, 6, error="line 6 is not valid JSON (x); fix or remove it"))
+    assert (row.index, row.error_type) == (5, "invalid_json") and "line 6" in row.error
