@@ -39,6 +39,31 @@ from tokenmill.server.protocol import (
 from tokenmill.server.serving import check_prompt, sse_stream, watch_disconnect
 
 
+class APIKeyMiddleware:
+    """401 for /v1/* without 'Authorization: Bearer <key>'. Plain ASGI, so that the handlers
+    still see the client's disconnect (BaseHTTPMiddleware would hide it)."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(
+                token.strip(), self.api_key
+            ):
+                message = (
+                    "Incorrect API key provided."
+                    if given
+                    else "Missing API key: send the header 'Authorization: Bearer <key>'."
+                )
+                body = error_body(401, message, code="invalid_api_key")
+                await JSONResponse(body, 401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def default_model_name(llm: Any) -> str:
     info = llm.model_info()
     return str(info.get("model") or "tokenmill")
@@ -64,21 +89,8 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
     app.state.model_name = model_name
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(
-                token.strip().encode(), api_key.encode()
-            ):
-                message = (
-                    "Incorrect API key provided."
-                    if given
-                    else "Missing API key: send the header 'Authorization: Bearer <key>'."
-                )
-                return JSONResponse(error_body(401, message, code="invalid_api_key"), 401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -126,7 +138,14 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         prepared = await engine.call(lambda llm: prepare_prompts(llm, prompts, params, body.echo))
         queue: asyncio.Queue = asyncio.Queue()
         rids = await add(
-            add_all(engine, random_id("cmpl"), [p.token_ids for p in prepared], params, queue)
+            add_all(
+                engine,
+                random_id("cmpl"),
+                [p.token_ids for p in prepared],
+                params,
+                queue,
+                body.stream,
+            )
         )
         fmt = CompletionStream(body, model_name, prepared, rids)
         return await respond(request, fmt, engine.stream(rids, queue), body.stream)
@@ -147,7 +166,7 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         ids = await engine.call(prepare)
         queue: asyncio.Queue = asyncio.Queue()
         rid = random_id("chatcmpl")
-        await add(engine.add(rid, ids, params, queue))
+        await add(engine.add(rid, ids, params, queue, body.stream))
         fmt = ChatStream(body, model_name, rid, len(ids))
         return await respond(request, fmt, engine.stream([rid], queue), body.stream)
 

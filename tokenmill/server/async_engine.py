@@ -125,17 +125,19 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         queue: asyncio.Queue,
+        stream: bool = True,
     ) -> None:
         """Add a request whose outputs go to `queue` (several requests may share one).
 
+        `stream=False` lets the engine decode the text once at the end, as LLM.generate does.
         Raises the engine's ValueError (bad prompt, too long) here, before any output.
         """
-        stream = _Stream(asyncio.get_running_loop(), queue)
+        target = _Stream(asyncio.get_running_loop(), queue)
 
         def add_request(llm: Any) -> None:
-            self._streams[request_id] = stream
+            self._streams[request_id] = target
             try:
-                llm.add_request(request_id, prompt_token_ids, params)
+                llm.add_request(request_id, prompt_token_ids, params, stream=stream)
             except BaseException:
                 self._streams.pop(request_id, None)
                 raise

@@ -80,10 +80,19 @@ def completion_logprobs(
         text = token_text(token_id, sampled)
         out.tokens.append(text)
         out.token_logprobs.append(None if sampled is None else sampled.logprob)
-        out.top_logprobs.append({token_text(t, lp): lp.logprob for t, lp in entry.items()})
+        out.top_logprobs.append(_top_dict(entry))
         out.text_offset.append(offset)
         offset += len(text)
     return out
+
+
+def _top_dict(entry: dict[int, Logprob]) -> dict[str, float]:
+    """{token text: logprob}, most likely first; when two tokens decode to the same text (bytes
+    of one UTF-8 character), the more likely one keeps the key."""
+    top: dict[str, float] = {}
+    for token_id, lp in sorted(entry.items(), key=lambda kv: -kv[1].logprob):
+        top.setdefault(token_text(token_id, lp), lp.logprob)
+    return top
 
 
 class CompletionStream:
@@ -192,13 +201,14 @@ async def add_all(
     prompts: list[list[int]],
     params: SamplingParams,
     queue: asyncio.Queue,
+    stream: bool,
 ) -> list[str]:
     """Add one engine request per prompt; if one is refused, abort those already added."""
     request_ids: list[str] = []
     try:
         for i, ids in enumerate(prompts):
             rid = f"{base_id}-{i}"
-            await engine.add(rid, ids, params, queue)
+            await engine.add(rid, ids, params, queue, stream)
             request_ids.append(rid)
     except BaseException:
         for rid in request_ids:
