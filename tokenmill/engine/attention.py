@@ -107,6 +107,8 @@ def paged_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    if meta.is_decode_only and meta.num_seqs > 1:
+        return _decode_attention_torch(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     cu = meta.cu_seqlens_q_cpu
     for s, seq_len in enumerate(meta.seq_lens_cpu):
@@ -130,6 +132,28 @@ def paged_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
         )  # [num_heads, q_len, head_dim]
         out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
     return out
+
+
+def _decode_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """All sequences decode one token: one batched SDPA over K/V gathered and padded to the
+    longest context (padding masked out)."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = -(-meta.max_seqlen_k // block_size)
+    tables = meta.block_tables[:, :num_blocks].long()  # [num_seqs, num_blocks]
+    max_len = num_blocks * block_size
+    # [num_seqs, num_kv_heads, max_len, head_dim]
+    keys = k_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    vals = v_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    group = num_heads // num_kv_heads
+    keys = keys.repeat_interleave(group, dim=1)  # [num_seqs, num_heads, max_len, head_dim]
+    vals = vals.repeat_interleave(group, dim=1)
+    seq_lens = torch.tensor(meta.seq_lens_cpu, device=q.device)
+    mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [num_seqs, L]
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :].to(keys.dtype), keys, vals, attn_mask=mask[:, None, None, :], scale=scale
+    )  # [num_seqs, num_heads, 1, head_dim]
+    return o[:, :, 0, :].to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):

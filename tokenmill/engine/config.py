@@ -72,6 +72,10 @@ class EngineConfig:
         default=False, metadata={"help": "Disable CUDA graphs (GPU only)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for requests that bring none."})
+    skip_tokenizer_init: bool = field(
+        default=False,
+        metadata={"help": "Load no tokenizer: prompts must be token ids, outputs have no text."},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

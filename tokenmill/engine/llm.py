@@ -76,7 +76,8 @@ class LLM:
         self.model_dir = Path(model_dir)
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.hf_config = hf_config
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = None if config.skip_tokenizer_init else \
+            AutoTokenizer.from_pretrained(model_dir)
         self.max_model_len = self._resolve_max_model_len(hf_config)
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(config, hf_config, self.model_dir, self.max_model_len)
@@ -110,7 +111,7 @@ class LLM:
             ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         except OSError:
             pass
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
 
@@ -145,12 +146,15 @@ class LLM:
 
     # ---- tokens ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init); "
+                             "pass prompts as token ids")
         return self.tokenizer(text).input_ids
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     **template_kwargs: Any) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.model_name} has no chat template; send plain prompts")
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt,
@@ -175,7 +179,7 @@ class LLM:
                 req_id=child_id(request_id, i), prompt_token_ids=ids, params=params, seed=seed,
                 max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
             ))
-        incremental = stream or bool(params.stop)
+        incremental = (stream or bool(params.stop)) and self.tokenizer is not None
         dets = [IncrementalDetokenizer(self.tokenizer, ids, params) if incremental else None
                 for _ in children]
         self.output_processor.add(RequestState(

@@ -92,7 +92,7 @@ class OutputProcessor:
             det = state.detokenizers[i]
             if det is not None:
                 text = det.visible_text(req.is_finished)
-            elif req.is_finished:
+            elif req.is_finished and self.tokenizer is not None:
                 ids = req.output_token_ids[:-1] if _stopped_by_token(req) else \
                     req.output_token_ids
                 text = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)

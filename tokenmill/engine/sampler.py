@@ -98,13 +98,32 @@ def top_k_top_p_min_p_mask(
     return keep
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def exponential_noise(seeds: list[int], positions: list[int], vocab_size: int,
-                      device: torch.device) -> torch.Tensor:  # [num_seqs, vocab_size]
-    rows = []
-    for s, pos in zip(seeds, positions):
-        g = torch.Generator(device=device).manual_seed(noise_seed(s, pos))
-        rows.append(torch.empty(vocab_size, device=device).exponential_(generator=g))
-    return torch.stack(rows)
+                      device: torch.device) -> torch.Tensor:  # [num_seqs, vocab_size] float32
+    """Exp(1) noise from a counter-based hash of (row seed, output index, vocab index).
+
+    Pure integer arithmetic, so it is the same on every device and independent of the batch.
+    """
+    mixed = [noise_seed(s, p) for s, p in zip(seeds, positions)]
+    hi = torch.tensor([(m >> 32) & _M32 for m in mixed], dtype=torch.int64, device=device)
+    lo = torch.tensor([m & _M32 for m in mixed], dtype=torch.int64, device=device)
+    idx = torch.arange(vocab_size, dtype=torch.int64, device=device)
+    x = _lowbias32(idx[None, :] ^ hi[:, None])
+    x = _lowbias32((x + lo[:, None]) & _M32)
+    u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1)
+    return -torch.log(u)
 
 
 def compute_logprobs(
