@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -83,7 +82,7 @@ def serve(
     app = build_app(
         llm,
         served_model_name=served_model_name or model,
-        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=api_key or None,
     )
     typer.echo(f"tokenmill serving {app.state.model_name} on http://{host}:{port}/v1", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

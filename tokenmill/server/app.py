@@ -158,7 +158,7 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         def prepare(llm):
             try:
                 ids = encode_messages(llm, body)
-            except ValueError as e:
+            except Exception as e:  # ValueError, or the template's own TemplateError
                 raise APIError(400, f"messages: {e}", "messages") from e
             check_prompt(llm, ids, params, "messages")
             return ids
