@@ -90,6 +90,14 @@ class ModelRunner:
             except ImportError:
                 use_triton_ops(False)
         self.num_blocks = self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from tokenmill.engine.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model, config.max_num_seqs, self.max_blocks_per_seq, max_model_len,
+                hf_config.hidden_size, self.dtype, self.device,
+            )
 
     # ---- KV cache ------------------------------------------------------------------------------
     def _kv_geometry(self) -> tuple[int, int, int]:
@@ -211,8 +219,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         ids, pos, meta, logits_indices = self.prepare(sched)
-        with set_forward_context(meta):
-            hidden = self.model(ids, pos)  # [num_tokens, hidden_size]
+        if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(len(ids)):
+            hidden = self.graphs.run(ids, pos, meta)  # [num_seqs, hidden_size]
+        else:
+            with set_forward_context(meta):
+                hidden = self.model(ids, pos)  # [num_tokens, hidden_size]
         out = ModelRunnerOutput()
         if not logits_indices:
             return out
