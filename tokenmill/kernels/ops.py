@@ -1,0 +1,38 @@
+"""The fused ops as the model layers call them (tokenmill/engine/models/layers.py,
+`use_triton_ops`): thin adapters over the launchers, no logic of their own."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.kernels.activation import silu_and_mul
+from tokenmill.kernels.rmsnorm import fused_add_rms_norm
+from tokenmill.kernels.rmsnorm import rms_norm as _rms_norm
+from tokenmill.kernels.rotary import apply_rotary
+
+
+def rms_norm(
+    x: torch.Tensor,  # [..., hidden_size]
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+    residual: torch.Tensor | None = None,
+):
+    """normed, or (normed, x + residual) when residual is given."""
+    if residual is None:
+        return _rms_norm(x, weight, eps)
+    return fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary(
+    positions: torch.Tensor,  # [num_tokens]
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos: torch.Tensor,  # [max_position, rot_dim]
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q and k in place (they may be views of the fused qkv output) and returns them."""
+    apply_rotary(q, k, positions, cos, sin)
+    return q, k
+
+
+__all__ = ["rms_norm", "rotary", "silu_and_mul"]
