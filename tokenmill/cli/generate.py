@@ -142,6 +142,7 @@ def generate(
     enable_prefix_caching: o.EnablePrefixCaching = o.ENGINE_DEFAULTS["enable_prefix_caching"],
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
+    attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
     # Sampling
     n: o.N = o.SAMPLING_DEFAULTS["n"],
     temperature: o.Temperature = o.SAMPLING_DEFAULTS["temperature"],
@@ -172,7 +173,8 @@ def generate(
     from tokenmill.io.shard import parse_shard
 
     values = locals()
-    engine = o.engine_config(**{k: values[k] for k in o.ENGINE_DEFAULTS})
+    # An engine option added to options.py but not yet here keeps its default.
+    engine = o.engine_config(**{k: values[k] for k in o.ENGINE_DEFAULTS if k in values})
     sampling = o.sampling_params(
         sampling_seed=sampling_seed, **{k: values[k] for k in o.SAMPLING_DEFAULTS}
     )

@@ -129,6 +129,7 @@ class _Job:
                 f"could not load the model {cfg.engine.model or '(default)'}: {e}"
             ) from e
         state.runs += 1
+        save_journal(output, state)  # before the output exists: a crash from here on resumes
         writer = open_writer(output, state.output)
         errors = _ErrorsFile(errors_path(output), state.errors_bytes)
         t0, skipped = time.monotonic(), state.rows_done
@@ -250,7 +251,7 @@ class _Job:
         if not state.finished and state.rows_done and not _output_present(output):
             print(f"warning: {output} is gone; starting from the first row", file=sys.stderr)
             return JournalState(fingerprint, runs=state.runs)
-        if state.rows_done and not self.config.quiet:
+        if state.rows_done:
             print(f"resuming {output}: {state.rows_done} rows already done", file=sys.stderr)
         return state
 
