@@ -8,8 +8,6 @@ import sys
 import textwrap
 import time
 
-import httpx
-
 # A real client process: starts a long stream, says so after the first chunk, then hangs.
 CLIENT = textwrap.dedent("""
     import json, sys, time, httpx
@@ -68,26 +66,33 @@ def test_killed_chat_client_frees_its_blocks(server):
     _kill_mid_stream(server, "/chat/completions")
 
 
-def test_client_closing_a_non_streamed_request_aborts_it(server):
+NON_STREAMED_CLIENT = textwrap.dedent("""
+    import sys, httpx
+    url, key, model = sys.argv[1:4]
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True}
+    httpx.post(url + "/completions", json=body, headers={"Authorization": "Bearer " + key},
+               timeout=60)
+""")
+
+
+def test_killed_client_of_a_non_streamed_request_aborts_it(server):
     server.wait_all_blocks_free()
     aborted_before = _aborted(server)
-    body = {
-        "model": server.model,
-        "prompt": "Once upon a time",
-        "max_tokens": 480,
-        "ignore_eos": True,
-    }
-    headers = {"Authorization": f"Bearer {server.api_key}"}
-    # The client gives up after 0.5 s; the server notices and aborts the request.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NON_STREAMED_CLIENT, server.base_url, server.api_key, server.model]
+    )
     try:
-        httpx.post(server.base_url + "/completions", json=body, headers=headers, timeout=0.5)
-    except httpx.TimeoutException:
-        pass
-    else:
-        raise AssertionError("the request should have outlived the client's timeout")
-    # The server may still be tokenizing when the client leaves: wait for the abort itself.
+        deadline = time.monotonic() + 20
+        while server.metrics()["tokenmill_num_requests_running"] != 1:
+            assert proc.poll() is None and time.monotonic() < deadline, "request never ran"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    # The handler polls for the disconnect; the abort follows within a fraction of a second.
     deadline = time.monotonic() + 10
     while _aborted(server) == aborted_before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _aborted(server) == aborted_before + 1
+    assert _aborted(server) == aborted_before + 1, "the request was aborted, not finished"
     server.wait_all_blocks_free(timeout_s=10)

@@ -107,8 +107,8 @@ class ChatStream:
                         stop_reason=c.stop_reason,
                     )
                 )
-            if choices:
-                yield self._chunk(choices)
+            for choice in choices:  # one choice per chunk, as OpenAI streams n > 1
+                yield self._chunk([choice])
         if self.req.include_usage_in_stream:
             chunk = ChatCompletionChunk(
                 id=self.id, model=self.model, choices=[], usage=self._usage()

@@ -166,9 +166,8 @@ class CompletionStream:
             if out.finished:
                 self.final[out.request_id] = out
                 on_finish(self.timers[out.request_id], out)
-            choices = self.choice_deltas(out)
-            if choices:
-                yield sse(self.chunk(choices))
+            for choice in self.choice_deltas(out):  # one choice per chunk, as OpenAI does
+                yield sse(self.chunk([choice]))
         if self.req.include_usage_in_stream:
             yield sse(
                 CompletionResponse(
