@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
+BACKEND = sys.argv[1] if len(sys.argv) > 1 else "auto"  # auto | triton | torch
 PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for j in range(n)] for i, n in
            enumerate([3, 17, 33, 64, 5, 120, 48, 250, 1, 90])]
 
@@ -39,7 +40,7 @@ def tiny_parity() -> dict:
     for arch in ARCHS:
         d = make_tiny_model(tempfile.mkdtemp(), arch=arch, max_position_embeddings=1024)
         llm = LLM(model=str(d), dtype="float32", device="cuda", kv_cache_memory="256MiB",
-                  max_num_seqs=16)
+                  max_num_seqs=16, attention_backend=BACKEND, enforce_eager=BACKEND == "torch")
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24,
                                                     ignore_eos=True), use_tqdm=False)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).cuda()
@@ -57,7 +58,8 @@ def qwen3_bf16(num_new: int = 64) -> dict:
     prompts = [[(11 * i + 5 * j) % 10000 for j in range(n)] for i, n in
                enumerate([100, 257, 513, 1000, 31, 700, 64, 900])]
     llm = LLM(model=str(d), dtype="bfloat16", device="cuda", gpu_memory_utilization=0.5,
-              skip_tokenizer_init=True, max_model_len=4096)
+              skip_tokenizer_init=True, max_model_len=4096,
+              attention_backend=BACKEND, enforce_eager=BACKEND == "torch")
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=num_new,
                                                 ignore_eos=True, logprobs=1), use_tqdm=False)
     del llm

@@ -60,6 +60,7 @@ def throughput(
     enable_prefix_caching: o.EnablePrefixCaching = o.ENGINE_DEFAULTS["enable_prefix_caching"],
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
+    attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
 ) -> None:
     """Offline throughput of LLM.generate over a workload (warm-up excluded)."""
     from rich.console import Console
@@ -79,7 +80,8 @@ def throughput(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
         block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-        enforce_eager=enforce_eager, seed=seed, skip_tokenizer_init=dummy_weights,
+        enforce_eager=enforce_eager, seed=seed, attention_backend=attention_backend,
+        skip_tokenizer_init=dummy_weights,
     )
     llm = LLM.from_config(config)
     info = llm.model_info()

@@ -43,13 +43,14 @@ EnablePrefixCaching = Annotated[
 ]
 EnforceEager = Annotated[bool, _eopt("enforce_eager", "--enforce-eager")]
 Seed = Annotated[int, _eopt("seed", "--seed")]
+AttentionBackend = Annotated[str, _eopt("attention_backend", "--attention-backend")]
 
 ENGINE_DEFAULTS = {
     name: field_default(EngineConfig, name)
     for name in (
         "model", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
         "kv_cache_memory", "gpu_memory_utilization", "block_size", "enable_prefix_caching",
-        "enforce_eager", "seed",
+        "enforce_eager", "seed", "attention_backend",
     )
 }
 

@@ -72,6 +72,10 @@ class EngineConfig:
         default=False, metadata={"help": "Disable CUDA graphs (GPU only)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for requests that bring none."})
+    attention_backend: str = field(
+        default="auto",
+        metadata={"help": "auto (triton on GPU, torch on CPU), triton or torch."},
+    )
     skip_tokenizer_init: bool = field(
         default=False,
         metadata={"help": "Load no tokenizer: prompts must be token ids, outputs have no text."},
@@ -98,6 +102,10 @@ class EngineConfig:
             )
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"attention_backend must be auto, triton or torch (got {self.attention_backend!r})"
+            )
 
     @property
     def kv_cache_bytes(self) -> int | None:

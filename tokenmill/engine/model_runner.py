@@ -69,7 +69,7 @@ class ModelRunner:
         if config.seed is not None:
             torch.manual_seed(config.seed)
 
-        self.backend = get_attention_backend("auto", self.device)
+        self.backend = get_attention_backend(config.attention_backend, self.device)
         cls = model_class(hf_config)
         prev_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -91,7 +91,7 @@ class ModelRunner:
                 use_triton_ops(False)
         self.num_blocks = self._allocate_kv_cache()
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
             from tokenmill.engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(
