@@ -48,7 +48,10 @@ class FakeStats:
 class FakeEngine:
     """finish_per_step requests finish per step, picked at random among the unfinished."""
 
-    def __init__(self, max_model_len: int = 64, finish_per_step: int = 3, seed: int = 0):
+    def __init__(
+        self, max_model_len: int = 64, finish_per_step: int = 3, seed: int = 0, record: bool = True
+    ):
+        self.record = record  # keep the queue / finish order (off for memory tests)
         self.tokenizer = WordTokenizer()
         self.max_model_len = max_model_len
         self.finish_per_step = finish_per_step
@@ -74,7 +77,8 @@ class FakeEngine:
         if len(prompt) + (params.max_tokens or 1) > self.max_model_len:
             raise ValueError("prompt too long for the fake engine")
         self.unfinished[request_id] = (list(prompt), params)
-        self.added.append(request_id)
+        if self.record:
+            self.added.append(request_id)
         self.max_unfinished = max(self.max_unfinished, len(self.unfinished))
 
     def abort_request(self, request_id):
@@ -92,7 +96,8 @@ class FakeEngine:
         outs = []
         for request_id in done:
             prompt, params = self.unfinished.pop(request_id)
-            self.finish_order.append(request_id)
+            if self.record:
+                self.finish_order.append(request_id)
             completions = []
             for i in range(params.n):
                 token_ids = [(t + i) % 97 for t in prompt[: params.max_tokens or 4]]

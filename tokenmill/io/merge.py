@@ -35,12 +35,15 @@ class MergeResult:
 
 
 def merge_outputs(inputs: list[Path], output: Path) -> MergeResult:
-    """Write the rows of `inputs` to `output` in input order; raise MergeError on a mismatch."""
+    """Write the rows of `inputs` to `output` in input order.
+
+    Raises MergeError when rows are missing or repeated, ValueError for unusable paths.
+    """
     if output.resolve() in {p.resolve() for p in inputs}:
-        raise MergeError(f"-o {output} is one of the inputs; choose another path")
+        raise ValueError(f"-o {output} is one of the inputs; choose another path")
     for p in inputs:
         if not p.exists():
-            raise MergeError(f"{p} does not exist")
+            raise ValueError(f"{p} does not exist")
     expected = _expected_rows(inputs)
     tmp = output.with_name(output.name + ".merging" + output.suffix)
     writer = open_writer(tmp)
