@@ -294,13 +294,17 @@ def test_async_client_64_concurrent_streams_then_all_blocks_free(server):
                 asyncio.gather(*(one(client, i) for i in range(64))), timeout=180
             )
 
-    before = server.llm.stats
-    steps0, seqs0 = before.num_steps, before.num_scheduled_seqs_total
+    before = server.metrics()
     results = asyncio.run(run_all())
     assert [r[1] for r in results] == ["length"] * 64
     assert [r[2] for r in results] == [8 + i % 8 for i in range(64)]
-    metrics = server.wait_all_blocks_free()
-    assert metrics["tokenmill_num_requests_running"] == 0
-    stats = server.llm.stats
-    mean_batch = (stats.num_scheduled_seqs_total - seqs0) / (stats.num_steps - steps0)
+    after = server.wait_all_blocks_free()
+    assert after["tokenmill_num_requests_running"] == 0
+    assert after["tokenmill_num_requests_waiting"] == 0
+
+    def delta(name):
+        return after[name] - before[name]
+
+    mean_batch = delta("tokenmill_scheduled_seqs_total") / delta("tokenmill_engine_steps_total")
     assert mean_batch > 4, "concurrent requests should share engine steps"
+    assert delta("tokenmill_generation_tokens_total") == sum(8 + i % 8 for i in range(64))

@@ -147,7 +147,7 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
                 body.stream,
             )
         )
-        fmt = CompletionStream(body, model_name, prepared, rids)
+        fmt = CompletionStream(body, params, model_name, prepared, rids)
         return await respond(request, fmt, engine.stream(rids, queue), body.stream)
 
     @app.post("/v1/chat/completions")
@@ -167,7 +167,7 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         queue: asyncio.Queue = asyncio.Queue()
         rid = random_id("chatcmpl")
         await add(engine.add(rid, ids, params, queue, body.stream))
-        fmt = ChatStream(body, model_name, rid, len(ids))
+        fmt = ChatStream(body, params, model_name, rid, len(ids))
         return await respond(request, fmt, engine.stream([rid], queue), body.stream)
 
     @app.get("/health")

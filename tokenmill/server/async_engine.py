@@ -45,6 +45,7 @@ class EngineSnapshot:
     num_generated_tokens: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    num_scheduled_seqs_total: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_aborted_requests: int = 0
@@ -262,6 +263,7 @@ class AsyncEngine:
             num_generated_tokens=stats.num_generated_tokens,
             num_preemptions=stats.num_preemptions,
             num_steps=stats.num_steps,
+            num_scheduled_seqs_total=stats.num_scheduled_seqs_total,
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
             num_aborted_requests=self._num_aborted,

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tokenmill.engine.outputs import Logprob, RequestOutput
+from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -57,13 +58,17 @@ class ChatStream:
     """Formats engine outputs of one /v1/chat/completions call, streamed or not."""
 
     def __init__(
-        self, req: ChatCompletionRequest, model: str, request_id: str, num_prompt_tokens: int
+        self,
+        req: ChatCompletionRequest,
+        params: SamplingParams,
+        model: str,
+        request_id: str,
+        num_prompt_tokens: int,
     ) -> None:
-        self.req, self.model, self.request_id = req, model, request_id
+        self.req, self.params, self.model, self.request_id = req, params, model, request_id
         self.id = random_id("chatcmpl")
         self.num_prompt_tokens = num_prompt_tokens
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        self.trackers = [DeltaTracker(stop=stop) for _ in range(req.n)]
+        self.trackers = [DeltaTracker() for _ in range(params.n)]
         self.timer = RequestTimer()
         self.final: RequestOutput | None = None
 
@@ -84,7 +89,7 @@ class ChatStream:
     async def sse_events(
         self, outputs: AsyncIterator[RequestOutput], on_finish
     ) -> AsyncIterator[str]:
-        for i in range(self.req.n):
+        for i in range(self.params.n):
             yield self._chunk(
                 [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
             )

@@ -101,11 +101,12 @@ class CompletionStream:
     def __init__(
         self,
         req: CompletionRequest,
+        params: SamplingParams,
         model: str,
         prompts: list[PreparedPrompt],
         request_ids: list[str],
     ) -> None:
-        self.req, self.model, self.prompts = req, model, prompts
+        self.req, self.params, self.model, self.prompts = req, params, model, prompts
         self.id = random_id("cmpl")
         self.index_of = {rid: i for i, rid in enumerate(request_ids)}
         self.trackers: dict[int, DeltaTracker] = {}
@@ -117,11 +118,11 @@ class CompletionStream:
         p = self.index_of[out.request_id]
         choices = []
         for c in out.outputs:
-            index = p * self.req.n + c.index
+            index = p * self.params.n + c.index
             tracker = self.trackers.get(index)
             first = tracker is None
             if first:
-                tracker = self.trackers[index] = DeltaTracker(stop=_stops(self.req.stop))
+                tracker = self.trackers[index] = DeltaTracker()
                 self.offsets[index] = len(self.prompts[p].text or "")
             d = tracker.delta(c)
             text = d.text
@@ -186,12 +187,6 @@ class CompletionStream:
         choices.sort(key=lambda ch: ch.index)
         resp = CompletionResponse(id=self.id, model=self.model, choices=choices, usage=self.usage())
         return resp.model_dump()
-
-
-def _stops(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    return [stop] if isinstance(stop, str) else list(stop)
 
 
 async def add_all(

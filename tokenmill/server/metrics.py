@@ -138,6 +138,12 @@ class ServerMetrics:
         )
         metric("engine_steps_total", "counter", "Engine steps run.", snap.num_steps)
         metric(
+            "scheduled_seqs_total",
+            "counter",
+            "Sequences scheduled, summed over steps (/ engine_steps_total = mean batch size).",
+            snap.num_scheduled_seqs_total,
+        )
+        metric(
             "prefix_cache_queries_total",
             "counter",
             "Prompt tokens looked up in the prefix cache.",

@@ -18,6 +18,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenmill.engine.sampling_params import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
+_SAMPLING_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
 
 
 def random_id(prefix: str) -> str:
@@ -33,48 +50,38 @@ class StreamOptions(_Base):
 
 
 class _SamplingRequest(_Base):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+    """Fields shared by /v1/completions and /v1/chat/completions.
+
+    A sampling field left out (None) takes SamplingParams' default, so no default is written
+    twice; OpenAI's defaults (n=1, temperature=1, top_p=1, no penalties) are the same.
+    """
 
     model: str | None = None
-    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     # tokenmill / vLLM extras, sent through `extra_body`
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        values: dict[str, Any] = dict(
-            n=self.n,
-            stop=self.stop or None,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            min_tokens=self.min_tokens,
-            ignore_eos=self.ignore_eos,
-            stop_token_ids=self.stop_token_ids or None,
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens,
-            max_tokens=max_tokens,
-            logprobs=logprobs,
-        )
-        # None means "the engine's default": leave it to SamplingParams.
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            if getattr(self, name) is not None:
-                values[name] = getattr(self, name)
+    def _sampling_params(self, **values: Any) -> SamplingParams:
+        for name in _SAMPLING_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value != []:
+                values[name] = value
         return SamplingParams(**values)
 
     @property
@@ -84,7 +91,7 @@ class _SamplingRequest(_Base):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = None  # None: SamplingParams' default (16, as OpenAI's)
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -100,9 +107,12 @@ class CompletionRequest(_SamplingRequest):
             )
         if self.suffix:
             raise ValueError("suffix is not supported; put the text in the prompt instead")
-        if self.best_of is not None and self.best_of != self.n:
+        if self.best_of is not None and self.best_of != (self.n or 1):
             raise ValueError(f"best_of is not supported (got {self.best_of}); use n instead")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        values: dict[str, Any] = {"logprobs": self.logprobs}
+        if self.max_tokens is not None:
+            values["max_tokens"] = self.max_tokens
+        return self._sampling_params(**values)
 
 
 class ChatMessage(_Base):
@@ -148,7 +158,8 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = self.max_completion_tokens
         if max_tokens is None:
             max_tokens = self.max_tokens
-        return self._sampling_params(max_tokens, logprobs)
+        # Chat has no token limit by default: up to the model's context.
+        return self._sampling_params(max_tokens=max_tokens, logprobs=logprobs)
 
 
 class TokenizeRequest(_Base):

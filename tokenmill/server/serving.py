@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -70,37 +70,23 @@ class Delta:
 class DeltaTracker:
     """Turns cumulative CompletionOutputs into deltas, one tracker per completion index.
 
-    While a completion runs, text that could still change is held back: a trailing U+FFFD (an
-    unfinished UTF-8 character) and a tail that could be the start of a stop string, which the
-    engine strips from the final text.
+    The engine already holds back text that may still change (half a UTF-8 character, a tail
+    that could begin a stop string), so the text only grows: the delta is what is new.
     """
 
-    stop: list[str] = field(default_factory=list)
     num_sent_chars: int = 0
     num_sent_tokens: int = 0
 
     def delta(self, out: CompletionOutput) -> Delta:
         text = out.text
-        end = len(text) if out.finished else len(text) - self._holdback(text)
-        new_text = text[self.num_sent_chars : end] if end > self.num_sent_chars else ""
-        self.num_sent_chars = max(self.num_sent_chars, end)
+        new_text = text[self.num_sent_chars :] if len(text) > self.num_sent_chars else ""
+        self.num_sent_chars = max(self.num_sent_chars, len(text))
         new_ids = out.token_ids[self.num_sent_tokens :]
         new_logprobs = None
         if out.logprobs is not None:
             new_logprobs = out.logprobs[self.num_sent_tokens : len(out.token_ids)]
         self.num_sent_tokens = len(out.token_ids)
         return Delta(new_text, new_logprobs, list(new_ids))
-
-    def _holdback(self, text: str) -> int:
-        held = len(text) - len(text.rstrip("\ufffd"))
-        body = text[: len(text) - held]
-        longest = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(body)), longest, -1):
-                if body.endswith(s[:k]):
-                    longest = k
-                    break
-        return held + longest
 
 
 def token_text(token_id: int, lp: Logprob | None) -> str:
