@@ -68,8 +68,8 @@ def test_missing_or_duplicated_rows_are_refused_with_exit_5(tmp_path):
 def test_bad_paths(tmp_path):
     a = write_shard(tmp_path / "a.jsonl", [0])
     assert merge(a, "-o", tmp_path / "m.csv").exit_code == exit_codes.CANNOT_RUN
-    assert merge(a, "-o", a).exit_code == exit_codes.MERGE_MISMATCH
+    assert merge(a, "-o", a).exit_code == exit_codes.CANNOT_RUN
     assert (
         merge(tmp_path / "nope.jsonl", "-o", tmp_path / "m.jsonl").exit_code
-        == exit_codes.MERGE_MISMATCH
+        == exit_codes.CANNOT_RUN
     )
