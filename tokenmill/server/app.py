@@ -36,7 +36,7 @@ from tokenmill.server.protocol import (
     TokenizeRequest,
     random_id,
 )
-from tokenmill.server.serving import check_prompt, sse_stream, watch_disconnect
+from tokenmill.server.serving import check_prompt, check_token_ids, sse_stream, watch_disconnect
 
 
 class APIKeyMiddleware:
@@ -156,10 +156,7 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         params = sampling_params(body)
 
         def prepare(llm):
-            try:
-                ids = encode_messages(llm, body)
-            except Exception as e:  # ValueError, or the template's own TemplateError
-                raise APIError(400, f"messages: {e}", "messages") from e
+            ids = encode_messages(llm, body.messages)
             check_prompt(llm, ids, params, "messages")
             return ids
 
@@ -193,7 +190,7 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
 
         def run(llm):
             if body.messages is not None:
-                return list(llm.encode_chat([m.to_template_dict() for m in body.messages]))
+                return encode_messages(llm, body.messages)
             return list(
                 llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
             )
@@ -206,18 +203,9 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         check_model(body.model)
 
         def run(llm):
-            check_prompt_ids(llm, body.tokens)
+            check_token_ids(llm, body.tokens, "tokens")
             return llm.tokenizer.decode(body.tokens)
 
         return {"prompt": await engine.call(run)}
 
     return app
-
-
-def check_prompt_ids(llm: Any, ids: list[int]) -> None:
-    from tokenmill.server.serving import vocab_size
-
-    size = vocab_size(llm)
-    bad = [t for t in ids if not 0 <= t < size]
-    if bad:
-        raise APIError(400, f"tokens outside the vocabulary [0, {size}): {bad[:5]}", "tokens")

@@ -11,12 +11,14 @@ from typing import Any
 
 from tokenmill.engine.outputs import Logprob, RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
     ChatTokenLogprob,
@@ -145,6 +147,10 @@ class ChatStream:
         return resp.model_dump()
 
 
-def encode_messages(llm: Any, req: ChatCompletionRequest) -> list[int]:
-    """Apply the chat template; runs on the engine thread."""
-    return list(llm.encode_chat([m.to_template_dict() for m in req.messages]))
+def encode_messages(llm: Any, messages: list[ChatMessage]) -> list[int]:
+    """Apply the chat template; runs on the engine thread. A template that rejects the
+    conversation (roles out of order, no template) is the client's error: a 400."""
+    try:
+        return list(llm.encode_chat([m.to_template_dict() for m in messages]))
+    except Exception as e:  # ValueError, or the template's own jinja2 TemplateError
+        raise APIError(400, f"messages: {e}", "messages") from e

@@ -24,16 +24,21 @@ def vocab_size(llm: Any) -> int:
     return int(size) if size else len(llm.tokenizer)
 
 
-def check_prompt(llm: Any, token_ids: list[int], params: SamplingParams, param: str) -> None:
-    """Raise a 400 for an empty prompt, unknown token ids, or prompt + output past the context."""
-    if not token_ids:
-        raise APIError(400, f"{param} is empty; send at least one token", param)
+def check_token_ids(llm: Any, token_ids: list[int], param: str) -> None:
+    """Raise a 400 for token ids outside the model's vocabulary."""
     size = vocab_size(llm)
     bad = [t for t in token_ids if not 0 <= t < size]
     if bad:
         raise APIError(
             400, f"{param} has token ids outside the vocabulary [0, {size}): {bad[:5]}", param
         )
+
+
+def check_prompt(llm: Any, token_ids: list[int], params: SamplingParams, param: str) -> None:
+    """Raise a 400 for an empty prompt, unknown token ids, or prompt + output past the context."""
+    if not token_ids:
+        raise APIError(400, f"{param} is empty; send at least one token", param)
+    check_token_ids(llm, token_ids, param)
     limit, num_prompt = llm.max_model_len, len(token_ids)
     if num_prompt >= limit:
         raise APIError(
@@ -53,10 +58,6 @@ def check_prompt(llm: Any, token_ids: list[int], params: SamplingParams, param: 
             "max_tokens",
             "context_length_exceeded",
         )
-
-
-def to_bad_request(e: ValueError, param: str | None = None) -> APIError:
-    return APIError(400, str(e), param)
 
 
 @dataclass
