@@ -15,6 +15,7 @@ from typing import Any
 
 from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.server.async_engine import EngineDeadError
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.metrics import ServerMetrics
 
@@ -133,6 +134,8 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
             yield event
     except APIError as e:
         yield sse(error_body(e.status, e.message, e.param, e.code))
+    except EngineDeadError as e:
+        yield sse(error_body(503, str(e)))
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as e:  # the headers are sent: the error must travel inside the stream
