@@ -143,6 +143,7 @@ class _Job:
                 cfg.progress_interval_s,
                 self._use_rich(),
                 enabled=not cfg.quiet,
+                generated_tokens=_generated_since(llm, stats0),
             ) as progress,
         ):
             self._loop(llm, source, state, writer, errors, output, progress)
@@ -177,6 +178,7 @@ class _Job:
         results = batcher.run(
             self._records(source, state.rows_done),
             state.rows_done,
+            on_step=progress.tick,
             should_stop=lambda: self.stop_reason is not None,
         )
         for result in results:
@@ -427,6 +429,14 @@ class _ErrorsFile:
 def _stats_snapshot(llm) -> dict[str, Any]:
     stats = getattr(llm, "stats", None)
     return dict(vars(stats)) if stats is not None and hasattr(stats, "__dict__") else {}
+
+
+def _generated_since(llm, stats0: dict[str, Any]):
+    """A callable counting tokens the engine generated in this run (None without stats)."""
+    if "num_generated_tokens" not in stats0:
+        return None
+    start = stats0["num_generated_tokens"]
+    return lambda: llm.stats.num_generated_tokens - start
 
 
 def _engine_delta(figures: dict[str, Any], stats0: dict[str, Any], llm) -> dict[str, Any]:

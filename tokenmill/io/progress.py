@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 
@@ -21,6 +22,7 @@ class Progress:
         use_rich: bool | None = None,
         stream=None,
         enabled: bool = True,
+        generated_tokens: Callable[[], int] | None = None,
     ):
         self.total = total
         self.start_done = done
@@ -28,6 +30,9 @@ class Progress:
         self.prompt_tokens = 0
         self.output_tokens = 0
         self.interval_s = interval_s
+        # Live count of generated tokens (the engine's), so rates move before rows finish.
+        self.generated_tokens = generated_tokens
+        self._last_tick = 0.0
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
         self.use_rich = sys.stdout.isatty() if use_rich is None else use_rich
@@ -79,9 +84,17 @@ class Progress:
         elif self.enabled and time.monotonic() - self._last_line >= self.interval_s:
             self._print_line()
 
+    def tick(self) -> None:
+        """Called after every engine step: redraw or print, at most a few times a second."""
+        now = time.monotonic()
+        if now - self._last_tick >= 0.25:
+            self._last_tick = now
+            self.update()
+
     def rates(self) -> tuple[float, float]:
         elapsed = max(time.monotonic() - self.t0, 1e-9)
-        return self.prompt_tokens / elapsed, self.output_tokens / elapsed
+        out = self.generated_tokens() if self.generated_tokens is not None else self.output_tokens
+        return self.prompt_tokens / elapsed, out / elapsed
 
     def eta_s(self) -> float | None:
         rows = self.done - self.start_done
