@@ -107,15 +107,12 @@ class AsyncEngine:
             try:
                 result = fn(self.llm)
             except Exception as e:  # handed to the caller, who turns it into an HTTP error
-                loop.call_soon_threadsafe(_set_exception, future, e)
+                _call_threadsafe(loop, _set_exception, future, e)
             else:
-                loop.call_soon_threadsafe(_set_result, future, result)
+                _call_threadsafe(loop, _set_result, future, result)
 
         def fail(error: BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(_set_exception, future, error)
-            except RuntimeError:  # the event loop is already closed
-                pass
+            _call_threadsafe(loop, _set_exception, future, error)
 
         self._submit(_Command(run, fail))
         return await future
@@ -228,7 +225,7 @@ class AsyncEngine:
             self._decode_logprob_tokens(out)
             if out.finished:
                 del self._streams[out.request_id]
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            _put_threadsafe(stream, out)
 
     def _decode_logprob_tokens(self, out: RequestOutput) -> None:
         """Fill Logprob.decoded_token here, where the tokenizer may be used."""
@@ -280,8 +277,12 @@ def _set_exception(future: asyncio.Future, error: BaseException) -> None:
         future.set_exception(error)
 
 
-def _put_threadsafe(stream: _Stream, item: Any) -> None:
+def _call_threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
     try:
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-    except RuntimeError:  # the event loop is already closed
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the event loop is already closed (server shutting down)
         pass
+
+
+def _put_threadsafe(stream: _Stream, item: Any) -> None:
+    _call_threadsafe(stream.loop, stream.queue.put_nowait, item)
