@@ -184,6 +184,7 @@ class LLM:
                 for _ in children]
         self.output_processor.add(RequestState(
             request_id, text, ids, children, dets, RequestMetrics(arrival_time=now()),
+            stream=stream,
         ))
         for req in children:
             self.scheduler.add(req)

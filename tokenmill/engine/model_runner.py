@@ -81,14 +81,11 @@ class ModelRunner:
         if model_dir is not None:
             load_weights(self.model, model_dir)
         self.model.eval()
-        self.sampler = Sampler()
-        if self.device.type == "cuda":
-            from tokenmill.engine.models.layers import use_triton_ops
+        use_triton = self.device.type == "cuda" and self.backend.name == "triton"
+        from tokenmill.engine.models.layers import use_triton_ops
 
-            try:
-                use_triton_ops(True)
-            except ImportError:
-                use_triton_ops(False)
+        use_triton_ops(use_triton)
+        self.sampler = Sampler(use_triton=use_triton)
         self.num_blocks = self._allocate_kv_cache()
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":

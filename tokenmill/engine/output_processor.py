@@ -22,6 +22,7 @@ class RequestState:
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer | None]
     metrics: RequestMetrics
+    stream: bool = True  # build an output every step (else only when finished)
     logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
     num_decoded: list[int] = field(default_factory=list)  # output tokens fed to detokenizers
 
@@ -83,6 +84,8 @@ class OutputProcessor:
             if state.finished:
                 state.metrics.finished_time = now
                 del self.states[rid]
+            elif not state.stream:
+                continue  # NOTE: building outputs copies token lists; skip what nobody reads
             outputs.append(self.build(state))
         return outputs
 

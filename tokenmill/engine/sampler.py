@@ -155,7 +155,19 @@ def compute_logprobs(
 
 
 class Sampler:
-    """Turns the last-token logits of finished-chunk rows into next tokens."""
+    """Turns the last-token logits of finished-chunk rows into next tokens.
+
+    On CUDA the draw runs in one Triton kernel pass (tokenmill.kernels.sampling, Philox noise
+    keyed by the same (seed, output index)); elsewhere in torch with the counter-hash noise.
+    The two paths draw from the same distribution but not the same stream.
+    """
+
+    def __init__(self, use_triton: bool = False):
+        self.kernels = None
+        if use_triton:
+            from tokenmill.kernels import sampling
+
+            self.kernels = sampling
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         # logits: [num_seqs, vocab_size] float32
@@ -163,11 +175,34 @@ class Sampler:
         if needs_penalties(reqs):
             logits = apply_penalties(logits.clone(), reqs)
         greedy = [r.params.is_greedy for r in reqs]
-        token_ids = logits.argmax(dim=-1)  # [num_seqs]
-        if not all(greedy):
-            token_ids = self._sample_random(logits, reqs, greedy, token_ids)
+        if all(greedy):
+            token_ids = logits.argmax(dim=-1)  # [num_seqs]
+        elif self.kernels is not None and logits.is_cuda:
+            token_ids = self._sample_triton(logits, reqs)
+        else:
+            token_ids = self._sample_random(logits, reqs, greedy, logits.argmax(dim=-1))
         logprobs = compute_logprobs(raw, token_ids, reqs)
         return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def _sample_triton(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        dev = logits.device
+        params = [r.params for r in reqs]
+
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype).pin_memory().to(dev, non_blocking=True)
+
+        temps = col([p.temperature if not p.is_greedy else 0.0 for p in params], torch.float32)
+        seeds = col([r.seed for r in reqs], torch.int64)
+        positions = col([r.num_output_tokens for r in reqs], torch.int64)
+        top_k = col([p.top_k for p in params], torch.int64) if any(p.top_k > 0 for p in params) \
+            else None
+        top_p = col([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) \
+            else None
+        min_p = col([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in params) \
+            else None
+        max_top_k = max(p.top_k for p in params) if top_k is not None else None
+        return self.kernels.sample(logits.contiguous(), temps, seeds, positions, top_k, top_p,
+                                   min_p, max_top_k)
 
     def _sample_random(self, logits, reqs, greedy, token_ids):
         rows = [i for i, g in enumerate(greedy) if not g]
