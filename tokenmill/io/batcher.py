@@ -3,8 +3,9 @@
     rows ──window──> tokenize in bulk ──sort/bin──> llm.add_request ... llm.step() ──> results
                                                                    reorder buffer ──> writer
 
-A window of `window_rows` rows is tokenized in one tokenizer call, sorted (longest work first,
-rows sharing a prefix side by side) and queued to the engine as one continuous batch. The next
+A window of `window_rows` rows is tokenized in one tokenizer call, ordered (see ordering.py:
+longest work first, rows sharing a prefix together, each group's leader a step ahead) and queued
+to the engine as one continuous batch. The next
 window is queued while the current one drains (once fewer than `refill_below` requests are left),
 so the scheduler never runs dry at a window boundary. Rows finish in any order; the reorder
 buffer releases the longest finished prefix in input order. Memory stays bounded: at most two
@@ -18,10 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.io.ordering import order_window
 from tokenmill.io.parse import RowError, RowParser
 from tokenmill.io.rows import RawRecord, Row, RowResult
-
-_PREFIX_SORT_TOKENS = 64  # rows are grouped by this much of their prompt within a length bin
 
 
 @dataclass
@@ -61,7 +61,9 @@ class Batcher:
         self.parser = parser
         self.window_rows = window_rows
         self.sort = sort
-        max_num_seqs = getattr(getattr(llm, "config", None), "max_num_seqs", 256)
+        engine_config = getattr(llm, "config", None)
+        max_num_seqs = getattr(engine_config, "max_num_seqs", 256)
+        self.step_tokens = getattr(engine_config, "max_num_batched_tokens", 8192)
         self.refill_below = refill_below if refill_below is not None else max_num_seqs
         self.max_model_len = llm.max_model_len
         # Only finished rows are used: skip incremental detokenizing where the engine allows.
@@ -149,7 +151,7 @@ class Batcher:
 
     def _submit(self, prepared: list[Prepared]) -> None:
         if self.sort:
-            prepared = sorted(prepared, key=_sort_key)
+            prepared = order_window(prepared, self.step_tokens)
         for p in prepared:
             request_id = str(p.position)
             try:
@@ -222,16 +224,6 @@ class Batcher:
 
     def _token_text(self, token_id: int, decoded: str | None) -> str:
         return decoded if decoded is not None else self.llm.tokenizer.decode([token_id])
-
-
-def _sort_key(p: Prepared) -> tuple:
-    """Longest expected work first, in power-of-two bins; a shared prompt prefix side by side.
-
-    Long requests started early finish with the batch instead of trailing alone at its end;
-    neighbours with one prefix hit the prefix cache while its blocks are still resident.
-    """
-    work = len(p.token_ids) + (p.params.max_tokens or 0)
-    return (-work.bit_length(), p.token_ids[:_PREFIX_SORT_TOKENS], p.position)
 
 
 def _take(records: Iterator[tuple[int, RawRecord]], num: int) -> list[tuple[int, RawRecord]]:
