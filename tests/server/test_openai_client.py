@@ -308,3 +308,37 @@ def test_async_client_64_concurrent_streams_then_all_blocks_free(server):
     mean_batch = delta("tokenmill_scheduled_seqs_total") / delta("tokenmill_engine_steps_total")
     assert mean_batch > 4, "concurrent requests should share engine steps"
     assert delta("tokenmill_generation_tokens_total") == sum(8 + i % 8 for i in range(64))
+
+
+def test_a_short_request_is_not_blocked_by_a_long_one(server):
+    async def run():
+        client = openai.AsyncOpenAI(
+            base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=120
+        )
+        async with client:
+            long_stream = await client.completions.create(
+                model=server.model,
+                prompt=PROMPT,
+                max_tokens=400,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            chunks = long_stream.__aiter__()
+            await chunks.__anext__()  # the long request is generating
+            short = await client.completions.create(
+                model=server.model,
+                prompt="Hi",
+                max_tokens=3,
+                extra_body={"ignore_eos": True},
+            )
+            finished_long = None
+            num_rest = 0
+            async for chunk in chunks:
+                num_rest += 1
+                finished_long = chunk.choices[0].finish_reason or finished_long
+            return short, finished_long, num_rest
+
+    short, finished_long, num_rest = asyncio.run(run())
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    assert finished_long == "length"
+    assert num_rest > 100, "the short request finished while the long one still streamed"
