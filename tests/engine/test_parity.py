@@ -1,0 +1,159 @@
+"""Greedy decoding is token-for-token identical to transformers' generate (float32, CPU).
+
+Every architecture, a batch of prompts of different lengths (two share a prefix longer than a
+block), in the default configuration, under a KV cache so small that requests get preempted,
+and under a token budget so small that prefills are chunked.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from engine_utils import (
+    ARCH_CASES,
+    PROMPT_TEXTS,
+    ScheduleRecorder,
+    encode_all,
+    greedy,
+    make_llm,
+    token_ids,
+)
+
+from tokenmill import SamplingParams
+
+NEW_TOKENS = 20
+
+
+def tight_blocks(prompts: list[list[int]], block_size: int) -> int:
+    """Enough blocks for the longest request alone, plus two."""
+    return max(-(-(len(p) + NEW_TOKENS) // block_size) for p in prompts) + 2
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_greedy_matches_transformers(case, arch_dir, hf_reference):
+    model_dir = arch_dir(case)
+    llm = make_llm(model_dir)
+    prompts = encode_all(llm, PROMPT_TEXTS)
+    assert len(prompts) >= 8 and len({len(p) for p in prompts}) >= 6
+    outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+    assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert llm.num_free_blocks == llm.num_kv_blocks
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_greedy_matches_transformers_under_preemption(case, arch_dir, hf_reference):
+    """A KV cache of 4-token blocks that holds the longest request plus two blocks cannot hold
+    the batch: requests get preempted and recomputed, and the tokens still match."""
+    model_dir = arch_dir(case)
+    prompts = encode_all(make_llm(model_dir), PROMPT_TEXTS)
+    llm = make_llm(model_dir, num_blocks=tight_blocks(prompts, 4), block_size=4)
+    outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+    assert llm.stats.num_preemptions > 0
+    assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
+    assert llm.num_free_blocks == llm.num_kv_blocks
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_greedy_matches_transformers_with_chunked_prefill(case, arch_dir, hf_reference):
+    """A budget of 7 tokens per step splits every longer prompt into chunks."""
+    model_dir = arch_dir(case)
+    llm = make_llm(model_dir, max_num_batched_tokens=7, block_size=4)
+    rec = ScheduleRecorder(llm)
+    prompts = encode_all(llm, PROMPT_TEXTS)
+    outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+    assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
+    chunks = [s for _, _, out in rec.steps for s in out.seqs
+              if not s.sample and s.start_pos < len(s.req.prompt_token_ids)]
+    assert chunks, "no prefill chunk that stops short of the prompt's end was scheduled"
+    assert all(out.num_tokens <= 7 for _, _, out in rec.steps)
+
+
+def test_greedy_matches_transformers_preemption_and_chunking_together(arch_dir, hf_reference):
+    model_dir = arch_dir("qwen3")
+    prompts = encode_all(make_llm(model_dir), PROMPT_TEXTS)
+    llm = make_llm(model_dir, num_blocks=tight_blocks(prompts, 4), block_size=4,
+                   max_num_batched_tokens=7, max_num_seqs=3)
+    outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+    assert llm.stats.num_preemptions > 0
+    assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
+
+
+def test_prefix_caching_off_gives_same_tokens(arch_dir, hf_reference):
+    model_dir = arch_dir("llama")
+    llm = make_llm(model_dir, enable_prefix_caching=False, block_size=4)
+    prompts = encode_all(llm, PROMPT_TEXTS)
+    outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+    assert llm.stats.prefix_cache_hits == 0
+    assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
+
+
+def test_repeated_prompt_hits_prefix_cache_and_matches(arch_dir, hf_reference):
+    """The second run of the same prompts reads their prefix from the cache."""
+    model_dir = arch_dir("qwen2")
+    llm = make_llm(model_dir, block_size=4)
+    prompts = encode_all(llm, PROMPT_TEXTS)
+    first = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+    second = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+    assert token_ids(first) == token_ids(second) == hf_reference(model_dir, prompts, NEW_TOKENS)
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    assert second[longest].num_cached_tokens >= len(prompts[longest]) - 4
+
+
+def test_eos_stops_like_transformers(arch_dir, tmp_path, hf_reference):
+    """With EOS allowed, completions end where transformers' generate ends them.
+
+    The EOS id is set (in generation_config.json) to a token the model often produces, so
+    some completions stop early and others run to max_tokens."""
+    src = arch_dir("llama")
+    llm0 = make_llm(src)
+    prompts = encode_all(llm0, PROMPT_TEXTS)
+    free_run = hf_reference(src, prompts, NEW_TOKENS)
+    counts: dict[int, int] = {}
+    for out in free_run:
+        for t in set(out[2:]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=lambda t: (counts[t] < len(prompts), counts[t]))
+    model_dir = tmp_path / "eos-model"
+    shutil.copytree(src, model_dir)
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    gen["eos_token_id"] = [eos, llm0.tokenizer.eos_token_id]
+    (model_dir / "generation_config.json").write_text(json.dumps(gen))
+
+    llm = make_llm(model_dir)
+    assert eos in llm.eos_token_ids
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS),
+                        use_tqdm=False)
+    hf = hf_reference.model(model_dir)
+    stopped = 0
+    for ids, out in zip(prompts, outs):
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        c = out.outputs[0]
+        assert c.token_ids == ref
+        if ref[-1] in (eos, llm0.tokenizer.eos_token_id):
+            stopped += 1
+            assert c.finish_reason == "stop" and c.stop_reason is None
+        else:
+            assert c.finish_reason == "length" and len(ref) == NEW_TOKENS
+    assert 0 < stopped < len(prompts)
+
+
+def test_repetition_penalty_matches_transformers(arch_dir, hf_reference):
+    model_dir = arch_dir("mistral")
+    llm = make_llm(model_dir)
+    prompts = encode_all(llm, PROMPT_TEXTS[:4])
+    outs = llm.generate(prompts, greedy(16, repetition_penalty=1.5), use_tqdm=False)
+    hf = hf_reference.model(model_dir)
+    plain = hf_reference(model_dir, prompts, 16)
+    for ids, out, p in zip(prompts, outs, plain):
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                              eos_token_id=None, min_new_tokens=16, pad_token_id=0,
+                              repetition_penalty=1.5)[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == ref
+    assert token_ids(outs) != plain  # the penalty changed something
