@@ -18,8 +18,10 @@ ARCH_CASES = {
     "mistral": ("mistral", {}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
-    "llama-odd": ("llama", dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1,
-                                intermediate_size=77)),
+    "llama-odd": (
+        "llama",
+        dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=77),
+    ),
 }
 
 PROMPT_TEXTS = [
@@ -50,10 +52,14 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
     outs = []
     for ids in prompts:
         seq = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=None, min_new_tokens=max_new_tokens, pad_token_id=0,
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            min_new_tokens=max_new_tokens,
+            pad_token_id=0,
         )
-        outs.append(seq[0, len(ids):].tolist())
+        outs.append(seq[0, len(ids) :].tolist())
     return outs
 
 
@@ -66,8 +72,9 @@ def block_bytes(model_dir: Path, block_size: int = 16, dtype_bytes: int = 4) -> 
     """Bytes of one KV block of this checkpoint, computed independently from config.json."""
     c = json.loads((Path(model_dir) / "config.json").read_text())
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    return 2 * c["num_hidden_layers"] * block_size * c["num_key_value_heads"] * head_dim \
-        * dtype_bytes
+    return (
+        2 * c["num_hidden_layers"] * block_size * c["num_key_value_heads"] * head_dim * dtype_bytes
+    )
 
 
 def make_llm(model_dir: Path, num_blocks: int | None = None, **kw) -> LLM:

@@ -14,8 +14,9 @@ from tokenmill.engine.request import Request
 
 
 def _req(rid: str, prompt: list[int]) -> Request:
-    return Request(req_id=rid, prompt_token_ids=list(prompt), params=SamplingParams(), seed=0,
-                   max_tokens=16)
+    return Request(
+        req_id=rid, prompt_token_ids=list(prompt), params=SamplingParams(), seed=0, max_tokens=16
+    )
 
 
 def _compute(bm: BlockManager, req: Request) -> None:
@@ -162,8 +163,9 @@ def test_invariants_hold_after_every_step_of_a_random_schedule(tiny_model_dir, s
     """Random prompts (some sharing prefixes), lengths, sampling, aborts and a KV cache small
     enough to force preemption; the block manager's invariants hold after every step."""
     rng = random.Random(seed)
-    llm = make_llm(tiny_model_dir, num_blocks=14, block_size=4, max_num_batched_tokens=24,
-                   max_num_seqs=5)
+    llm = make_llm(
+        tiny_model_dir, num_blocks=14, block_size=4, max_num_batched_tokens=24, max_num_seqs=5
+    )
     vocab = llm.hf_config.vocab_size
     bm = llm.scheduler.block_manager
     shared = random_prompt(rng, vocab, 9, 9)
@@ -174,8 +176,13 @@ def test_invariants_hold_after_every_step_of_a_random_schedule(tiny_model_dir, s
             prompt = random_prompt(rng, vocab, 1, 20)
             if rng.random() < 0.4:
                 prompt = shared + prompt
-            params = greedy(rng.randint(1, 12)) if rng.random() < 0.5 else SamplingParams(
-                temperature=1.0, max_tokens=rng.randint(1, 12), n=rng.choice([1, 2]))
+            params = (
+                greedy(rng.randint(1, 12))
+                if rng.random() < 0.5
+                else SamplingParams(
+                    temperature=1.0, max_tokens=rng.randint(1, 12), n=rng.choice([1, 2])
+                )
+            )
             rid = f"r{n_added}"
             n_added += 1
             llm.add_request(rid, prompt[: 48 - (params.max_tokens or 0)], params)

@@ -66,8 +66,12 @@ def test_greedy_matches_transformers_with_chunked_prefill(case, arch_dir, hf_ref
     prompts = encode_all(llm, PROMPT_TEXTS)
     outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
     assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
-    chunks = [s for _, _, out in rec.steps for s in out.seqs
-              if not s.sample and s.start_pos < len(s.req.prompt_token_ids)]
+    chunks = [
+        s
+        for _, _, out in rec.steps
+        for s in out.seqs
+        if not s.sample and s.start_pos < len(s.req.prompt_token_ids)
+    ]
     assert chunks, "no prefill chunk that stops short of the prompt's end was scheduled"
     assert all(out.num_tokens <= 7 for _, _, out in rec.steps)
 
@@ -75,8 +79,13 @@ def test_greedy_matches_transformers_with_chunked_prefill(case, arch_dir, hf_ref
 def test_greedy_matches_transformers_preemption_and_chunking_together(arch_dir, hf_reference):
     model_dir = arch_dir("qwen3")
     prompts = encode_all(make_llm(model_dir), PROMPT_TEXTS)
-    llm = make_llm(model_dir, num_blocks=tight_blocks(prompts, 4), block_size=4,
-                   max_num_batched_tokens=7, max_num_seqs=3)
+    llm = make_llm(
+        model_dir,
+        num_blocks=tight_blocks(prompts, 4),
+        block_size=4,
+        max_num_batched_tokens=7,
+        max_num_seqs=3,
+    )
     outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
     assert llm.stats.num_preemptions > 0
     assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
@@ -125,14 +134,16 @@ def test_eos_stops_like_transformers(arch_dir, tmp_path, hf_reference):
 
     llm = make_llm(model_dir)
     assert eos in llm.eos_token_ids
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS),
-                        use_tqdm=False)
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS), use_tqdm=False
+    )
     hf = hf_reference.model(model_dir)
     stopped = 0
-    for ids, out in zip(prompts, outs):
+    for ids, out in zip(prompts, outs, strict=True):
         with torch.inference_mode():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              pad_token_id=0)[0, len(ids):].tolist()
+            ref = hf.generate(
+                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+            )[0, len(ids) :].tolist()
         c = out.outputs[0]
         assert c.token_ids == ref
         if ref[-1] in (eos, llm0.tokenizer.eos_token_id):
@@ -150,10 +161,16 @@ def test_repetition_penalty_matches_transformers(arch_dir, hf_reference):
     outs = llm.generate(prompts, greedy(16, repetition_penalty=1.5), use_tqdm=False)
     hf = hf_reference.model(model_dir)
     plain = hf_reference(model_dir, prompts, 16)
-    for ids, out, p in zip(prompts, outs, plain):
+    for ids, out in zip(prompts, outs, strict=True):
         with torch.inference_mode():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                              eos_token_id=None, min_new_tokens=16, pad_token_id=0,
-                              repetition_penalty=1.5)[0, len(ids):].tolist()
+            ref = hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=16,
+                do_sample=False,
+                eos_token_id=None,
+                min_new_tokens=16,
+                pad_token_id=0,
+                repetition_penalty=1.5,
+            )[0, len(ids) :].tolist()
         assert out.outputs[0].token_ids == ref
     assert token_ids(outs) != plain  # the penalty changed something

@@ -19,9 +19,13 @@ from tokenmill.engine.scheduler import Scheduler
 
 
 def _req(rid: str, prompt: list[int], max_tokens: int = 8) -> Request:
-    return Request(req_id=rid, prompt_token_ids=list(prompt),
-                   params=SamplingParams(max_tokens=max_tokens, ignore_eos=True), seed=0,
-                   max_tokens=max_tokens)
+    return Request(
+        req_id=rid,
+        prompt_token_ids=list(prompt),
+        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        seed=0,
+        max_tokens=max_tokens,
+    )
 
 
 def _scheduler(num_blocks: int, block_size: int = 4, **kw) -> Scheduler:
@@ -58,9 +62,11 @@ def _check_step(sched: Scheduler, out, running_before: list[str], cfg: dict) -> 
 def test_random_workloads_respect_limits_and_always_progress(seed):
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 8])
-    cfg = dict(max_num_batched_tokens=rng.choice([1, 3, 7, 16, 64]),
-               max_num_seqs=rng.choice([1, 2, 3, 8]),
-               enable_prefix_caching=rng.random() < 0.7)
+    cfg = dict(
+        max_num_batched_tokens=rng.choice([1, 3, 7, 16, 64]),
+        max_num_seqs=rng.choice([1, 2, 3, 8]),
+        enable_prefix_caching=rng.random() < 0.7,
+    )
     shared = [rng.randrange(5, 50) for _ in range(12)]
     reqs = []
     for i in range(rng.randint(3, 12)):
@@ -124,13 +130,19 @@ def test_decodes_are_scheduled_before_new_prefills():
     sched.update_from_output(out, {s.req_id: 9 for s in out.seqs})
     sched.add(_req("new", list(range(20, 40))))  # 20 tokens: more than the budget
     out = sched.schedule()
-    assert [(s.req_id, s.num_new_tokens) for s in out.seqs] == [("old1", 1), ("old2", 1),
-                                                                ("new", 8)]
+    assert [(s.req_id, s.num_new_tokens) for s in out.seqs] == [
+        ("old1", 1),
+        ("old2", 1),
+        ("new", 8),
+    ]
     assert not out.seqs[-1].sample  # a chunk: the prompt is not finished
     sched.update_from_output(out, {"old1": 9, "old2": 9})
     out = sched.schedule()  # decodes, then the rest of the chunked prompt
-    assert [(s.req_id, s.num_new_tokens) for s in out.seqs] == [("old1", 1), ("old2", 1),
-                                                                ("new", 8)]
+    assert [(s.req_id, s.num_new_tokens) for s in out.seqs] == [
+        ("old1", 1),
+        ("old2", 1),
+        ("new", 8),
+    ]
 
 
 def test_sequence_cap_holds_back_waiting_requests():
@@ -167,8 +179,9 @@ def test_waiting_request_does_not_hold_blocks_it_cannot_use():
 
 
 def test_engine_steps_respect_budget_cap_and_order(tiny_model_dir):
-    llm = make_llm(tiny_model_dir, block_size=4, max_num_batched_tokens=12, max_num_seqs=3,
-                   num_blocks=40)
+    llm = make_llm(
+        tiny_model_dir, block_size=4, max_num_batched_tokens=12, max_num_seqs=3, num_blocks=40
+    )
     rec = ScheduleRecorder(llm)
     prompts = encode_all(llm, PROMPT_TEXTS)
     llm.generate(prompts, greedy(12), use_tqdm=False)
@@ -192,7 +205,8 @@ def test_engine_preempts_newest_under_kv_pressure(tiny_model_dir):
     llm.generate(prompts, greedy(20), use_tqdm=False)
     preempting = [(rb, out) for rb, _, out in rec.steps if out.preempted_ids]
     assert preempting and llm.stats.num_preemptions == sum(
-        len(out.preempted_ids) for _, out in preempting)
+        len(out.preempted_ids) for _, out in preempting
+    )
     for running_before, out in preempting:
         assert out.preempted_ids == running_before[::-1][: len(out.preempted_ids)]
         assert not set(out.preempted_ids) & {s.req_id for s in out.seqs}
