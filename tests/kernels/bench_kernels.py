@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_paged_attention import make_batch  # noqa: E402
 
+import tokenmill.kernels.paged_attention as pa  # noqa: E402
+import tokenmill.kernels.sampling as sm  # noqa: E402
 from tokenmill.kernels.activation import silu_and_mul  # noqa: E402
 from tokenmill.kernels.kv_cache import write_kv  # noqa: E402
 from tokenmill.kernels.paged_attention import (  # noqa: E402
@@ -32,6 +34,11 @@ from tokenmill.kernels.sampling import sample, sample_tokens  # noqa: E402
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100)  # ms
+
+
+def bench_graph(fn) -> float:
+    """GPU time alone (launch overhead removed), and proof that fn can be graph-captured."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100)  # ms
 
 
 def report(name: str, ms: float, nbytes: float | None = None, flops: float | None = None):
@@ -50,13 +57,17 @@ def decode_attention(num_seqs: int, ctx: int, block_size: int, dtype=torch.bfloa
     nbytes = sum(lens) * 8 * 128 * 2 * kc.element_size()
     name = f"decode {num_seqs} seqs ctx {ctx // 2}..{ctx} bs {block_size}"
     auto = default_num_splits(num_seqs, 8, q.device)
-    for splits in sorted({1, 2, 4, 8, auto}):
+    for splits in sorted({1, 2, 4, 8, 16, auto}):
         ms = bench(
             lambda s=splits: paged_attention_decode(
                 q, kc, vc, meta.block_tables, meta.seq_lens, 0.088, num_splits=s
             )
         )
         report(f"{name} splits {splits}{' (auto)' if splits == auto else ''}", ms, nbytes)
+    ms = bench_graph(
+        lambda: paged_attention_decode(q, kc, vc, meta.block_tables, meta.seq_lens, 0.088)
+    )
+    report(f"{name} auto splits, in a CUDA graph", ms, nbytes)
     ms = bench(
         lambda: paged_attention_varlen(
             q, kc, vc, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, 1, 0.088
@@ -68,12 +79,30 @@ def decode_attention(num_seqs: int, ctx: int, block_size: int, dtype=torch.bfloa
 def prefill_attention(num_seqs: int, q_len: int, dtype=torch.bfloat16):
     q, kc, vc, meta = make_batch([(q_len, q_len)] * num_seqs, 16, 8, 128, 16, dtype)
     flops = num_seqs * 16 * 4 * 128 * q_len * q_len / 2  # causal
-    ms = bench(
-        lambda: paged_attention_varlen(
-            q, kc, vc, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, q_len, 0.088
-        )
+    run = lambda: paged_attention_varlen(  # noqa: E731
+        q, kc, vc, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, q_len, 0.088
     )
-    report(f"prefill {num_seqs} x {q_len} tokens (causal)", ms, flops=flops)
+    report(f"prefill {num_seqs} x {q_len} tokens (causal)", bench(run), flops=flops)
+    default = pa.varlen_config
+    for bm, bn, warps, stages in [
+        (64, 64, 4, 2),
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 32, 4, 2),
+        (64, 64, 4, 3),
+        (128, 128, 8, 2),
+    ]:
+        pa.varlen_config = lambda *a, c=(bm, bn, warps, stages): pa.TileConfig(*c)
+        try:
+            report(
+                f"  BLOCK_M {bm} BLOCK_N {bn} warps {warps} stages {stages}",
+                bench(run),
+                flops=flops,
+            )
+        except Exception as e:  # out of shared memory, ...
+            print(f"  BLOCK_M {bm} BLOCK_N {bn} warps {warps} stages {stages}: {type(e).__name__}")
+        finally:
+            pa.varlen_config = default
     # SDPA (flash) on contiguous K/V, for scale: what the same math costs without paging
     qs = q.view(num_seqs, q_len, 16, 128).transpose(1, 2)
     ks = torch.randn(num_seqs, 8, q_len, 128, device="cuda", dtype=dtype)
@@ -106,8 +135,14 @@ def small_kernels():
         bench(lambda: fused_add_rms_norm(x, r, w, 1e-6)),
         nbytes=5 * x.numel() * 2,
     )
+    report(
+        "  in a CUDA graph",
+        bench_graph(lambda: fused_add_rms_norm(x, r, w, 1e-6)),
+        nbytes=5 * x.numel() * 2,
+    )
     gu = torch.randn(t, 2 * 3072, device="cuda", dtype=dt)
     report("silu_and_mul 256 x 3072", bench(lambda: silu_and_mul(gu)), nbytes=gu.numel() * 3)
+    report("  in a CUDA graph", bench_graph(lambda: silu_and_mul(gu)), nbytes=gu.numel() * 3)
     qkv = torch.randn(t, 32 * 128, device="cuda", dtype=dt)
     q, k = qkv[:, : 16 * 128].view(t, 16, 128), qkv[:, 16 * 128 : 24 * 128].view(t, 8, 128)
     cos, sin = rotary_cos_sin(40960, 128, 1e6, "cuda")
@@ -140,6 +175,21 @@ def sampling():
         bench(lambda: sample_tokens(logits, temps, seeds, pos)),
         nbytes,
     )
+    for q_, chunk, warps in [
+        (256, 4096, 4),
+        (512, 8192, 4),
+        (512, 16384, 8),
+        (1024, 16384, 8),
+        (512, 8192, 8),
+    ]:
+        old = sm.Q, sm.CHUNK, sm.NUM_WARPS
+        sm.Q, sm.CHUNK, sm.NUM_WARPS = q_, chunk, warps
+        report(
+            f"  Q {q_} CHUNK {chunk} warps {warps}",
+            bench(lambda: sample_tokens(logits, temps, seeds, pos)),
+            nbytes,
+        )
+        sm.Q, sm.CHUNK, sm.NUM_WARPS = old
     greedy = torch.zeros(n, device="cuda")
     report("sample: greedy", bench(lambda: sample_tokens(logits, greedy, seeds, pos)), nbytes)
     report("  torch argmax, for scale", bench(lambda: logits.argmax(-1)), nbytes)
@@ -148,6 +198,15 @@ def sampling():
         "sample: top_k 50 (topk path)",
         bench(lambda: sample(logits, temps, seeds, pos, top_k=top_k, max_top_k=50)),
     )
+    report("  torch topk(50) alone", bench(lambda: logits.topk(50, dim=-1)))
+    report("  torch topk(50, sorted=False) alone", bench(lambda: logits.topk(50, sorted=False)))
+    pad = torch.full((n, 152576 - vocab), float("-inf"), device="cuda")
+    padded = torch.cat([logits, pad], dim=1).view(n, 149, 1024)
+    report(
+        "  chunked topk: 149 x topk(50) of 1024, then topk(50)",
+        bench(lambda: padded.topk(50, dim=-1).values.view(n, -1).topk(50, dim=-1)),
+    )
+    report("  torch amax alone", bench(lambda: logits.amax(dim=-1)))
     top_p = torch.full((n,), 0.9, device="cuda")
     report(
         "sample: top_p 0.9 (sort path)",

@@ -125,28 +125,35 @@ def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, block_size,
     q, k_cache, v_cache, meta = make_batch(
         rows, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=4
     )
+    # min_partition 1 on the interpreter: short contexts still split across several programs
     out = paged_attention_decode(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.2, num_splits=num_splits
-    )
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.2, num_splits=num_splits,
+        min_partition=pick(1, 256),
+    )  # fmt: skip
     assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.2), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_dtypes_and_more_splits_than_blocks(dtype, num_splits):
-    # seq 0 has fewer 64-key tiles than splits: the empty splits must not pollute the reduce
+@pytest.mark.parametrize("min_partition", [1, 256])
+def test_decode_dtypes_and_more_splits_than_blocks(dtype, num_splits, min_partition):
+    # seq 0 has fewer 64-key tiles than splits, and min_partition 256 leaves all but the first
+    # split of short contexts empty: empty splits must not pollute the reduce
     rows = [(1, 3), (1, 70), (1, pick(130, 1800))]
     q, k_cache, v_cache, meta = make_batch(rows, 4, 2, 32, 16, dtype, seed=5)
     out = paged_attention_decode(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.2, num_splits=num_splits
-    )
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.2, num_splits=num_splits,
+        min_partition=min_partition,
+    )  # fmt: skip
     assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.2), dtype)
 
 
 def test_decode_agrees_with_varlen_on_decode_batch():
     rows = [(1, n) for n in (5, 40, 77)]
     q, k_cache, v_cache, meta = make_batch(rows, 8, 2, 32, 16, torch.float32, seed=6)
-    a = paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.2, 2)
+    a = paged_attention_decode(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.2, 2, min_partition=16
+    )
     b = run_varlen(q, k_cache, v_cache, meta, 0.2)
     assert_close(a, b, torch.float32)
 
