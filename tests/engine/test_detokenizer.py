@@ -1,0 +1,151 @@
+"""Incremental detokenization: the text built token by token equals tokenizer.decode of all the
+output ids, for many random sequences including multi-byte characters; stop strings."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from factories import make_tokenizer
+
+from tokenmill import SamplingParams
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+
+# Pieces from the tokenizer's training text (multi-token merges) and characters it never saw
+# (split into single byte tokens: 2, 3 and 4 bytes of UTF-8).
+PIECES = [
+    "The",
+    " quick",
+    " brown",
+    " fox",
+    " café",
+    " naïve",
+    " 東京",
+    " jalapeño",
+    "\n",
+    "    return",
+    " 0",
+    " 1",
+    "!",
+    " ",
+    "  ",
+    "é",
+    "ß",
+    "€",
+    "😀",
+    "🦊",
+    " 語",
+    "ñ",
+    "\t",
+    "a",
+    "Paris",
+    " is",
+    " the",
+    " capital",
+    ".",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def _random_text(rng: random.Random) -> str:
+    return "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 25)))
+
+
+def _feed(det: IncrementalDetokenizer, ids: list[int], rng: random.Random) -> None:
+    i = 0
+    while i < len(ids):
+        n = rng.choice([1, 1, 1, 2, 3])
+        det.add(ids[i : i + n])
+        i += n
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_text_equals_decode_of_all_ids(tokenizer, seed):
+    rng = random.Random(seed)
+    for _ in range(50):
+        prompt = tokenizer(_random_text(rng), add_special_tokens=False).input_ids
+        output = tokenizer(_random_text(rng), add_special_tokens=False).input_ids
+        det = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+        _feed(det, output, rng)
+        expected = tokenizer.decode(output, skip_special_tokens=True)
+        assert det.visible_text(finished=True) == expected, (prompt, output)
+
+
+def test_multibyte_character_split_over_tokens_is_never_shown_half(tokenizer):
+    ids = tokenizer("🦊😀€", add_special_tokens=False).input_ids
+    assert len(ids) > 3  # byte-level fallback: several tokens per character
+    det = IncrementalDetokenizer(tokenizer, tokenizer("Hi").input_ids, SamplingParams())
+    for t in ids:
+        det.add([t])
+        assert "\ufffd" not in det.text
+    assert det.text == "🦊😀€"
+
+
+def test_special_tokens_are_skipped_or_kept(tokenizer):
+    ids = tokenizer("Paris", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    skip = IncrementalDetokenizer(tokenizer, [5], SamplingParams())
+    skip.add(ids)
+    keep = IncrementalDetokenizer(tokenizer, [5], SamplingParams(skip_special_tokens=False))
+    keep.add(ids)
+    assert skip.text == "Paris" and keep.text == "Paris</s>"
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_spanning_tokens_cuts_the_text(tokenizer, include):
+    text = " The quick brown fox is the capital."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    stop = "x is t"  # spans " fox", " is", " the"
+    params = SamplingParams(stop=[stop, "zzz"], include_stop_str_in_output=include)
+    det = IncrementalDetokenizer(tokenizer, [5], params)
+    found = None
+    for t in ids:
+        found = det.add([t])
+        if found:
+            break
+    assert found == stop and det.stopped
+    cut = text.index(stop) + (len(stop) if include else 0)
+    assert det.visible_text(finished=True) == text[:cut]
+    assert det.add([ids[-1]]) is None  # nothing changes after the stop
+
+
+def test_running_text_holds_back_a_possible_stop_prefix(tokenizer):
+    params = SamplingParams(stop=["capital"])
+    det = IncrementalDetokenizer(tokenizer, [5], params)
+    det.add(tokenizer(" the capi", add_special_tokens=False).input_ids)
+    shown = det.visible_text(finished=False)
+    assert "capi" not in shown and det.text.startswith(shown)
+    assert det.visible_text(finished=True) == det.text
+
+
+def test_earliest_stop_string_wins(tokenizer):
+    det = IncrementalDetokenizer(tokenizer, [5], SamplingParams(stop=["fox", "quick"]))
+    det.add(tokenizer("The quick brown fox", add_special_tokens=False).input_ids)
+    assert det.text == "The " and det.stopped
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_token_ids_decode_like_the_whole_sequence(tokenizer, seed):
+    """Arbitrary ids (byte tokens that form no valid UTF-8 included): once finished, the text
+    is tokenizer.decode(output ids), also when the completion ends mid-character."""
+    rng = random.Random(100 + seed)
+    vocab = len(tokenizer)
+    for _ in range(40):
+        prompt = tokenizer(_random_text(rng), add_special_tokens=False).input_ids
+        output = [rng.randrange(5, vocab) for _ in range(rng.randint(1, 20))]
+        det = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+        _feed(det, output, rng)
+        assert det.visible_text(finished=True) == tokenizer.decode(output), (prompt, output)
+
+
+def test_completion_ending_mid_character_keeps_its_bytes(tokenizer):
+    """Streaming and non-streaming must agree on the final text: LLM.generate (no stream)
+    returns tokenizer.decode(ids), which shows a cut character as U+FFFD."""
+    ids = tokenizer("ok 🦊", add_special_tokens=False).input_ids[:-1]  # drop the last byte
+    assert tokenizer.decode(ids).endswith("\ufffd")
+    det = IncrementalDetokenizer(tokenizer, [5], SamplingParams())
+    det.add(ids)
+    assert det.visible_text(finished=True) == tokenizer.decode(ids)
