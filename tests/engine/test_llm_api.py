@@ -184,7 +184,7 @@ def test_logprobs_match_transformers_logits(llm, hf):
             assert d[t].rank == r and d[t].logprob == pytest.approx(float(row[t]), abs=1e-4)
         ranks.append(d[tok].rank)
     assert c.cumulative_logprob == pytest.approx(
-        sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids)), abs=1e-6
+        sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids, strict=True)), abs=1e-6
     )
     assert max(ranks) > 1  # sampling at temperature 0.8 picked a non-argmax token somewhere
 
@@ -192,7 +192,7 @@ def test_logprobs_match_transformers_logits(llm, hf):
 def test_logprobs_zero_returns_only_the_sampled_token(llm):
     c = llm.generate([PROMPT_TEXTS[0]], greedy(4, logprobs=0), use_tqdm=False)[0].outputs[0]
     assert [list(d) for d in c.logprobs] == [[t] for t in c.token_ids]
-    assert all(d[t].rank == 1 for d, t in zip(c.logprobs, c.token_ids))
+    assert all(d[t].rank == 1 for d, t in zip(c.logprobs, c.token_ids, strict=True))
     assert llm.generate([PROMPT_TEXTS[0]], greedy(4), use_tqdm=False)[0].outputs[0].logprobs is None
 
 
