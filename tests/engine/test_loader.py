@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_utils import PROMPT_TEXTS, encode_all, greedy, hf_model, make_llm, token_ids
@@ -71,3 +73,99 @@ def test_paths_that_are_not_models_say_what_to_pass(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         LLM(str(tmp_path / "empty"), device="cpu")
+
+
+# ---- GGUF ----------------------------------------------------------------------------------------
+def _permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """llama.cpp's q/k row order for rotary (convert_hf_to_gguf.py); transformers undoes it."""
+    n = n_head_kv if n_head != n_head_kv else n_head
+    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def write_llama_gguf(model_dir: Path, out: Path) -> Path:
+    """A float32 GGUF of a tiny Llama checkpoint, with its BPE tokenizer (gguf.GGUFWriter)."""
+    import gguf
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)
+    w.add_rope_freq_base(float(rope))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    added = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
+    tokens = [""] * cfg["vocab_size"]
+    for t, i in {**tok["model"]["vocab"], **added}.items():
+        tokens[i] = t
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(
+        [gguf.TokenType.CONTROL if t in added else gguf.TokenType.NORMAL for t in tokens]
+    )
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    for name, t in load_file(model_dir / "model.safetensors").items():
+        a = t.float().numpy()
+        if name in _GGUF_NAMES:
+            gname = _GGUF_NAMES[name]
+        else:
+            parts = name.split(".")  # model.layers.<i>.<module...>.weight
+            key = ".".join(parts[3:-1])
+            gname = f"blk.{parts[2]}.{_GGUF_LAYER_NAMES[key]}.weight"
+            if key == "self_attn.q_proj":
+                a = _permute(a, nh, nh)
+            elif key == "self_attn.k_proj":
+                a = _permute(a, nh, nkv)
+        w.add_tensor(gname, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_gguf_file_loads_and_matches_its_source(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    gguf_path = write_llama_gguf(tiny_model_dir, tmp_path / "tiny-llama.gguf")
+    from_gguf = make_llm(gguf_path)
+    assert from_gguf.model_dir.is_relative_to(tmp_path / "cache")
+    assert from_gguf.model_info()["model"] == "tiny-llama.gguf"
+    source = make_llm(tiny_model_dir)
+    prompts = PROMPT_TEXTS[:5]
+    assert encode_all(from_gguf, prompts) == encode_all(source, prompts)
+    outs = from_gguf.generate(prompts, greedy(12), use_tqdm=False)
+    assert token_ids(outs) == token_ids(source.generate(prompts, greedy(12), use_tqdm=False))
+    # the second start reuses the converted checkpoint
+    weights = from_gguf.model_dir / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    again = make_llm(gguf_path)
+    assert again.model_dir == from_gguf.model_dir and weights.stat().st_mtime_ns == mtime
