@@ -250,3 +250,26 @@ def test_shard_parsing_and_slurm_defaults():
     for bad in ("3/3", "a/b", "1"):
         with pytest.raises(ValueError):
             parse_shard(bad)
+
+
+class _CrashAfter(FakeEngine):
+    def __init__(self, after):
+        super().__init__()
+        self.after = after
+
+    def step(self):
+        if len(self.finish_order) >= self.after:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().step()
+
+
+def test_an_engine_crash_saves_the_finished_rows_and_exits_could_not_run(tmp_path, capsys):
+    inp = make_prompts(tmp_path / "in.jsonl", 60)
+    run(tmp_path, inp, output=tmp_path / "ref.jsonl")
+    code, _ = run(tmp_path, inp, engine=_CrashAfter(25), window_rows=10)
+    assert code == exit_codes.CANNOT_RUN
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    done = load_journal(tmp_path / "out.jsonl").rows_done
+    assert 0 < done == len(rows_of(tmp_path / "out.jsonl"))
+    assert run(tmp_path, inp, window_rows=10)[0] == exit_codes.OK
+    assert rows_of(tmp_path / "out.jsonl") == rows_of(tmp_path / "ref.jsonl")

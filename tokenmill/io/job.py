@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,7 +147,15 @@ class _Job:
                 generated_tokens=_generated_since(llm, stats0),
             ) as progress,
         ):
-            self._loop(llm, source, state, writer, errors, output, progress)
+            try:
+                self._loop(llm, source, state, writer, errors, output, progress)
+            except Exception as e:  # noqa: BLE001 - keep what is done, then report "could not run"
+                traceback.print_exc()
+                self._commit(output, state, writer, errors)
+                raise CannotRun(
+                    f"the job failed after {state.rows_done} rows ({type(e).__name__}: {e}); "
+                    "what was done is saved: rerun the same command to resume"
+                ) from e
         if self.stop_reason is None:
             writer.finalize()
             state.finished = True
