@@ -8,9 +8,17 @@ import random
 
 import pytest
 import torch
-from engine_utils import PROMPT_TEXTS, encode_all, greedy, hf_logits, make_llm, random_prompt
+from engine_utils import (
+    PROMPT_TEXTS,
+    encode_all,
+    greedy,
+    hf_logits,
+    make_llm,
+    random_prompt,
+    token_ids,
+)
 
-from tokenmill import SamplingParams
+from tokenmill import LLM, SamplingParams
 
 N = 16
 
@@ -330,3 +338,48 @@ def test_max_model_len_above_the_model_context_is_rejected(tiny_model_dir):
 def test_unknown_engine_option_is_rejected(tiny_model_dir):
     with pytest.raises(TypeError, match="max_num_seq"):
         make_llm(tiny_model_dir, max_num_seq=4)
+
+
+def test_more_logprobs_than_the_vocabulary_is_a_clear_error(tiny_model_dir):
+    """A request asking for more top logprobs than the vocabulary has must be refused (or
+    clamped) up front; it must never crash the step that the whole batch shares."""
+    llm = make_llm(tiny_model_dir)
+    vocab = llm.hf_config.vocab_size
+    llm.add_request("ok", PROMPT_TEXTS[0], greedy(3))
+    try:
+        llm.add_request("greedy-lp", PROMPT_TEXTS[1], greedy(3, logprobs=vocab + 5))
+    except ValueError as e:
+        assert "logprobs" in str(e)
+    finished = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert len(finished["ok"].outputs[0].token_ids) == 3
+    if "greedy-lp" in finished:
+        assert all(len(d) <= vocab for d in finished["greedy-lp"].outputs[0].logprobs)
+
+
+def test_stats_count_tokens_steps_and_batches(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    prompts = encode_all(llm, PROMPT_TEXTS[:3])
+    outs = llm.generate(prompts, SamplingParams(max_tokens=5, n=2, ignore_eos=True), use_tqdm=False)
+    s = llm.stats
+    assert s.num_prompt_tokens == 2 * sum(len(p) for p in prompts)
+    assert s.num_generated_tokens == sum(len(c.token_ids) for o in outs for c in o.outputs) == 30
+    assert s.num_steps >= 5 and s.num_scheduled_seqs_total >= 30
+    assert s.mean_batch_size == s.num_scheduled_seqs_total / s.num_steps
+    assert s.num_running == s.num_waiting == 0 and s.kv_cache_usage == 0.0
+    assert 0 <= s.prefix_cache_hits <= s.prefix_cache_queries
+
+
+def test_from_config_equals_keyword_construction(tiny_model_dir):
+    from tokenmill.engine.config import EngineConfig
+
+    from_cfg = LLM.from_config(
+        EngineConfig(model=str(tiny_model_dir), device="cpu", block_size=8, max_num_seqs=3)
+    )
+    assert from_cfg.config.block_size == 8 and from_cfg.config.max_num_seqs == 3
+    a = from_cfg.generate(PROMPT_TEXTS[:2], greedy(6), use_tqdm=False)
+    b = make_llm(tiny_model_dir).generate(PROMPT_TEXTS[:2], greedy(6), use_tqdm=False)
+    assert token_ids(a) == token_ids(b)
