@@ -80,9 +80,9 @@ def block_bytes(model_dir: Path, block_size: int = 16, dtype_bytes: int = 4) -> 
 def make_llm(model_dir: Path, num_blocks: int | None = None, **kw) -> LLM:
     """An engine on CPU, float32; `num_blocks` sizes the KV cache to exactly that many blocks.
 
-    Its scheduler is guarded: a step that schedules nothing while requests are unfinished can
-    only repeat forever (nothing changes between steps), so it fails the test at once instead
-    of hanging it.
+    Its scheduler is guarded: a step that schedules nothing while requests are unfinished and
+    no sampled token is still in flight can only repeat forever (nothing changes between
+    steps), so it fails the test at once instead of hanging it.
     """
     if num_blocks is not None:
         kw["kv_cache_memory"] = num_blocks * block_bytes(model_dir, kw.get("block_size", 16))
@@ -99,7 +99,8 @@ def guard_progress(llm: LLM) -> None:
 
     def schedule() -> SchedulerOutput:
         out = inner()
-        if out.is_empty and sched.has_unfinished():
+        in_flight = any(getattr(r, "num_inflight", 0) for r in sched.running)
+        if out.is_empty and sched.has_unfinished() and not in_flight:
             held = {r.req_id: len(r.block_ids) for r in sched.waiting if r.block_ids}
             raise AssertionError(
                 f"deadlock: nothing scheduled with {len(sched.running)} running and "
