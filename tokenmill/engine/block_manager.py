@@ -105,7 +105,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         done = self.num_hashed.get(req.req_id, 0)
-        num_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
+        known = min(req.num_computed_tokens, req.num_tokens)  # in-flight tokens are unknown
+        num_full = min(known // self.block_size, len(req.block_ids))
         if num_full <= done:
             return
         parent = self.block_hash[req.block_ids[done - 1]] if done else None

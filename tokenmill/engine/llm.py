@@ -18,6 +18,14 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import Scheduler
 
+
+def needs_sync(req: Request) -> bool:
+    """Requests whose sampling reads their exact output history (or returns logprobs) need
+    the previous step's tokens on the host before the next step launches."""
+    p = req.params
+    return (p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0
+            or p.frequency_penalty != 0 or p.min_tokens > 0)
+
 Prompt = str | list[int]
 
 
@@ -86,6 +94,7 @@ class LLM:
         self._rng = random.Random(config.seed)
         self._counter = itertools.count()
         self._stats = EngineStats()
+        self._inflight = None  # a launched step whose tokens are not read back yet
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -217,16 +226,36 @@ class LLM:
         return max_tokens
 
     def step(self) -> list[RequestOutput]:
-        """One engine step: schedule -> execute -> update. Returns the requests that moved."""
+        """One engine step: schedule -> execute -> update. Returns the requests that moved.
+
+        On a GPU, steps overlap: this step is launched before the previous one's tokens are
+        read back, so the host's bookkeeping runs while the device computes. Outputs then
+        trail the device by one step.
+        """
         sched = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
         if sched.is_empty:
-            return []
-        result = self.runner.execute(sched)
-        self.scheduler.update_from_output(sched, result.sampled)
-        self._record_step(sched, result)
+            return self._land(prev) if prev is not None else []
+        overlap = self.runner.can_overlap and not any(needs_sync(s.req) for s in sched.seqs)
+        outputs = []
+        if prev is not None and not overlap:
+            outputs, prev = self._land(prev), None
+        pending = self.runner.execute_async(sched)
+        if prev is not None:
+            outputs += self._land(prev)
+        if overlap:
+            self._inflight = pending
+        else:
+            outputs += self._land(pending)
+        return outputs
+
+    def _land(self, pending) -> list[RequestOutput]:
+        """Read a launched step's tokens back and turn them into outputs."""
+        result = self.runner.collect(pending)
+        self.scheduler.update_from_output(pending.sched, result.sampled)
+        self._record_step(pending.sched, result)
         return self.output_processor.process(
-            {s.req_id for s in sched.seqs if s.sample}, result.logprobs, now(),
-            self.scheduler.finish,
+            set(result.sampled), result.logprobs, now(), self.scheduler.finish
         )
 
     def _record_step(self, sched, result) -> None:
@@ -248,7 +277,7 @@ class LLM:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- batch helpers -------------------------------------------------------------------------
     def generate(

@@ -25,7 +25,8 @@ from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.loader import load_weights
 from tokenmill.engine.models.registry import model_class
 from tokenmill.engine.outputs import Logprob
-from tokenmill.engine.sampler import Sampler
+from tokenmill.engine.request import PLACEHOLDER
+from tokenmill.engine.sampler import Sampler, compute_logprobs
 from tokenmill.engine.scheduler import SchedulerOutput
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
@@ -87,6 +88,11 @@ class ModelRunner:
         use_triton_ops(use_triton)
         self.sampler = Sampler(use_triton=use_triton)
         self.num_blocks = self._allocate_kv_cache()
+        self._last_sampled = torch.empty(0, dtype=torch.long, device=self.device)
+        self._last_rows: dict[str, int] = {}
+        # Whether a step may launch before the previous one's tokens are read back. Pointless
+        # on CPU (torch runs synchronously there), but tests switch it on to check the logic.
+        self.can_overlap = self.device.type == "cuda"
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
             from tokenmill.engine.cuda_graph import DecodeGraphs
@@ -193,8 +199,13 @@ class ModelRunner:
         seq_lens: list[int] = []
         block_tables: list[list[int]] = []
         logits_indices: list[int] = []
+        inflight_at: list[int] = []  # flat positions of PLACEHOLDER tokens
+        inflight_rows: list[int] = []  # their rows in the previous step's sampled tensor
         for seq in sched.seqs:
             n, start = seq.num_new_tokens, seq.start_pos
+            if seq.token_ids[-1] == PLACEHOLDER:
+                inflight_at.append(cu_seqlens_q[-1] + n - 1)
+                inflight_rows.append(self._last_rows[seq.req_id])
             input_ids.extend(seq.token_ids)
             positions.extend(range(start, start + n))
             blocks = seq.block_ids
@@ -208,31 +219,83 @@ class ModelRunner:
         max_q = max(s.num_new_tokens for s in sched.seqs)
         meta = self._metadata(cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q,
                               max(seq_lens))
-        dev = self.device
-        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        ids = self._to_device(input_ids, torch.long)
+        if inflight_at:  # fill placeholders from the device-side samples of the last step
+            ids[self._to_device(inflight_at, torch.long)] = \
+                self._last_sampled[self._to_device(inflight_rows, torch.long)]
+        pos = self._to_device(positions, torch.long)
         return ids, pos, meta, logits_indices
 
+    def _to_device(self, values, dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_async(self, sched: SchedulerOutput) -> PendingStep:
+        """Launch one step; nothing waits for the device. `collect` reads the result."""
         ids, pos, meta, logits_indices = self.prepare(sched)
         if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(len(ids)):
             hidden = self.graphs.run(ids, pos, meta)  # [num_seqs, hidden_size]
         else:
             with set_forward_context(meta):
                 hidden = self.model(ids, pos)  # [num_tokens, hidden_size]
-        out = ModelRunnerOutput()
+        pending = PendingStep(sched, [s for s in sched.seqs if s.sample])
         if not logits_indices:
-            return out
-        idx = torch.tensor(logits_indices, dtype=torch.long, device=self.device)
+            return pending
+        idx = self._to_device(logits_indices, torch.long)
         logits = self.model.compute_logits(hidden[idx]).float()  # [num_samples, vocab_size]
-        sampling = [s for s in sched.seqs if s.sample]
-        result = self.sampler(logits, [s.req for s in sampling])
-        for seq, token, lp in zip(sampling, result.token_ids, result.logprobs):
+        reqs = [s.req for s in pending.sampling]
+        token_ids = self.sampler.sample(logits, reqs)  # [num_samples] on the device
+        self._last_sampled = token_ids
+        self._last_rows = {s.req_id: i for i, s in enumerate(pending.sampling)}
+        if any(r.params.logprobs is not None for r in reqs):
+            pending.logits = logits
+        pending.token_ids_gpu = token_ids
+        if self.device.type == "cuda":
+            pending.token_ids_cpu = torch.empty(len(reqs), dtype=torch.long, pin_memory=True)
+            pending.token_ids_cpu.copy_(token_ids, non_blocking=True)
+            pending.ready = torch.cuda.Event()
+            pending.ready.record()
+        else:
+            pending.token_ids_cpu = token_ids
+        return pending
+
+    def collect(self, pending: PendingStep) -> ModelRunnerOutput:
+        """Wait for a launched step and return its sampled tokens (and logprobs)."""
+        out = ModelRunnerOutput()
+        if not pending.sampling:
+            return out
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        tokens = pending.token_ids_cpu.tolist()
+        for seq, token in zip(pending.sampling, tokens):
             out.sampled[seq.req_id] = token
-            if lp is not None:
-                out.logprobs[seq.req_id] = lp
+        if pending.logits is not None:
+            reqs = [s.req for s in pending.sampling]
+            lps = compute_logprobs(pending.logits, pending.token_ids_gpu, reqs)
+            for seq, lp in zip(pending.sampling, lps):
+                if lp is not None:
+                    out.logprobs[seq.req_id] = lp
         return out
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.execute_async(sched))
+
+
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose sampled tokens may still be on their way from the device."""
+
+    sched: SchedulerOutput
+    sampling: list  # ScheduledSeq rows that sample, in logits order
+    token_ids_gpu: torch.Tensor | None = None
+    token_ids_cpu: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+    logits: torch.Tensor | None = None  # kept only when logprobs were asked
 
 
 def now() -> float:

@@ -5,10 +5,13 @@
     |<--- num_computed_tokens --->|  (K/V of these are in the cache)
                                   |<- scheduled this step ->|
 
-Each step the scheduler moves num_computed_tokens towards num_tokens. When it reaches
-num_tokens the step's last logits are sampled and one output token is appended, so
-num_tokens grows by one. Preemption (recompute) resets num_computed_tokens to 0 and keeps
-the output tokens, which are recomputed as if they were prompt.
+Each step the scheduler moves num_computed_tokens towards num_tokens (advancing it when it
+schedules). When it reaches num_tokens the step's last logits are sampled: that token is
+"in flight" (num_inflight = 1) until the host reads it back and appends it to the output.
+With overlapped steps on a GPU the next step is scheduled before that read-back; its input
+token is then a placeholder that the model runner fills from the device-side sample.
+Preemption (recompute) resets num_computed_tokens to 0 and keeps the output tokens, which are
+recomputed as if they were prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import enum
 from dataclasses import dataclass, field
 
 from tokenmill.engine.sampling_params import SamplingParams
+
+PLACEHOLDER = -1  # an in-flight token: known on the device only
 
 
 class RequestStatus(enum.Enum):
@@ -48,6 +53,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_inflight: int = 0  # sampled on the device, not yet appended to output_token_ids
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -61,8 +67,27 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def num_target_tokens(self) -> int:
+        """Tokens whose K/V the request will have once its in-flight token lands."""
+        return self.num_tokens + self.num_inflight
+
+    @property
+    def sample_index(self) -> int:
+        """Output index of the token being sampled now (the newest in-flight one)."""
+        return self.num_output_tokens + max(self.num_inflight - 1, 0)
+
+    @property
+    def is_finishing(self) -> bool:
+        """Its in-flight token is its last by max_tokens: nothing more to schedule."""
+        return self.num_inflight > 0 and self.num_output_tokens + self.num_inflight >= \
+            self.max_tokens
+
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without building the whole list."""
+        """Tokens [start, end) of prompt + output (+ PLACEHOLDER for in-flight positions)."""
+        known = self.num_tokens
+        if end > known:
+            return self.token_ids(start, known) + [PLACEHOLDER] * (end - max(start, known))
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]

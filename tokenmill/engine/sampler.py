@@ -54,7 +54,7 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
             out = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=row.numel())[: row.numel()].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-        if req.num_output_tokens < p.min_tokens:
+        if req.sample_index < p.min_tokens:
             banned = set(p.stop_token_ids or ())
             if not p.ignore_eos:
                 banned |= req.eos_token_ids
@@ -69,7 +69,7 @@ def needs_penalties(reqs: list[Request]) -> bool:
         r.params.repetition_penalty != 1.0
         or r.params.frequency_penalty
         or r.params.presence_penalty
-        or r.num_output_tokens < r.params.min_tokens
+        or r.sample_index < r.params.min_tokens
         for r in reqs
     )
 
@@ -170,8 +170,13 @@ class Sampler:
             self.kernels = sampling
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        """Sample and read back (synchronising): tokens and logprobs as Python values."""
+        token_ids = self.sample(logits, reqs)
+        return SamplerOutput(token_ids.tolist(), compute_logprobs(logits, token_ids, reqs))
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Next token per row, left on the device (no host synchronisation on CUDA)."""
         # logits: [num_seqs, vocab_size] float32
-        raw = logits
         if needs_penalties(reqs):
             logits = apply_penalties(logits.clone(), reqs)
         greedy = [r.params.is_greedy for r in reqs]
@@ -181,8 +186,7 @@ class Sampler:
             token_ids = self._sample_triton(logits, reqs)
         else:
             token_ids = self._sample_random(logits, reqs, greedy, logits.argmax(dim=-1))
-        logprobs = compute_logprobs(raw, token_ids, reqs)
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        return token_ids
 
     def _sample_triton(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         dev = logits.device
@@ -193,7 +197,7 @@ class Sampler:
 
         temps = col([p.temperature if not p.is_greedy else 0.0 for p in params], torch.float32)
         seeds = col([r.seed for r in reqs], torch.int64)
-        positions = col([r.num_output_tokens for r in reqs], torch.int64)
+        positions = col([r.sample_index for r in reqs], torch.int64)
         top_k = col([p.top_k for p in params], torch.int64) if any(p.top_k > 0 for p in params) \
             else None
         top_p = col([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) \
@@ -221,7 +225,8 @@ class Sampler:
             scaled = scaled.masked_fill(~keep, _MASK)
         probs = scaled.softmax(dim=-1)
         noise = exponential_noise(
-            [r.seed for r in sub], [r.num_output_tokens for r in sub], probs.shape[-1], dev
+            [r.seed for r in sub], [r.sample_index for r in sub],
+            probs.shape[-1], dev
         )
         token_ids = token_ids.clone()
         token_ids[idx] = (probs / noise).argmax(dim=-1)

@@ -73,31 +73,41 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's work and advance the counters of everything picked."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled: list[Request] = []
 
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
-        while len(scheduled) < len(self.running) and budget > 0:
-            req = self.running[len(scheduled)]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_target_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0 or req.is_finishing:
+                i += 1
+                continue
             if not self._reserve(req, num_new, out):
                 break  # req itself was the newest and got preempted
-            scheduled.append(req)
             budget -= num_new
             out.seqs.append(self._scheduled_seq(req, num_new))
+            i += 1
 
         # 2. Waiting requests, oldest first, while budget, sequence slots and blocks last.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if out.preempted_ids:
                 break  # memory is short: admit nobody new this step
             req = self.waiting[0]
+            if req.num_inflight:
+                break  # preempted while its last token was in flight: wait for it to land
             if not req.block_ids:
                 req.num_computed_tokens = self.block_manager.match_prefix(req)
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = req.num_computed_tokens
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_target_tokens - req.num_computed_tokens, budget)
             if not self.block_manager.can_allocate(req, req.num_computed_tokens + num_new):
+                # Give back prefix-cache blocks it just took: a waiting request holding blocks
+                # could starve the running ones (and itself) forever.
+                self.block_manager.free_request(req)
+                req.num_computed_tokens = 0
                 break
             self.block_manager.allocate(req, req.num_computed_tokens + num_new)
             self.waiting.popleft()
@@ -127,31 +137,35 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    @staticmethod
-    def _scheduled_seq(req: Request, num_new: int) -> ScheduledSeq:
+    def _scheduled_seq(self, req: Request, num_new: int) -> ScheduledSeq:
         start = req.num_computed_tokens
-        return ScheduledSeq(
+        end = start + num_new
+        seq = ScheduledSeq(
             req_id=req.req_id,
-            token_ids=req.token_ids(start, start + num_new),
+            token_ids=req.token_ids(start, end),
             start_pos=start,
             block_ids=req.block_ids,
-            sample=start + num_new == req.num_tokens,
+            sample=end == req.num_target_tokens,
             req=req,
         )
+        req.num_computed_tokens = end
+        self.block_manager.register_full_blocks(req)
+        if seq.sample:
+            req.num_inflight += 1
+        return seq
 
     def update_from_output(
         self, sched: SchedulerOutput, sampled: dict[str, int]
     ) -> list[Request]:
-        """Advance counters, append sampled tokens, finish requests; return the finished."""
+        """Land the sampled tokens of a finished step; finish requests; return the finished."""
         finished = []
         for seq in sched.seqs:
-            req = seq.req
-            if req.is_finished:  # aborted while the step ran
-                continue
-            req.num_computed_tokens += seq.num_new_tokens
-            self.block_manager.register_full_blocks(req)
             token = sampled.get(seq.req_id)
             if token is None:
+                continue
+            req = seq.req
+            req.num_inflight -= 1
+            if req.is_finished:  # aborted or stopped while the step ran: drop the token
                 continue
             req.output_token_ids.append(token)
             status = check_stop(req, token)
@@ -161,7 +175,11 @@ class Scheduler:
         return finished
 
     def finish(self, req: Request, status: RequestStatus) -> None:
-        """End req (stop, length or abort) and free its blocks at once."""
+        """End req (stop, length or abort) and free its blocks at once.
+
+        Safe while a step that writes req's blocks is in flight: steps run in order on one
+        device stream, so a later step that reuses the blocks writes after it.
+        """
         if req.is_finished:
             return
         if req.status == RequestStatus.RUNNING:
