@@ -87,11 +87,13 @@ def test_stop_string_spanning_two_tokens(llm, free_run, include):
         for stream in (False, True):
             if stream:
                 llm.add_request("stop-stream", ids, params)
-                last = None
+                shown = []
                 while llm.has_unfinished_requests():
-                    for out in llm.step():
-                        last = out
-                out = last.outputs[0]
+                    for step_out in llm.step():
+                        out = step_out.outputs[0]
+                        shown.append(out.text)
+                # streamed text only grows, and never shows what the stop string will cut
+                assert all(out.text.startswith(t) for t in shown)
             else:
                 out = llm.generate([ids], params, use_tqdm=False)[0].outputs[0]
             assert out.finish_reason == "stop" and out.stop_reason == stop
