@@ -61,6 +61,22 @@ class IncrementalDetokenizer:
         self.stopped = True
         return s
 
+    def flush(self) -> str | None:
+        """The completion ended: emit what was held back for a half character. Returns the
+        stop string this reveals, if any."""
+        if self.stopped or self.read_offset >= len(self.ids):
+            return None
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset],
+                        skip_special_tokens=self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        if len(full) <= len(prefix):
+            return None
+        delta = full[len(prefix) :]
+        self.text += delta
+        return self._check_stop(len(delta))
+
     def visible_text(self, finished: bool) -> str:
         """Text safe to show: while running, hold back a tail that may begin a stop string."""
         if finished or not self.stop or self.stopped:

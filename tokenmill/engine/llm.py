@@ -319,7 +319,15 @@ class LLM:
         bar = _progress(len(ids)) if use_tqdm else None
         try:
             while self.has_unfinished_requests():
-                for out in self.step():
+                steps_before = self._stats.num_steps
+                outs = self.step()
+                if not outs and self._inflight is None and self._stats.num_steps == steps_before:
+                    raise RuntimeError(
+                        f"the scheduler made no progress with {len(self.scheduler.waiting)} "
+                        f"waiting and {len(self.scheduler.running)} running requests; this is a "
+                        "bug: please report it with the engine options you used"
+                    )
+                for out in outs:
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:

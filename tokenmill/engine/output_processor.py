@@ -71,6 +71,8 @@ class OutputProcessor:
                     if _stopped_by_token(req):
                         new = new[:-1]
                     stop = det.add(new) if new else None
+                    if stop is None and req.is_finished:
+                        stop = det.flush()
                     if stop is not None:
                         req.stop_reason = stop
                         if req.is_finished:  # length limit hit on the same token

@@ -90,7 +90,7 @@ def top_k_top_p_min_p_mask(
     probs = sorted_logits.softmax(dim=-1)
     # keep a token while the mass strictly before it is below top_p (the first always stays)
     mass_before = probs.cumsum(dim=-1) - probs
-    keep_sorted &= mass_before < top_p[:, None]
+    keep_sorted &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # 1 = off, exactly
     probs = sorted_logits.masked_fill(~keep_sorted, _MASK).softmax(dim=-1)
     keep_sorted &= probs >= min_p[:, None] * probs[:, :1]
     keep = torch.zeros_like(keep_sorted)
@@ -139,14 +139,14 @@ def compute_logprobs(
     chosen = token_ids[idx]
     chosen_lp = lp.gather(1, chosen[:, None])[:, 0]
     ranks = (lp > chosen_lp[:, None]).sum(dim=-1) + 1
-    max_n = max(reqs[i].params.logprobs for i in asked)
+    max_n = min(max(reqs[i].params.logprobs for i in asked), lp.shape[-1])
     top_lp, top_ids = lp.topk(max_n, dim=-1) if max_n else (None, None)
     chosen_l, chosen_lp_l, ranks_l = chosen.tolist(), chosen_lp.tolist(), ranks.tolist()
     top_lp_l = top_lp.tolist() if max_n else None
     top_ids_l = top_ids.tolist() if max_n else None
     for j, i in enumerate(asked):
         d = {chosen_l[j]: Logprob(chosen_lp_l[j], ranks_l[j])}
-        for r in range(reqs[i].params.logprobs):
+        for r in range(min(reqs[i].params.logprobs, max_n)):
             t = top_ids_l[j][r]
             if t not in d:
                 d[t] = Logprob(top_lp_l[j][r], r + 1)

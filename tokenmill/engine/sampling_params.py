@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -72,6 +73,21 @@ class SamplingParams:
     )
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"{name} must be a number (got {v!r})")
+        for name in ("n", "top_k", "min_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer (got {v!r})")
+        if self.stop_token_ids is not None and (
+            not isinstance(self.stop_token_ids, (list, tuple))
+            or any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids)
+        ):
+            raise ValueError(f"stop_token_ids must be a list of token ids (got "
+                             f"{self.stop_token_ids!r})")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is not None:
@@ -128,7 +144,8 @@ class SamplingParams:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
-                f"unknown sampling option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+                f"unknown sampling option(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(known))}"
             )
         return cls(**values)
 
