@@ -72,6 +72,8 @@ def test_incremental_text_equals_decode_of_all_ids(tokenizer, seed):
         det = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
         _feed(det, output, rng)
         expected = tokenizer.decode(output, skip_special_tokens=True)
+        assert det.text == expected, (prompt, output)  # whole characters: nothing held back
+        assert det.flush() is None
         assert det.visible_text(finished=True) == expected, (prompt, output)
 
 
@@ -138,6 +140,7 @@ def test_random_token_ids_decode_like_the_whole_sequence(tokenizer, seed):
         output = [rng.randrange(5, vocab) for _ in range(rng.randint(1, 20))]
         det = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
         _feed(det, output, rng)
+        det.flush()  # the completion ended: emit a held-back half character
         assert det.visible_text(finished=True) == tokenizer.decode(output), (prompt, output)
 
 
@@ -148,4 +151,13 @@ def test_completion_ending_mid_character_keeps_its_bytes(tokenizer):
     assert tokenizer.decode(ids).endswith("\ufffd")
     det = IncrementalDetokenizer(tokenizer, [5], SamplingParams())
     det.add(ids)
+    assert det.text == ""  # held back while it may still become a whole character
+    assert det.flush() is None
     assert det.visible_text(finished=True) == tokenizer.decode(ids)
+
+
+def test_flush_can_reveal_a_stop_string(tokenizer):
+    ids = tokenizer("ok 🦊", add_special_tokens=False).input_ids[:-1]
+    det = IncrementalDetokenizer(tokenizer, [5], SamplingParams(stop=["ok"]))
+    det.add(ids)
+    assert det.flush() == "ok" and det.visible_text(finished=True) == ""
