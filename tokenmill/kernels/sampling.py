@@ -275,9 +275,9 @@ def sampling_thresholds(
     """
     num_seqs, vocab_size = logits.shape
     temps = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures))
-    scaled = logits / temps[:, None]  # [num_seqs, vocab_size]
     thresholds = torch.full((num_seqs,), float("-inf"), device=logits.device)
     if top_p is not None:
+        scaled = logits / temps[:, None]  # [num_seqs, vocab_size]
         sorted_scaled, order = scaled.sort(dim=-1, descending=True)
         keep = _top_k_top_p_sorted(sorted_scaled, top_k, top_p)  # a prefix of each row
         last = order.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0))
