@@ -15,10 +15,12 @@ tile is read once per group, not once per query head. The rows of a program's sc
    (num_seqs, cdiv(max_seqlen_q, BLOCK_Q), num_kv_heads); a program owns BLOCK_Q query tokens
    of one sequence and walks the keys up to its last token's position in tiles of BLOCK_N keys
    gathered through the block table (so BLOCK_N need not equal block_size). Programs past their
-   sequence's query length exit at once; that waste is one tiny program per decode row.
+   sequence's query length exit at once. A batch with long chunks is two launches: rows whose
+   chunk fits a 16-row tile (decodes), then the others with 64-row tiles.
 2. `paged_attention_decode` (every sequence has exactly one new token). Grid:
    (num_seqs, num_kv_heads, num_splits); split i of sequence s covers keys
-   [i * P, (i + 1) * P) with P = cdiv(seq_lens[s], num_splits) rounded up to BLOCK_N. Each split
+   [i * P, (i + 1) * P) with P = max(cdiv(seq_lens[s], num_splits), MIN_PARTITION) rounded up
+   to BLOCK_N (so short contexts leave the last splits empty). Each split
    writes an unnormalised partial output with its running max and sum; a reduce kernel merges
    them (flash-decoding). num_splits depends only on (num_seqs, num_kv_heads, SM count), never
    on the context lengths, so the launch shape is fixed for a batch size: CUDA-graph friendly.
