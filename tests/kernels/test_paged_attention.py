@@ -61,7 +61,8 @@ def run_varlen(q, k_cache, v_cache, meta, scale):
 
 
 MIXED_ROWS = pick(
-    [(1, 1), (1, 37), (5, 5), (4, 19), (9, 40), (1, 16)],
+    # (3, 150), (20, 200): cached context past one 64-key tile, so unmasked tiles run too
+    [(1, 1), (1, 37), (5, 5), (4, 19), (9, 40), (1, 16), (3, 150), (20, 200)],
     [(1, 1), (1, 2047), (300, 300), (97, 1500), (513, 2048), (1, 16)] + [(1, 700)] * 40,
 )
 # (num_heads, num_kv_heads, head_dim): MHA, GQA 2 and 4, MQA, non-power-of-two group 3
@@ -94,7 +95,7 @@ def test_varlen_dtypes(dtype):
 
 def test_varlen_long_chunk_spans_several_query_tiles():
     # 70 query tokens x group 2 > 64 rows: several q tiles per sequence, causal within the chunk
-    rows = [(70, 90), (1, 5), (33, 33)]
+    rows = [(70, 90), (1, 5), (33, 33), (70, 300)]
     q, k_cache, v_cache, meta = make_batch(rows, 4, 2, 16, 16, torch.float32, seed=2)
     out = run_varlen(q, k_cache, v_cache, meta, 0.25)
     assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.25), torch.float32)

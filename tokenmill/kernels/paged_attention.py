@@ -168,7 +168,17 @@ def _varlen_kernel(
     # the tile's last query token sees keys up to its own position, none beyond
     last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
     kv_end = context_len + last_q + 1
-    for start_n in range(0, kv_end, BLOCK_N):
+    # Keys before the tile's first query position are visible to every row: those tiles skip
+    # the causal mask; only the tiles that reach the diagonal pay for it.
+    full_end = ((context_len + q_tile * BLOCK_Q) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
+            kv_end, q_pos, qk_scale, stride_kc_block, stride_kc_slot, stride_kc_head,
+            stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
+            False, USE_FP32_DOT,
+        )  # fmt: skip
+    for start_n in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
             kv_end, q_pos, qk_scale, stride_kc_block, stride_kc_slot, stride_kc_head,
