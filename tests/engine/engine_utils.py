@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -38,6 +39,11 @@ PROMPT_TEXTS = [
 ]
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+# The engine under test runs here (float32); the transformers references always run on CPU.
+# TOKENMILL_TEST_DEVICE=cuda runs the same tests through the GPU path (Triton kernels, CUDA
+# graphs, overlapped steps).
+DEVICE = os.environ.get("TOKENMILL_TEST_DEVICE", "cpu")
 
 
 def hf_model(model_dir: Path):
@@ -78,7 +84,7 @@ def block_bytes(model_dir: Path, block_size: int = 16, dtype_bytes: int = 4) -> 
 
 
 def make_llm(model_dir: Path, num_blocks: int | None = None, **kw) -> LLM:
-    """An engine on CPU, float32; `num_blocks` sizes the KV cache to exactly that many blocks.
+    """An engine on DEVICE, float32; `num_blocks` sizes the KV cache to exactly that many blocks.
 
     Its scheduler is guarded: a step that schedules nothing while requests are unfinished and
     no sampled token is still in flight can only repeat forever (nothing changes between
@@ -86,7 +92,9 @@ def make_llm(model_dir: Path, num_blocks: int | None = None, **kw) -> LLM:
     """
     if num_blocks is not None:
         kw["kv_cache_memory"] = num_blocks * block_bytes(model_dir, kw.get("block_size", 16))
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", **kw)
+    kw.setdefault("device", DEVICE)
+    kw.setdefault("dtype", "float32")
+    llm = LLM(str(model_dir), **kw)
     if num_blocks is not None:
         assert llm.num_kv_blocks == num_blocks
     guard_progress(llm)

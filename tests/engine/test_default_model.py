@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 import torch
+from engine_utils import DEVICE
 
 from tokenmill import LLM, SamplingParams
 
@@ -26,7 +27,7 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(device="cpu", dtype="float32")
+    return LLM(device=DEVICE, dtype="float32")
 
 
 def test_default_model_info(llm):

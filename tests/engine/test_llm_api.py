@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from engine_utils import (
+    DEVICE,
     PROMPT_TEXTS,
     encode_all,
     greedy,
@@ -287,7 +288,7 @@ def test_chat_applies_the_template(llm):
 def test_model_info(llm):
     info = llm.model_info()
     assert info["architecture"] == "LlamaForCausalLM" and info["dtype"] == "float32"
-    assert info["device"] == "cpu" and info["max_model_len"] == llm.max_model_len == 512
+    assert info["device"].startswith(DEVICE) and info["max_model_len"] == llm.max_model_len == 512
     assert info["num_kv_blocks"] == llm.num_kv_blocks and info["block_size"] == 4
 
 
@@ -379,7 +380,7 @@ def test_from_config_equals_keyword_construction(tiny_model_dir):
     from tokenmill.engine.config import EngineConfig
 
     from_cfg = LLM.from_config(
-        EngineConfig(model=str(tiny_model_dir), device="cpu", block_size=8, max_num_seqs=3)
+        EngineConfig(model=str(tiny_model_dir), device=DEVICE, block_size=8, max_num_seqs=3)
     )
     assert from_cfg.config.block_size == 8 and from_cfg.config.max_num_seqs == 3
     a = from_cfg.generate(PROMPT_TEXTS[:2], greedy(6), use_tqdm=False)
@@ -429,4 +430,4 @@ def test_bfloat16_on_cpu_runs(tiny_model_dir, free_run):
 
 
 def make_llm_dtype(model_dir, dtype: str):
-    return LLM(str(model_dir), device="cpu", dtype=dtype)
+    return LLM(str(model_dir), device=DEVICE, dtype=dtype)
