@@ -159,3 +159,14 @@ def live_requests(llm: LLM) -> list:
 def random_prompt(rng: random.Random, vocab_size: int, lo: int, hi: int) -> list[int]:
     # ids 5.. skip the special tokens (EOS would only matter with ignore_eos=False)
     return [rng.randrange(5, vocab_size) for _ in range(rng.randint(lo, hi))]
+
+
+def drain(llm: LLM, max_steps: int = 2) -> list:
+    """Step until nothing is unfinished (at most max_steps); return every output seen."""
+    outs = []
+    for _ in range(max_steps):
+        if not llm.has_unfinished_requests():
+            break
+        outs += llm.step()
+    assert not llm.has_unfinished_requests()
+    return outs

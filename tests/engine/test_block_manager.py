@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from engine_utils import greedy, live_requests, make_llm, random_prompt
+from engine_utils import drain, greedy, live_requests, make_llm, random_prompt
 
 from tokenmill import SamplingParams
 from tokenmill.engine.block_manager import BlockManager
@@ -223,5 +223,6 @@ def test_abort_frees_blocks_at_once(tiny_model_dir):
     llm.abort_request("a")
     llm.abort_request("b")
     assert llm.num_free_blocks == llm.num_kv_blocks
-    assert not llm.has_unfinished_requests()
+    # on a GPU one launched step may still be in flight: it lands without any output
+    assert drain(llm) == []
     llm.abort_request("a")  # unknown / finished ids are ignored
