@@ -65,12 +65,16 @@ def test_text_is_decode_of_token_ids(llm, free_run):
         assert c.finish_reason == "length" and len(c.token_ids) == N and c.index == 0
 
 
-def _spanning_stop(tokenizer, ids: list[int]) -> tuple[str, int] | None:
-    """A stop string made of the end of token j and the start of token j + 1 (both non-empty)."""
+def _spanning_stop(tokenizer, ids: list[int], full: str) -> str | None:
+    """Two characters either side of the boundary between output tokens j and j + 1."""
     for j in range(2, len(ids) - 1):
-        a, b = tokenizer.decode(ids[j : j + 1]), tokenizer.decode(ids[j + 1 : j + 2])
-        if len(a.strip()) >= 1 and len(b.strip()) >= 1 and "\ufffd" not in a + b:
-            return a[-2:] + b[:2], j
+        head = tokenizer.decode(ids[: j + 1], skip_special_tokens=True)
+        cut = len(head)
+        if not full.startswith(head) or "\ufffd" in full[cut - 2 : cut + 2]:
+            continue
+        stop = full[cut - 2 : cut + 2]
+        if len(stop) == 4 and stop.strip() == stop and full.index(stop) >= cut - 2:
+            return stop
     return None
 
 
@@ -79,11 +83,10 @@ def test_stop_string_spanning_two_tokens(llm, free_run, include):
     prompts, base = free_run
     tested = 0
     for ids, c in zip(prompts, base, strict=True):
-        found = _spanning_stop(llm.tokenizer, c.token_ids)
-        if found is None:
-            continue
-        stop, _ = found
         full = c.text
+        stop = _spanning_stop(llm.tokenizer, c.token_ids, full)
+        if stop is None:
+            continue
         at = full.index(stop)  # the first occurrence is what must stop the completion
         params = greedy(N, stop=[stop], include_stop_str_in_output=include)
         for stream in (False, True):
@@ -381,7 +384,9 @@ def test_from_config_equals_keyword_construction(tiny_model_dir):
     from tokenmill.engine.config import EngineConfig
 
     from_cfg = LLM.from_config(
-        EngineConfig(model=str(tiny_model_dir), device=DEVICE, block_size=8, max_num_seqs=3)
+        EngineConfig(
+            model=str(tiny_model_dir), device=DEVICE, dtype="float32", block_size=8, max_num_seqs=3
+        )
     )
     assert from_cfg.config.block_size == 8 and from_cfg.config.max_num_seqs == 3
     a = from_cfg.generate(PROMPT_TEXTS[:2], greedy(6), use_tqdm=False)

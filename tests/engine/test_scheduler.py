@@ -185,7 +185,8 @@ def test_engine_steps_respect_budget_cap_and_order(tiny_model_dir):
     rec = ScheduleRecorder(llm)
     prompts = encode_all(llm, PROMPT_TEXTS)
     llm.generate(prompts, greedy(12), use_tqdm=False)
-    assert rec.steps and llm.stats.num_steps == len(rec.steps)
+    # (on a GPU a last, empty schedule() lands the step still in flight)
+    assert llm.stats.num_steps == sum(not out.is_empty for _, _, out in rec.steps) > 0
     cfg = dict(max_num_batched_tokens=12, max_num_seqs=3)
     for running_before, _, out in rec.steps:
         assert out.num_tokens <= 12 and len(out.seqs) <= 3
