@@ -38,7 +38,10 @@ def hf_greedy(model, prompt, n):
 def tiny_parity() -> dict:
     rows = {}
     for arch in ARCHS:
-        d = make_tiny_model(tempfile.mkdtemp(), arch=arch, max_position_embeddings=1024)
+        # head_dim 16: the Triton kernels take power-of-two head sizes (others fall back to torch)
+        heads = ARCHS[arch][1]["num_attention_heads"]
+        d = make_tiny_model(tempfile.mkdtemp(), arch=arch, max_position_embeddings=1024,
+                            hidden_size=16 * heads, head_dim=16)
         llm = LLM(model=str(d), dtype="float32", device="cuda", kv_cache_memory="256MiB",
                   max_num_seqs=16, attention_backend=BACKEND, enforce_eager=BACKEND == "torch")
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24,

@@ -70,7 +70,7 @@ class ModelRunner:
         if config.seed is not None:
             torch.manual_seed(config.seed)
 
-        self.backend = get_attention_backend(config.attention_backend, self.device)
+        self.backend = get_attention_backend(self._backend_name(), self.device)
         cls = model_class(hf_config)
         prev_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -101,6 +101,22 @@ class ModelRunner:
                 self.model, config.max_num_seqs, self.max_blocks_per_seq, max_model_len,
                 hf_config.hidden_size, self.dtype, self.device,
             )
+
+    def _backend_name(self) -> str:
+        """The configured backend; `auto` falls back to torch where the kernels don't fit."""
+        name = self.config.attention_backend
+        if name != "auto":
+            return name
+        if self.device.type != "cuda":
+            return "torch"
+        head_dim = self._kv_geometry()[2]
+        if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+            return "torch"  # NOTE: the Triton kernels take power-of-two head sizes 16..256
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
 
     # ---- KV cache ------------------------------------------------------------------------------
     def _kv_geometry(self) -> tuple[int, int, int]:
