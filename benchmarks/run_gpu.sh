@@ -16,7 +16,7 @@ bw=$(python3 benchmarks/copy_bandwidth.py)
 echo "copy bandwidth (read+write): $bw TB/s" | tee -a "$OUT/summary.txt"
 
 echo "== kernel tests on the GPU"
-python3 -m pytest tests/kernels -q -x 2>&1 | tee "$OUT/kernel_tests.log" | tail -3
+timeout 200 python3 -m pytest tests/kernels -q -x 2>&1 | tee "$OUT/kernel_tests.log" | tail -3
 
 echo "== correctness"
 python3 benchmarks/gpu_correctness.py 2>&1 | tee "$OUT/correctness.log" | tail -25
