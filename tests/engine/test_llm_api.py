@@ -438,3 +438,43 @@ def test_bfloat16_on_cpu_runs(tiny_model_dir, free_run):
 
 def make_llm_dtype(model_dir, dtype: str):
     return LLM(str(model_dir), device=DEVICE, dtype=dtype)
+
+
+def test_stop_string_on_the_last_allowed_token_reports_stop(llm, free_run):
+    prompts, base = free_run
+    for ids, c in zip(prompts, base, strict=True):
+        stop = _spanning_stop(llm.tokenizer, c.token_ids, c.text)
+        if stop is None:
+            continue
+        decode = llm.tokenizer.decode
+        k = next(
+            k for k in range(1, N + 1) if stop in decode(c.token_ids[:k], skip_special_tokens=True)
+        )
+        out = llm.generate([ids], greedy(k, stop=[stop]), use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == k
+        assert out.finish_reason == "stop" and out.stop_reason == stop
+        assert out.text == c.text[: c.text.index(stop)]
+        return
+    pytest.fail("no completion has a stop string spanning two tokens")
+
+
+def test_engine_seed_makes_unseeded_requests_reproducible(tiny_model_dir):
+    params = SamplingParams(temperature=1.0, max_tokens=N, ignore_eos=True)
+    runs = [
+        token_ids(
+            make_llm(tiny_model_dir, seed=s).generate(PROMPT_TEXTS[:3], params, use_tqdm=False)
+        )
+        for s in (1, 1, 2)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_kv_cache_too_small_says_what_to_raise(tiny_model_dir):
+    with pytest.raises(ValueError, match="kv-cache-memory"):
+        make_llm(tiny_model_dir, kv_cache_memory=100)
+    llm = make_llm(tiny_model_dir, num_blocks=4, block_size=4)  # 16 tokens in all
+    with pytest.raises(ValueError, match=r"whole KV cache.*kv-cache-memory"):
+        llm.add_request("big", list(range(5, 15)), greedy(7))
+    llm.add_request("fits", list(range(5, 15)), greedy(6))
+    assert len(drain(llm, 20)[-1].outputs[0].token_ids) == 6
