@@ -8,6 +8,7 @@ and under a token budget so small that prefills are chunked.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
@@ -18,7 +19,9 @@ from engine_utils import (
     ScheduleRecorder,
     encode_all,
     greedy,
+    live_requests,
     make_llm,
+    random_prompt,
     token_ids,
 )
 
@@ -174,3 +177,73 @@ def test_repetition_penalty_matches_transformers(arch_dir, hf_reference):
             )[0, len(ids) :].tolist()
         assert out.outputs[0].token_ids == ref
     assert token_ids(outs) != plain  # the penalty changed something
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_traffic_gives_the_same_tokens_as_a_roomy_engine(tiny_model_dir, seed):
+    """Requests arriving at random steps, some aborted, into a tight engine (small KV cache,
+    small token budget, few sequences): every completion that is not aborted has exactly the
+    tokens a roomy engine gives it (greedy and seeded sampling, n up to 2, stop token ids),
+    and the block manager's invariants hold after every step."""
+    rng = random.Random(seed)
+    roomy = make_llm(tiny_model_dir)
+    vocab = roomy.hf_config.vocab_size
+    shared = random_prompt(rng, vocab, 10, 10)
+    reqs = []
+    for i in range(12):
+        prompt = random_prompt(rng, vocab, 1, 30)
+        if rng.random() < 0.4:
+            prompt = shared + prompt
+        kw = dict(max_tokens=rng.randint(1, 16), n=rng.choice([1, 1, 2]), ignore_eos=True)
+        if rng.random() < 0.5:
+            kw.update(temperature=0.0)
+        else:
+            kw.update(
+                temperature=rng.choice([0.7, 1.0]),
+                top_k=rng.choice([-1, 20]),
+                seed=rng.randrange(1000),
+            )
+        if rng.random() < 0.3:
+            kw["stop_token_ids"] = [rng.randrange(5, vocab)]
+        reqs.append((f"q{i}", prompt, SamplingParams(**kw)))
+    expected = {
+        rid: [c.token_ids for c in out.outputs]
+        for (rid, _, _), out in zip(
+            reqs,
+            roomy.generate([p for _, p, _ in reqs], [s for _, _, s in reqs], use_tqdm=False),
+            strict=True,
+        )
+    }
+    need = max(-(-(len(p) + s.max_tokens) // 4) for _, p, s in reqs)
+    tight = make_llm(
+        tiny_model_dir,
+        block_size=4,
+        num_blocks=need + rng.randint(0, 3),
+        max_num_batched_tokens=rng.randint(4, 16),
+        max_num_seqs=rng.randint(2, 5),
+    )
+    bm = tight.scheduler.block_manager
+    pending, aborted, final = list(reqs), set(), {}
+    while pending or tight.has_unfinished_requests():
+        while pending and rng.random() < 0.4:
+            rid, prompt, params = pending.pop(0)
+            tight.add_request(rid, prompt, params, stream=rng.random() < 0.5)
+        if final and rng.random() < 0.05 and len(aborted) < 2:
+            live = [
+                r
+                for r, _, _ in reqs
+                if r not in final and r not in aborted and r in tight.output_processor.states
+            ]
+            if live:
+                victim = rng.choice(live)
+                tight.abort_request(victim)
+                aborted.add(victim)
+        for out in tight.step():
+            if out.finished:
+                final[out.request_id] = [c.token_ids for c in out.outputs]
+        bm.check_invariants(live_requests(tight))
+    assert set(final) | aborted == set(expected)
+    for rid, toks in final.items():
+        assert toks == expected[rid], rid
+    assert tight.num_free_blocks == tight.num_kv_blocks
+    assert tight.stats.num_preemptions > 0 and aborted
