@@ -46,17 +46,25 @@ def main() -> None:
     for i in range(0, len(prompts), args.hf_batch):
         batch = tok(prompts[i : i + args.hf_batch], return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = hf.generate(**batch, max_new_tokens=args.max_tokens,
-                              min_new_tokens=args.max_tokens, do_sample=False,
-                              pad_token_id=tok.pad_token_id)
+            out = hf.generate(
+                **batch,
+                max_new_tokens=args.max_tokens,
+                min_new_tokens=args.max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
         n_hf += (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
     t_hf = time.perf_counter() - t0
-    print(f"| engine | prompts | output tokens | seconds | output tok/s |")
-    print(f"|---|---|---|---|---|")
-    print(f"| tokenmill LLM.generate | {len(prompts)} | {n_ours} | {t_ours:.1f} | "
-          f"{n_ours / t_ours:.1f} |")
-    print(f"| transformers generate (batch {args.hf_batch}) | {len(prompts)} | {n_hf} | "
-          f"{t_hf:.1f} | {n_hf / t_hf:.1f} |")
+    print("| engine | prompts | output tokens | seconds | output tok/s |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| tokenmill LLM.generate | {len(prompts)} | {n_ours} | {t_ours:.1f} | "
+        f"{n_ours / t_ours:.1f} |"
+    )
+    print(
+        f"| transformers generate (batch {args.hf_batch}) | {len(prompts)} | {n_hf} | "
+        f"{t_hf:.1f} | {n_hf / t_hf:.1f} |"
+    )
     print(f"torch threads: {torch.get_num_threads()}")
 
 

@@ -24,15 +24,18 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
 BACKEND = sys.argv[1] if len(sys.argv) > 1 else "auto"  # auto | triton | torch
-PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for j in range(n)] for i, n in
-           enumerate([3, 17, 33, 64, 5, 120, 48, 250, 1, 90])]
+PROMPTS = [
+    [(7 * i + 3 * j) % 300 + 5 for j in range(n)]
+    for i, n in enumerate([3, 17, 33, 64, 5, 120, 48, 250, 1, 90])
+]
 
 
 def hf_greedy(model, prompt, n):
     ids = torch.tensor([prompt], device="cuda")
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def tiny_parity() -> dict:
@@ -40,12 +43,25 @@ def tiny_parity() -> dict:
     for arch in ARCHS:
         # head_dim 16: the Triton kernels take power-of-two head sizes (others fall back to torch)
         heads = ARCHS[arch][1]["num_attention_heads"]
-        d = make_tiny_model(tempfile.mkdtemp(), arch=arch, max_position_embeddings=1024,
-                            hidden_size=16 * heads, head_dim=16)
-        llm = LLM(model=str(d), dtype="float32", device="cuda", kv_cache_memory="256MiB",
-                  max_num_seqs=16, attention_backend=BACKEND, enforce_eager=BACKEND == "torch")
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24,
-                                                    ignore_eos=True), use_tqdm=False)
+        d = make_tiny_model(
+            tempfile.mkdtemp(),
+            arch=arch,
+            max_position_embeddings=1024,
+            hidden_size=16 * heads,
+            head_dim=16,
+        )
+        llm = LLM(
+            model=str(d),
+            dtype="float32",
+            device="cuda",
+            kv_cache_memory="256MiB",
+            max_num_seqs=16,
+            attention_backend=BACKEND,
+            enforce_eager=BACKEND == "torch",
+        )
+        outs = llm.generate(
+            PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
+        )
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).cuda()
         same = sum(hf_greedy(hf, p, 24) == o.outputs[0].token_ids for p, o in zip(PROMPTS, outs))
         rows[arch] = f"{same}/{len(PROMPTS)}"
@@ -58,13 +74,25 @@ def qwen3_bf16(num_new: int = 64) -> dict:
     from tokenmill.bench.presets import make_dummy_checkpoint
 
     d = make_dummy_checkpoint("qwen3-0.6b", dtype="bfloat16", device="cuda")
-    prompts = [[(11 * i + 5 * j) % 10000 for j in range(n)] for i, n in
-               enumerate([100, 257, 513, 1000, 31, 700, 64, 900])]
-    llm = LLM(model=str(d), dtype="bfloat16", device="cuda", gpu_memory_utilization=0.5,
-              skip_tokenizer_init=True, max_model_len=4096,
-              attention_backend=BACKEND, enforce_eager=BACKEND == "torch")
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=num_new,
-                                                ignore_eos=True, logprobs=1), use_tqdm=False)
+    prompts = [
+        [(11 * i + 5 * j) % 10000 for j in range(n)]
+        for i, n in enumerate([100, 257, 513, 1000, 31, 700, 64, 900])
+    ]
+    llm = LLM(
+        model=str(d),
+        dtype="bfloat16",
+        device="cuda",
+        gpu_memory_utilization=0.5,
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        attention_backend=BACKEND,
+        enforce_eager=BACKEND == "torch",
+    )
+    outs = llm.generate(
+        prompts,
+        SamplingParams(temperature=0, max_tokens=num_new, ignore_eos=True, logprobs=1),
+        use_tqdm=False,
+    )
     del llm
     torch.cuda.empty_cache()
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).cuda()
@@ -82,9 +110,11 @@ def qwen3_bf16(num_new: int = 64) -> dict:
         # agreement up to the first divergence, then count matching positions anyway
         agree += sum(a == b for a, b in zip(ours, ref))
         total += num_new
-    return {"first_token_top1_agree": f"{top1}/{len(prompts)}",
-            "first_token_logprob_max_abs_diff": round(max_diff, 4),
-            "greedy_tokens_agree": f"{agree}/{total} ({100 * agree / total:.1f}%)"}
+    return {
+        "first_token_top1_agree": f"{top1}/{len(prompts)}",
+        "first_token_logprob_max_abs_diff": round(max_diff, 4),
+        "greedy_tokens_agree": f"{agree}/{total} ({100 * agree / total:.1f}%)",
+    }
 
 
 if __name__ == "__main__":

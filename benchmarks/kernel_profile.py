@@ -38,9 +38,10 @@ with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
 ka = prof.key_averages()
 rows = sorted((e for e in ka if e.device_time_total > 0), key=lambda e: -e.device_time_total)
 gpu_total = sum(e.self_device_time_total for e in ka) / steps / 1e3
-print(f"decode step (256 seqs, eager={eager}): wall {wall * 1e3:.2f} ms/step, "
-      f"GPU kernels {gpu_total:.2f} ms/step")
+print(
+    f"decode step (256 seqs, eager={eager}): wall {wall * 1e3:.2f} ms/step, "
+    f"GPU kernels {gpu_total:.2f} ms/step"
+)
 print(f"{'kernel':<70} {'ms/step':>8} {'calls/step':>10}")
 for e in rows[:18]:
-    print(f"{e.key[:70]:<70} {e.self_device_time_total / steps / 1e3:8.3f} "
-          f"{e.count / steps:10.1f}")
+    print(f"{e.key[:70]:<70} {e.self_device_time_total / steps / 1e3:8.3f} {e.count / steps:10.1f}")

@@ -43,8 +43,12 @@ def main(num_prompts: int = 256, max_tokens: int = 128) -> dict:
         t2 = time.perf_counter()
         sched.update_from_output(out, result.sampled)
         llm._record_step(out, result)
-        llm.output_processor.process({s.req_id for s in out.seqs if s.sample}, result.logprobs,
-                                     time.monotonic(), sched.finish)
+        llm.output_processor.process(
+            {s.req_id for s in out.seqs if s.sample},
+            result.logprobs,
+            time.monotonic(),
+            sched.finish,
+        )
         t3 = time.perf_counter()
         if decode and len(out.seqs) == num_prompts:
             acc["schedule_ms"].append((t1 - t0) * 1e3)

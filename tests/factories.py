@@ -48,7 +48,10 @@ def make_tokenizer(vocab_size: int = 320):
     )
     tok.train_from_iterator(SAMPLE_TEXT * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
         pad_token="</s>",
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -57,16 +60,31 @@ def make_tokenizer(vocab_size: int = 320):
 
 ARCHS = {
     # name: (transformers config class name, extra config kwargs)
-    "llama": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2,
-                                  tie_word_embeddings=False)),
-    "llama-mha-tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4,
-                                           tie_word_embeddings=True)),
-    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1,
-                                      tie_word_embeddings=False, sliding_window=None)),
-    "qwen2": ("Qwen2Config", dict(num_attention_heads=6, num_key_value_heads=2,
-                                  tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  tie_word_embeddings=False)),
+    "llama": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    ),
+    "llama-mha-tied": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+            sliding_window=None,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+    ),
 }
 
 

@@ -1,8 +1,8 @@
 """tokenmill: run language models over large prompt datasets.
 
-    from tokenmill import LLM, SamplingParams
-    llm = LLM()                      # the default model, SmolLM2-135M-Instruct
-    outs = llm.generate(["Hello"], SamplingParams(temperature=0.8, top_p=0.95))
+from tokenmill import LLM, SamplingParams
+llm = LLM()                      # the default model, SmolLM2-135M-Instruct
+outs = llm.generate(["Hello"], SamplingParams(temperature=0.8, top_p=0.95))
 """
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput

@@ -26,13 +26,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tokenmill.bench.workloads import (
-    WORKLOADS,
-    Workload,
-    dataset_workload,
-    nano_workload,
-    random_workload,
-)
+from tokenmill.bench.workloads import WORKLOADS, Workload, build_workload
 
 
 @dataclass
@@ -50,26 +44,6 @@ class RequestResult:
         if self.num_output_tokens < 2:
             return None
         return (self.latency - self.ttft) / (self.num_output_tokens - 1)
-
-
-def build_workload(
-    workload: str,
-    dataset: str | None = None,
-    num_prompts: int | None = None,
-    input_len: int = 1024,
-    output_len: int = 128,
-    vocab_size: int = 10000,
-) -> Workload:
-    """The workloads `bench throughput` offers, by name."""
-    if workload == "nano":
-        return nano_workload(num_prompts or 256)
-    if workload == "random":
-        return random_workload(input_len, output_len, num_prompts or 256, vocab_size=vocab_size)
-    if workload == "dataset":
-        if not dataset:
-            raise ValueError("--workload dataset needs --dataset FILE")
-        return dataset_workload(dataset, max_tokens=output_len, limit=num_prompts)
-    raise ValueError(f"workload must be one of {', '.join(WORKLOADS)} (got {workload!r})")
 
 
 def _chunk_text(choice: dict) -> str:

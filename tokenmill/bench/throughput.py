@@ -37,10 +37,13 @@ class ThroughputResult:
         return (self.prompt_tokens + self.output_tokens) / self.seconds
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "requests_per_s": self.requests_per_s,
-                "input_tokens_per_s": self.input_tokens_per_s,
-                "output_tokens_per_s": self.output_tokens_per_s,
-                "total_tokens_per_s": self.total_tokens_per_s}
+        return {
+            **asdict(self),
+            "requests_per_s": self.requests_per_s,
+            "input_tokens_per_s": self.input_tokens_per_s,
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "total_tokens_per_s": self.total_tokens_per_s,
+        }
 
 
 def _sync() -> None:
@@ -53,9 +56,18 @@ def _sync() -> None:
 def run_tokenmill(llm, workload: Workload) -> ThroughputResult:
     from tokenmill import SamplingParams
 
-    params = [SamplingParams(temperature=workload.temperature, ignore_eos=workload.ignore_eos,
-                             max_tokens=r.max_tokens) for r in workload.requests]
-    prompts = [r.prompt for r in workload.requests]
+    params = [
+        SamplingParams(
+            temperature=workload.temperature,
+            ignore_eos=workload.ignore_eos,
+            max_tokens=r.max_tokens,
+        )
+        for r in workload.requests
+    ]
+    prompts = [
+        llm.encode_chat(r.prompt) if r.prompt and isinstance(r.prompt[0], dict) else r.prompt
+        for r in workload.requests
+    ]
     llm.generate([prompts[0]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     _sync()
     t0 = time.perf_counter()
@@ -63,8 +75,11 @@ def run_tokenmill(llm, workload: Workload) -> ThroughputResult:
     _sync()
     seconds = time.perf_counter() - t0
     return ThroughputResult(
-        "tokenmill", len(outs), sum(len(o.prompt_token_ids) for o in outs),
-        sum(len(c.token_ids) for o in outs for c in o.outputs), seconds,
+        "tokenmill",
+        len(outs),
+        sum(len(o.prompt_token_ids) for o in outs),
+        sum(len(c.token_ids) for o in outs for c in o.outputs),
+        seconds,
     )
 
 
@@ -77,17 +92,26 @@ def run_hf_peer(model_dir, workload: Workload, dtype, device) -> ThroughputResul
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation="paged|sdpa", dtype=dtype
-    ).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation="paged|sdpa", dtype=dtype
+        )
+        .to(device)
+        .eval()
+    )
     prompts = [r.prompt for r in workload.requests]
-    if any(isinstance(p, str) for p in prompts):
+    if any(not p or not isinstance(p[0], int) for p in prompts):
         raise ValueError("the transformers peer runs token-id workloads (nano, random)")
     mean_out = round(workload.num_output_tokens / len(prompts))
-    cfg = GenerationConfig(max_new_tokens=mean_out, do_sample=False, eos_token_id=-1,
-                           pad_token_id=0)
-    model.generate_batch(inputs=prompts[:4], generation_config=GenerationConfig(
-        max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0))  # warm-up
+    cfg = GenerationConfig(
+        max_new_tokens=mean_out, do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
+    model.generate_batch(
+        inputs=prompts[:4],
+        generation_config=GenerationConfig(
+            max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0
+        ),
+    )  # warm-up
     _sync()
     t0 = time.perf_counter()
     outs = model.generate_batch(inputs=prompts, generation_config=cfg)
@@ -97,8 +121,9 @@ def run_hf_peer(model_dir, workload: Workload, dtype, device) -> ThroughputResul
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return ThroughputResult("transformers generate_batch", len(outs),
-                            sum(len(p) for p in prompts), n_out, seconds)
+    return ThroughputResult(
+        "transformers generate_batch", len(outs), sum(len(p) for p in prompts), n_out, seconds
+    )
 
 
 def card_name() -> str:

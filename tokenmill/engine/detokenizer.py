@@ -35,8 +35,10 @@ class IncrementalDetokenizer:
             return None
         self.ids.extend(new_ids)
         decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset],
-                        skip_special_tokens=self.skip_special_tokens)
+        prefix = decode(
+            self.ids[self.prefix_offset : self.read_offset],
+            skip_special_tokens=self.skip_special_tokens,
+        )
         full = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return None
@@ -67,8 +69,10 @@ class IncrementalDetokenizer:
         if self.stopped or self.read_offset >= len(self.ids):
             return None
         decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset],
-                        skip_special_tokens=self.skip_special_tokens)
+        prefix = decode(
+            self.ids[self.prefix_offset : self.read_offset],
+            skip_special_tokens=self.skip_special_tokens,
+        )
         full = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
         self.prefix_offset = self.read_offset = len(self.ids)
         if len(full) <= len(prefix):

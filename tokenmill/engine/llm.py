@@ -23,8 +23,14 @@ def needs_sync(req: Request) -> bool:
     """Requests whose sampling reads their exact output history (or returns logprobs) need
     the previous step's tokens on the host before the next step launches."""
     p = req.params
-    return (p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0
-            or p.frequency_penalty != 0 or p.min_tokens > 0)
+    return (
+        p.logprobs is not None
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty != 0
+        or p.frequency_penalty != 0
+        or p.min_tokens > 0
+    )
+
 
 Prompt = str | list[int]
 
@@ -84,8 +90,9 @@ class LLM:
         self.model_dir = Path(model_dir)
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.hf_config = hf_config
-        self.tokenizer = None if config.skip_tokenizer_init else \
-            AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = (
+            None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(model_dir)
+        )
         self.max_model_len = self._resolve_max_model_len(hf_config)
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(config, hf_config, self.model_dir, self.max_model_len)
@@ -156,24 +163,34 @@ class LLM:
     # ---- tokens ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init); "
-                             "pass prompts as token ids")
+            raise ValueError(
+                "this engine runs without a tokenizer (skip_tokenizer_init); "
+                "pass prompts as token ids"
+            )
         return self.tokenizer(text).input_ids
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    **template_kwargs: Any) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.model_name} has no chat template; send plain prompts")
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
             **template_kwargs,
         )
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # ---- the incremental interface -------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    stream: bool = True) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        stream: bool = True,
+    ) -> None:
         """Queue a request. `stream=False` decodes text only at the end (faster)."""
         params = params or SamplingParams()
         if request_id in self.output_processor.states:
@@ -184,17 +201,32 @@ class LLM:
         children = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(62)
-            children.append(Request(
-                req_id=child_id(request_id, i), prompt_token_ids=ids, params=params, seed=seed,
-                max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
-            ))
+            children.append(
+                Request(
+                    req_id=child_id(request_id, i),
+                    prompt_token_ids=ids,
+                    params=params,
+                    seed=seed,
+                    max_tokens=max_tokens,
+                    eos_token_ids=self.eos_token_ids,
+                )
+            )
         incremental = (stream or bool(params.stop)) and self.tokenizer is not None
-        dets = [IncrementalDetokenizer(self.tokenizer, ids, params) if incremental else None
-                for _ in children]
-        self.output_processor.add(RequestState(
-            request_id, text, ids, children, dets, RequestMetrics(arrival_time=now()),
-            stream=stream,
-        ))
+        dets = [
+            IncrementalDetokenizer(self.tokenizer, ids, params) if incremental else None
+            for _ in children
+        ]
+        self.output_processor.add(
+            RequestState(
+                request_id,
+                text,
+                ids,
+                children,
+                dets,
+                RequestMetrics(arrival_time=now()),
+                stream=stream,
+            )
+        )
         for req in children:
             self.scheduler.add(req)
         self._stats.num_prompt_tokens += len(ids) * params.n
@@ -295,8 +327,10 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; "
-                                 "pass one, or one per prompt")
+                raise ValueError(
+                    f"got {len(params)} sampling params for {len(prompts)} prompts; "
+                    "pass one, or one per prompt"
+                )
         ids = [f"gen-{next(self._counter)}" for _ in prompts]
         for rid, prompt, p in zip(ids, prompts, params):
             self.add_request(rid, prompt, p, stream=False)

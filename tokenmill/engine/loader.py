@@ -65,8 +65,9 @@ def _load_one(model, params, packed, name, tensor, loaded) -> None:
         raise ValueError(f"checkpoint weight {name} has no place in {type(model).__name__}")
     p = params[name]
     if p.shape != tensor.shape:
-        raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, model expects "
-                         f"{tuple(p.shape)}")
+        raise ValueError(
+            f"weight {name} has shape {tuple(tensor.shape)}, model expects {tuple(p.shape)}"
+        )
     with torch.no_grad():
         p.copy_(tensor)
     loaded.add(name)

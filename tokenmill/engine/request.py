@@ -80,8 +80,9 @@ class Request:
     @property
     def is_finishing(self) -> bool:
         """Its in-flight token is its last by max_tokens: nothing more to schedule."""
-        return self.num_inflight > 0 and self.num_output_tokens + self.num_inflight >= \
-            self.max_tokens
+        return (
+            self.num_inflight > 0 and self.num_output_tokens + self.num_inflight >= self.max_tokens
+        )
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output (+ PLACEHOLDER for in-flight positions)."""

@@ -44,7 +44,8 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(
                 sorted(set(req.prompt_token_ids) | set(req.output_token_ids)),
-                dtype=torch.long, device=logits.device,
+                dtype=torch.long,
+                device=logits.device,
             )
             vals = row[seen]
             row[seen] = torch.where(
@@ -110,8 +111,9 @@ def _lowbias32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def exponential_noise(seeds: list[int], positions: list[int], vocab_size: int,
-                      device: torch.device) -> torch.Tensor:  # [num_seqs, vocab_size] float32
+def exponential_noise(
+    seeds: list[int], positions: list[int], vocab_size: int, device: torch.device
+) -> torch.Tensor:  # [num_seqs, vocab_size] float32
     """Exp(1) noise from a counter-based hash of (row seed, output index, vocab index).
 
     Pure integer arithmetic, so it is the same on every device and independent of the batch.
@@ -198,15 +200,25 @@ class Sampler:
         temps = col([p.temperature if not p.is_greedy else 0.0 for p in params], torch.float32)
         seeds = col([r.seed for r in reqs], torch.int64)
         positions = col([r.sample_index for r in reqs], torch.int64)
-        top_k = col([p.top_k for p in params], torch.int64) if any(p.top_k > 0 for p in params) \
+        top_k = (
+            col([p.top_k for p in params], torch.int64)
+            if any(p.top_k > 0 for p in params)
             else None
-        top_p = col([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) \
+        )
+        top_p = (
+            col([p.top_p for p in params], torch.float32)
+            if any(p.top_p < 1 for p in params)
             else None
-        min_p = col([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in params) \
+        )
+        min_p = (
+            col([p.min_p for p in params], torch.float32)
+            if any(p.min_p > 0 for p in params)
             else None
+        )
         max_top_k = max(p.top_k for p in params) if top_k is not None else None
-        return self.kernels.sample(logits.contiguous(), temps, seeds, positions, top_k, top_p,
-                                   min_p, max_top_k)
+        return self.kernels.sample(
+            logits.contiguous(), temps, seeds, positions, top_k, top_p, min_p, max_top_k
+        )
 
     def _sample_random(self, logits, reqs, greedy, token_ids):
         rows = [i for i, g in enumerate(greedy) if not g]
@@ -225,8 +237,7 @@ class Sampler:
             scaled = scaled.masked_fill(~keep, _MASK)
         probs = scaled.softmax(dim=-1)
         noise = exponential_noise(
-            [r.seed for r in sub], [r.sample_index for r in sub],
-            probs.shape[-1], dev
+            [r.seed for r in sub], [r.sample_index for r in sub], probs.shape[-1], dev
         )
         token_ids = token_ids.clone()
         token_ids[idx] = (probs / noise).argmax(dim=-1)

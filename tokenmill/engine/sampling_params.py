@@ -18,31 +18,47 @@ class SamplingParams:
         default=1.0, metadata={"help": "Softmax temperature; 0 means greedy decoding."}
     )
     top_p: float = field(
-        default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens whose "
-                               "probability adds up to top_p (0 < top_p <= 1)."}
+        default=1.0,
+        metadata={
+            "help": "Nucleus sampling: keep the smallest set of tokens whose "
+            "probability adds up to top_p (0 < top_p <= 1)."
+        },
     )
     top_k: int = field(
         default=-1, metadata={"help": "Keep only the top_k most likely tokens (-1 or 0: off)."}
     )
     min_p: float = field(
-        default=0.0, metadata={"help": "Drop tokens whose probability is below min_p times the "
-                               "most likely token's (0 <= min_p <= 1)."}
+        default=0.0,
+        metadata={
+            "help": "Drop tokens whose probability is below min_p times the "
+            "most likely token's (0 <= min_p <= 1)."
+        },
     )
     presence_penalty: float = field(
-        default=0.0, metadata={"help": "Subtracted once from the logit of every token already "
-                               "generated (-2..2)."}
+        default=0.0,
+        metadata={
+            "help": "Subtracted once from the logit of every token already generated (-2..2)."
+        },
     )
     frequency_penalty: float = field(
-        default=0.0, metadata={"help": "Subtracted from a token's logit once per time it was "
-                               "generated (-2..2)."}
+        default=0.0,
+        metadata={
+            "help": "Subtracted from a token's logit once per time it was generated (-2..2)."
+        },
     )
     repetition_penalty: float = field(
-        default=1.0, metadata={"help": "Divides positive (multiplies negative) logits of tokens "
-                               "seen in the prompt or output; 1 is off (> 0)."}
+        default=1.0,
+        metadata={
+            "help": "Divides positive (multiplies negative) logits of tokens "
+            "seen in the prompt or output; 1 is off (> 0)."
+        },
     )
     seed: int | None = field(
-        default=None, metadata={"help": "Per-request seed: the same seed gives the same samples "
-                                "whatever else is in the batch."}
+        default=None,
+        metadata={
+            "help": "Per-request seed: the same seed gives the same samples "
+            "whatever else is in the batch."
+        },
     )
     stop: str | list[str] | None = field(
         default=None, metadata={"help": "Stop when the text contains one of these strings."}
@@ -57,24 +73,38 @@ class SamplingParams:
         default=False, metadata={"help": "Keep generating past the end-of-sequence token."}
     )
     max_tokens: int | None = field(
-        default=16, metadata={"help": "Most tokens to generate per completion (None: up to the "
-                              "model's context)."}
+        default=16,
+        metadata={
+            "help": "Most tokens to generate per completion (None: up to the model's context)."
+        },
     )
     min_tokens: int = field(
-        default=0, metadata={"help": "Generate at least this many tokens before EOS or "
-                             "stop_token_ids may end the completion."}
+        default=0,
+        metadata={
+            "help": "Generate at least this many tokens before EOS or "
+            "stop_token_ids may end the completion."
+        },
     )
     logprobs: int | None = field(
-        default=None, metadata={"help": "Return the log-probabilities of the sampled token and "
-                                "of the top-N alternatives per generated token."}
+        default=None,
+        metadata={
+            "help": "Return the log-probabilities of the sampled token and "
+            "of the top-N alternatives per generated token."
+        },
     )
     skip_special_tokens: bool = field(
         default=True, metadata={"help": "Leave special tokens out of the output text."}
     )
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 raise ValueError(f"{name} must be a number (got {v!r})")
@@ -86,8 +116,9 @@ class SamplingParams:
             not isinstance(self.stop_token_ids, (list, tuple))
             or any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids)
         ):
-            raise ValueError(f"stop_token_ids must be a list of token ids (got "
-                             f"{self.stop_token_ids!r})")
+            raise ValueError(
+                f"stop_token_ids must be a list of token ids (got {self.stop_token_ids!r})"
+            )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is not None:

@@ -60,8 +60,9 @@ class Scheduler:
     def __init__(self, config: EngineConfig, num_blocks: int):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -154,9 +155,7 @@ class Scheduler:
             req.num_inflight += 1
         return seq
 
-    def update_from_output(
-        self, sched: SchedulerOutput, sampled: dict[str, int]
-    ) -> list[Request]:
+    def update_from_output(self, sched: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Land the sampled tokens of a finished step; finish requests; return the finished."""
         finished = []
         for seq in sched.seqs:

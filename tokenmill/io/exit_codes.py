@@ -1,4 +1,4 @@
-"""Exit codes of `tokenmill generate` and `tokenmill merge` (documented in docs/generate.md)."""
+"""Exit codes of `tokenmill generate` and `tokenmill merge` (documented in the README)."""
 
 OK = 0  # every row produced a result
 ROW_ERRORS = 1  # finished; some rows are error rows (see the report and OUTPUT.errors.jsonl)

@@ -222,20 +222,9 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted meanwhile
                 continue
-            self._decode_logprob_tokens(out)
             if out.finished:
                 del self._streams[out.request_id]
             _put_threadsafe(stream, out)
-
-    def _decode_logprob_tokens(self, out: RequestOutput) -> None:
-        """Fill Logprob.decoded_token here, where the tokenizer may be used."""
-        for c in out.outputs:
-            for entry in reversed(c.logprobs or []):
-                if all(lp.decoded_token is not None for lp in entry.values()):
-                    break  # older entries were filled on an earlier step
-                for token_id, lp in entry.items():
-                    if lp.decoded_token is None:
-                        lp.decoded_token = self.llm.tokenizer.decode([token_id])
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:

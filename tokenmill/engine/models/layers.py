@@ -72,10 +72,15 @@ class RotaryEmbedding(nn.Module):
         # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [.., num_kv_heads, ..]
         if _triton_ops is not None and q.is_cuda:
             return _triton_ops.rotary(positions, q, k, self.cos, self.sin)
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [num_tokens, 1, head_dim]
+        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [num_tokens, 1, rot_dim]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        rot = cos.shape[-1]  # partial rotary: only the first rot_dim dims turn
+        if rot == q.shape[-1]:
+            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q_rot, q_pass = q[..., :rot], q[..., rot:]
+        k_rot, k_pass = k[..., :rot], k[..., rot:]
+        q = torch.cat((q_rot * cos + rotate_half(q_rot) * sin, q_pass), dim=-1)
+        k = torch.cat((k_rot * cos + rotate_half(k_rot) * sin, k_pass), dim=-1)
         return q, k
 
 
@@ -93,8 +98,10 @@ def rope_parameters(config) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"rope type {rope_type!r} is not supported; supported: default, "
-                         f"{', '.join(ROPE_INIT_FUNCTIONS)}")
+        raise ValueError(
+            f"rope type {rope_type!r} is not supported; supported: default, "
+            f"{', '.join(ROPE_INIT_FUNCTIONS)}"
+        )
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     return inv_freq, float(scaling)
 
@@ -148,8 +155,9 @@ class Attention(nn.Module):
     The KV cache tensors are attached by the model runner (`k_cache`, `v_cache`).
     """
 
-    def __init__(self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool):
+    def __init__(
+        self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool
+    ):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -180,6 +188,5 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
         meta = get_forward_context()
-        o = self.backend.forward(q, k, v.contiguous(), self.k_cache, self.v_cache, meta,
-                                 self.scale)
+        o = self.backend.forward(q, k, v.contiguous(), self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(num_tokens, q_size))

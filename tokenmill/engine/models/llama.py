@@ -1,7 +1,7 @@
 """Llama family: Llama 2/3/3.x, Mistral, SmolLM (and the base the Qwen families extend).
 
-    embed -> [ RMSNorm -> attention -> +residual -> RMSNorm -> gated MLP -> +residual ] x L
-          -> RMSNorm -> lm_head (tied to embed when tie_word_embeddings)
+embed -> [ RMSNorm -> attention -> +residual -> RMSNorm -> gated MLP -> +residual ] x L
+      -> RMSNorm -> lm_head (tied to embed when tie_word_embeddings)
 """
 
 from __future__ import annotations
@@ -10,17 +10,24 @@ import torch
 from torch import nn
 
 from tokenmill.engine.attention import AttentionBackend
-from tokenmill.engine.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, \
-    rope_parameters
+from tokenmill.engine.models.layers import (
+    Attention,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    rope_parameters,
+)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool):
+    def __init__(
+        self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool
+    ):
         super().__init__()
         self.self_attn = Attention(config, backend, qkv_bias, o_bias, qk_norm)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size,
-                            bias=getattr(config, "mlp_bias", False))
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False)
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -87,6 +94,9 @@ class LlamaForCausalLM(nn.Module):
 
     # Checkpoint name -> (our parameter name, shard) for the fused projections.
     packed = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
     }

@@ -1,6 +1,6 @@
 """Measure what sorting a window buys: `tokenmill generate` with --sort and --no-sort.
 
-    python3 sample_data/measure_sorting.py [--model PATH] [--docs 100] [--questions 5] ...
+    python3 benchmarks/measure_sorting.py [--model PATH] [--docs 100] [--questions 5] ...
 
 The workload is the common batch-job shape where sorting matters: several questions about each
 of many documents, rows shuffled (so one document's questions are far apart), varied lengths
