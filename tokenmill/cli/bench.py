@@ -20,12 +20,17 @@ WorkloadOpt = Annotated[
 ]
 
 
-def _workload(workload, dataset, input_len, output_len, num_prompts):
+def _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size):
     from tokenmill.bench.workloads import build_workload
 
     try:
         return build_workload(
-            workload, None if dataset is None else str(dataset), num_prompts, input_len, output_len
+            workload,
+            None if dataset is None else str(dataset),
+            num_prompts,
+            input_len,
+            output_len,
+            vocab_size,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -76,28 +81,14 @@ def throughput(
     from tokenmill.engine.llm import LLM
 
     console = Console()
-    wl = _workload(workload, dataset, input_len, output_len, num_prompts)
     if dummy_weights:
         if model is not None:
             raise typer.BadParameter("--dummy-weights and --model exclude each other")
         model = str(make_dummy_checkpoint(arch, dtype=dtype, device=device, seed=seed))
-    config = o.engine_config(
-        model=model,
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        kv_cache_memory=kv_cache_memory,
-        gpu_memory_utilization=gpu_memory_utilization,
-        block_size=block_size,
-        enable_prefix_caching=enable_prefix_caching,
-        enforce_eager=enforce_eager,
-        seed=seed,
-        attention_backend=attention_backend,
-        skip_tokenizer_init=dummy_weights,
-    )
+    config = o.engine_config_from(locals(), skip_tokenizer_init=dummy_weights)
     llm = LLM.from_config(config)
+    vocab_size = min(10_000, llm.hf_config.vocab_size)
+    wl = _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
     info = llm.model_info()
     results = [run_tokenmill(llm, wl)]
     runner_dtype, runner_device, model_dir = llm.runner.dtype, llm.runner.device, llm.model_dir

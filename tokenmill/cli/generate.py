@@ -174,7 +174,7 @@ def generate(
 
     values = locals()
     # An engine option added to options.py but not yet here keeps its default.
-    engine = o.engine_config(**{k: values[k] for k in o.ENGINE_DEFAULTS if k in values})
+    engine = o.engine_config_from(values)
     sampling = o.sampling_params(
         sampling_seed=sampling_seed, **{k: values[k] for k in o.SAMPLING_DEFAULTS}
     )

@@ -108,6 +108,11 @@ SAMPLING_DEFAULTS = {
 }
 
 
+def engine_config_from(values: dict, **extra) -> EngineConfig:
+    """EngineConfig from a command's locals(): every engine option it declares, plus extra."""
+    return engine_config(**{k: values[k] for k in ENGINE_DEFAULTS if k in values}, **extra)
+
+
 def engine_config(**values) -> EngineConfig:
     """EngineConfig from CLI values; raises typer.BadParameter with the config's message."""
     try:

@@ -45,22 +45,10 @@ def serve(
     enable_prefix_caching: o.EnablePrefixCaching = o.ENGINE_DEFAULTS["enable_prefix_caching"],
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
+    attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
 ) -> None:
     """Serve a model over HTTP with OpenAI's API (completions, chat, models) plus /metrics."""
-    config = o.engine_config(
-        model=model,
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        kv_cache_memory=kv_cache_memory,
-        gpu_memory_utilization=gpu_memory_utilization,
-        block_size=block_size,
-        enable_prefix_caching=enable_prefix_caching,
-        enforce_eager=enforce_eager,
-        seed=seed,
-    )
+    config = o.engine_config_from(locals())
     try:
         import uvicorn
 
