@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml scripts/install_torch.sh
 
 demo: setup
 	$(BIN)/tokenmill generate sample_data/prompts.jsonl --output out/prompts.results.jsonl \
-		--temperature 0.8 --top-p 0.95 --max-tokens 64 --overwrite
+		--chat --temperature 0.8 --top-p 0.95 --max-tokens 128 --overwrite
 
 lint: setup
 	$(BIN)/ruff check .

@@ -103,6 +103,22 @@ def test_chat_rows_use_the_chat_template(tiny_model_dir, tmp_path):
         assert res["id"] == src["id"] and res["error"] is None
 
 
+def test_chat_flag_sends_text_prompts_through_the_chat_template(tiny_model_dir, tmp_path):
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"id": "a", "prompt": "What is the capital of France?"}\n')
+    msgs = tmp_path / "m.jsonl"
+    msgs.write_text(
+        '{"id": "a", "messages": [{"role": "user", "content": "What is the capital of France?"}]}\n'
+    )
+    out_flag, out_msgs = tmp_path / "flag.jsonl", tmp_path / "msgs.jsonl"
+    assert generate(tiny_model_dir, src, "--chat", "-o", out_flag).exit_code == 0
+    assert generate(tiny_model_dir, msgs, "-o", out_msgs).exit_code == 0
+    assert rows(out_flag) == rows(out_msgs)
+    plain = tmp_path / "plain.jsonl"
+    assert generate(tiny_model_dir, src, "-o", plain).exit_code == 0
+    assert rows(plain)[0]["prompt_tokens"] < rows(out_flag)[0]["prompt_tokens"]
+
+
 def test_openai_batch_file_runs_unchanged(tiny_model_dir, reference, tmp_path):
     inp = tmp_path / "batch.jsonl"
     lines = rows(SAMPLES / "openai_batch.jsonl")

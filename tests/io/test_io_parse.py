@@ -111,3 +111,11 @@ def test_bad_openai_lines(line, words):
 def test_malformed_json_record_becomes_error_row():
     row = RowParser().parse(RawRecord(5, 6, error="line 6 is not valid JSON (x); fix or remove it"))
     assert (row.index, row.error_type) == (5, "invalid_json") and "line 6" in row.error
+
+
+def test_as_chat_turns_text_prompts_into_one_user_message():
+    row = parse({"prompt": "Hi there"}, RowParser(as_chat=True))
+    assert row.kind == CHAT and row.messages == [{"role": "user", "content": "Hi there"}]
+    assert row.prompt is None
+    ids = parse({"prompt": [1, 2, 3]}, RowParser(as_chat=True))  # token ids stay as they are
+    assert ids.kind == PROMPT and ids.prompt == [1, 2, 3]

@@ -57,6 +57,15 @@ def generate(
             rich_help_panel=_J,
         ),
     ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Send each text prompt as one user message through the model's chat "
+            "template (what instruct models expect).",
+            rich_help_panel=_J,
+        ),
+    ] = False,
     keep_columns: Annotated[
         list[str] | None,
         typer.Option(
@@ -192,6 +201,7 @@ def generate(
         limit=limit,
         id_column=id_column,
         prompt_column=prompt_column,
+        as_chat=chat,
         keep_columns=keep,
         window_rows=window_rows,
         sort=sort,

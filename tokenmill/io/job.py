@@ -55,6 +55,7 @@ class JobConfig:
     limit: int | None = None
     id_column: str | None = None
     prompt_column: str | None = None
+    as_chat: bool = False  # apply the chat template to plain text prompts too
     keep_columns: tuple[str, ...] = ()
     window_rows: int = DEFAULT_WINDOW_ROWS
     sort: bool = True
@@ -180,6 +181,7 @@ class _Job:
             self.config.prompt_column,
             self.config.id_column,
             self.config.keep_columns,
+            as_chat=self.config.as_chat,
         )
         batcher = Batcher(llm, parser, self.config.window_rows, sort=self.config.sort)
         model = llm.model_info().get("model", str(self.config.engine.model))
@@ -235,6 +237,7 @@ class _Job:
             "limit": cfg.limit,
             "shard": str(cfg.shard),
             "prompt_column": cfg.prompt_column,
+            "as_chat": cfg.as_chat,
             "id_column": cfg.id_column,
             "keep_columns": list(cfg.keep_columns),
             "output_format": output_format(output),

@@ -63,8 +63,10 @@ class RowParser:
         prompt_column: str | None = None,
         id_column: str | None = None,
         keep_columns: tuple[str, ...] = (),
+        as_chat: bool = False,
     ):
         self.base_params = base_params or SamplingParams()
+        self.as_chat = as_chat  # text prompts become one user message (chat template applied)
         self.prompt_column = prompt_column
         self.id_column = id_column
         self.keep_columns = keep_columns
@@ -127,6 +129,9 @@ class RowParser:
             row.kind, row.messages = CHAT, _check_messages(value)
         else:
             row.kind, row.prompt = PROMPT, _check_prompt(value, column)
+            if self.as_chat and isinstance(row.prompt, str):
+                row.kind, row.messages = CHAT, [{"role": "user", "content": row.prompt}]
+                row.prompt = None
         overrides = data.get(SAMPLING_COLUMN)
         if overrides is not None:
             if not isinstance(overrides, dict):
