@@ -120,17 +120,20 @@ def paged_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
         blocks = meta.block_tables[s, :num_blocks].long()
         keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [seq_len, kvh, d]
         vals = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        qs = q[q_start:q_end].transpose(0, 1)  # [num_heads, q_len, head_dim]
-        ks = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [num_heads, seq_len, d]
-        vs = vals.transpose(0, 1).repeat_interleave(group, dim=0)
+        # GQA without copying K/V per query head: the `group` query heads that share a KV head
+        # ride along the query-length axis. [num_kv_heads, group * q_len, head_dim]
+        qs = q[q_start:q_end].view(q_len, num_kv_heads, group, head_dim)
+        qs = qs.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
         # query i sits at position seq_len - q_len + i; it sees keys at positions <= that.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        mask = (k_pos[None, :] <= q_pos[:, None]).repeat(group, 1)  # [group * q_len, seq_len]
         o = F.scaled_dot_product_attention(
-            qs.to(ks.dtype), ks, vs, attn_mask=mask, scale=scale
-        )  # [num_heads, q_len, head_dim]
-        out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
+            qs.to(keys.dtype), keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask,
+            scale=scale,
+        )  # [num_kv_heads, group * q_len, head_dim]
+        o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
+        out[q_start:q_end] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
     return out
 
 
@@ -146,14 +149,14 @@ def _decode_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale:
     keys = k_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
     vals = v_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
     group = num_heads // num_kv_heads
-    keys = keys.repeat_interleave(group, dim=1)  # [num_seqs, num_heads, max_len, head_dim]
-    vals = vals.repeat_interleave(group, dim=1)
+    # the query heads of one KV head as `group` queries: [num_seqs, num_kv_heads, group, head_dim]
+    qs = q.view(num_seqs, num_kv_heads, group, head_dim)
     seq_lens = torch.tensor(meta.seq_lens_cpu, device=q.device)
     mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [num_seqs, L]
     o = F.scaled_dot_product_attention(
-        q[:, :, None, :].to(keys.dtype), keys, vals, attn_mask=mask[:, None, None, :], scale=scale
-    )  # [num_seqs, num_heads, 1, head_dim]
-    return o[:, :, 0, :].to(q.dtype)
+        qs.to(keys.dtype), keys, vals, attn_mask=mask[:, None, None, :], scale=scale
+    )  # [num_seqs, num_kv_heads, group, head_dim]
+    return o.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
