@@ -113,3 +113,23 @@ def test_cli_bench_serve_with_a_dataset(server, tmp_path):
     assert summary["workload"] == "dataset" and summary["successful_requests"] == 6
     assert summary["total_output_tokens"] <= 6 * 6
     assert summary["request_rate"] == "inf" and not math.isnan(summary["duration_s"])
+
+
+def test_empty_completions_are_successes_without_a_first_token_time():
+    from tokenmill.bench.serve import RequestResult, summarize
+
+    empty = RequestResult(success=True, num_prompt_tokens=5, num_output_tokens=1, latency=0.2)
+    full = RequestResult(
+        success=True,
+        num_prompt_tokens=5,
+        num_output_tokens=3,
+        ttft=0.1,
+        latency=0.3,
+        itl=[0.1, 0.1],
+    )
+    cut = RequestResult(error="the stream ended before [DONE]")
+    s = summarize([empty, full, cut], duration=1.0)
+    assert s["successful_requests"] == 2 and s["failed_requests"] == 1
+    assert s["ttft_ms"]["mean"] == pytest.approx(100.0)  # the empty one has no TTFT
+    assert s["tpot_ms"]["mean"] == pytest.approx(100.0)
+    assert s["total_output_tokens"] == 4

@@ -35,13 +35,13 @@ class RequestResult:
     error: str = ""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    ttft: float = 0.0  # seconds
+    ttft: float | None = None  # seconds; None when the completion had no text (e.g. at once EOS)
     itl: list[float] = field(default_factory=list)  # seconds between text chunks
     latency: float = 0.0
 
     @property
     def tpot(self) -> float | None:
-        if self.num_output_tokens < 2:
+        if self.num_output_tokens < 2 or self.ttft is None:
             return None
         return (self.latency - self.ttft) / (self.num_output_tokens - 1)
 
@@ -55,6 +55,7 @@ async def _send(client: Any, url: str, payload: dict, headers: dict) -> RequestR
     result = RequestResult()
     start = last = time.perf_counter()
     first = None
+    done = False
     try:
         async with client.stream("POST", url, json=payload, headers=headers) as resp:
             if resp.status_code != 200:
@@ -66,6 +67,7 @@ async def _send(client: Any, url: str, payload: dict, headers: dict) -> RequestR
                     continue
                 data = line[len("data: ") :]
                 if data == "[DONE]":
+                    done = True
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -82,10 +84,11 @@ async def _send(client: Any, url: str, payload: dict, headers: dict) -> RequestR
                     else:
                         result.itl.append(now - last)
                     last = now
-        result.latency = last - start
-        result.success = first is not None
+        result.latency = (last if first is not None else time.perf_counter()) - start
+        # An empty completion (EOS first) is a success; a stream cut before [DONE] is not.
+        result.success = done
         if not result.success:
-            result.error = "the stream ended without text"
+            result.error = "the stream ended before [DONE]"
     except Exception as e:  # a failed request is counted, not fatal
         result.error = f"{type(e).__name__}: {e}"
     return result
@@ -169,7 +172,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "request_throughput": len(ok) / duration if duration > 0 else 0.0,
         "output_token_throughput": num_out / duration if duration > 0 else 0.0,
         "total_token_throughput": (num_in + num_out) / duration if duration > 0 else 0.0,
-        "ttft_ms": _summary([r.ttft for r in ok]),
+        "ttft_ms": _summary([r.ttft for r in ok if r.ttft is not None]),
         "tpot_ms": _summary([t for r in ok if (t := r.tpot) is not None]),
         "itl_ms": _summary([x for r in ok for x in r.itl]),
         "errors": errors[:10],
