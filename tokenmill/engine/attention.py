@@ -129,7 +129,10 @@ def paged_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
         k_pos = torch.arange(seq_len, device=q.device)
         mask = (k_pos[None, :] <= q_pos[:, None]).repeat(group, 1)  # [group * q_len, seq_len]
         o = F.scaled_dot_product_attention(
-            qs.to(keys.dtype), keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask,
+            qs.to(keys.dtype),
+            keys.transpose(0, 1),
+            vals.transpose(0, 1),
+            attn_mask=mask,
             scale=scale,
         )  # [num_kv_heads, group * q_len, head_dim]
         o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
