@@ -35,10 +35,16 @@ from tokenmill.io.journal import (
 from tokenmill.io.parse import RowParser
 from tokenmill.io.progress import Progress
 from tokenmill.io.readers import InputError, InputSource, open_input
-from tokenmill.io.report import engine_figures, print_report, report_path, write_report
+from tokenmill.io.report import (
+    build_report,
+    print_report,
+    report_path,
+    stats_snapshot,
+    write_report,
+)
 from tokenmill.io.rows import RawRecord, RowResult
 from tokenmill.io.shard import Shard
-from tokenmill.io.writers import JsonlWriter, open_writer, output_format
+from tokenmill.io.writers import ErrorsFile, open_writer, output_format
 
 DEFAULT_WINDOW_ROWS = 20_000
 
@@ -133,9 +139,9 @@ class _Job:
         state.runs += 1
         save_journal(output, state)  # before the output exists: a crash from here on resumes
         writer = open_writer(output, state.output)
-        errors = _ErrorsFile(errors_path(output), state.errors_bytes)
+        errors = ErrorsFile(errors_path(output), state.errors_bytes)
         t0, skipped = time.monotonic(), state.rows_done
-        stats0 = _stats_snapshot(llm)
+        stats0 = stats_snapshot(llm)
         totals0 = asdict(state.totals)
         with (
             self._signals(),
@@ -304,61 +310,20 @@ class _Job:
         return _Handlers()
 
     # Report ---------------------------------------------------------------------------------
-    def _report(
-        self,
-        output: Path,
-        llm,
-        state: JournalState,
-        skipped: int,
-        wall_s: float,
-        stats0: dict[str, Any],
-        totals0: dict[str, int],
-    ) -> dict[str, Any]:
-        t = state.totals
-        run_rows = (t.rows_ok + t.rows_failed) - (totals0["rows_ok"] + totals0["rows_failed"])
-        run_in = t.prompt_tokens - totals0["prompt_tokens"]
-        run_out = t.output_tokens - totals0["output_tokens"]
-        info = llm.model_info()
-        report = {
-            "output": str(output),
-            "input": self.config.input,
-            "finished": state.finished,
-            "stopped_by": self.stop_reason,
-            "shard": str(self.config.shard),
-            "rows": {
-                "ok": t.rows_ok,
-                "failed": t.rows_failed,
-                "skipped": skipped,
-                "total": t.rows_ok + t.rows_failed,
-            },
-            "tokens": {
-                "prompt": t.prompt_tokens,
-                "generated": t.output_tokens,
-                "total": t.prompt_tokens + t.output_tokens,
-            },
-            "this_run": {
-                "rows": run_rows,
-                "prompt_tokens": run_in,
-                "generated_tokens": run_out,
-                "wall_time_s": wall_s,
-                "tokens_per_s": {
-                    "input": run_in / wall_s,
-                    "output": run_out / wall_s,
-                    "total": (run_in + run_out) / wall_s,
-                },
-                "requests_per_s": run_rows / wall_s,
-            },
-            "engine": _engine_delta(engine_figures(llm), stats0, llm),
-            "model": info.get("model"),
-            "dtype": info.get("dtype"),
-            "device": info.get("device"),
-            "sampling": self.config.sampling.to_dict(),
-            "window_rows": self.config.window_rows,
-            "sorted": self.config.sort,
-            "runs": state.runs,
-            "errors_file": str(errors_path(output)) if t.rows_failed else None,
-            "command_line": self.config.command_line,
-        }
+    def _report(self, output, llm, state, skipped, wall_s, stats0, totals0) -> dict[str, Any]:
+        errors_file = str(errors_path(output)) if state.totals.rows_failed else None
+        report = build_report(
+            self.config,
+            output,
+            llm,
+            state,
+            skipped,
+            wall_s,
+            stats0,
+            totals0,
+            self.stop_reason,
+            errors_file,
+        )
         write_report(report_path(output), report)
         if not self.config.quiet:
             print_report(report)
@@ -413,70 +378,12 @@ class _Job:
             totals.rows_failed += 1
 
 
-class _ErrorsFile:
-    """OUTPUT.errors.jsonl: a copy of every error row, created on the first one."""
-
-    def __init__(self, path: Path, committed_bytes: int):
-        self.path = path
-        self.committed_bytes = committed_bytes
-        self._writer: JsonlWriter | None = None
-        if committed_bytes or path.exists():
-            self._writer = JsonlWriter(path, {"bytes": committed_bytes})
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self._writer is None:
-            self._writer = JsonlWriter(self.path)
-        self._writer.write([row])
-
-    def commit(self) -> int:
-        return self._writer.commit()["bytes"] if self._writer is not None else 0
-
-    def close(self, remove_if_empty: bool) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            if remove_if_empty and self.path.exists() and self.path.stat().st_size == 0:
-                self.path.unlink()
-
-
-def _stats_snapshot(llm) -> dict[str, Any]:
-    stats = getattr(llm, "stats", None)
-    return dict(vars(stats)) if stats is not None and hasattr(stats, "__dict__") else {}
-
-
 def _generated_since(llm, stats0: dict[str, Any]):
     """A callable counting tokens the engine generated in this run (None without stats)."""
     if "num_generated_tokens" not in stats0:
         return None
     start = stats0["num_generated_tokens"]
     return lambda: llm.stats.num_generated_tokens - start
-
-
-def _engine_delta(figures: dict[str, Any], stats0: dict[str, Any], llm) -> dict[str, Any]:
-    """Engine figures of this run only (the engine may have run before, e.g. a warm-up)."""
-    stats = getattr(llm, "stats", None)
-    if stats is None or not stats0:
-        return figures
-    now = vars(stats)
-    d = {
-        k: now.get(k, 0) - stats0.get(k, 0)
-        for k in (
-            "num_steps",
-            "num_scheduled_seqs_total",
-            "num_preemptions",
-            "prefix_cache_queries",
-            "prefix_cache_hits",
-        )
-    }
-    out = {
-        "steps": d["num_steps"],
-        "mean_batch_size": d["num_scheduled_seqs_total"] / d["num_steps"]
-        if d["num_steps"]
-        else 0.0,
-        "preemptions": d["num_preemptions"],
-    }
-    if d["prefix_cache_queries"]:
-        out["prefix_cache_hit_rate"] = d["prefix_cache_hits"] / d["prefix_cache_queries"]
-    return out
 
 
 def _size(path: Path | None) -> int | None:

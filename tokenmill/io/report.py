@@ -11,21 +11,98 @@ def report_path(output: Path) -> Path:
     return Path(str(output) + ".report.json")
 
 
-def engine_figures(llm) -> dict[str, Any]:
-    """Mean batch size, preemptions and prefix-cache hit rate from the engine's stats."""
+_COUNTERS = (
+    "num_steps",
+    "num_scheduled_seqs_total",
+    "num_preemptions",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+)
+
+
+def stats_snapshot(llm) -> dict[str, Any]:
+    """The engine's counters now, to report a later run's figures as differences."""
     stats = getattr(llm, "stats", None)
-    if stats is None:
+    return {k: getattr(stats, k, 0) or 0 for k in _COUNTERS} if stats is not None else {}
+
+
+def engine_figures(llm, since: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Steps, mean batch size, preemptions and prefix-cache hit rate of the engine's stats,
+    counted from the snapshot `since` (the engine may have run before, e.g. a warm-up)."""
+    now = stats_snapshot(llm)
+    if not now:
         return {}
-    steps = getattr(stats, "num_steps", 0) or 0
+    d = {k: now[k] - (since or {}).get(k, 0) for k in _COUNTERS}
+    steps = d["num_steps"]
     figures: dict[str, Any] = {
         "steps": steps,
-        "mean_batch_size": getattr(stats, "num_scheduled_seqs_total", 0) / steps if steps else 0.0,
-        "preemptions": getattr(stats, "num_preemptions", 0),
+        "mean_batch_size": d["num_scheduled_seqs_total"] / steps if steps else 0.0,
+        "preemptions": d["num_preemptions"],
     }
-    queries = getattr(stats, "prefix_cache_queries", 0) or 0
-    if queries:
-        figures["prefix_cache_hit_rate"] = getattr(stats, "prefix_cache_hits", 0) / queries
+    if d["prefix_cache_queries"]:
+        figures["prefix_cache_hit_rate"] = d["prefix_cache_hits"] / d["prefix_cache_queries"]
     return figures
+
+
+def build_report(
+    config,
+    output: Path,
+    llm,
+    state,
+    skipped: int,
+    wall_s: float,
+    stats0: dict[str, Any],
+    totals0: dict[str, int],
+    stop_reason: str | None,
+    errors_file: str | None,
+) -> dict[str, Any]:
+    """OUTPUT.report.json: rows, tokens, this run's rates, engine figures, model, sampling."""
+    t = state.totals
+    run_rows = (t.rows_ok + t.rows_failed) - (totals0["rows_ok"] + totals0["rows_failed"])
+    run_in = t.prompt_tokens - totals0["prompt_tokens"]
+    run_out = t.output_tokens - totals0["output_tokens"]
+    info = llm.model_info()
+    report = {
+        "output": str(output),
+        "input": config.input,
+        "finished": state.finished,
+        "stopped_by": stop_reason,
+        "shard": str(config.shard),
+        "rows": {
+            "ok": t.rows_ok,
+            "failed": t.rows_failed,
+            "skipped": skipped,
+            "total": t.rows_ok + t.rows_failed,
+        },
+        "tokens": {
+            "prompt": t.prompt_tokens,
+            "generated": t.output_tokens,
+            "total": t.prompt_tokens + t.output_tokens,
+        },
+        "this_run": {
+            "rows": run_rows,
+            "prompt_tokens": run_in,
+            "generated_tokens": run_out,
+            "wall_time_s": wall_s,
+            "tokens_per_s": {
+                "input": run_in / wall_s,
+                "output": run_out / wall_s,
+                "total": (run_in + run_out) / wall_s,
+            },
+            "requests_per_s": run_rows / wall_s,
+        },
+        "engine": engine_figures(llm, since=stats0),
+        "model": info.get("model"),
+        "dtype": info.get("dtype"),
+        "device": info.get("device"),
+        "sampling": config.sampling.to_dict(),
+        "window_rows": config.window_rows,
+        "sorted": config.sort,
+        "runs": state.runs,
+        "errors_file": errors_file,
+        "command_line": config.command_line,
+    }
+    return report
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

@@ -137,6 +137,31 @@ def join_parquet(parts: list[Path], path: Path) -> None:
     os.replace(tmp, path)
 
 
+class ErrorsFile:
+    """OUTPUT.errors.jsonl: a copy of every error row, created on the first one."""
+
+    def __init__(self, path: Path, committed_bytes: int):
+        self.path = path
+        self.committed_bytes = committed_bytes
+        self._writer: JsonlWriter | None = None
+        if committed_bytes or path.exists():
+            self._writer = JsonlWriter(path, {"bytes": committed_bytes})
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._writer is None:
+            self._writer = JsonlWriter(self.path)
+        self._writer.write([row])
+
+    def commit(self) -> int:
+        return self._writer.commit()["bytes"] if self._writer is not None else 0
+
+    def close(self, remove_if_empty: bool) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            if remove_if_empty and self.path.exists() and self.path.stat().st_size == 0:
+                self.path.unlink()
+
+
 def open_writer(path: Path, state: dict[str, Any] | None = None):
     return (
         ParquetWriter(path, state) if output_format(path) == "parquet" else JsonlWriter(path, state)
