@@ -7,11 +7,12 @@ A command declares `**engine options` by listing these Annotated aliases, then c
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated
 
 import typer
 
-from tokenmill.engine.config import EngineConfig, field_default, field_help
+from tokenmill.engine.config import EngineConfig, field_help
 from tokenmill.engine.sampling_params import SamplingParams
 
 _E = "Engine"
@@ -43,23 +44,9 @@ EnforceEager = Annotated[bool, _eopt("enforce_eager", "--enforce-eager")]
 Seed = Annotated[int, _eopt("seed", "--seed")]
 AttentionBackend = Annotated[str, _eopt("attention_backend", "--attention-backend")]
 
+# Every engine field but skip_tokenizer_init (set by commands, not by users) is an option.
 ENGINE_DEFAULTS = {
-    name: field_default(EngineConfig, name)
-    for name in (
-        "model",
-        "dtype",
-        "device",
-        "max_model_len",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "kv_cache_memory",
-        "gpu_memory_utilization",
-        "block_size",
-        "enable_prefix_caching",
-        "enforce_eager",
-        "seed",
-        "attention_backend",
-    )
+    f.name: f.default for f in fields(EngineConfig) if f.name != "skip_tokenizer_init"
 }
 
 # Sampling options -------------------------------------------------------------------------------
@@ -85,27 +72,8 @@ SkipSpecialTokens = Annotated[
     bool, _sopt("skip_special_tokens", "--skip-special-tokens/--keep-special-tokens")
 ]
 
-SAMPLING_DEFAULTS = {
-    name: field_default(SamplingParams, name)
-    for name in (
-        "n",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "stop",
-        "stop_token_ids",
-        "include_stop_str_in_output",
-        "ignore_eos",
-        "max_tokens",
-        "min_tokens",
-        "logprobs",
-        "skip_special_tokens",
-    )
-}
+# Every sampling field is an option; `seed` is spelled --sampling-seed (--seed is the engine's).
+SAMPLING_DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name != "seed"}
 
 
 def engine_config_from(values: dict, **extra) -> EngineConfig:

@@ -137,10 +137,3 @@ def field_help(cls: type, name: str) -> str:
         if f.name == name:
             return f.metadata.get("help", "")
     raise KeyError(name)
-
-
-def field_default(cls: type, name: str):
-    for f in fields(cls):
-        if f.name == name:
-            return f.default
-    raise KeyError(name)
