@@ -12,7 +12,7 @@ from typing import Any
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner, now
-from tokenmill.engine.output_processor import OutputProcessor, RequestState, child_id
+from tokenmill.engine.output_processor import OutputProcessor, RequestState, child_id, parent_id
 from tokenmill.engine.outputs import RequestMetrics, RequestOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.sampling_params import SamplingParams
@@ -296,7 +296,9 @@ class LLM:
         self._stats.num_generated_tokens += len(result.sampled)
         t = now()
         for seq in sched.seqs:
-            state = self.output_processor.states.get(seq.req_id.rsplit("#", 1)[0])
+            if seq.start_pos != seq.req.num_cached_tokens or seq.req.num_output_tokens:
+                continue  # not the request's first chunk: skip the lookup on the hot path
+            state = self.output_processor.states.get(parent_id(seq.req_id))
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = t
 
