@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
 
+from tokenmill.engine.llm import EngineStats
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 
 
@@ -34,17 +34,6 @@ class WordTokenizer:
         return " ".join(self.words.get(i, f"<{i}>") for i in ids)
 
 
-@dataclass
-class FakeStats:
-    num_steps: int = 0
-    num_preemptions: int = 0
-    num_scheduled_seqs_total: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-
-
 class FakeEngine:
     """finish_per_step requests finish per step, picked at random among the unfinished."""
 
@@ -60,7 +49,7 @@ class FakeEngine:
         self.added: list[str] = []  # request ids in the order they were queued
         self.finish_order: list[str] = []
         self.aborted: list[str] = []
-        self.stats = FakeStats()
+        self.stats = EngineStats()  # the real counters, advanced by hand
         self.max_unfinished = 0
 
     def model_info(self) -> dict:

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+# The torch reference of the masks is the engine's CPU sampler; the kernels are tested against it.
+
 Q = 256  # tokens per Philox output word per iteration; the noise layout depends on it
 CHUNK = 8192  # tokens per program (a multiple of 4 * Q)
 NUM_WARPS = 4
@@ -268,7 +270,9 @@ def sampling_thresholds(
     min_p: torch.Tensor | None = None,  # [num_seqs] fp32, 0 = off
     max_top_k: int | None = None,  # host-side max of top_k: topk instead of a full sort
 ) -> torch.Tensor:  # [num_seqs] fp32: keep token i iff logits[r, i] >= thresholds[r]
-    """Per-row logit threshold equivalent to `top_k_top_p_min_p_mask_reference` (no host sync).
+    """Per-row logit threshold equivalent to the engine's torch mask
+    (`tokenmill.engine.sampler.top_k_top_p_min_p_mask`, the reference it is tested against;
+    no host sync).
 
     NOTE: top-p needs a full sort of each row (torch.sort: ~4 ms for 256 x 151,936 on an H200);
     top-k alone with `max_top_k` uses torch.topk (~0.9 ms); min-p alone is one max pass.
@@ -326,20 +330,3 @@ def sample(
     if top_k is not None or top_p is not None or min_p is not None:
         thresholds = sampling_thresholds(logits, temperatures, top_k, top_p, min_p, max_top_k)
     return sample_tokens(logits, temperatures, seeds, positions, thresholds)
-
-
-def top_k_top_p_min_p_mask_reference(
-    scaled: torch.Tensor,  # [num_seqs, vocab_size], already divided by temperature
-    top_k: torch.Tensor,  # [num_seqs] int, <= 0 = off
-    top_p: torch.Tensor,  # [num_seqs] float, 1 = off
-    min_p: torch.Tensor,  # [num_seqs] float, 0 = off
-) -> torch.Tensor:  # [num_seqs, vocab_size] bool, True = may be drawn
-    """Reference masks on probabilities: top-k, then top-p on the renormalised top-k
-    distribution, then min-p (p_i >= min_p * p_max) on what is left."""
-    sorted_scaled, order = scaled.sort(dim=-1, descending=True)
-    keep_sorted = _top_k_top_p_sorted(sorted_scaled, top_k, top_p)
-    probs = sorted_scaled.masked_fill(~keep_sorted, float("-inf")).softmax(dim=-1)
-    keep_sorted &= probs >= min_p[:, None] * probs[:, :1]
-    keep = torch.zeros_like(keep_sorted)
-    keep.scatter_(1, order, keep_sorted)
-    return keep
