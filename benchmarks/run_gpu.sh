@@ -18,6 +18,7 @@ echo "copy bandwidth (read+write): $bw TB/s" | tee -a "$OUT/summary.txt"
 
 echo "== correctness"
 python3 benchmarks/gpu_correctness.py 2>&1 | tee "$OUT/correctness.log" | tail -25
+python3 benchmarks/gpu_stop_check.py ${SMOL_GGUF:-} 2>&1 | tee "$OUT/stop_check.log" | tail -12
 
 if [ $quick = 0 ]; then
   echo "== step profile"
