@@ -478,3 +478,21 @@ def test_kv_cache_too_small_says_what_to_raise(tiny_model_dir):
         llm.add_request("big", list(range(5, 15)), greedy(7))
     llm.add_request("fits", list(range(5, 15)), greedy(6))
     assert len(drain(llm, 20)[-1].outputs[0].token_ids) == 6
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_request_metrics_are_stamped_in_order(llm, overlap):
+    """arrival <= first scheduled <= first token <= finished, for every request, including
+    ones that wait for a slot (max_num_seqs 2) and with overlapped steps (the GPU's path)."""
+    tight = make_llm(llm.model_dir, max_num_seqs=2, block_size=4)
+    tight.runner.can_overlap = overlap
+    outs = tight.generate(PROMPT_TEXTS[:5], greedy(6), use_tqdm=False)
+    for out in outs:
+        m = out.metrics
+        assert m.first_scheduled_time is not None, out.request_id
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+    # the last request waited for a slot: its queue time is longer than the first one's
+    first, last = outs[0].metrics, outs[-1].metrics
+    assert (last.first_scheduled_time - last.arrival_time) > (
+        first.first_scheduled_time - first.arrival_time
+    )

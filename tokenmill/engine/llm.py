@@ -278,6 +278,7 @@ class LLM:
         trail the device by one step.
         """
         sched = self.scheduler.schedule()
+        self._record_first_scheduled(sched)
         prev, self._inflight = self._inflight, None
         if sched.is_empty:
             return self._land(prev) if prev is not None else []
@@ -307,9 +308,20 @@ class LLM:
         self._stats.num_steps += 1
         self._stats.num_scheduled_seqs_total += len(sched.seqs)
         self._stats.num_generated_tokens += len(result.sampled)
+
+    def _record_first_scheduled(self, sched) -> None:
+        """Stamp first_scheduled_time on requests whose first chunk this step runs (queue time).
+
+        Runs at schedule time: once the step lands, the request already has an output token
+        and its first chunk can no longer be told from a later one."""
         t = now()
         for seq in sched.seqs:
-            if seq.start_pos != seq.req.num_cached_tokens or seq.req.num_output_tokens:
+            req = seq.req
+            if (
+                seq.start_pos != req.num_cached_tokens
+                or req.num_output_tokens
+                or req.num_inflight > 1
+            ):
                 continue  # not the request's first chunk: skip the lookup on the hot path
             state = self.output_processor.states.get(parent_id(seq.req_id))
             if state is not None and state.metrics.first_scheduled_time is None:
