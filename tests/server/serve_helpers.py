@@ -19,6 +19,7 @@ import httpx
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny"
+BODY_LIMIT = 8 * 1024 * 1024  # the shared test server's --max-request-bytes
 
 
 @dataclass
