@@ -46,7 +46,7 @@ def _stream_gaps(server, during) -> tuple[list[float], object]:
         window.append(time.monotonic())
 
     worker = threading.Thread(target=run)
-    for chunk in stream:
+    for _chunk in stream:
         arrivals.append(time.monotonic())
         if len(arrivals) == 3:
             worker.start()
