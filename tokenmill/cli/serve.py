@@ -82,6 +82,7 @@ def serve(
 
         from tokenmill.server.app import build_app
         from tokenmill.server.async_engine import AsyncEngine
+        from tokenmill.server.shutdown import GracefulServer
     except ImportError as e:
         raise typer.BadParameter(
             f"serving needs the serve extra ({e.name} is missing): pip install 'tokenmill[serve]'"
@@ -107,14 +108,17 @@ def serve(
     app = build_app(
         engine, served_model_name=served_model_name or model, api_key=api_key, limits=limits
     )
-    server = uvicorn.Server(
+    server = GracefulServer(
         uvicorn.Config(
             app,
             host=host,
             port=port,
             log_level=log_level,
-            timeout_graceful_shutdown=shutdown_timeout,  # then in-flight requests are aborted
-        )
+            # A backstop: by then GracefulServer has ended every request through the engine.
+            timeout_graceful_shutdown=shutdown_timeout + 5,
+        ),
+        engine,
+        shutdown_timeout,
     )
     died: list[str] = []
 

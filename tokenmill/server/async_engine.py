@@ -142,7 +142,12 @@ class AsyncEngine:
             self.num_aborted += len(live)
             self.core.send(CoreRequest(aborts=live))
 
-    def abort_all(self) -> None:
+    def abort_all(self, reason: str = "the server is shutting down") -> None:
+        """Abort every request in flight; their handlers get EngineDeadError(reason) (a 503,
+        or an error event in a stream) instead of waiting for outputs that will not come."""
+        error = EngineDeadError(reason)
+        for queue in {id(q): q for q in self._queues.values()}.values():
+            queue.put_nowait(error)
         self.abort(list(self._queues))
 
     # Core callbacks (core / reader thread -> event loop) ---------------------------------------
