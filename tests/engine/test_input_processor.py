@@ -101,31 +101,53 @@ def test_openai_adapter_defaults_and_params():
     assert error(chat_params, {"top_logprobs": 2}).param == "top_logprobs"
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_engine_core_deltas_rebuild_the_llms_outputs(llm, stream):
+@pytest.mark.parametrize(
+    "stream, detokenize", [(True, True), (True, False), (False, True)], ids=str
+)
+def test_engine_core_deltas_rebuild_the_llms_outputs(llm, stream, detokenize):
+    """Deltas (text from the core, or token ids decoded by the assembler) add up to exactly
+    what LLM.generate returns, stop-token exclusion included."""
     prompts = [llm.encode("The quick brown fox"), llm.encode("Once upon a time")]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, n=2)
+    probe = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    stop_id = llm.generate(prompts[:1], probe, use_tqdm=False)[0].outputs[0].token_ids[6]
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=12,
+        ignore_eos=True,
+        n=2,
+        stop_token_ids=[stop_id],
+        logprobs=2 if detokenize else None,
+    )
     expected = llm.generate(prompts, params, use_tqdm=False)
+    assert expected[0].outputs[0].finish_reason == "stop"  # the stop token is excluded
 
-    core, assembler = EngineCore(llm), OutputAssembler()
-    adds = [EngineRequest(f"r{i}", ids, params, stream) for i, ids in enumerate(prompts)]
+    core, assembler = EngineCore(llm), OutputAssembler(llm.tokenizer)
+    adds = [
+        EngineRequest(f"r{i}", ids, params, stream, detokenize) for i, ids in enumerate(prompts)
+    ]
     for a in adds:
-        assembler.add(a.request_id, a.prompt_token_ids, params.n)
+        assembler.add(a.request_id, a.prompt_token_ids, params, detokenize)
     assert core.apply(CoreRequest(adds=adds)) == {}
-    final, num_messages = {}, 0
+    final, num_messages, texts = {}, 0, {}
     while llm.has_unfinished_requests():
         for delta in core.step():
             num_messages += 1
             out = assembler.apply(delta)
+            assembler.refresh(out)
+            for c in out.outputs:  # text only grows, token by token
+                before = texts.get((out.request_id, c.index), "")
+                assert c.text.startswith(before)
+                texts[out.request_id, c.index] = c.text
             if out.finished:
                 final[out.request_id] = out
-    assert num_messages >= (12 if stream else 2)
+    assert num_messages >= (7 if stream else 2)  # streamed: one delta per step
     for i, want in enumerate(expected):
         got = final[f"r{i}"]
         assert got.prompt_token_ids == want.prompt_token_ids
         for g, w in zip(got.outputs, want.outputs, strict=True):
             assert (g.text, g.token_ids, g.finish_reason) == (w.text, w.token_ids, w.finish_reason)
-            assert [sorted(d) for d in g.logprobs] == [sorted(d) for d in w.logprobs]
+            if detokenize:
+                assert [sorted(d) for d in g.logprobs] == [sorted(d) for d in w.logprobs]
 
 
 def test_engine_core_reports_refused_adds_and_frees_aborted_requests(llm):

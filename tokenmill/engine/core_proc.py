@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.input_processor import ModelLimits
 from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
@@ -44,6 +45,15 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     stream: bool = True  # False: the text is decoded once, at the end
+    # With stream: True, the core detokenizes every step; False, it sends token ids only and
+    # the front end detokenizes (OutputAssembler). Stop strings and logprobs need the core's.
+    detokenize: bool = True
+
+    @staticmethod
+    def needs_core_text(params: SamplingParams) -> bool:
+        """Whether the core must decode text as it goes: stop strings are matched there, and
+        logprobs carry each token's text."""
+        return bool(params.stop) or params.logprobs is not None
 
 
 @dataclass
@@ -120,37 +130,68 @@ class EngineCore:
     def __init__(self, llm: Any) -> None:
         self.llm = llm
         self._sent: dict[str, list[tuple[int, int]]] = {}  # request id -> (chars, tokens) sent
+        # Token-only streams: request id -> its engine Requests, read after each step.
+        self._token_only: dict[str, list[Any]] = {}
 
     def apply(self, msg: CoreRequest) -> dict[str, str]:
         rejected = {}
         for rid in msg.aborts:
             self._sent.pop(rid, None)
+            self._token_only.pop(rid, None)
             self.llm.abort_request(rid)
         for add in msg.adds:
+            token_only = add.stream and not add.detokenize
             try:
                 self.llm.add_request(
-                    add.request_id, add.prompt_token_ids, add.params, stream=add.stream
+                    add.request_id,
+                    add.prompt_token_ids,
+                    add.params,
+                    stream=add.stream and not token_only,
                 )
             except ValueError as e:  # the input processor should have caught it; say why
                 rejected[add.request_id] = str(e)
-            else:
-                self._sent[add.request_id] = [(0, 0)] * add.params.n
+                continue
+            self._sent[add.request_id] = [(0, 0)] * add.params.n
+            if token_only:
+                # NOTE: reads the LLM's request records (no public API gives a stream=False
+                # request's tokens before it ends); the Requests' token lists only grow.
+                state = self.llm.output_processor.states[add.request_id]
+                self._token_only[add.request_id] = state.children
         return rejected
 
     def step(self) -> list[OutputDelta]:
         if not self.llm.has_unfinished_requests():
             return []
-        return [self._delta(out) for out in self.llm.step() if out.request_id in self._sent]
+        deltas = [self._delta(out) for out in self.llm.step() if out.request_id in self._sent]
+        for rid in [d.request_id for d in deltas if d.finished]:
+            self._token_only.pop(rid, None)
+        for rid, children in self._token_only.items():
+            delta = self._token_delta(rid, children)
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+    def _token_delta(self, rid: str, children: list[Any]) -> OutputDelta | None:
+        """New token ids of an unfinished token-only request (None if it did not move)."""
+        sent, completions = self._sent[rid], []
+        for i, req in enumerate(children):
+            num_sent = sent[i][1]
+            if req.num_output_tokens > num_sent:
+                new = req.output_token_ids[num_sent:]
+                completions.append(CompletionDelta(i, "", list(new), None))
+                sent[i] = (0, num_sent + len(new))
+        return OutputDelta(rid, completions, False) if completions else None
 
     def _delta(self, out: RequestOutput) -> OutputDelta:
         sent = self._sent[out.request_id]
+        token_only = out.request_id in self._token_only
         completions = []
         for c in out.outputs:
             chars, tokens = sent[c.index]
             completions.append(
                 CompletionDelta(
                     index=c.index,
-                    text=c.text[chars:],
+                    text="" if token_only else c.text[chars:],
                     token_ids=c.token_ids[tokens:],
                     logprobs=None if c.logprobs is None else c.logprobs[tokens:],
                     finish_reason=c.finish_reason,
@@ -219,17 +260,40 @@ def core_info(llm: Any) -> CoreInfo:
 
 # ---- the front end's side ------------------------------------------------------------------------
 class OutputAssembler:
-    """Rebuilds cumulative RequestOutputs from OutputDeltas (front end side)."""
+    """Rebuilds cumulative RequestOutputs from OutputDeltas (front end side).
 
-    def __init__(self) -> None:
+    `apply` updates one live RequestOutput per request in place and returns it: no copies, so
+    a consumer that falls behind simply finds more new tokens when it next looks. For
+    token-only requests (`EngineRequest.detokenize=False`) the text is decoded here, lazily:
+    `refresh(out)` brings it up to date, once per look rather than once per step.
+    NOTE: safe because deltas are applied on the thread that reads the outputs (the server's
+    event loop); a consumer must not hold on to a field across an `await`.
+    """
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer = tokenizer
         self._outputs: dict[str, RequestOutput] = {}
+        self._texts: dict[str, _TextState] = {}  # token-only requests, until their last refresh
 
-    def add(self, request_id: str, prompt_token_ids: list[int], n: int) -> None:
-        outs = [CompletionOutput(index=i, text="", token_ids=[]) for i in range(n)]
+    def add(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        detokenize: bool = True,
+    ) -> None:
+        outs = [CompletionOutput(index=i, text="", token_ids=[]) for i in range(params.n)]
         self._outputs[request_id] = RequestOutput(request_id, None, prompt_token_ids, outs)
+        if not detokenize:
+            dets = [
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+                for _ in range(params.n)
+            ]
+            self._texts[request_id] = _TextState(dets, [0] * params.n)
 
     def discard(self, request_id: str) -> None:
         self._outputs.pop(request_id, None)
+        self._texts.pop(request_id, None)
 
     def apply(self, delta: OutputDelta) -> RequestOutput | None:
         out = self._outputs.get(delta.request_id)
@@ -240,31 +304,40 @@ class OutputAssembler:
             c.text += d.text
             c.token_ids.extend(d.token_ids)
             if d.logprobs is not None:
-                c.logprobs = (c.logprobs or []) + d.logprobs
+                if c.logprobs is None:
+                    c.logprobs = []
+                c.logprobs.extend(d.logprobs)
             c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
         out.finished, out.num_cached_tokens = delta.finished, delta.num_cached_tokens
         if delta.finished:
             del self._outputs[delta.request_id]
-        # A snapshot: the consumer may hold it while the next delta arrives.
-        return RequestOutput(
-            out.request_id,
-            None,
-            out.prompt_token_ids,
-            [
-                CompletionOutput(
-                    c.index,
-                    c.text,
-                    list(c.token_ids),
-                    c.finish_reason,
-                    c.stop_reason,
-                    None if c.logprobs is None else list(c.logprobs),
-                )
-                for c in out.outputs
-            ],
-            out.finished,
-            num_cached_tokens=out.num_cached_tokens,
-            extra={"queue_time": delta.queue_time},
-        )
+            out.extra["queue_time"] = delta.queue_time
+        return out
+
+    def refresh(self, out: RequestOutput) -> None:
+        """Decode a token-only request's new tokens into its completions' text."""
+        state = self._texts.get(out.request_id)
+        if state is None:
+            return
+        for c in out.outputs:
+            det, num_fed = state.dets[c.index], state.num_fed[c.index]
+            end = len(c.token_ids)
+            if c.finish_reason == "stop":  # by EOS or a stop token: its text is not shown
+                end -= 1
+            if end > num_fed:
+                det.add(c.token_ids[num_fed:end])
+                state.num_fed[c.index] = end
+            if c.finished:
+                det.flush()
+            c.text = det.text
+        if out.finished:
+            del self._texts[out.request_id]
+
+
+@dataclass
+class _TextState:
+    dets: list[IncrementalDetokenizer]
+    num_fed: list[int]  # token ids given to each detokenizer
 
 
 class _Core:

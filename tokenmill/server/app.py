@@ -118,8 +118,12 @@ def build_app(
 
     def submit(base_id: str, token_ids: list[list[int]], params, stream: bool):
         queue: asyncio.Queue = asyncio.Queue()
+        # Streamed text is decoded in this process (off the engine core) unless the core needs
+        # it itself (stop strings, logprobs); a collected answer is decoded once, at the end.
+        detokenize = not stream or EngineRequest.needs_core_text(params) or not engine.has_tokenizer
         requests = [
-            EngineRequest(f"{base_id}-{i}", ids, params, stream) for i, ids in enumerate(token_ids)
+            EngineRequest(f"{base_id}-{i}", ids, params, stream, detokenize)
+            for i, ids in enumerate(token_ids)
         ]
         engine.add(requests, queue)
         rids = [r.request_id for r in requests]

@@ -57,12 +57,14 @@ class AsyncEngine:
         self.on_dead: Callable[[str], None] = lambda message: None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue] = {}
-        self._assembler = OutputAssembler()
+        self._assembler: OutputAssembler | None = None  # made with the tokenizer, below
         self._error: str | None = None
         self._max_prompt_bytes = max_prompt_bytes
         self._local = threading.local()
         self._tokenizer_lock = threading.Lock()
         self._tokenizer = _load_tokenizer(core.info.model_dir)
+        # The event loop's own tokenizer copy: streamed text is decoded here, not in the core.
+        self._assembler = OutputAssembler(copy.deepcopy(self._tokenizer))
         self._pool = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="tokenizer")
         core.on_output, core.on_dead = self._on_output, self._on_dead
 
@@ -90,6 +92,10 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._error is None and self.core.is_alive
 
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
     # Inputs (tokenizer threads) ---------------------------------------------------------------
     @property
     def input_processor(self) -> InputProcessor:
@@ -114,22 +120,26 @@ class AsyncEngine:
             raise EngineDeadError(self._error or "the engine is not running")
         for r in requests:
             self._queues[r.request_id] = queue
-            self._assembler.add(r.request_id, r.prompt_token_ids, r.params.n)
+            self._assembler.add(r.request_id, r.prompt_token_ids, r.params, r.detokenize)
         self.core.send(CoreRequest(adds=requests))
 
     async def stream(
         self, request_ids: list[str], queue: asyncio.Queue
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the requests' RequestOutputs until all finish. Leaving early aborts the rest."""
+        """Yield the requests' RequestOutputs until all finish. Leaving early aborts the rest.
+
+        Outputs are live and cumulative (see OutputAssembler): when several steps arrived
+        since the last look, each request is yielded once, with all its new tokens. So a
+        consumer slower than the engine sends fewer, bigger chunks instead of falling behind.
+        """
         unfinished = set(request_ids)
         try:
             while unfinished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    unfinished.discard(item.request_id)
-                yield item
+                for out in await _take_all(queue):
+                    self._assembler.refresh(out)
+                    if out.finished:
+                        unfinished.discard(out.request_id)
+                    yield out
         finally:
             self.abort(list(unfinished))
 
@@ -193,8 +203,26 @@ class AsyncEngine:
             self.on_dead(message)
 
 
+async def _take_all(queue: asyncio.Queue) -> list[RequestOutput]:
+    """Wait for one item, then take every item already queued; one entry per request."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    latest: dict[str, RequestOutput] = {}
+    for item in items:
+        if isinstance(item, BaseException):
+            raise item
+        latest[item.request_id] = item
+    return list(latest.values())
+
+
 def _load_tokenizer(model_dir: str) -> Any:
-    # NOTE: on the calling (main) thread: transformers' lazy imports are not thread-safe.
+    """The model's tokenizer, or None if it has none (then prompts must be token ids).
+    NOTE: call it on the main thread: transformers' lazy imports are not thread-safe."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        logger.warning("no tokenizer in %s (%s): only token-id prompts will work", model_dir, e)
+        return None
