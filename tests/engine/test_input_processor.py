@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.core_proc import CoreRequest, EngineCore, EngineRequest, OutputAssembler
+from tokenmill.engine.core_messages import CoreRequest, EngineRequest
+from tokenmill.engine.core_proc import EngineCore
 from tokenmill.engine.input_processor import InputError, InputProcessor, ModelLimits
 from tokenmill.engine.openai_params import MAX_N, chat_params, completion_params
+from tokenmill.engine.output_assembler import OutputAssembler
 
 LIMITS = ModelLimits(max_model_len=64, vocab_size=320, max_kv_tokens=96)
 

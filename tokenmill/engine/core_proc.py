@@ -1,14 +1,13 @@
 """The engine core: scheduler + model runner behind a message loop, on a thread or in its own
 process. A front end (the server) talks to it only through plain dataclasses:
 
-    front end (EngineCoreClient)                    core (run_core, owns the LLM)
-    ----------------------------                    -----------------------------
+    front end (ThreadCore / ProcCore)               core (run_core, owns the LLM)
+    ---------------------------------               -----------------------------
     send(CoreRequest(adds, aborts)) ---queue/pipe-->  apply adds / aborts between steps
     on_output(CoreOutput)  <--one message per step--  llm.step() -> OutputDeltas + stats
 
-Outputs travel as deltas (new text, new token ids), not as the cumulative RequestOutputs the
-LLM returns: a message then costs O(new tokens), not O(tokens so far). `OutputAssembler`
-rebuilds the cumulative RequestOutputs on the front end's side.
+The messages are in core_messages.py; `OutputAssembler` (output_assembler.py) rebuilds the
+cumulative RequestOutputs on the front end's side.
 
 `ProcCore` runs the loop in a child process (multiprocessing spawn; pickled dataclasses over a
 pipe), so the front end's HTTP, JSON and SSE work no longer shares a GIL with the thread that
@@ -24,103 +23,21 @@ import multiprocessing as mp
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.engine.config import EngineConfig
-from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.core_messages import (
+    CompletionDelta,
+    CoreInfo,
+    CoreOutput,
+    CoreRequest,
+    CoreStats,
+    OutputDelta,
+)
 from tokenmill.engine.input_processor import ModelLimits
-from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
-
-
-# ---- messages ------------------------------------------------------------------------------------
-@dataclass
-class EngineRequest:
-    """One request for the core: already tokenized and checked (see InputProcessor)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    stream: bool = True  # False: the text is decoded once, at the end
-    # With stream: True, the core detokenizes every step; False, it sends token ids only and
-    # the front end detokenizes (OutputAssembler). Stop strings and logprobs need the core's.
-    detokenize: bool = True
-
-    @staticmethod
-    def needs_core_text(params: SamplingParams) -> bool:
-        """Whether the core must decode text as it goes: stop strings are matched there, and
-        logprobs carry each token's text."""
-        return bool(params.stop) or params.logprobs is not None
-
-
-@dataclass
-class CoreRequest:
-    """Front end -> core. Adds of one message reach the scheduler before the same step."""
-
-    adds: list[EngineRequest] = field(default_factory=list)
-    aborts: list[str] = field(default_factory=list)
-    shutdown: bool = False
-
-
-@dataclass
-class CompletionDelta:
-    index: int
-    text: str  # new text since the last delta
-    token_ids: list[int]  # new token ids
-    logprobs: list[dict[int, Logprob]] | None  # one entry per new token, if asked for
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class OutputDelta:
-    request_id: str
-    completions: list[CompletionDelta]
-    finished: bool
-    num_cached_tokens: int = 0
-    queue_time: float | None = None  # seconds from arrival to the first step (when finished)
-
-
-@dataclass
-class CoreStats:
-    """Engine state after a step, for /metrics and /health."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_kv_blocks: int = 0
-    num_free_blocks: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-    num_scheduled_seqs_total: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-
-
-@dataclass
-class CoreOutput:
-    """Core -> front end, once per step: every request that moved, and the adds it refused."""
-
-    outputs: list[OutputDelta]
-    rejected: dict[str, str]  # request id -> why add_request refused it
-    stats: CoreStats
-
-
-@dataclass
-class CoreInfo:
-    """Core -> front end, once, when the model is loaded (or failed to load: `error`)."""
-
-    limits: ModelLimits | None = None
-    model_info: dict[str, Any] = field(default_factory=dict)
-    model_dir: str = ""
-    model_name: str = ""
-    stats: CoreStats = field(default_factory=CoreStats)  # before the first step
-    error: str | None = None
 
 
 # ---- the loop (core side) ------------------------------------------------------------------------
@@ -256,88 +173,6 @@ def core_info(llm: Any) -> CoreInfo:
         model_name=str(llm.model_name),
         stats=EngineCore(llm).stats(),
     )
-
-
-# ---- the front end's side ------------------------------------------------------------------------
-class OutputAssembler:
-    """Rebuilds cumulative RequestOutputs from OutputDeltas (front end side).
-
-    `apply` updates one live RequestOutput per request in place and returns it: no copies, so
-    a consumer that falls behind simply finds more new tokens when it next looks. For
-    token-only requests (`EngineRequest.detokenize=False`) the text is decoded here, lazily:
-    `refresh(out)` brings it up to date, once per look rather than once per step.
-    NOTE: safe because deltas are applied on the thread that reads the outputs (the server's
-    event loop); a consumer must not hold on to a field across an `await`.
-    """
-
-    def __init__(self, tokenizer: Any = None) -> None:
-        self.tokenizer = tokenizer
-        self._outputs: dict[str, RequestOutput] = {}
-        self._texts: dict[str, _TextState] = {}  # token-only requests, until their last refresh
-
-    def add(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        detokenize: bool = True,
-    ) -> None:
-        outs = [CompletionOutput(index=i, text="", token_ids=[]) for i in range(params.n)]
-        self._outputs[request_id] = RequestOutput(request_id, None, prompt_token_ids, outs)
-        if not detokenize:
-            dets = [
-                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
-                for _ in range(params.n)
-            ]
-            self._texts[request_id] = _TextState(dets, [0] * params.n)
-
-    def discard(self, request_id: str) -> None:
-        self._outputs.pop(request_id, None)
-        self._texts.pop(request_id, None)
-
-    def apply(self, delta: OutputDelta) -> RequestOutput | None:
-        out = self._outputs.get(delta.request_id)
-        if out is None:  # aborted meanwhile
-            return None
-        for d in delta.completions:
-            c = out.outputs[d.index]
-            c.text += d.text
-            c.token_ids.extend(d.token_ids)
-            if d.logprobs is not None:
-                if c.logprobs is None:
-                    c.logprobs = []
-                c.logprobs.extend(d.logprobs)
-            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-        out.finished, out.num_cached_tokens = delta.finished, delta.num_cached_tokens
-        if delta.finished:
-            del self._outputs[delta.request_id]
-            out.extra["queue_time"] = delta.queue_time
-        return out
-
-    def refresh(self, out: RequestOutput) -> None:
-        """Decode a token-only request's new tokens into its completions' text."""
-        state = self._texts.get(out.request_id)
-        if state is None:
-            return
-        for c in out.outputs:
-            det, num_fed = state.dets[c.index], state.num_fed[c.index]
-            end = len(c.token_ids)
-            if c.finish_reason == "stop":  # by EOS or a stop token: its text is not shown
-                end -= 1
-            if end > num_fed:
-                det.add(c.token_ids[num_fed:end])
-                state.num_fed[c.index] = end
-            if c.finished:
-                det.flush()
-            c.text = det.text
-        if out.finished:
-            del self._texts[out.request_id]
-
-
-@dataclass
-class _TextState:
-    dets: list[IncrementalDetokenizer]
-    num_fed: list[int]  # token ids given to each detokenizer
 
 
 class _Core:

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill import __version__
-from tokenmill.engine.core_proc import EngineRequest
+from tokenmill.engine.core_messages import EngineRequest
 from tokenmill.server.async_engine import AsyncEngine
 from tokenmill.server.chat import ChatStream, template_messages
 from tokenmill.server.completions import CompletionStream, prepare_prompts, split_prompts

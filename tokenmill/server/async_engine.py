@@ -24,16 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tokenmill.engine.config import EngineConfig
-from tokenmill.engine.core_proc import (
-    CoreOutput,
-    CoreRequest,
-    CoreStats,
-    EngineRequest,
-    OutputAssembler,
-    ProcCore,
-    ThreadCore,
-)
+from tokenmill.engine.core_messages import CoreOutput, CoreRequest, CoreStats, EngineRequest
+from tokenmill.engine.core_proc import ProcCore, ThreadCore
 from tokenmill.engine.input_processor import InputError, InputProcessor
+from tokenmill.engine.output_assembler import OutputAssembler
 from tokenmill.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from tokenmill.engine.core_proc import CoreStats
+from tokenmill.engine.core_messages import CoreStats
 
 PREFIX = "tokenmill:"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
