@@ -1,4 +1,7 @@
-"""Start a real uvicorn server over a tiny model on 127.0.0.1, in a background thread."""
+"""Start a real uvicorn server over a tiny model on 127.0.0.1, in a background thread.
+
+By default the engine core runs in its own process, as under `tokenmill serve`;
+`engine_process=False` keeps it on a thread (then `RunningServer.llm` is the LLM)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import httpx
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny"
+BODY_LIMIT = 8 * 1024 * 1024  # the shared test server's --max-request-bytes
 
 
 @dataclass
@@ -23,8 +27,17 @@ class RunningServer:
     url: str  # http://127.0.0.1:PORT
     api_key: str | None
     model: str
-    llm: Any
+    llm: Any  # the LLM when the engine runs on a thread, else None
     app: Any
+    uvicorn_server: Any = None
+
+    @property
+    def engine(self) -> Any:
+        return self.app.state.engine
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.limits.max_model_len
 
     @property
     def base_url(self) -> str:
@@ -37,14 +50,16 @@ class RunningServer:
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 key, value = line.rsplit(" ", 1)
-                values[re.sub(r'model_name="[^"]*",?', "", key).replace("{}", "")] = float(value)
+                name, _, labels = key.partition("{")
+                pairs = [p for p in re.findall(r'\w+="[^"]*"', labels) if p[:11] != "model_name="]
+                values[name + ("{" + ",".join(pairs) + "}" if pairs else "")] = float(value)
         return values
 
     def wait_all_blocks_free(self, timeout_s: float = 15.0) -> dict[str, float]:
         deadline = time.monotonic() + timeout_s
         while True:
             m = self.metrics()
-            if m["tokenmill_kv_cache_blocks_free"] == m["tokenmill_kv_cache_blocks_total"]:
+            if m["tokenmill:kv_cache_blocks_free"] == m["tokenmill:kv_cache_blocks_total"]:
                 return m
             if time.monotonic() > deadline:
                 raise AssertionError(f"KV blocks still in use after {timeout_s}s: {m}")
@@ -57,23 +72,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LLM_DEFAULTS = {"device": "cpu", "kv_cache_memory": "16MiB", "max_num_seqs": 64}
+
+
 def make_llm(model_dir: Path, **kw):
     from tokenmill import LLM
 
-    kw = {"device": "cpu", "kv_cache_memory": "16MiB", "max_num_seqs": 64, **kw}
-    return LLM(model=str(model_dir), **kw)
+    return LLM(model=str(model_dir), **{**LLM_DEFAULTS, **kw})
 
 
 @contextmanager
 def running_server(
-    model_dir: Path, api_key: str | None = API_KEY, **llm_kw
+    model_dir: Path,
+    api_key: str | None = API_KEY,
+    engine_process: bool = True,
+    limits: Any = None,
+    **llm_kw,
 ) -> Iterator[RunningServer]:
     import uvicorn
 
+    from tokenmill.engine.config import EngineConfig
     from tokenmill.server.app import build_app
+    from tokenmill.server.async_engine import AsyncEngine
 
-    llm = make_llm(model_dir, **llm_kw)
-    app = build_app(llm, served_model_name=MODEL_NAME, api_key=api_key)
+    max_prompt_bytes = limits.max_prompt_bytes if limits is not None else None
+    if engine_process:
+        llm = None
+        config = EngineConfig(model=str(model_dir), **{**LLM_DEFAULTS, **llm_kw})
+        engine = AsyncEngine.in_process(config, max_prompt_bytes=max_prompt_bytes)
+    else:
+        llm = make_llm(model_dir, **llm_kw)
+        engine = AsyncEngine.in_thread(llm, max_prompt_bytes=max_prompt_bytes)
+    app = build_app(engine, served_model_name=MODEL_NAME, api_key=api_key, limits=limits)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -86,7 +116,7 @@ def running_server(
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", api_key, MODEL_NAME, llm, app)
+        yield RunningServer(f"http://127.0.0.1:{port}", api_key, MODEL_NAME, llm, app, server)
     finally:
         server.should_exit = True
         thread.join(15)

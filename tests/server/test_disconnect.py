@@ -30,7 +30,7 @@ CLIENT = textwrap.dedent("""
 
 
 def _aborted(server) -> float:
-    return server.metrics()['tokenmill_request_success_total{finished_reason="abort"}']
+    return server.metrics()['tokenmill:request_success_total{finished_reason="abort"}']
 
 
 def _kill_mid_stream(server, path: str) -> None:
@@ -44,8 +44,8 @@ def _kill_mid_stream(server, path: str) -> None:
     try:
         assert proc.stdout.readline().strip() == "streaming", "the client never got a chunk"
         m = server.metrics()
-        assert m["tokenmill_kv_cache_blocks_free"] < m["tokenmill_kv_cache_blocks_total"]
-        assert m["tokenmill_num_requests_running"] == 1
+        assert m["tokenmill:kv_cache_blocks_free"] < m["tokenmill:kv_cache_blocks_total"]
+        assert m["tokenmill:num_requests_running"] == 1
         proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
     finally:
@@ -53,7 +53,7 @@ def _kill_mid_stream(server, path: str) -> None:
         proc.wait(10)
     m = server.wait_all_blocks_free(timeout_s=10)
     freed_after = time.monotonic() - killed_at
-    assert m["tokenmill_num_requests_running"] == 0
+    assert m["tokenmill:num_requests_running"] == 0
     assert _aborted(server) == aborted_before + 1, "the request was aborted, not finished"
     assert freed_after < 5.0
 
@@ -83,7 +83,7 @@ def test_killed_client_of_a_non_streamed_request_aborts_it(server):
     )
     try:
         deadline = time.monotonic() + 20
-        while server.metrics()["tokenmill_num_requests_running"] != 1:
+        while server.metrics()["tokenmill:num_requests_running"] != 1:
             assert proc.poll() is None and time.monotonic() < deadline, "request never ran"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)

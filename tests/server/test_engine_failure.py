@@ -7,7 +7,7 @@ from serve_helpers import running_server
 
 
 def test_engine_crash_fails_requests_and_health(tiny_model_dir):
-    with running_server(tiny_model_dir, api_key=None) as server:
+    with running_server(tiny_model_dir, api_key=None, engine_process=False) as server:
         body = {"model": server.model, "prompt": "Once upon a time", "max_tokens": 4}
         assert (
             httpx.post(server.base_url + "/completions", json=body, timeout=30).status_code == 200

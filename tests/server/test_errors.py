@@ -47,7 +47,7 @@ def test_unknown_model_is_404(server, http):
 
 
 def test_prompt_longer_than_the_context_is_400_naming_the_limit(server, http):
-    limit = server.llm.max_model_len
+    limit = server.max_model_len
     prompt = [5] * (limit + 10)
     err = assert_error_shape(
         http.post("/v1/completions", json={"model": server.model, "prompt": prompt}), 400
@@ -122,7 +122,7 @@ def test_tokenize_detokenize_round_trip(server, http, reference_llm):
     assert resp.status_code == 200
     body = resp.json()
     assert body["count"] == len(body["tokens"]) > 0
-    assert body["max_model_len"] == server.llm.max_model_len
+    assert body["max_model_len"] == server.max_model_len
     text = http.post("/detokenize", json={"tokens": body["tokens"]}).json()["prompt"]
     assert "The quick brown fox" in text
     chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()

@@ -299,15 +299,15 @@ def test_async_client_64_concurrent_streams_then_all_blocks_free(server):
     assert [r[1] for r in results] == ["length"] * 64
     assert [r[2] for r in results] == [8 + i % 8 for i in range(64)]
     after = server.wait_all_blocks_free()
-    assert after["tokenmill_num_requests_running"] == 0
-    assert after["tokenmill_num_requests_waiting"] == 0
+    assert after["tokenmill:num_requests_running"] == 0
+    assert after["tokenmill:num_requests_waiting"] == 0
 
     def delta(name):
         return after[name] - before[name]
 
-    mean_batch = delta("tokenmill_scheduled_seqs_total") / delta("tokenmill_engine_steps_total")
+    mean_batch = delta("tokenmill:scheduled_seqs_total") / delta("tokenmill:engine_steps_total")
     assert mean_batch > 4, "concurrent requests should share engine steps"
-    assert delta("tokenmill_generation_tokens_total") == sum(8 + i % 8 for i in range(64))
+    assert delta("tokenmill:generation_tokens_total") == sum(8 + i % 8 for i in range(64))
 
 
 def test_a_short_request_is_not_blocked_by_a_long_one(server):

@@ -1,14 +1,23 @@
-"""`tokenmill serve`: the OpenAI-compatible server over one engine."""
+"""`tokenmill serve`: the OpenAI-compatible server over one engine core."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated
 
 import typer
 
 from tokenmill.cli import options as o
+from tokenmill.engine.config import field_help
+from tokenmill.server.limits import ServerLimits
 
 API_KEY_ENV = "TOKENMILL_API_KEY"
+_L = "Server limits"
+LIMIT_DEFAULTS = {f.name: f.default for f in fields(ServerLimits)}
+
+
+def _limit_help(name: str) -> str:
+    return field_help(ServerLimits, name)
 
 
 def serve(
@@ -26,7 +35,8 @@ def serve(
         typer.Option(
             envvar=API_KEY_ENV,
             show_envvar=True,
-            help="Require 'Authorization: Bearer KEY' on /v1/* (default: no key).",
+            help="Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+            "(default: no key).",
         ),
     ] = None,
     served_model_name: Annotated[
@@ -34,6 +44,24 @@ def serve(
         typer.Option(help="Model id clients send and /v1/models lists (default: --model)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    engine_process: Annotated[
+        bool,
+        typer.Option(
+            "--engine-process/--in-process-engine",
+            help="Run the scheduler and model in their own process (default), so HTTP, "
+            "tokenizing and streaming never share a GIL with the engine; "
+            "--in-process-engine keeps them on a thread of the server process.",
+        ),
+    ] = True,
+    max_request_bytes: Annotated[
+        int, typer.Option(help=_limit_help("max_request_bytes"), rich_help_panel=_L)
+    ] = LIMIT_DEFAULTS["max_request_bytes"],
+    max_prompt_bytes: Annotated[
+        int | None, typer.Option(help=_limit_help("max_prompt_bytes"), rich_help_panel=_L)
+    ] = LIMIT_DEFAULTS["max_prompt_bytes"],
+    shutdown_timeout: Annotated[
+        float, typer.Option(help=_limit_help("shutdown_timeout_s"), rich_help_panel=_L)
+    ] = LIMIT_DEFAULTS["shutdown_timeout_s"],
     dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
     device: o.Device = o.ENGINE_DEFAULTS["device"],
     max_model_len: o.MaxModelLen = o.ENGINE_DEFAULTS["max_model_len"],
@@ -53,11 +81,16 @@ def serve(
         import uvicorn
 
         from tokenmill.server.app import build_app
+        from tokenmill.server.async_engine import AsyncEngine
+        from tokenmill.server.shutdown import GracefulServer
     except ImportError as e:
         raise typer.BadParameter(
             f"serving needs the serve extra ({e.name} is missing): pip install 'tokenmill[serve]'"
         ) from e
-    from tokenmill import LLM
+    try:
+        limits = ServerLimits(max_request_bytes, max_prompt_bytes, shutdown_timeout)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.secho(
@@ -66,14 +99,39 @@ def serve(
             fg="yellow",
             err=True,
         )
-    llm = LLM.from_config(config)
+    if engine_process:
+        engine = AsyncEngine.in_process(config, max_prompt_bytes=max_prompt_bytes)
+    else:
+        from tokenmill import LLM
+
+        engine = AsyncEngine.in_thread(LLM.from_config(config), max_prompt_bytes=max_prompt_bytes)
     app = build_app(
-        llm,
-        served_model_name=served_model_name or model,
-        api_key=api_key or None,
+        engine, served_model_name=served_model_name or model, api_key=api_key, limits=limits
     )
+    server = GracefulServer(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            # A backstop: by then GracefulServer has ended every request through the engine.
+            timeout_graceful_shutdown=shutdown_timeout + 5,
+        ),
+        engine,
+        shutdown_timeout,
+    )
+    died: list[str] = []
+
+    def on_dead(message: str) -> None:  # the engine core stopped: stop serving, exit non-zero
+        died.append(message)
+        server.should_exit = True
+
+    engine.on_dead = on_dead
     typer.echo(f"tokenmill serving {app.state.model_name} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server.run()
+    if died:
+        typer.secho(f"error: {died[0]}; the server stopped", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

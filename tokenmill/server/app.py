@@ -1,9 +1,9 @@
-"""The OpenAI-compatible HTTP app: `build_app(llm, served_model_name, api_key)`.
+"""The OpenAI-compatible HTTP app: `build_app(engine, served_model_name, api_key, limits)`.
 
 Importing this module imports FastAPI; `tokenmill` and `tokenmill.engine` never import it.
-Handlers are thin: validate (pydantic), tokenize and check on the engine thread, add the
-request(s), then stream or collect the outputs. Everything that touches the LLM goes through
-the AsyncEngine.
+Handlers are thin: validate (pydantic, strict), map the body onto SamplingParams (the engine's
+OpenAI adapter), tokenize and check on a tokenizer thread (the engine's InputProcessor), add
+the request(s) to the engine core in one message, then stream or collect the outputs.
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill import __version__
+from tokenmill.engine.core_messages import EngineRequest
 from tokenmill.server.async_engine import AsyncEngine
-from tokenmill.server.chat import ChatStream, encode_messages
-from tokenmill.server.completions import (
-    CompletionStream,
-    add_all,
-    prepare_prompts,
-    split_prompts,
-)
+from tokenmill.server.chat import ChatStream, template_messages
+from tokenmill.server.completions import CompletionStream, prepare_prompts, split_prompts
 from tokenmill.server.errors import APIError, error_body, install_error_handlers
+from tokenmill.server.limits import BodyLimitMiddleware, ServerLimits
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
@@ -36,18 +33,22 @@ from tokenmill.server.protocol import (
     TokenizeRequest,
     random_id,
 )
-from tokenmill.server.serving import check_prompt, check_token_ids, sse_stream, watch_disconnect
+from tokenmill.server.serving import sse_stream, watch_disconnect
+
+# Routes that need the API key (when the server has one): everything that runs the tokenizer
+# or the model. /health, /metrics and /version stay open.
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
 class APIKeyMiddleware:
-    """401 for /v1/* without 'Authorization: Bearer <key>'. Plain ASGI, so that the handlers
-    still see the client's disconnect (BaseHTTPMiddleware would hide it)."""
+    """401 for protected routes without 'Authorization: Bearer <key>'. Plain ASGI, so that the
+    handlers still see the client's disconnect (BaseHTTPMiddleware would hide it)."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app, self.api_key = app, api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(
@@ -64,16 +65,17 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def default_model_name(llm: Any) -> str:
-    info = llm.model_info()
-    return str(info.get("model") or "tokenmill")
-
-
-def build_app(llm: Any, served_model_name: str | None = None, api_key: str | None = None):
-    """A FastAPI app serving `llm`; its engine thread runs while the app's lifespan does."""
-    model_name = served_model_name or default_model_name(llm)
-    engine = AsyncEngine(llm)
-    metrics = ServerMetrics()
+def build_app(
+    engine: AsyncEngine,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+):
+    """A FastAPI app serving `engine`; the engine core runs while the app's lifespan does."""
+    limits = limits or ServerLimits()
+    model_name = served_model_name or engine.info.model_name or "tokenmill"
+    max_model_len = engine.limits.max_model_len
+    metrics = ServerMetrics(model_name, lambda: engine.stats, lambda: engine.num_aborted)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -81,14 +83,17 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         try:
             yield
         finally:
+            engine.abort_all()
             engine.shutdown()
 
     app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.model_name = model_name
+    app.state.limits = limits
     install_error_handlers(app)
-
+    # Added last = outermost: the key is checked before the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
@@ -105,67 +110,54 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
     def on_finish(timer, out) -> None:
         timer.finish(metrics, out)
 
-    def sampling_params(body):
-        try:
-            return body.to_sampling_params()
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
-
-    async def add(engine_call):
-        try:
-            return await engine_call
-        except ValueError as e:  # the engine refused the request: the message says why
-            raise APIError(400, str(e)) from e
-
     async def respond(request: Request, fmt: Any, outputs: Any, stream: bool):
         if stream:
             events = sse_stream(fmt.sse_events(outputs, on_finish))
             return StreamingResponse(events, media_type="text/event-stream")
         return JSONResponse(await watch_disconnect(request, fmt.collect(outputs, on_finish)))
 
+    def submit(base_id: str, token_ids: list[list[int]], params, stream: bool):
+        queue: asyncio.Queue = asyncio.Queue()
+        # Streamed text is decoded in this process (off the engine core) unless the core needs
+        # it itself (stop strings, logprobs); a collected answer is decoded once, at the end.
+        detokenize = not stream or EngineRequest.needs_core_text(params) or not engine.has_tokenizer
+        requests = [
+            EngineRequest(f"{base_id}-{i}", ids, params, stream, detokenize)
+            for i, ids in enumerate(token_ids)
+        ]
+        engine.add(requests, queue)
+        rids = [r.request_id for r in requests]
+        return rids, engine.stream(rids, queue)
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        card = ModelCard(
-            id=model_name, root=str(llm.config.model or model_name), max_model_len=llm.max_model_len
-        )
+        card = ModelCard(id=model_name, root=engine.info.model_name, max_model_len=max_model_len)
         return ModelList(data=[card]).model_dump()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        params = sampling_params(body)
+        params = body.to_sampling_params()
         prompts = split_prompts(body.prompt)
-        prepared = await engine.call(lambda llm: prepare_prompts(llm, prompts, params, body.echo))
-        queue: asyncio.Queue = asyncio.Queue()
-        rids = await add(
-            add_all(
-                engine,
-                random_id("cmpl"),
-                [p.token_ids for p in prepared],
-                params,
-                queue,
-                body.stream,
-            )
+        prepared = await engine.prepare(
+            lambda proc: prepare_prompts(proc, prompts, params, body.echo)
+        )
+        rids, outputs = submit(
+            random_id("cmpl"), [p.token_ids for p in prepared], params, body.stream
         )
         fmt = CompletionStream(body, params, model_name, prepared, rids)
-        return await respond(request, fmt, engine.stream(rids, queue), body.stream)
+        return await respond(request, fmt, outputs, body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        params = sampling_params(body)
-
-        def prepare(llm):
-            ids = encode_messages(llm, body.messages)
-            check_prompt(llm, ids, params, "messages")
-            return ids
-
-        ids = await engine.call(prepare)
-        queue: asyncio.Queue = asyncio.Queue()
+        params = body.to_sampling_params()
+        messages = template_messages(body.messages)
+        processed = await engine.prepare(lambda proc: proc.process_messages(messages, params))
         rid = random_id("chatcmpl")
-        await add(engine.add(rid, ids, params, queue, body.stream))
-        fmt = ChatStream(body, params, model_name, rid, len(ids))
-        return await respond(request, fmt, engine.stream([rid], queue), body.stream)
+        rids, outputs = submit(rid, [processed.prompt_token_ids], params, body.stream)
+        fmt = ChatStream(body, params, model_name, rids[0], len(processed.prompt_token_ids))
+        return await respond(request, fmt, outputs, body.stream)
 
     @app.get("/health")
     async def health():
@@ -175,8 +167,7 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        text = metrics.render(engine.snapshot, model_name)
-        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/version")
     async def version():
@@ -187,25 +178,25 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt or messages", "prompt")
+        messages = template_messages(body.messages) if body.messages is not None else None
 
-        def run(llm):
-            if body.messages is not None:
-                return encode_messages(llm, body.messages)
-            return list(
-                llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-            )
+        def run(proc):
+            if messages is not None:
+                return proc.encode_messages(messages)
+            proc.check_text(body.prompt, "prompt")
+            return proc.encode_texts([body.prompt], body.add_special_tokens)[0]
 
-        tokens = await engine.call(run)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": llm.max_model_len}
+        tokens = await engine.prepare(run)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
 
-        def run(llm):
-            check_token_ids(llm, body.tokens, "tokens")
-            return llm.tokenizer.decode(body.tokens)
+        def run(proc):
+            proc.check_token_ids(body.tokens, "tokens")
+            return proc.tokenizer.decode(body.tokens)
 
-        return {"prompt": await engine.call(run)}
+        return {"prompt": await engine.prepare(run)}
 
     return app

@@ -1,277 +1,222 @@
-"""An asyncio front over the one LLM: a single engine thread, one output queue per request.
+"""The server's side of the engine core: asyncio queues per request, tokenizing off the loop.
 
-    handlers (event loop)                      engine thread (owns the LLM)
-    ---------------------                      ----------------------------
-    add(req_id, prompt, params) --command-->   drain commands: add_request / abort_request / call
-         await future  <----------------------   set the future (or its ValueError)
-    async for out in stream(req_id)            outputs = llm.step()
-         await queue.get() <-call_soon_threadsafe- push each RequestOutput to its request's queue
+    handlers (event loop)                       engine core (own process, or a thread)
+    ---------------------                       --------------------------------------
+    prepare(...)  -> tokenizer worker thread    (InputProcessor: tokenize + check)
+    add(requests) --CoreRequest(adds)------->   all added before the same step
+    async for out in stream(ids)  <-- one CoreOutput per step, dispatched on the loop
+    abort(ids)    --CoreRequest(aborts)----->   KV blocks freed before the next step
 
-The LLM is not thread-safe, so every call into it (tokenizer included: HF fast tokenizers raise
-"Already borrowed" when two threads use one instance) runs on the engine thread, between steps.
-The thread sleeps on a condition when there is neither a command nor an unfinished request.
+The core never sees text: prompts are tokenized here, on worker threads with their own
+tokenizer (so a big prompt never blocks the event loop, and the engine's own tokenizer is never
+shared between threads). `EngineDeadError` reaches every waiting request as soon as the core
+stops; `on_dead` lets the server exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.core_messages import CoreOutput, CoreRequest, CoreStats, EngineRequest
+from tokenmill.engine.core_proc import ProcCore, ThreadCore
+from tokenmill.engine.input_processor import InputError, InputProcessor
+from tokenmill.engine.output_assembler import OutputAssembler
 from tokenmill.engine.outputs import RequestOutput
-from tokenmill.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+NUM_TOKENIZER_THREADS = 2
+
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped (it crashed or the server is shutting down)."""
-
-
-@dataclass
-class EngineSnapshot:
-    """Engine state copied on the engine thread after each step, for /metrics and /health."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_kv_blocks: int = 0
-    num_free_blocks: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-    num_scheduled_seqs_total: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_aborted_requests: int = 0
-
-
-@dataclass
-class _Command:
-    """Work for the engine thread: `run` between steps, or `fail` if the engine is gone."""
-
-    run: Callable[[], None]
-    fail: Callable[[BaseException], None]
-
-
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """The engine core stopped (it crashed, was killed, or the server is shutting down)."""
 
 
 class AsyncEngine:
-    """Owns the LLM on one thread; handlers talk to it through `add`, `stream`, `abort`, `call`."""
+    """The handlers' view of one engine core: `prepare`, `add`, `stream`, `abort`."""
 
-    def __init__(self, llm: Any) -> None:
-        self.llm = llm
-        self.snapshot = EngineSnapshot()
-        self._commands: deque[_Command] = deque()
-        self._cond = threading.Condition()
-        self._streams: dict[str, _Stream] = {}
-        self._stopped = False
-        self._error: BaseException | None = None
-        self._num_aborted = 0
-        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
-        self._take_snapshot()
+    def __init__(self, core: Any, max_prompt_bytes: int | None = None) -> None:
+        self.core = core
+        self.info = core.info
+        self.limits = core.info.limits
+        self.stats: CoreStats = core.info.stats
+        self.num_aborted = 0
+        self.on_dead: Callable[[str], None] = lambda message: None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._assembler: OutputAssembler | None = None  # made with the tokenizer, below
+        self._error: str | None = None
+        self._max_prompt_bytes = max_prompt_bytes
+        self._local = threading.local()
+        self._tokenizer_lock = threading.Lock()
+        self._tokenizer = _load_tokenizer(core.info.model_dir)
+        # The event loop's own tokenizer copy: streamed text is decoded here, not in the core.
+        self._assembler = OutputAssembler(copy.deepcopy(self._tokenizer))
+        self._pool = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="tokenizer")
+        core.on_output, core.on_dead = self._on_output, self._on_dead
+
+    @classmethod
+    def in_process(cls, config: EngineConfig, **kw: Any) -> AsyncEngine:
+        """The engine core in its own process (loads the model there; blocks until loaded)."""
+        return cls(ProcCore(config), **kw)
+
+    @classmethod
+    def in_thread(cls, llm: Any, **kw: Any) -> AsyncEngine:
+        """The engine core on a thread of this process, over `llm`."""
+        return cls(ThreadCore(llm), **kw)
 
     # Lifecycle --------------------------------------------------------------------------------
-
     def start(self) -> None:
-        self._thread.start()
+        self._loop = asyncio.get_running_loop()
+        self.core.start()
+        self._pool.submit(lambda: self.input_processor)  # load a tokenizer before the first call
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self.core.shutdown(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        return self._error is None and self.core.is_alive
 
-    # Handler side (event loop) ----------------------------------------------------------------
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
 
-    async def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Run fn(llm) on the engine thread between steps; return its result or raise its error."""
+    # Inputs (tokenizer threads) ---------------------------------------------------------------
+    @property
+    def input_processor(self) -> InputProcessor:
+        """This thread's InputProcessor, with its own tokenizer."""
+        proc = getattr(self._local, "proc", None)
+        if proc is None:
+            with self._tokenizer_lock:  # one copy per thread; copying is not thread-safe
+                tokenizer = copy.deepcopy(self._tokenizer)
+            proc = InputProcessor(tokenizer, self.limits, self._max_prompt_bytes)
+            self._local.proc = proc
+        return proc
+
+    async def prepare(self, fn: Callable[[InputProcessor], Any]) -> Any:
+        """Run fn(input_processor) on a tokenizer thread; its InputError propagates."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
+        return await loop.run_in_executor(self._pool, lambda: fn(self.input_processor))
 
-        def run() -> None:
-            try:
-                result = fn(self.llm)
-            except Exception as e:  # handed to the caller, who turns it into an HTTP error
-                _call_threadsafe(loop, _set_exception, future, e)
-            else:
-                _call_threadsafe(loop, _set_result, future, result)
-
-        def fail(error: BaseException) -> None:
-            _call_threadsafe(loop, _set_exception, future, error)
-
-        self._submit(_Command(run, fail))
-        return await future
-
-    async def add(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        queue: asyncio.Queue,
-        stream: bool = True,
-    ) -> None:
-        """Add a request whose outputs go to `queue` (several requests may share one).
-
-        `stream=False` lets the engine decode the text once at the end, as LLM.generate does.
-        Raises the engine's ValueError (bad prompt, too long) here, before any output.
-        """
-        target = _Stream(asyncio.get_running_loop(), queue)
-
-        def add_request(llm: Any) -> None:
-            self._streams[request_id] = target
-            try:
-                llm.add_request(request_id, prompt_token_ids, params, stream=stream)
-            except BaseException:
-                self._streams.pop(request_id, None)
-                raise
-
-        await self.call(add_request)
+    # Requests (event loop) --------------------------------------------------------------------
+    def add(self, requests: list[EngineRequest], queue: asyncio.Queue) -> None:
+        """Queue requests whose outputs go to `queue`; the core adds them all before one step."""
+        if not self.is_alive:
+            raise EngineDeadError(self._error or "the engine is not running")
+        for r in requests:
+            self._queues[r.request_id] = queue
+            self._assembler.add(r.request_id, r.prompt_token_ids, r.params, r.detokenize)
+        self.core.send(CoreRequest(adds=requests))
 
     async def stream(
         self, request_ids: list[str], queue: asyncio.Queue
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the requests' RequestOutputs until all finish. Leaving early aborts the rest."""
+        """Yield the requests' RequestOutputs until all finish. Leaving early aborts the rest.
+
+        Outputs are live and cumulative (see OutputAssembler): when several steps arrived
+        since the last look, each request is yielded once, with all its new tokens. So a
+        consumer slower than the engine sends fewer, bigger chunks instead of falling behind.
+        """
         unfinished = set(request_ids)
         try:
             while unfinished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    unfinished.discard(item.request_id)
-                yield item
+                for out in await _take_all(queue):
+                    self._assembler.refresh(out)
+                    if out.finished:
+                        unfinished.discard(out.request_id)
+                    yield out
         finally:
-            for request_id in unfinished:
-                self.abort(request_id)
+            self.abort(list(unfinished))
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request (client gone); its KV blocks are freed before the next step."""
+    def abort(self, request_ids: list[str]) -> None:
+        """Abort requests (client gone); their KV blocks are freed before the next step."""
+        live = [rid for rid in request_ids if self._queues.pop(rid, None) is not None]
+        for rid in live:
+            self._assembler.discard(rid)
+        if live and self.is_alive:
+            self.num_aborted += len(live)
+            self.core.send(CoreRequest(aborts=live))
 
-        def abort_request() -> None:
-            if self._streams.pop(request_id, None) is not None:
-                self.llm.abort_request(request_id)
-                self._num_aborted += 1
+    def abort_all(self, reason: str = "the server is shutting down") -> None:
+        """Abort every request in flight; their handlers get EngineDeadError(reason) (a 503,
+        or an error event in a stream) instead of waiting for outputs that will not come."""
+        error = EngineDeadError(reason)
+        for queue in {id(q): q for q in self._queues.values()}.values():
+            queue.put_nowait(error)
+        self.abort(list(self._queues))
 
+    # Core callbacks (core / reader thread -> event loop) ---------------------------------------
+    def _on_output(self, msg: CoreOutput) -> None:
+        self._call_soon(self._deliver, msg)
+
+    def _on_dead(self, message: str) -> None:
+        self._call_soon(self._fail_all, message)
+
+    def _call_soon(self, fn: Callable, *args: Any) -> None:
+        if self._loop is None:
+            return
         try:
-            self._submit(_Command(abort_request, lambda error: None))
-        except EngineDeadError:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: the server is gone
             pass
 
-    def _submit(self, command: _Command) -> None:
-        with self._cond:
-            if self._stopped or self._error is not None:
-                raise EngineDeadError(
-                    f"the engine is not running ({self._error!r}); restart the server"
-                    if self._error is not None
-                    else "the server is shutting down"
-                )
-            self._commands.append(command)
-            self._cond.notify()
-
-    # Engine thread ----------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while True:
-                commands = self._wait_for_work()
-                if commands is None:
-                    break
-                for command in commands:
-                    command.run()
-                if self.llm.has_unfinished_requests():
-                    self._deliver(self.llm.step())
-                self._take_snapshot()
-        except BaseException as e:  # a crash must reach every waiting request, not hang them
-            logger.exception("engine thread crashed")
-            self._error = e
-            self._fail_all(EngineDeadError(f"the engine crashed: {e!r}"))
-        else:
-            self._fail_all(EngineDeadError("the server is shutting down"))
-
-    def _wait_for_work(self) -> list[_Command] | None:
-        with self._cond:
-            while (
-                not self._stopped
-                and not self._commands
-                and not (self.llm.has_unfinished_requests())
-            ):
-                self._cond.wait()
-            if self._stopped:
-                return None
-            commands = list(self._commands)
-            self._commands.clear()
-            return commands
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:  # aborted meanwhile
+    def _deliver(self, msg: CoreOutput) -> None:
+        self.stats = msg.stats
+        for rid, message in msg.rejected.items():
+            queue = self._queues.pop(rid, None)
+            self._assembler.discard(rid)
+            if queue is not None:
+                queue.put_nowait(InputError(message))
+        for delta in msg.outputs:
+            queue = self._queues.get(delta.request_id)
+            out = self._assembler.apply(delta)
+            if queue is None or out is None:  # aborted meanwhile
                 continue
             if out.finished:
-                del self._streams[out.request_id]
-            _put_threadsafe(stream, out)
+                del self._queues[delta.request_id]
+            queue.put_nowait(out)
 
-    def _fail_all(self, error: BaseException) -> None:
-        with self._cond:
-            self._stopped = True
-            commands = list(self._commands)
-            self._commands.clear()
-        for stream in self._streams.values():
-            _put_threadsafe(stream, error)
-        self._streams.clear()
-        for command in commands:
-            command.fail(error)
-
-    def _take_snapshot(self) -> None:
-        llm, stats = self.llm, self.llm.stats
-        self.snapshot = EngineSnapshot(
-            num_running=stats.num_running,
-            num_waiting=stats.num_waiting,
-            kv_cache_usage=stats.kv_cache_usage,
-            num_kv_blocks=llm.num_kv_blocks,
-            num_free_blocks=llm.num_free_blocks,
-            num_prompt_tokens=stats.num_prompt_tokens,
-            num_generated_tokens=stats.num_generated_tokens,
-            num_preemptions=stats.num_preemptions,
-            num_steps=stats.num_steps,
-            num_scheduled_seqs_total=stats.num_scheduled_seqs_total,
-            prefix_cache_queries=stats.prefix_cache_queries,
-            prefix_cache_hits=stats.prefix_cache_hits,
-            num_aborted_requests=self._num_aborted,
-        )
+    def _fail_all(self, message: str) -> None:
+        if self._error is not None:
+            return
+        self._error = message
+        error = EngineDeadError(message)
+        for queue in {id(q): q for q in self._queues.values()}.values():
+            queue.put_nowait(error)
+        self._queues.clear()
+        if not self.core.stopping:
+            self.on_dead(message)
 
 
-def _set_result(future: asyncio.Future, result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
+async def _take_all(queue: asyncio.Queue) -> list[RequestOutput]:
+    """Wait for one item, then take every item already queued; one entry per request."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    latest: dict[str, RequestOutput] = {}
+    for item in items:
+        if isinstance(item, BaseException):
+            raise item
+        latest[item.request_id] = item
+    return list(latest.values())
 
 
-def _set_exception(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
+def _load_tokenizer(model_dir: str) -> Any:
+    """The model's tokenizer, or None if it has none (then prompts must be token ids).
+    NOTE: call it on the main thread: transformers' lazy imports are not thread-safe."""
+    from transformers import AutoTokenizer
 
-
-def _call_threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
     try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the event loop is already closed (server shutting down)
-        pass
-
-
-def _put_threadsafe(stream: _Stream, item: Any) -> None:
-    _call_threadsafe(stream.loop, stream.queue.put_nowait, item)
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        logger.warning("no tokenizer in %s (%s): only token-id prompts will work", model_dir, e)
+        return None

@@ -147,10 +147,9 @@ class ChatStream:
         return resp.model_dump()
 
 
-def encode_messages(llm: Any, messages: list[ChatMessage]) -> list[int]:
-    """Apply the chat template; runs on the engine thread. A template that rejects the
-    conversation (roles out of order, no template) is the client's error: a 400."""
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Pydantic messages -> the chat template's dicts; an unsupported part is a 400."""
     try:
-        return list(llm.encode_chat([m.to_template_dict() for m in messages]))
-    except Exception as e:  # ValueError, or the template's own jinja2 TemplateError
+        return [m.to_template_dict() for m in messages]
+    except ValueError as e:
         raise APIError(400, f"messages: {e}", "messages") from e

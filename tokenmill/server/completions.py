@@ -1,18 +1,17 @@
-"""POST /v1/completions: one engine request per prompt, n completions each.
+"""POST /v1/completions: one engine request per prompt (all added in one batch), n each.
 
 Choice index = prompt index * n + completion index, as OpenAI numbers them.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.outputs import Logprob, RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
-from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -21,13 +20,7 @@ from tokenmill.server.protocol import (
     random_id,
     usage,
 )
-from tokenmill.server.serving import (
-    DeltaTracker,
-    RequestTimer,
-    check_prompt,
-    sse,
-    token_text,
-)
+from tokenmill.server.serving import DeltaTracker, RequestTimer, sse, token_text
 
 
 @dataclass
@@ -40,33 +33,21 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
     """str | list[str] | list[int] | list[list[int]] -> a list of prompts."""
     if isinstance(prompt, str):
         return [prompt]
-    if not prompt:
-        raise APIError(
-            400, "prompt is empty; send a string, a list of strings or token ids", "prompt"
-        )
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return list(prompt)
 
 
 def prepare_prompts(
-    llm: Any, prompts: list[str | list[int]], params: SamplingParams, echo: bool
+    proc: InputProcessor, prompts: list[str | list[int]], params: SamplingParams, echo: bool
 ) -> list[PreparedPrompt]:
-    """Tokenize and check every prompt; runs on the engine thread."""
+    """Tokenize (one batch) and check every prompt; runs on a tokenizer thread."""
     prepared = []
-    for i, p in enumerate(prompts):
-        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        if isinstance(p, str):
-            if not p:
-                raise APIError(400, f"{param} is an empty string", param)
-            ids = list(llm.encode(p))
-        else:
-            ids = list(p)
-        check_prompt(llm, ids, params, param)
-        text = None
-        if echo:
-            text = p if isinstance(p, str) else llm.tokenizer.decode(ids)
-        prepared.append(PreparedPrompt(ids, text))
+    for p in proc.process_prompts(prompts, params):
+        text = p.prompt
+        if echo and text is None:
+            text = proc.tokenizer.decode(p.prompt_token_ids)
+        prepared.append(PreparedPrompt(p.prompt_token_ids, text if echo else None))
     return prepared
 
 
@@ -187,25 +168,3 @@ class CompletionStream:
         choices.sort(key=lambda ch: ch.index)
         resp = CompletionResponse(id=self.id, model=self.model, choices=choices, usage=self.usage())
         return resp.model_dump()
-
-
-async def add_all(
-    engine: Any,
-    base_id: str,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    queue: asyncio.Queue,
-    stream: bool,
-) -> list[str]:
-    """Add one engine request per prompt; if one is refused, abort those already added."""
-    request_ids: list[str] = []
-    try:
-        for i, ids in enumerate(prompts):
-            rid = f"{base_id}-{i}"
-            await engine.add(rid, ids, params, queue, stream)
-            request_ids.append(rid)
-    except BaseException:
-        for rid in request_ids:
-            engine.abort(rid)
-        raise
-    return request_ids

@@ -15,6 +15,7 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     422: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable",
@@ -49,7 +50,7 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     for e in errors:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         where = ".".join(loc) or "body"
-        param = param or (loc[0] if loc else None)
+        param = param or (where if loc else None)
         parts.append(f"{where}: {e.get('msg', 'invalid value')}")
     return "; ".join(parts) or "invalid request body", param
 
@@ -60,7 +61,9 @@ def install_error_handlers(app: Any) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
+    from tokenmill.engine.input_processor import InputError
     from tokenmill.server.async_engine import EngineDeadError
+    from tokenmill.server.protocol import InvalidText
 
     def reply(
         status: int, message: str, param: str | None = None, code: str | None = None
@@ -70,6 +73,14 @@ def install_error_handlers(app: Any) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         return reply(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request, exc: InputError):
+        return reply(400, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(InvalidText)
+    async def _invalid_text(request, exc: InvalidText):
+        return reply(400, str(exc), exc.param, "invalid_text")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):

@@ -1,89 +1,119 @@
-"""/metrics: Prometheus text exposition format (version 0.0.4), written by hand.
+"""/metrics through prometheus_client: vLLM's metric names with the `tokenmill:` prefix, every
+series labelled `model_name`.
 
-Gauges come from the engine thread's EngineSnapshot; request counters and latency histograms
-are observed by the handlers (event loop thread only, so no lock is needed).
+Engine gauges and counters are read at scrape time from the last CoreStats the engine core sent
+(a collector, so they are never copied twice); request latencies are histograms observed by the
+handlers on the event loop. Each app has its own CollectorRegistry, so several servers (tests)
+can live in one process.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Iterator
 
-from tokenmill.server.async_engine import EngineSnapshot
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-PREFIX = "tokenmill"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from tokenmill.engine.core_messages import CoreStats
+
+PREFIX = "tokenmill:"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+FINISH_REASONS = ("stop", "length", "abort")
+
+# name (without prefix) -> (help, CoreStats field); gauges describe now, counters since start.
+_GAUGES = {
+    "num_requests_running": ("Requests in the running batch.", "num_running"),
+    "num_requests_waiting": ("Requests waiting to be scheduled.", "num_waiting"),
+    "kv_cache_usage_perc": ("Fraction of KV-cache blocks in use (0..1).", "kv_cache_usage"),
+    "kv_cache_blocks_total": ("KV-cache blocks in the pool.", "num_kv_blocks"),
+    "kv_cache_blocks_free": ("KV-cache blocks free now.", "num_free_blocks"),
+}
+_COUNTERS = {
+    "prompt_tokens": ("Prompt tokens processed.", "num_prompt_tokens"),
+    "generation_tokens": ("Tokens generated.", "num_generated_tokens"),
+    "num_preemptions": ("Requests preempted for lack of KV blocks.", "num_preemptions"),
+    "prefix_cache_queries": (
+        "Prompt tokens looked up in the prefix cache.",
+        "prefix_cache_queries",
+    ),
+    "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+    "engine_steps": ("Engine steps run.", "num_steps"),
+    "scheduled_seqs": (
+        "Sequences scheduled, summed over steps (/ engine_steps = mean batch size).",
+        "num_scheduled_seqs_total",
+    ),
+}
 
 
-def _fmt(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+class _EngineCollector:
+    """Engine state (CoreStats) and finished-request counts, read at scrape time."""
 
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.m = metrics
 
-class Histogram:
-    """Cumulative-bucket histogram, rendered as `_bucket{le=...}`, `_sum` and `_count`."""
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...] = LATENCY_BUCKETS):
-        self.name, self.help, self.buckets = name, help, buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, upper in enumerate(self.buckets):
-            if value <= upper:
-                self.counts[i] += 1
-
-    def render(self) -> list[str]:
-        full = f"{PREFIX}_{self.name}"
-        lines = [f"# HELP {full} {self.help}", f"# TYPE {full} histogram"]
-        for upper, n in zip(self.buckets, self.counts, strict=True):
-            lines.append(f'{full}_bucket{{le="{_fmt(upper)}"}} {n}')
-        lines.append(f'{full}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{full}_sum {_fmt(self.sum)}")
-        lines.append(f"{full}_count {self.count}")
-        return lines
+    def collect(self) -> Iterator:
+        stats, label = self.m.stats(), [self.m.model_name]
+        for name, (help_text, attr) in _GAUGES.items():
+            g = GaugeMetricFamily(PREFIX + name, help_text, labels=["model_name"])
+            g.add_metric(label, float(getattr(stats, attr)))
+            yield g
+        for name, (help_text, attr) in _COUNTERS.items():
+            c = CounterMetricFamily(PREFIX + name, help_text, labels=["model_name"])
+            c.add_metric(label, float(getattr(stats, attr)))
+            yield c
+        c = CounterMetricFamily(
+            PREFIX + "request_success",
+            "Requests finished, by finish reason (abort: the client left).",
+            labels=["model_name", "finished_reason"],
+        )
+        counts = {**dict.fromkeys(FINISH_REASONS, 0), **self.m.finished}
+        counts["abort"] += self.m.num_aborted()
+        for reason, n in sorted(counts.items()):
+            c.add_metric([*label, reason], float(n))
+        yield c
 
 
 class ServerMetrics:
-    """Everything /metrics reports besides the engine snapshot."""
+    """Everything /metrics reports. `stats()` and `num_aborted()` read the engine's side."""
 
-    def __init__(self) -> None:
-        self.finished_requests: dict[str, int] = {}  # finish reason -> count
-        self.ttft = Histogram(
-            "time_to_first_token_seconds", "Time from request arrival to its first generated token."
+    def __init__(
+        self,
+        model_name: str,
+        stats: Callable[[], CoreStats],
+        num_aborted: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.model_name, self.stats, self.num_aborted = model_name, stats, num_aborted
+        self.finished: dict[str, int] = {}  # finish reason -> count (handlers only)
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(self))
+
+        def histogram(name: str, help_text: str):
+            h = Histogram(
+                PREFIX + name,
+                help_text,
+                labelnames=["model_name"],
+                buckets=LATENCY_BUCKETS,
+                registry=self.registry,
+            )
+            return h.labels(model_name)
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time from request arrival to its first token."
         )
-        self.tpot = Histogram(
-            "time_per_output_token_seconds", "Mean time between generated tokens of one completion."
+        self.tpot = histogram(
+            "time_per_output_token_seconds", "Mean time between tokens of one completion."
         )
-        self.e2e = Histogram(
+        self.e2e = histogram(
             "e2e_request_latency_seconds", "Time from request arrival to its last token."
+        )
+        self.queue = histogram(
+            "request_queue_time_seconds", "Time a request waited before its first step."
         )
 
     def observe_request(
@@ -93,80 +123,17 @@ class ServerMetrics:
         first_token: float | None,
         finished: float,
         num_generated_tokens: int,
+        queue_time: float | None = None,
     ) -> None:
         reason = finish_reason or "abort"
-        self.finished_requests[reason] = self.finished_requests.get(reason, 0) + 1
+        self.finished[reason] = self.finished.get(reason, 0) + 1
         self.e2e.observe(finished - arrival)
+        if queue_time is not None:
+            self.queue.observe(queue_time)
         if first_token is not None:
             self.ttft.observe(first_token - arrival)
             if num_generated_tokens > 1:
                 self.tpot.observe((finished - first_token) / (num_generated_tokens - 1))
 
-    def render(self, snap: EngineSnapshot, model_name: str) -> str:
-        label = f'model_name="{_escape(model_name)}"'
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help: str, value: float) -> None:
-            full = f"{PREFIX}_{name}"
-            lines.extend(
-                [
-                    f"# HELP {full} {help}",
-                    f"# TYPE {full} {kind}",
-                    f"{full}{{{label}}} {_fmt(value)}",
-                ]
-            )
-
-        metric("num_requests_running", "gauge", "Requests in the running batch.", snap.num_running)
-        metric(
-            "num_requests_waiting", "gauge", "Requests waiting to be scheduled.", snap.num_waiting
-        )
-        metric(
-            "kv_cache_usage_ratio",
-            "gauge",
-            "Fraction of KV-cache blocks in use (0..1).",
-            snap.kv_cache_usage,
-        )
-        metric("kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", snap.num_kv_blocks)
-        metric("kv_cache_blocks_free", "gauge", "KV-cache blocks free now.", snap.num_free_blocks)
-        metric("prompt_tokens_total", "counter", "Prompt tokens processed.", snap.num_prompt_tokens)
-        metric("generation_tokens_total", "counter", "Tokens generated.", snap.num_generated_tokens)
-        metric(
-            "num_preemptions_total",
-            "counter",
-            "Requests preempted for lack of KV blocks.",
-            snap.num_preemptions,
-        )
-        metric("engine_steps_total", "counter", "Engine steps run.", snap.num_steps)
-        metric(
-            "scheduled_seqs_total",
-            "counter",
-            "Sequences scheduled, summed over steps (/ engine_steps_total = mean batch size).",
-            snap.num_scheduled_seqs_total,
-        )
-        metric(
-            "prefix_cache_queries_total",
-            "counter",
-            "Prompt tokens looked up in the prefix cache.",
-            snap.prefix_cache_queries,
-        )
-        metric(
-            "prefix_cache_hits_total",
-            "counter",
-            "Prompt tokens found in the prefix cache.",
-            snap.prefix_cache_hits,
-        )
-
-        full = f"{PREFIX}_request_success_total"
-        lines += [f"# HELP {full} Requests finished, by finish reason.", f"# TYPE {full} counter"]
-        for reason in sorted(set(self.finished_requests) | {"stop", "length", "abort"}):
-            n = self.finished_requests.get(reason, 0)
-            if reason == "abort":  # clients that left: counted by the engine thread
-                n += snap.num_aborted_requests
-            lines.append(f'{full}{{{label},finished_reason="{_escape(reason)}"}} {n}')
-        for hist in (self.ttft, self.tpot, self.e2e):
-            lines += hist.render()
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

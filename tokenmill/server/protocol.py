@@ -3,57 +3,87 @@
 Requests accept the fields the official `openai` client sends; tokenmill's sampling extras
 (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`) arrive
 at the top level of the JSON body through the client's `extra_body`. Unknown fields are
-ignored, as OpenAI does. `to_sampling_params` turns a request into SamplingParams; its
-ValueError becomes a 400 naming the field.
+ignored, as OpenAI does. Types are strict (`"5"` is not an int, `"yes"` not a bool), lists are
+bounded, and text holding a lone surrogate (`"\\ud800"`) is refused with `InvalidText`.
+`to_sampling_params` maps a request onto SamplingParams through the engine's one OpenAI
+adapter (engine/openai_params.py), so `serve` and `generate` share every default.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenmill.engine.openai_params import chat_params, completion_params
 from tokenmill.engine.sampling_params import SamplingParams
 
-MAX_TOP_LOGPROBS = 20
-_SAMPLING_FIELDS = (
-    "n",
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "min_tokens",
-    "ignore_eos",
-    "stop_token_ids",
-    "include_stop_str_in_output",
-    "skip_special_tokens",
-)
+MAX_PROMPTS = 4096  # prompts in one /v1/completions request
+MAX_MESSAGES = 4096
+MAX_STOP = 16  # stop strings
+MAX_STOP_TOKEN_IDS = 1024
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+class InvalidText(Exception):
+    """A request string that is not valid Unicode; `param` is where it sits."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(
+            f"{param} is not valid Unicode text (it holds a lone surrogate such as \\ud800); "
+            "send UTF-8 text"
+        )
+        self.param = param
+
+
+def check_unicode(value: Any, where: str = "") -> None:
+    """Raise InvalidText for a string anywhere in `value` that UTF-8 cannot encode.
+
+    NOTE: not a ValueError on purpose: pydantic would fold it into a validation error without
+    the field's name; the app's handler turns it into a 400 naming `param`."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidText(where or "body") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, where or "body")
+            check_unicode(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{where}[{i}]")
+
+
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Body(_Base):
+    """A request body: every string in it checked for lone surrogates first."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_unicode(data)
+        return data
 
 
 class StreamOptions(_Base):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Base):
+class _SamplingRequest(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions.
 
-    A sampling field left out (None) takes SamplingParams' default, so no default is written
-    twice; OpenAI's defaults (n=1, temperature=1, top_p=1, no penalties) are the same.
+    A sampling field left out (None) takes the adapter's default (engine/openai_params.py), so
+    no default is written twice.
     """
 
     model: str | None = None
@@ -63,7 +93,7 @@ class _SamplingRequest(_Base):
     n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -73,50 +103,37 @@ class _SamplingRequest(_Base):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
-
-    def _sampling_params(self, **values: Any) -> SamplingParams:
-        for name in _SAMPLING_FIELDS:
-            value = getattr(self, name)
-            if value is not None and value != []:
-                values[name] = value
-        return SamplingParams(**values)
 
     @property
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = None  # None: SamplingParams' default (16, as OpenAI's)
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    max_tokens: int | None = None  # None: the adapter's default (16, as OpenAI's)
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {self.logprobs})")
-        if self.echo and self.logprobs is not None:
-            raise ValueError(
-                "echo together with logprobs is not supported: the engine does "
-                "not compute prompt logprobs; drop one of them"
-            )
-        if self.suffix:
-            raise ValueError("suffix is not supported; put the text in the prompt instead")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ValueError(f"best_of is not supported (got {self.best_of}); use n instead")
-        values: dict[str, Any] = {"logprobs": self.logprobs}
-        if self.max_tokens is not None:
-            values["max_tokens"] = self.max_tokens
-        return self._sampling_params(**values)
+        return completion_params(self.model_dump())
 
 
 class ChatMessage(_Base):
-    role: str
+    role: Literal[ROLES]  # type: ignore[valid-type]
     # A string, or OpenAI's list of content parts ({"type": "text", "text": ...}).
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -126,12 +143,13 @@ class ChatMessage(_Base):
         if isinstance(content, list):
             parts = []
             for part in content:
-                if part.get("type") != "text":
+                text = part.get("text")
+                if part.get("type") != "text" or not isinstance(text, str):
                     raise ValueError(
                         f"message content part of type {part.get('type')!r} is not "
-                        "supported; only text parts are"
+                        'supported; only text parts ({"type": "text", "text": str}) are'
                     )
-                parts.append(str(part.get("text", "")))
+                parts.append(text)
             content = "".join(parts)
         out: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
@@ -140,36 +158,24 @@ class ChatMessage(_Base):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.top_logprobs is not None:
-            if not self.logprobs:
-                raise ValueError("top_logprobs needs logprobs=true")
-            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise ValueError(
-                    f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs})"
-                )
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        max_tokens = self.max_completion_tokens
-        if max_tokens is None:
-            max_tokens = self.max_tokens
-        # Chat has no token limit by default: up to the model's context.
-        return self._sampling_params(max_tokens=max_tokens, logprobs=logprobs)
+        return chat_params(self.model_dump(exclude={"messages"}))
 
 
-class TokenizeRequest(_Base):
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(_Base):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 

@@ -1,8 +1,4 @@
-"""What /v1/completions and /v1/chat/completions share: prompt checks, stream deltas, SSE.
-
-Prompts are tokenized and checked on the engine thread (`check_prompt`), so a too-long prompt
-or an out-of-vocabulary token id becomes a 400 that names the limit, before anything is sent.
-"""
+"""What /v1/completions and /v1/chat/completions share: stream deltas, timers, SSE."""
 
 from __future__ import annotations
 
@@ -13,52 +9,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.engine.input_processor import InputError
 from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.server.async_engine import EngineDeadError
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.metrics import ServerMetrics
-
-
-def vocab_size(llm: Any) -> int:
-    size = getattr(getattr(llm, "hf_config", None), "vocab_size", None)
-    return int(size) if size else len(llm.tokenizer)
-
-
-def check_token_ids(llm: Any, token_ids: list[int], param: str) -> None:
-    """Raise a 400 for token ids outside the model's vocabulary."""
-    size = vocab_size(llm)
-    bad = [t for t in token_ids if not 0 <= t < size]
-    if bad:
-        raise APIError(
-            400, f"{param} has token ids outside the vocabulary [0, {size}): {bad[:5]}", param
-        )
-
-
-def check_prompt(llm: Any, token_ids: list[int], params: SamplingParams, param: str) -> None:
-    """Raise a 400 for an empty prompt, unknown token ids, or prompt + output past the context."""
-    if not token_ids:
-        raise APIError(400, f"{param} is empty; send at least one token", param)
-    check_token_ids(llm, token_ids, param)
-    limit, num_prompt = llm.max_model_len, len(token_ids)
-    if num_prompt >= limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, "
-            f"your prompt has {num_prompt} tokens; shorten it.",
-            param,
-            "context_length_exceeded",
-        )
-    if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, "
-            f"you requested {num_prompt + params.max_tokens} tokens ({num_prompt} in "
-            f"the prompt, {params.max_tokens} for the completion); reduce the "
-            "prompt or max_tokens.",
-            "max_tokens",
-            "context_length_exceeded",
-        )
 
 
 @dataclass
@@ -109,6 +64,7 @@ class RequestTimer:
             self.first_token = time.monotonic()
 
     def finish(self, metrics: ServerMetrics, out: RequestOutput) -> None:
+        queue_time = out.extra.get("queue_time")
         reason = "abort"
         reasons = [c.finish_reason for c in out.outputs if c.finish_reason]
         if reasons:
@@ -119,6 +75,7 @@ class RequestTimer:
             self.first_token,
             time.monotonic(),
             sum(len(c.token_ids) for c in out.outputs),
+            queue_time,
         )
 
 
@@ -134,6 +91,8 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
             yield event
     except APIError as e:
         yield sse(error_body(e.status, e.message, e.param, e.code))
+    except InputError as e:  # the engine refused a request the input processor let through
+        yield sse(error_body(400, e.message, e.param, e.code))
     except EngineDeadError as e:
         yield sse(error_body(503, str(e)))
     except (asyncio.CancelledError, GeneratorExit):

@@ -1,0 +1,104 @@
+"""The messages between a front end and the engine core: plain, picklable dataclasses.
+
+    front end --CoreRequest(adds: [EngineRequest], aborts)--> core
+    front end <--CoreOutput(outputs: [OutputDelta], rejected, stats)-- core, once per step
+    front end <--CoreInfo-- core, once, when the model is loaded
+
+Outputs travel as deltas (new text, new token ids), not as the cumulative RequestOutputs the
+LLM returns: a message costs O(new tokens), not O(tokens so far).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.engine.input_processor import ModelLimits
+from tokenmill.engine.outputs import Logprob
+from tokenmill.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineRequest:
+    """One request for the core: already tokenized and checked (see InputProcessor)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool = True  # False: the text is decoded once, at the end
+    # With stream: True, the core detokenizes every step; False, it sends token ids only and
+    # the front end detokenizes (OutputAssembler). Stop strings and logprobs need the core's.
+    detokenize: bool = True
+
+    @staticmethod
+    def needs_core_text(params: SamplingParams) -> bool:
+        """Whether the core must decode text as it goes: stop strings are matched there, and
+        logprobs carry each token's text."""
+        return bool(params.stop) or params.logprobs is not None
+
+
+@dataclass
+class CoreRequest:
+    """Front end -> core. Adds of one message reach the scheduler before the same step."""
+
+    adds: list[EngineRequest] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    shutdown: bool = False
+
+
+@dataclass
+class CompletionDelta:
+    index: int
+    text: str  # new text since the last delta
+    token_ids: list[int]  # new token ids
+    logprobs: list[dict[int, Logprob]] | None  # one entry per new token, if asked for
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class OutputDelta:
+    request_id: str
+    completions: list[CompletionDelta]
+    finished: bool
+    num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to the first step (when finished)
+
+
+@dataclass
+class CoreStats:
+    """Engine state after a step, for /metrics and /health."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_kv_blocks: int = 0
+    num_free_blocks: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    num_scheduled_seqs_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclass
+class CoreOutput:
+    """Core -> front end, once per step: every request that moved, and the adds it refused."""
+
+    outputs: list[OutputDelta]
+    rejected: dict[str, str]  # request id -> why add_request refused it
+    stats: CoreStats
+
+
+@dataclass
+class CoreInfo:
+    """Core -> front end, once, when the model is loaded (or failed to load: `error`)."""
+
+    limits: ModelLimits | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    model_dir: str = ""
+    model_name: str = ""
+    stats: CoreStats = field(default_factory=CoreStats)  # before the first step
+    error: str | None = None

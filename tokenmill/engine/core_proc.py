@@ -1,0 +1,333 @@
+"""The engine core: scheduler + model runner behind a message loop, on a thread or in its own
+process. A front end (the server) talks to it only through plain dataclasses:
+
+    front end (ThreadCore / ProcCore)               core (run_core, owns the LLM)
+    ---------------------------------               -----------------------------
+    send(CoreRequest(adds, aborts)) ---queue/pipe-->  apply adds / aborts between steps
+    on_output(CoreOutput)  <--one message per step--  llm.step() -> OutputDeltas + stats
+
+The messages are in core_messages.py; `OutputAssembler` (output_assembler.py) rebuilds the
+cumulative RequestOutputs on the front end's side.
+
+`ProcCore` runs the loop in a child process (multiprocessing spawn; pickled dataclasses over a
+pipe), so the front end's HTTP, JSON and SSE work no longer shares a GIL with the thread that
+drives the GPU. `ThreadCore` runs the same loop on a thread of the caller's process. Either
+calls `on_dead(message)` once when the core stops (`stopping` tells an expected stop from a
+crash or a kill -9). Set `on_output` / `on_dead` before `start()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.core_messages import (
+    CompletionDelta,
+    CoreInfo,
+    CoreOutput,
+    CoreRequest,
+    CoreStats,
+    OutputDelta,
+)
+from tokenmill.engine.input_processor import ModelLimits
+from tokenmill.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+# ---- the loop (core side) ------------------------------------------------------------------------
+class EngineCore:
+    """Applies CoreRequests to an LLM and turns its steps into CoreOutputs."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self._sent: dict[str, list[tuple[int, int]]] = {}  # request id -> (chars, tokens) sent
+        # Token-only streams: request id -> its engine Requests, read after each step.
+        self._token_only: dict[str, list[Any]] = {}
+
+    def apply(self, msg: CoreRequest) -> dict[str, str]:
+        rejected = {}
+        for rid in msg.aborts:
+            self._sent.pop(rid, None)
+            self._token_only.pop(rid, None)
+            self.llm.abort_request(rid)
+        for add in msg.adds:
+            token_only = add.stream and not add.detokenize
+            try:
+                self.llm.add_request(
+                    add.request_id,
+                    add.prompt_token_ids,
+                    add.params,
+                    stream=add.stream and not token_only,
+                )
+            except ValueError as e:  # the input processor should have caught it; say why
+                rejected[add.request_id] = str(e)
+                continue
+            self._sent[add.request_id] = [(0, 0)] * add.params.n
+            if token_only:
+                # NOTE: reads the LLM's request records (no public API gives a stream=False
+                # request's tokens before it ends); the Requests' token lists only grow.
+                state = self.llm.output_processor.states[add.request_id]
+                self._token_only[add.request_id] = state.children
+        return rejected
+
+    def step(self) -> list[OutputDelta]:
+        if not self.llm.has_unfinished_requests():
+            return []
+        deltas = [self._delta(out) for out in self.llm.step() if out.request_id in self._sent]
+        for rid in [d.request_id for d in deltas if d.finished]:
+            self._token_only.pop(rid, None)
+        for rid, children in self._token_only.items():
+            delta = self._token_delta(rid, children)
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+    def _token_delta(self, rid: str, children: list[Any]) -> OutputDelta | None:
+        """New token ids of an unfinished token-only request (None if it did not move)."""
+        sent, completions = self._sent[rid], []
+        for i, req in enumerate(children):
+            num_sent = sent[i][1]
+            if req.num_output_tokens > num_sent:
+                new = req.output_token_ids[num_sent:]
+                completions.append(CompletionDelta(i, "", list(new), None))
+                sent[i] = (0, num_sent + len(new))
+        return OutputDelta(rid, completions, False) if completions else None
+
+    def _delta(self, out: RequestOutput) -> OutputDelta:
+        sent = self._sent[out.request_id]
+        token_only = out.request_id in self._token_only
+        completions = []
+        for c in out.outputs:
+            chars, tokens = sent[c.index]
+            completions.append(
+                CompletionDelta(
+                    index=c.index,
+                    text="" if token_only else c.text[chars:],
+                    token_ids=c.token_ids[tokens:],
+                    logprobs=None if c.logprobs is None else c.logprobs[tokens:],
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+            sent[c.index] = (max(chars, len(c.text)), len(c.token_ids))
+        queue_time = None
+        if out.finished:
+            del self._sent[out.request_id]
+            m = out.metrics
+            if m is not None and m.first_scheduled_time is not None:
+                queue_time = m.first_scheduled_time - m.arrival_time
+        return OutputDelta(
+            out.request_id, completions, out.finished, out.num_cached_tokens, queue_time
+        )
+
+    def stats(self) -> CoreStats:
+        llm, s = self.llm, self.llm.stats
+        return CoreStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            num_kv_blocks=llm.num_kv_blocks,
+            num_free_blocks=llm.num_free_blocks,
+            num_prompt_tokens=s.num_prompt_tokens,
+            num_generated_tokens=s.num_generated_tokens,
+            num_preemptions=s.num_preemptions,
+            num_steps=s.num_steps,
+            num_scheduled_seqs_total=s.num_scheduled_seqs_total,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+        )
+
+
+def run_core(
+    llm: Any,
+    receive: Callable[[bool], list[CoreRequest]],
+    send: Callable[[CoreOutput], None],
+) -> None:
+    """The core loop: apply what arrived, step, send one CoreOutput. `receive(block)` returns
+    the messages waiting (blocking for one when the engine is idle); returns on shutdown."""
+    core = EngineCore(llm)
+    while True:
+        rejected: dict[str, str] = {}
+        moved = False
+        for msg in receive(not llm.has_unfinished_requests()):
+            if msg.shutdown:
+                return
+            rejected.update(core.apply(msg))
+            moved = moved or bool(msg.aborts)
+        outputs = core.step()
+        if outputs or rejected or moved or llm.has_unfinished_requests():
+            send(CoreOutput(outputs, rejected, core.stats()))
+
+
+def core_info(llm: Any) -> CoreInfo:
+    return CoreInfo(
+        limits=ModelLimits.of(llm),
+        model_info=llm.model_info(),
+        model_dir=str(llm.model_dir),
+        model_name=str(llm.model_name),
+        stats=EngineCore(llm).stats(),
+    )
+
+
+class _Core:
+    """What ThreadCore and ProcCore share: an inbox, the callbacks, the dead flag."""
+
+    def __init__(self) -> None:
+        self._inbox: queue.Queue[CoreRequest] = queue.Queue()
+        self._dead = threading.Event()
+        self.stopping = False  # shutdown() was called: a stop is expected
+        self.info = CoreInfo()
+        self.on_output: Callable[[CoreOutput], None] = lambda msg: None
+        self.on_dead: Callable[[str], None] = lambda message: None
+
+    @property
+    def is_alive(self) -> bool:
+        return not self._dead.is_set()
+
+    def send(self, msg: CoreRequest) -> None:
+        """Queue a message for the core (never blocks the caller)."""
+        self._inbox.put(msg)
+
+    def _die(self, message: str) -> None:
+        if not self._dead.is_set():
+            self._dead.set()
+            if not self.stopping:
+                logger.error("the engine core stopped: %s", message)
+            self.on_dead(message)
+
+
+def _drain(inbox: queue.Queue, block: bool, timeout: float | None = None) -> list[CoreRequest]:
+    msgs = []
+    try:
+        if block:
+            msgs.append(inbox.get(timeout=timeout))
+        while True:
+            msgs.append(inbox.get_nowait())
+    except queue.Empty:
+        pass
+    return msgs
+
+
+class ThreadCore(_Core):
+    """The core loop on a thread of this process, over an already-built LLM."""
+
+    def __init__(self, llm: Any) -> None:
+        super().__init__()
+        self.llm = llm
+        self.info = core_info(llm)
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            run_core(self.llm, lambda block: _drain(self._inbox, block), self.on_output)
+        except BaseException as e:  # a crash must reach every waiting request, not hang them
+            logger.exception("engine thread crashed")
+            self._die(f"the engine crashed: {e!r}")
+        else:
+            self.stopping = True
+            self._die("the server is shutting down")
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        self.send(CoreRequest(shutdown=True))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def _proc_main(config: EngineConfig, conn: Any) -> None:
+    """The engine-core process: load the model, then loop until shutdown or a closed pipe.
+
+    It ignores SIGINT / SIGTERM: a Ctrl-C (sent to the whole process group) or a service
+    manager's SIGTERM is the front end's to handle; it stops this process through the pipe."""
+    import signal
+
+    from tokenmill.engine.llm import LLM
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    try:
+        llm = LLM.from_config(config)
+    except BaseException as e:
+        conn.send(CoreInfo(error=f"{type(e).__name__}: {e}"))
+        return
+    conn.send(core_info(llm))
+
+    def receive(block: bool) -> list[CoreRequest]:
+        msgs = []
+        if block:
+            conn.poll(None)
+        while conn.poll(0):
+            msgs.append(conn.recv())  # EOFError: the front end is gone; the process ends
+        return msgs
+
+    try:
+        run_core(llm, receive, conn.send)
+    except (EOFError, BrokenPipeError):
+        pass  # the front end is gone: nobody is left to serve
+
+
+class ProcCore(_Core):
+    """The core loop in a child process that builds its own LLM from `config`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_proc_main, args=(config, child_conn), name="tokenmill-engine-core", daemon=True
+        )
+        self.process.start()
+        child_conn.close()  # else our copy keeps the pipe open and hides the child's death
+        try:
+            self.info = self._conn.recv()
+        except EOFError:
+            self.info = CoreInfo(error=f"the engine process exited ({self.process.exitcode})")
+        if self.info.error is not None:
+            self.process.join(10)
+            raise RuntimeError(f"the engine process could not start: {self.info.error}")
+
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="tokenmill-core-reader", daemon=True).start()
+        threading.Thread(target=self._write, name="tokenmill-core-writer", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                self.on_output(self._conn.recv())
+        except (EOFError, OSError):
+            pass
+        except BaseException as e:  # a bug in on_output: nothing can be delivered any more
+            logger.exception("engine core reader failed")
+            self._die(f"the engine core reader failed: {e!r}")
+            return
+        self.process.join(1)
+        self._die(f"the engine process exited (exit code {self.process.exitcode})")
+
+    def _write(self) -> None:
+        while True:
+            msg = self._inbox.get()
+            try:
+                self._conn.send(msg)
+            except (OSError, ValueError):
+                return  # the reader notices the death
+            if msg.shutdown:
+                return
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        if self.process.is_alive():
+            self.send(CoreRequest(shutdown=True))
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)

@@ -1,0 +1,91 @@
+"""OpenAI request bodies -> SamplingParams: one mapping, one set of defaults, for every front end.
+
+`tokenmill serve` (after pydantic checked the types) and the batch job's OpenAI-batch rows
+both call `completion_params(body)` / `chat_params(body)`, so the same body decodes the same
+way under `serve` and `generate`. Defaults are OpenAI's: a completion stops after 16 tokens
+(SamplingParams' default), a chat completion may run to the end of the context. Errors are
+InputErrors naming the field (`param`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenmill.engine.input_processor import InputError, sampling_params
+from tokenmill.engine.sampling_params import SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+MAX_N = 128  # completions per prompt; each is a sequence in the batch and in the KV cache
+
+# Body fields that map 1:1 onto SamplingParams (vLLM's extras included); None means "default".
+SAMPLING_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "max_tokens",
+)
+
+
+def _common(body: dict[str, Any]) -> dict[str, Any]:
+    values = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    n = values.get("n", 1)
+    if not 1 <= n <= MAX_N:
+        raise InputError(f"n must be in [1, {MAX_N}] (got {n})", "n")
+    if values.get("stop_token_ids") == []:
+        del values["stop_token_ids"]
+    return values
+
+
+def completion_params(body: dict[str, Any]) -> SamplingParams:
+    """/v1/completions body -> SamplingParams (max_tokens defaults to 16, as OpenAI's)."""
+    values = _common(body)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(
+                f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {logprobs})", "logprobs"
+            )
+        values["logprobs"] = logprobs
+    if body.get("echo") and logprobs is not None:
+        raise InputError(
+            "echo together with logprobs is not supported: the engine does not compute "
+            "prompt logprobs; drop one of them",
+            "echo",
+        )
+    if body.get("suffix"):
+        raise InputError("suffix is not supported; put the text in the prompt instead", "suffix")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != values.get("n", 1):
+        raise InputError(f"best_of is not supported (got {best_of}); use n instead", "best_of")
+    return sampling_params(values)
+
+
+def chat_params(body: dict[str, Any]) -> SamplingParams:
+    """/v1/chat/completions body -> SamplingParams (no token limit by default: up to the
+    context; max_completion_tokens wins over max_tokens)."""
+    values = _common(body)
+    limit = body.get("max_completion_tokens")
+    values["max_tokens"] = limit if limit is not None else body.get("max_tokens")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not body.get("logprobs"):
+            raise InputError("top_logprobs needs logprobs=true", "top_logprobs")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InputError(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {top})", "top_logprobs"
+            )
+    if body.get("logprobs"):
+        values["logprobs"] = top or 0
+    return sampling_params(values)
