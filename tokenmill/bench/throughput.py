@@ -59,6 +59,8 @@ def run_tokenmill(llm, workload: Workload) -> ThroughputResult:
     params = [
         SamplingParams(
             temperature=workload.temperature,
+            top_p=workload.top_p,
+            top_k=workload.top_k,
             ignore_eos=workload.ignore_eos,
             max_tokens=r.max_tokens,
         )
