@@ -100,4 +100,4 @@ def test_cli_mixed_workload_with_sampling_prints_the_floor(tiny_model_dir, tmp_p
     floor = report["floor"]
     assert floor["bandwidth"] > 0 and floor["flops_per_s"] > 0 and floor["decode_steps"] == 155
     assert ours["fraction_of_floor"] == floor["seconds"] / ours["seconds"]
-    assert "fraction" in result.output and "decode steps" in result.output  # 80 columns wrap
+    assert "fraction of floor: tokenmill 0." in result.output and "decode steps" in result.output

@@ -206,6 +206,8 @@ def _print_table(console, report, results, floor=None) -> None:
             f"{floor.bandwidth / 1e12:.2f} TB/s, {floor.flops / 1e12:,.3g} TFLOP at "
             f"{floor.flops_per_s / 1e12:,.3g} TFLOP/s; {floor.decode_steps} decode steps)"
         )
+        fractions = ", ".join(f"{r.name} {floor.fraction(r.seconds):.2f}" for r in results)
+        console.print(f"fraction of floor: {fractions}")
     eng = report["engine"]
     console.print(
         f"engine steps {eng['steps']} (graph {eng['graph_steps']}, eager {eng['eager_steps']}), "
