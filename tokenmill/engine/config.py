@@ -8,7 +8,7 @@ the resolved dtype and device) are engine state, not config.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -31,6 +31,9 @@ _UNITS = {
     "tib": 2**40,
     "ti": 2**40,
 }
+
+BIG_CARD_BYTES = 70 * 2**30  # cards at least this large get vLLM V1's large batch defaults
+MIN_KV_TOKENS_PER_SEQ = 256  # on GPU, auto max_num_seqs <= KV cache tokens / this
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,10 +72,20 @@ class EngineConfig:
         default=None,
         metadata={"help": "Longest prompt + output in tokens (default: the model's context)."},
     )
-    max_num_seqs: int = field(default=256, metadata={"help": "Most sequences in one engine step."})
-    max_num_batched_tokens: int = field(
-        default=8192,
-        metadata={"help": "Token budget of one engine step (decodes + prefill chunks)."},
+    max_num_seqs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most sequences in one engine step (default: 1024 on GPUs of 70 GiB or "
+            "more, 256 on smaller GPUs and on CPU; on GPU capped so each slot has 256 tokens "
+            "of KV cache)."
+        },
+    )
+    max_num_batched_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget of one engine step, decodes + prefill chunks (default: 16384 "
+            "on GPUs of 70 GiB or more, 8192 elsewhere)."
+        },
     )
     kv_cache_memory: int | str | None = field(
         default=None,
@@ -107,9 +120,9 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1 (got {self.max_num_seqs})")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1 (got {self.max_num_batched_tokens})"
             )
@@ -125,6 +138,21 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be auto, triton or torch (got {self.attention_backend!r})"
             )
+
+    def with_card_defaults(self, device_type: str, total_memory: int | None) -> EngineConfig:
+        """This config with max_num_seqs / max_num_batched_tokens filled in for the card.
+
+        Like vLLM V1's offline defaults: a card of 70 GiB or more (A100/H100/H200 class) runs
+        1,024 sequences and 16,384 tokens per step, where decode steps are large enough to be
+        bound by weight and KV bandwidth rather than by launches; smaller GPUs and the CPU keep
+        256 and 8,192. Values the user set are kept.
+        """
+        big = device_type == "cuda" and (total_memory or 0) >= BIG_CARD_BYTES
+        return replace(
+            self,
+            max_num_seqs=self.max_num_seqs or (1024 if big else 256),
+            max_num_batched_tokens=self.max_num_batched_tokens or (16384 if big else 8192),
+        )
 
     @property
     def kv_cache_bytes(self) -> int | None:

@@ -14,13 +14,13 @@ and block_size 4, block tables [[0, 5, 2], [1], [3, 4]]:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from tokenmill.engine.attention import AttentionMetadata, get_attention_backend, set_forward_context
-from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.config import MIN_KV_TOKENS_PER_SEQ, EngineConfig
 from tokenmill.engine.loader import load_weights
 from tokenmill.engine.models.registry import model_class
 from tokenmill.engine.outputs import Logprob
@@ -59,9 +59,14 @@ class ModelRunner:
     """Runs the model on one device. Created by the engine after the config is resolved."""
 
     def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int):
-        self.config = config
         self.hf_config = hf_config
         self.device = resolve_device(config.device)
+        total_memory = (
+            torch.cuda.get_device_properties(self.device).total_memory
+            if self.device.type == "cuda"
+            else None
+        )
+        self.config = config.with_card_defaults(self.device.type, total_memory)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
@@ -87,6 +92,9 @@ class ModelRunner:
         use_triton_ops(use_triton)
         self.sampler = Sampler(use_triton=use_triton)
         self.num_blocks = self._allocate_kv_cache()
+        if config.max_num_seqs is None:
+            self._cap_max_num_seqs_to_kv_cache()
+        config = self.config
         self._last_sampled = torch.empty(0, dtype=torch.long, device=self.device)
         self._last_rows: dict[str, int] = {}
         # Whether a step may launch before the previous one's tokens are read back. Pointless
@@ -161,6 +169,16 @@ class ModelRunner:
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
         return num_blocks
+
+    def _cap_max_num_seqs_to_kv_cache(self) -> None:
+        """An automatic max_num_seqs gives each slot MIN_KV_TOKENS_PER_SEQ tokens of cache (or
+        the context, if shorter): more slots than the cache holds would only preempt."""
+        if self.device.type != "cuda":
+            return  # the CPU keeps its small fixed defaults
+        per_seq = min(MIN_KV_TOKENS_PER_SEQ, self.max_model_len)
+        cap = max(1, self.num_blocks * self.block_size // per_seq)
+        if cap < self.config.max_num_seqs:
+            self.config = replace(self.config, max_num_seqs=cap)
 
     def _gpu_kv_budget(self) -> int:
         """What gpu_memory_utilization leaves after weights and a full-budget forward pass."""
