@@ -100,9 +100,12 @@ class ModelRunner:
         # Whether a step may launch before the previous one's tokens are read back. Pointless
         # on CPU (torch runs synchronously there), but tests switch it on to check the logic.
         self.can_overlap = self.device.type == "cuda"
-        self.graphs = None
+        # CUDA graphs (docs/cuda_graphs.md): whole-model graphs for decode-only steps, piecewise
+        # graphs (attention eager between them) for any other step of up to 2,048 tokens.
+        self.graphs = self.piecewise = None
+        self.num_graph_steps = self.num_eager_steps = 0
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
-            from tokenmill.engine.cuda_graph import DecodeGraphs
+            from tokenmill.engine.cuda_graph import DecodeGraphs, PiecewiseGraphs
 
             self.graphs = DecodeGraphs(
                 self.model,
@@ -112,6 +115,14 @@ class ModelRunner:
                 hf_config.hidden_size,
                 self.dtype,
                 self.device,
+            )
+            self.piecewise = PiecewiseGraphs(
+                self.model,
+                config.max_num_batched_tokens,
+                hf_config.hidden_size,
+                self.dtype,
+                self.device,
+                pool=self.graphs.pool,
             )
 
     def _backend_name(self) -> str:
@@ -287,11 +298,7 @@ class ModelRunner:
     def execute_async(self, sched: SchedulerOutput) -> PendingStep:
         """Launch one step; nothing waits for the device. `collect` reads the result."""
         ids, pos, meta, logits_indices = self.prepare(sched)
-        if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(len(ids)):
-            hidden = self.graphs.run(ids, pos, meta)  # [num_seqs, hidden_size]
-        else:
-            with set_forward_context(meta):
-                hidden = self.model(ids, pos)  # [num_tokens, hidden_size]
+        hidden = self._forward(ids, pos, meta)  # [num_tokens, hidden_size]
         pending = PendingStep(sched, [s for s in sched.seqs if s.sample])
         if not logits_indices:
             return pending
@@ -312,6 +319,24 @@ class ModelRunner:
         else:
             pending.token_ids_cpu = token_ids
         return pending
+
+    def _forward(self, ids, pos, meta) -> torch.Tensor:  # [num_tokens, hidden_size]
+        """The model over one step: replayed from CUDA graphs where captured, else eager."""
+        graphs = self._graphs_for(meta, len(ids))
+        if graphs is None:
+            self.num_eager_steps += 1
+            with set_forward_context(meta):
+                return self.model(ids, pos)
+        self.num_graph_steps += 1
+        return graphs.run(ids, pos, meta)
+
+    def _graphs_for(self, meta, num_tokens: int):
+        """Decode-only steps: a whole-model graph; any other step: the piecewise graphs."""
+        if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(num_tokens):
+            return self.graphs
+        if self.piecewise is not None and self.piecewise.can_run(num_tokens):
+            return self.piecewise
+        return None
 
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step and return its sampled tokens (and logprobs)."""
