@@ -50,6 +50,10 @@ def test_cli_runs_a_random_workload_and_writes_json(tiny_model_dir, tmp_path):
             "6",
             "--kv-cache-memory",
             "16MiB",
+            "--bandwidth",
+            "2",
+            "--tflops",
+            "3",
             "--output-json",
             str(out),
         ],
@@ -57,6 +61,8 @@ def test_cli_runs_a_random_workload_and_writes_json(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     (ours,) = report["results"]
+    assert report["floor"]["bandwidth"] == 2e12 and report["floor"]["flops_per_s"] == 3e12
+    assert report["engine"]["eager_steps"] == report["engine"]["steps"]  # CPU: no graphs
     assert ours["num_requests"] == 6
     assert ours["prompt_tokens"] == 72 and ours["output_tokens"] == 30  # ignore_eos: exact
     assert ours["output_tokens_per_s"] > 0

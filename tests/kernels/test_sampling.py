@@ -117,7 +117,7 @@ def _draw(row_logits, temp, n, **filters):
     filters = {k: torch.tensor([v], device=DEVICE) for k, v in filters.items()}
     thr = sampling_thresholds(one, temps, **filters) if filters else None
     return sample_tokens(
-        one.expand(n, -1).contiguous(),
+        one.expand(n, -1),  # stride 0: every draw reads the one row
         temps.expand(n).contiguous(),
         torch.full((n,), 1234, dtype=torch.long, device=DEVICE),
         torch.arange(n, device=DEVICE),
