@@ -368,7 +368,7 @@ def _thresholds_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
     temperature = tl.load(temperatures_ptr + row)
-    threshold = float("-inf")
+    threshold = tl.full([], float("-inf"), tl.float32)  # a tensor: both if-branches agree
     if temperature > 0.0:  # greedy rows draw argmax whatever the threshold
         inv_temp = 1.0 / temperature
         row_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
