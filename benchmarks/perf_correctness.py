@@ -124,6 +124,12 @@ def top_p_sanity() -> tuple[dict, bool]:
     kept = logits >= sampling_thresholds(logits, temps, top_p=top_p)[:, None]
     ref = top_k_top_p_min_p_mask(logits / 0.8, off_k, top_p, off_min_p)
     same_p = int((kept == ref).all(dim=-1).sum())
+    # a token may flip only where float32 sums cannot tell: mass before it within 1e-5 of top_p
+    probs = (logits / 0.8).softmax(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = torch.empty_like(probs).scatter_(1, order, sorted_probs.cumsum(-1) - sorted_probs)
+    flipped = kept != ref
+    boundary_only = bool(((mass_before[flipped] - 0.95).abs() < 1e-5).all())
     kept_k = logits >= sampling_thresholds(logits, temps, top_k=top_k)[:, None]
     same_k = int(
         (kept_k == top_k_top_p_min_p_mask(logits, top_k, 1 + off_min_p, off_min_p)).all(-1).sum()
@@ -141,11 +147,16 @@ def top_p_sanity() -> tuple[dict, bool]:
     tvd = 0.5 * (freq - expected).abs().sum().item()
     # the total variation sampling noise alone would give: 0.5 * sum sqrt(2 p (1 - p) / (pi n))
     noise = 0.5 * (2 * expected * (1 - expected) / (torch.pi * n)).sqrt().sum().item()
-    inside = bool(ref[0][tokens].all())
+    inside = bool(kept[0][tokens].all())  # draws respect the threshold
     timings = {f"{rows} rows": _sampling_ms(rows) for rows in (256, 1024)}
-    ok = same_p == 256 and same_k == 256 and inside and tvd < 1.5 * noise + 0.005
+    ok = (same_p == 256 or boundary_only) and same_k == 256 and inside and tvd < 1.5 * noise + 0.005
     return {
-        "top_p_0.95_kept_sets_equal_reference": f"{same_p}/256",
+        "top_p_0.95_kept_sets_equal_reference": f"{same_p}/256 rows"
+        + (
+            ""
+            if same_p == 256
+            else f" ({int(flipped.sum())} boundary tokens flip: {boundary_only})"
+        ),
         "top_k_50_kept_sets_equal_reference": f"{same_k}/256",
         "top_p_draws_inside_kept_set": inside,
         "top_p_draws_total_variation": f"{tvd:.4f} (sampling noise alone: {noise:.4f})",

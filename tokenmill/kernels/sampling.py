@@ -263,7 +263,8 @@ def sample_tokens(
 
 
 # Threshold search. NUM_PIVOTS pivots per pass split the remaining key interval 17 ways, so the
-# 2^32 float32 keys shrink to one in at most 8 passes over the row (vs a full sort). Each pass
+# 2^32 float32 keys shrink to one in at most 8 passes over the row (vs a full sort); a search
+# stops sooner, as soon as the kept set is decided (see _largest_key_reaching). Each pass
 # compares a [NUM_PIVOTS, BLOCK] tile: 16 pivots keep the compare/add work near the cost of
 # streaming the row (608 KB for vocab 151,936), more pivots would make the pass compute-bound.
 NUM_PIVOTS = 16
@@ -298,20 +299,29 @@ def _sum_at_least(
     BLOCK: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
 ):
-    """Per pivot: count (or softmax mass, unnormalised) of tokens whose key is >= the pivot."""
+    """Per pivot: (softmax mass unnormalised, or count) and count of tokens with key >= pivot."""
     piv = pivots.to(tl.int32)
-    acc = tl.zeros([NUM_PIVOTS], dtype=tl.float32)
+    mass = tl.zeros([NUM_PIVOTS], dtype=tl.float32)
+    count = tl.zeros([NUM_PIVOTS], dtype=tl.float32)  # exact below 2^24 tokens
     for start in range(0, vocab_size, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         # padding is -inf: its key is below every pivot (pivots are > the lowest key)
         x = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf"))
         at_least = _key(x)[None, :] >= piv[:, None]  # [NUM_PIVOTS, BLOCK]
+        count += tl.sum(at_least.to(tl.float32), axis=1)
         if USE_MASS:
             w = tl.exp((x - row_max) * inv_temp)
-            acc += tl.sum(tl.where(at_least, w[None, :], 0.0), axis=1)
-        else:
-            acc += tl.sum(at_least.to(tl.float32), axis=1)
-    return acc
+            mass += tl.sum(tl.where(at_least, w[None, :], 0.0), axis=1)
+    if USE_MASS:
+        return mass, count
+    return count, count
+
+
+@triton.jit
+def _count_at(pivots, counts, key, known):
+    """The count at `key` if it is one of the pivots, else `known` (the bound did not move)."""
+    c = tl.max(tl.where(pivots == key, counts, -1.0), axis=0)
+    return tl.where(c < 0.0, known, c)
 
 
 @triton.jit
@@ -320,6 +330,8 @@ def _largest_key_reaching(
     vocab_size,
     lo,  # int64 key with sum_at_least(lo) >= target
     hi,  # int64 key with sum_at_least(hi) < target
+    count_lo,  # tokens with key >= lo, or an upper bound of it
+    count_hi,  # tokens with key >= hi
     target,
     row_max,
     inv_temp,
@@ -327,26 +339,38 @@ def _largest_key_reaching(
     BLOCK: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
 ):
-    """The largest key v with sum_at_least(v) >= target: always a token's key.
+    """A key lo whose tokens at or above it are exactly {x : sum_at_least(x) >= target}.
 
     Invariant lo < hi, sum(lo) >= target > sum(hi); each pass moves lo up to the largest pivot
-    that still reaches the target and hi down to the next pivot above it. Worked example with
-    4 tokens of keys [7, 3, 9, 5], count target 2 (top-2): lo 3 (count 4), hi 10 (count 0) ->
-    pivots ... -> lo 7 (count 2), hi 8 (count 1): the 2nd largest key is 7.
+    that still reaches the target and hi down to the next pivot above it. The set {key >= lo}
+    is decided, and the search stops, once [lo, hi) holds one token (it is the threshold token;
+    no token lies between lo and it), once hi = lo + 1 (lo is the threshold token's key, ties
+    included), or for a count target k once exactly k tokens are >= lo. Worked example, keys
+    [7, 3, 9, 5], count target 2 (top-2): lo 3 (count 4), hi 10 (count 0) -> ... -> lo 6
+    (count 2): stop, {key >= 6} = {7, 9}. Returns (lo, tokens >= lo).
     """
     j = tl.arange(0, NUM_PIVOTS).to(tl.int64) + 1
-    while hi - lo > 1:
+    count_hi = count_hi + tl.zeros([], dtype=tl.float32)  # a tensor, as the loop makes it
+    go = (hi - lo > 1) & (count_lo - count_hi > 1)
+    if not USE_MASS:
+        go = go & (count_lo != target)
+    while go:
         # j * (hi - lo) // 17 for j in 1..16: in [lo, hi), at least one > lo when hi - lo >= 2
         pivots = lo + ((hi - lo) * j) // (NUM_PIVOTS + 1)
-        sums = _sum_at_least(
+        sums, counts = _sum_at_least(
             row_ptr, vocab_size, pivots, row_max, inv_temp, USE_MASS, BLOCK, NUM_PIVOTS
         )
         reaches = sums >= target
         new_lo = tl.max(tl.where(reaches, pivots, lo), axis=0)
         # the nearest failing pivot above new_lo (robust to rounding making sums non-monotone)
-        hi = tl.min(tl.where((~reaches) & (pivots > new_lo), pivots, hi), axis=0)
-        lo = new_lo
-    return lo
+        new_hi = tl.min(tl.where((~reaches) & (pivots > new_lo), pivots, hi), axis=0)
+        count_lo = _count_at(pivots, counts, new_lo, count_lo)
+        count_hi = _count_at(pivots, counts, new_hi, count_hi)
+        lo, hi = new_lo, new_hi
+        go = (hi - lo > 1) & (count_lo - count_hi > 1)
+        if not USE_MASS:
+            go = go & (count_lo != target)
+    return lo, count_lo
 
 
 @triton.jit
@@ -371,35 +395,54 @@ def _thresholds_kernel(
     threshold = tl.full([], float("-inf"), tl.float32)  # a tensor: both if-branches agree
     if temperature > 0.0:  # greedy rows draw argmax whatever the threshold
         inv_temp = 1.0 / temperature
-        row_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        # one pass: the row's max and (top-p) sum of exp((x - max) / T), online as in softmax
+        lane_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, vocab_size, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf"))
-            row_max = tl.maximum(row_max, x)
-        row_max = tl.max(row_max, axis=0)
+            new_max = tl.maximum(lane_max, x)
+            if USE_TOP_P:
+                ref = tl.where(new_max == float("-inf"), 0.0, new_max)  # no -inf - -inf
+                lane_sum = lane_sum * tl.exp((lane_max - ref) * inv_temp) + tl.exp(
+                    (x - ref) * inv_temp
+                )
+            lane_max = new_max
+        row_max = tl.max(lane_max, axis=0)
+        row_sum = tl.sum(lane_sum * tl.exp((lane_max - row_max) * inv_temp), axis=0)
         lo = _key(tl.full([], float("-inf"), tl.float32)).to(tl.int64)  # every token reaches it
         hi = _key(row_max).to(tl.int64) + 1  # no token reaches it
+        count_lo = vocab_size.to(tl.float32)
+        k_active = False
         if USE_TOP_K:
             k = tl.load(top_k_ptr + row)
-            if (k > 0) & (k < vocab_size):
-                lo = _largest_key_reaching(
-                    row_ptr, vocab_size, lo, hi, k.to(tl.float32), row_max, inv_temp,
-                    False, BLOCK, NUM_PIVOTS,
+            k_active = (k > 0) & (k < vocab_size)
+            if k_active:
+                lo, count_lo = _largest_key_reaching(
+                    row_ptr, vocab_size, lo, hi, count_lo, 0.0, k.to(tl.float32), row_max,
+                    inv_temp, False, BLOCK, NUM_PIVOTS,
                 )  # fmt: skip
         if USE_TOP_P:
             top_p = tl.load(top_p_ptr + row)
             if top_p < 1.0:
                 # mass of the top-k survivors; top-p keeps a prefix of them reaching top_p of it
-                survivors = tl.full([NUM_PIVOTS], 0, tl.int64) + lo
-                mass = tl.max(
-                    _sum_at_least(
+                mass = row_sum
+                if k_active:
+                    survivors = tl.full([NUM_PIVOTS], 0, tl.int64) + lo
+                    masses, _ = _sum_at_least(
                         row_ptr, vocab_size, survivors, row_max, inv_temp, True, BLOCK, NUM_PIVOTS
-                    ),
-                    axis=0,
-                )
-                lo = _largest_key_reaching(
-                    row_ptr, vocab_size, lo, hi, top_p * mass, row_max, inv_temp,
-                    True, BLOCK, NUM_PIVOTS,
+                    )
+                    mass = tl.max(masses, axis=0)
+                # Tokens below row_max + T * log((1 - top_p) / vocab_size) hold under 1 - top_p
+                # of the mass together (each under (1 - top_p) / vocab_size of it): the
+                # threshold is above them. 1% of slack for rounding.
+                floor = row_max + temperature * (tl.log((1.0 - top_p) / vocab_size) - 0.01)
+                floor_key = _key(floor).to(tl.int64)
+                count_lo = tl.where(floor_key > lo, vocab_size.to(tl.float32), count_lo)
+                lo = tl.maximum(lo, floor_key)
+                lo, count_lo = _largest_key_reaching(
+                    row_ptr, vocab_size, lo, hi, count_lo, 0.0, top_p * mass, row_max,
+                    inv_temp, True, BLOCK, NUM_PIVOTS,
                 )  # fmt: skip
         threshold = _from_key(lo)
         if USE_MIN_P:
@@ -420,10 +463,12 @@ def sampling_thresholds(
     """Per-row logit threshold equal to the engine's torch mask (the reference it is tested
     against: `tokenmill.engine.sampler.top_k_top_p_min_p_mask`), found without sorting.
 
-    top-k is the largest logit with at least k tokens at or above it; top-p, the largest logit
-    whose tokens at or above it (among the top-k survivors) hold at least top_p of their
-    softmax(logits / T) mass; both by a 17-way search over float32 keys (<= 8 passes each);
-    min-p is logit_max + T * log(min_p). Greedy rows get -inf. No host sync.
+    top-k keeps the k largest logits; top-p the largest logits (among the top-k survivors) whose
+    softmax(logits / T) mass, with the token where it first reaches top_p, is at least top_p of
+    theirs; both by a 17-way search over float32 keys (<= 8 passes each, usually fewer), after
+    one pass for the row's max and softmax sum. min-p is logit_max + T * log(min_p). The
+    threshold is a value between the last kept logit and the next one down, not necessarily a
+    logit itself. Greedy rows get -inf. No host sync.
 
     NOTE: ties at the threshold are all kept (the sorted reference keeps an arbitrary subset).
     """
