@@ -32,7 +32,10 @@ _UNITS = {
     "ti": 2**40,
 }
 
-BIG_CARD_BYTES = 70 * 2**30  # cards at least this large get vLLM V1's large batch defaults
+# Batch limits when the user sets none: (max_num_seqs, max_num_batched_tokens).
+BIG_CARD_GIB = 70  # GPUs at least this large get vLLM V1's large offline defaults
+BIG_CARD_LIMITS = (1024, 16384)
+DEFAULT_LIMITS = (256, 8192)  # smaller GPUs and the CPU
 MIN_KV_TOKENS_PER_SEQ = 256  # on GPU, auto max_num_seqs <= KV cache tokens / this
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -75,16 +78,17 @@ class EngineConfig:
     max_num_seqs: int | None = field(
         default=None,
         metadata={
-            "help": "Most sequences in one engine step (default: 1024 on GPUs of 70 GiB or "
-            "more, 256 on smaller GPUs and on CPU; on GPU capped so each slot has 256 tokens "
-            "of KV cache)."
+            "help": f"Most sequences in one engine step (default: {BIG_CARD_LIMITS[0]} on GPUs "
+            f"of {BIG_CARD_GIB} GiB or more, {DEFAULT_LIMITS[0]} on smaller GPUs and on CPU; on "
+            f"GPU capped so each slot has {MIN_KV_TOKENS_PER_SEQ} tokens of KV cache)."
         },
     )
     max_num_batched_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Token budget of one engine step, decodes + prefill chunks (default: 16384 "
-            "on GPUs of 70 GiB or more, 8192 elsewhere)."
+            "help": "Token budget of one engine step, decodes + prefill chunks (default: "
+            f"{BIG_CARD_LIMITS[1]} on GPUs of {BIG_CARD_GIB} GiB or more, {DEFAULT_LIMITS[1]} "
+            "elsewhere)."
         },
     )
     kv_cache_memory: int | str | None = field(
@@ -147,11 +151,12 @@ class EngineConfig:
         bound by weight and KV bandwidth rather than by launches; smaller GPUs and the CPU keep
         256 and 8,192. Values the user set are kept.
         """
-        big = device_type == "cuda" and (total_memory or 0) >= BIG_CARD_BYTES
+        big = device_type == "cuda" and (total_memory or 0) >= BIG_CARD_GIB * 2**30
+        max_num_seqs, max_num_batched_tokens = BIG_CARD_LIMITS if big else DEFAULT_LIMITS
         return replace(
             self,
-            max_num_seqs=self.max_num_seqs or (1024 if big else 256),
-            max_num_batched_tokens=self.max_num_batched_tokens or (16384 if big else 8192),
+            max_num_seqs=self.max_num_seqs or max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or max_num_batched_tokens,
         )
 
     @property
