@@ -82,3 +82,74 @@ def test_every_step_is_counted_eager_on_cpu_and_graphed_on_gpu(arch_dir):
         assert stats.graph_steps == 0 and stats.eager_steps == stats.num_steps
     else:  # TOKENMILL_TEST_DEVICE=cuda: every step here has <= 16 tokens, all captured
         assert stats.eager_steps == 0 and stats.graph_steps == stats.num_steps
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: records captures and replays, runs nothing."""
+
+    log: list[str] = []
+
+    def capture_begin(self, pool=None):
+        self.log.append("begin")
+
+    def capture_end(self):
+        self.log.append("end")
+
+    def pool(self):
+        return "pool"
+
+    def replay(self):
+        self.log.append("replay")
+
+
+class _FakeStream:
+    def __init__(self, device=None):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+def test_piecewise_capture_splits_at_every_attention_and_replays_them_in_order(
+    arch_dir, monkeypatch
+):
+    # The capture's Python side on CPU: CUDA calls are faked, the model really runs.
+    from tokenmill.engine.cuda_graph import PiecewiseGraphs
+
+    for name, fake in [
+        ("CUDAGraph", _FakeGraph),
+        ("Stream", _FakeStream),
+        ("stream", lambda s: nullcontext()),
+        ("synchronize", lambda *a: None),
+        ("current_stream", lambda *a: _FakeStream()),
+    ]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    _FakeGraph.log = []
+    llm = make_llm(arch_dir("qwen3"), device="cpu")
+    model = llm.runner.model
+    backend = llm.runner.backend
+    layers = model.model.layers
+    pw = PiecewiseGraphs(model, 20, llm.hf_config.hidden_size, torch.float32, "cpu")
+    assert pw.sizes == [8, 16, 20]
+    assert all(len(p) == len(layers) + 1 for p in pw.pieces.values())
+    assert _FakeGraph.log.count("begin") == _FakeGraph.log.count("end") == 3 * (len(layers) + 1)
+    assert all(layer.self_attn.backend is backend for layer in layers)  # put back
+    assert [c[0] for c in pw.layers] == [layer.self_attn.k_cache for layer in layers]
+
+    # a replay: pieces and eager attention alternate; attention sees the step's rows and meta
+    calls = []
+
+    def attention(q, k, v, k_cache, v_cache, meta, scale, **kw):
+        calls.append((q.shape, k.shape, k_cache is layers[len(calls)].self_attn.k_cache, meta))
+        return torch.ones_like(q)
+
+    monkeypatch.setattr(backend, "forward", attention)
+    _FakeGraph.log = []
+    meta = object()
+    hidden = pw.run(torch.arange(11), torch.arange(11), meta)  # 11 tokens: the 16 bucket
+    assert hidden.shape == (11, llm.hf_config.hidden_size)
+    a = layers[0].self_attn
+    one = ((11, a.num_heads, a.head_dim), (11, a.num_kv_heads, a.head_dim), True, meta)
+    assert calls == [one] * len(layers)
+    assert _FakeGraph.log == ["replay"] * (len(layers) + 1)
+    assert (pw.o[:11] == 1).all()  # attention's output lands where the next piece reads it
