@@ -17,6 +17,7 @@ echo "card: $card"
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 
 # The floor's inputs, measured once and given to every bench run.
+bw= tf=
 read -r bw tf < <(python3 - <<'PY'
 import torch
 from tokenmill.bench.roofline import measure_copy_bandwidth, measure_matmul_rate
@@ -24,6 +25,8 @@ print(f"{measure_copy_bandwidth('cuda') / 1e12:.3f} {measure_matmul_rate('cuda',
 PY
 )
 echo "copy bandwidth (read + write) $bw TB/s, bf16 matmul $tf TFLOP/s $(since)"
+floor_opts=()  # if the measurement failed, each bench measures for itself
+[ -n "${tf:-}" ] && floor_opts=(--bandwidth "$bw" --tflops "$tf")
 
 echo "== correctness: float32 greedy parity with graphs on mixed steps, top-p sanity"
 timeout 200 python3 benchmarks/perf_correctness.py > "$OUT/correctness.log" 2>&1
@@ -35,7 +38,7 @@ bench() {  # name, then bench throughput arguments
   local name=$1; shift
   echo "== $name: bench throughput $*"
   timeout "${BENCH_TIMEOUT:-300}" python3 -m tokenmill bench throughput --dummy-weights \
-    --bandwidth "$bw" --tflops "$tf" --output-json "$OUT/$name.json" "$@" \
+    ${floor_opts[@]+"${floor_opts[@]}"} --output-json "$OUT/$name.json" "$@" \
     > "$OUT/$name.log" 2>&1
   tail -8 "$OUT/$name.log"
   echo "$name done $(since)"
