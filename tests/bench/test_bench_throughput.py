@@ -50,6 +50,10 @@ def test_cli_runs_a_random_workload_and_writes_json(tiny_model_dir, tmp_path):
             "6",
             "--kv-cache-memory",
             "16MiB",
+            "--bandwidth",
+            "2",
+            "--tflops",
+            "3",
             "--output-json",
             str(out),
         ],
@@ -57,6 +61,8 @@ def test_cli_runs_a_random_workload_and_writes_json(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     (ours,) = report["results"]
+    assert report["floor"]["bandwidth"] == 2e12 and report["floor"]["flops_per_s"] == 3e12
+    assert report["engine"]["eager_steps"] == report["engine"]["steps"]  # CPU: no graphs
     assert ours["num_requests"] == 6
     assert ours["prompt_tokens"] == 72 and ours["output_tokens"] == 30  # ignore_eos: exact
     assert ours["output_tokens_per_s"] > 0
@@ -83,3 +89,21 @@ def test_cli_dataset_with_chat_rows(tiny_model_dir, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
+
+
+def test_cli_mixed_workload_with_sampling_prints_the_floor(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "throughput", "--model", str(tiny_model_dir), "--workload", "mixed"]
+    args += ["--num-prompts", "1", "--temperature", "0.8", "--top-p", "0.95", "--top-k", "40"]
+    args += ["--kv-cache-memory", "16MiB", "--output-json", str(out)]
+    result = CliRunner().invoke(app, args)  # bandwidth and matmul rate measured on this CPU
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["workload"] == "mixed"
+    assert report["sampling"] == {"temperature": 0.8, "top_p": 0.95, "top_k": 40}
+    (ours,) = report["results"]
+    assert ours["prompt_tokens"] == 250 and ours["output_tokens"] == 155
+    floor = report["floor"]
+    assert floor["bandwidth"] > 0 and floor["flops_per_s"] > 0 and floor["decode_steps"] == 155
+    assert ours["fraction_of_floor"] == floor["seconds"] / ours["seconds"]
+    assert "fraction of floor: tokenmill 0." in result.output and "decode steps" in result.output

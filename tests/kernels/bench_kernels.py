@@ -195,8 +195,8 @@ def sampling():
     report("  torch argmax, for scale", bench(lambda: logits.argmax(-1)), nbytes)
     top_k = torch.full((n,), 50, device="cuda")
     report(
-        "sample: top_k 50 (topk path)",
-        bench(lambda: sample(logits, temps, seeds, pos, top_k=top_k, max_top_k=50)),
+        "sample: top_k 50 (threshold search)",
+        bench(lambda: sample(logits, temps, seeds, pos, top_k=top_k)),
     )
     report("  torch topk(50) alone", bench(lambda: logits.topk(50, dim=-1)))
     report("  torch topk(50, sorted=False) alone", bench(lambda: logits.topk(50, sorted=False)))
@@ -209,7 +209,7 @@ def sampling():
     report("  torch amax alone", bench(lambda: logits.amax(dim=-1)))
     top_p = torch.full((n,), 0.9, device="cuda")
     report(
-        "sample: top_p 0.9 (sort path)",
+        "sample: top_p 0.9 (threshold search)",
         bench(lambda: sample(logits, temps, seeds, pos, top_p=top_p)),
     )
     min_p = torch.full((n,), 0.05, device="cuda")

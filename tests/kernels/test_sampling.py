@@ -32,9 +32,7 @@ def test_greedy_rows_equal_argmax():
     assert torch.equal(out, logits.argmax(dim=-1))
     # greedy rows ignore filters
     top_k = torch.full((NUM_SEQS,), 2, device=DEVICE)
-    assert torch.equal(
-        sample(logits, temps, seeds, positions, top_k=top_k, max_top_k=2), logits.argmax(dim=-1)
-    )
+    assert torch.equal(sample(logits, temps, seeds, positions, top_k=top_k), logits.argmax(dim=-1))
 
 
 def test_same_seed_and_position_same_token_whatever_the_batch():
@@ -69,11 +67,26 @@ def _filters(num_seqs, gen):
     return top_k.to(DEVICE), top_p.to(DEVICE), min_p.to(DEVICE)
 
 
-@pytest.mark.parametrize("which", ["k", "p", "min_p", "k+p", "all"])
-def test_kept_sets_equal_reference_masks(which):
+@pytest.mark.parametrize(
+    "which, scale",
+    [
+        ("k", 3.0),
+        ("p", 3.0),
+        ("min_p", 3.0),
+        ("k+p", 3.0),
+        ("all", 3.0),
+        ("p", 0.05),
+        ("k+p", 0.05),
+    ],
+)
+def test_kept_sets_equal_reference_masks(which, scale):
+    # scale 0.05: nearly uniform rows (random weights), top-p keeps most of the vocabulary.
+    # There each token holds ~1/vocab of the mass: at 151,936 tokens that is within float32
+    # rounding of a 150k-term sum (kernel and reference would both be right, differently), so
+    # the GPU runs it at 4,096 tokens.
     num_seqs = NUM_SEQS
     gen = torch.Generator().manual_seed(4)
-    logits = _logits(num_seqs, VOCAB, seed=4)
+    logits = _logits(num_seqs, VOCAB if scale > 1 else pick(1000, 4096), seed=4, scale=scale)
     temps = (torch.rand(num_seqs, generator=gen) * 1.5 + 0.2).to(DEVICE)
     top_k, top_p, min_p = _filters(num_seqs, gen)
     use_k, use_p, use_min_p = "k" in which or which == "all", "p" in which, "min_p" in which
@@ -89,7 +102,7 @@ def test_kept_sets_equal_reference_masks(which):
     )
     thresholds = sampling_thresholds(
         logits, temps, top_k if use_k else None, top_p if use_p else None,
-        min_p if use_min_p else None, max_top_k=int(top_k.max()) if which == "k" else None,
+        min_p if use_min_p else None,
     )  # fmt: skip
     kept = logits >= thresholds[:, None]
     assert torch.equal(kept, ref)
@@ -106,36 +119,89 @@ def test_top_k_one_is_greedy_and_masks_cut():
     temps = torch.full((8,), 1.0, device=DEVICE)
     seeds, positions = _rows(8, seed=6)
     top_k = torch.ones(8, dtype=torch.long, device=DEVICE)
-    out = sample(logits, temps, seeds, positions, top_k=top_k)  # full-sort fallback
+    out = sample(logits, temps, seeds, positions, top_k=top_k)
     assert torch.equal(out, logits.argmax(dim=-1))
     thr = sampling_thresholds(logits, temps, top_k=torch.full((8,), 10, device=DEVICE))
     assert ((logits >= thr[:, None]).sum(dim=-1) == 10).all()
 
 
+def _draw(row_logits, temp, n, **filters):
+    """n draws (positions 0..n-1, one seed) from one row: its threshold is found once."""
+    one = row_logits[None, :].to(DEVICE)
+    temps = torch.full((1,), temp, device=DEVICE)
+    filters = {k: torch.tensor([v], device=DEVICE) for k, v in filters.items()}
+    thr = sampling_thresholds(one, temps, **filters) if filters else None
+    return sample_tokens(
+        one.expand(n, -1),  # stride 0: every draw reads the one row
+        temps.expand(n).contiguous(),
+        torch.full((n,), 1234, dtype=torch.long, device=DEVICE),
+        torch.arange(n, device=DEVICE),
+        None if thr is None else thr.expand(n).contiguous(),
+    ).cpu()
+
+
+def _assert_frequencies(tokens, expected, n):
+    """Within 4.5 standard deviations of a binomial proportion (fixed seeds: never flaky)."""
+    freq = torch.bincount(tokens, minlength=expected.numel()).float() / n
+    tol = 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-3
+    assert ((freq - expected).abs() <= tol).all(), (freq[expected > 0], expected[expected > 0])
+
+
 def test_empirical_distribution_matches_softmax():
-    # one 8-token distribution drawn at many positions (fixed seeds): frequencies ~ softmax
-    vocab, n = 8, pick(800, 100000)  # the interpreter runs ~20 ms per row
+    # one 8-token distribution drawn at many positions: frequencies ~ softmax
+    n = pick(800, 100000)  # the interpreter runs ~20 ms per row
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, -3.0])
     temp = 0.8
-    logits = base.repeat(n, 1).to(DEVICE)
-    temps = torch.full((n,), temp, device=DEVICE)
-    seeds = torch.full((n,), 1234, dtype=torch.long, device=DEVICE)
-    positions = torch.arange(n, device=DEVICE)
-    tokens = sample_tokens(logits, temps, seeds, positions)
-    freq = torch.bincount(tokens.cpu(), minlength=vocab).float() / n
-    expected = (base / temp).softmax(-1)
-    # 4.5 standard deviations of a binomial proportion (seeds are fixed: never flaky)
-    tol = 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-3
-    assert ((freq - expected).abs() <= tol).all(), (freq, expected)
+    _assert_frequencies(_draw(base, temp, n), (base / temp).softmax(-1), n)
     # with top-k 2 only the two largest tokens appear, in ratio exp(2/.8) : exp(1.5/.8)
     n = n // 2
-    logits, temps, seeds, positions = logits[:n], temps[:n], seeds[:n], positions[:n]
-    top_k = torch.full((n,), 2, device=DEVICE)
-    tokens = sample(logits, temps, seeds, positions, top_k=top_k, max_top_k=2)
-    freq = torch.bincount(tokens.cpu(), minlength=vocab).float() / n
+    tokens = _draw(base, temp, n, top_k=2)
     assert set(tokens.unique().tolist()) == {0, 6}
-    p0 = torch.tensor([2.0, 1.5]).div(temp).softmax(-1)[0]
-    assert abs(freq[0] - p0) <= 4.5 * (p0 * (1 - p0) / n).sqrt() + 1e-3
+    expected = torch.zeros(8)
+    expected[[0, 6]] = torch.tensor([2.0, 1.5]).div(temp).softmax(-1)
+    _assert_frequencies(tokens, expected, n)
+
+
+@pytest.mark.parametrize("filters", [{"top_p": 0.9}, {"top_k": 3, "top_p": 0.95}])
+def test_filtered_draws_follow_the_renormalised_reference(filters):
+    # a larger vocabulary with a head of a few likely tokens and a long tail: draws land in the
+    # reference's kept set with the kept tokens' renormalised softmax frequencies
+    vocab, n = pick(1024, 151936), pick(150, 50000)
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(vocab, generator=gen)
+    base[torch.randperm(vocab, generator=gen)[:4]] = torch.tensor([9.0, 8.5, 8.0, 7.0])
+    temp = 0.7
+    scaled = (base / temp)[None, :]
+    keep = top_k_top_p_min_p_mask_reference(
+        scaled,
+        torch.tensor([filters.get("top_k", -1)]),
+        torch.tensor([filters.get("top_p", 1.0)]),
+        torch.tensor([0.0]),
+    )[0]
+    assert 2 <= keep.sum() < vocab // 4  # the filter cuts, and leaves a distribution
+    tokens = _draw(base, temp, n, **filters)
+    assert keep[tokens].all()
+    expected = scaled[0].masked_fill(~keep, float("-inf")).softmax(-1)
+    _assert_frequencies(tokens, expected, n)
+
+
+def test_threshold_edges_equal_reference():
+    vocab = 257  # not a multiple of the kernel's block
+    logits = _logits(8, vocab, seed=8)
+    logits[2, ::3] = float("-inf")  # tokens masked by penalties / min_tokens
+    logits[3, 5] = logits[3].max() + 40.0  # one token holds nearly all the mass
+    temps = torch.tensor([1.0, 0.5, 1.0, 1.0, 2.0, 1.0, 1.0, 0.0], device=DEVICE)
+    top_k = torch.tensor([vocab, vocab + 5, 7, -1, 1, vocab - 1, -1, 3], device=DEVICE)
+    top_p = torch.tensor([0.5, 1.0, 0.3, 0.99, 1.0, 1.0, 1e-6, 0.5], device=DEVICE)
+    min_p = torch.zeros(8, device=DEVICE)
+    thr = sampling_thresholds(logits, temps, top_k, top_p, min_p)
+    ref = top_k_top_p_min_p_mask_reference(
+        logits / temps.clamp(min=1e-6)[:, None], top_k, top_p, min_p
+    )
+    kept = logits >= thr[:, None]
+    assert torch.equal(kept[:7], ref[:7])
+    assert kept[3].sum() == 1 and kept[6].sum() == 1  # top-p keeps at least the argmax
+    assert thr[7] == float("-inf")  # greedy rows: no threshold (the draw takes argmax)
 
 
 def test_rejects_wrong_dtypes():

@@ -59,6 +59,8 @@ def run_tokenmill(llm, workload: Workload) -> ThroughputResult:
     params = [
         SamplingParams(
             temperature=workload.temperature,
+            top_p=workload.top_p,
+            top_k=workload.top_k,
             ignore_eos=workload.ignore_eos,
             max_tokens=r.max_tokens,
         )
@@ -68,7 +70,11 @@ def run_tokenmill(llm, workload: Workload) -> ThroughputResult:
         llm.encode_chat(r.prompt) if r.prompt and isinstance(r.prompt[0], dict) else r.prompt
         for r in workload.requests
     ]
-    llm.generate([prompts[0]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    # warm-up with the workload's sampling, so its kernels are compiled before the clock starts
+    warm = SamplingParams(
+        temperature=workload.temperature, top_p=workload.top_p, top_k=workload.top_k, max_tokens=8
+    )
+    llm.generate([prompts[0]], warm, use_tqdm=False)
     _sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -3,14 +3,19 @@
 `nano` is exactly nano-vllm's bench.py draw (see shared/BENCHMARKS.md, workload W1):
 seed 0; 256 prompts of U[100, 1024] random token ids in [0, 10000]; then 256 output lengths
 U[100, 1024] from the same generator: 142,827 prompt and 133,966 output tokens.
+
+`mixed` looks like a batch job (workload W2 with --temperature 0.8 --top-p 0.95): 2,000 requests,
+log-normal prompt lengths (median 300, clipped to 16-4,000) and output lengths (median 150,
+clipped to 8-2,000), random token ids, ignore_eos; more requests than slots and a long tail.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from random import Random
 
-WORKLOADS = ("nano", "random", "dataset")
+WORKLOADS = ("nano", "mixed", "random", "dataset")
 
 
 @dataclass
@@ -27,6 +32,8 @@ class Workload:
     requests: list[BenchRequest]
     ignore_eos: bool = True
     temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int = -1
 
     @property
     def num_prompt_tokens(self) -> int | None:
@@ -37,6 +44,12 @@ class Workload:
     @property
     def num_output_tokens(self) -> int:
         return sum(r.max_tokens for r in self.requests)
+
+    @property
+    def prompt_lens(self) -> list[int] | None:
+        if self.num_prompt_tokens is None:
+            return None
+        return [len(r.prompt) for r in self.requests]
 
 
 def nano_workload(
@@ -51,6 +64,22 @@ def nano_workload(
     max_tokens = [rng.randint(100, max_output_len) for _ in range(num_prompts)]
     reqs = [BenchRequest(p, m) for p, m in zip(prompts, max_tokens)]
     return Workload("nano", reqs, ignore_eos=True, temperature=0.6)
+
+
+def _lognormal_len(rng: Random, median: int, sigma: float, lo: int, hi: int) -> int:
+    return min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def mixed_workload(num_prompts: int = 2000, vocab_size: int = 10000, seed: int = 0) -> Workload:
+    """Log-normal prompt / output lengths (sigma 1: a tail past 10x the median), fixed seed."""
+    rng = Random(seed)
+    # lengths first, then ids: the lengths do not depend on vocab_size
+    lens = [
+        (_lognormal_len(rng, 300, 1.0, 16, 4000), _lognormal_len(rng, 150, 1.0, 8, 2000))
+        for _ in range(num_prompts)
+    ]
+    reqs = [BenchRequest([rng.randrange(vocab_size) for _ in range(p)], o) for p, o in lens]
+    return Workload("mixed", reqs, ignore_eos=True, temperature=0.6)
 
 
 def random_workload(
@@ -90,6 +119,8 @@ def build_workload(
         workload = "dataset"
     if workload == "nano":
         return nano_workload(num_prompts or 256)
+    if workload == "mixed":
+        return mixed_workload(num_prompts or 2000, vocab_size=vocab_size)
     if workload == "random":
         return random_workload(input_len, output_len, num_prompts or 256, vocab_size=vocab_size)
     if workload == "dataset":

@@ -15,7 +15,9 @@ bench_app = typer.Typer(help="Measure throughput and latency.", no_args_is_help=
 WorkloadOpt = Annotated[
     str,
     typer.Option(
-        "--workload", help="nano (nano-vllm's bench.py draw), random, or dataset (with --dataset)."
+        "--workload",
+        help="nano (nano-vllm's bench.py draw), mixed (2,000 log-normal requests, like a batch "
+        "job), random, or dataset (with --dataset).",
     ),
 ]
 
@@ -42,7 +44,22 @@ def throughput(
     dataset: Annotated[Path | None, typer.Option(help="Any input `generate` accepts.")] = None,
     input_len: Annotated[int, typer.Option(help="Prompt tokens (random workload).")] = 512,
     output_len: Annotated[int, typer.Option(help="Output tokens (random / dataset).")] = 256,
-    num_prompts: Annotated[int | None, typer.Option(help="Requests (default 256).")] = None,
+    num_prompts: Annotated[
+        int | None, typer.Option(help="Requests (default 256; mixed: 2,000).")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature (default: the workload's, 0.6).")
+    ] = None,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1: off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (-1: off).")] = -1,
+    bandwidth: Annotated[
+        float | None,
+        typer.Option(help="Copy bandwidth in TB/s for the floor (default: measured here)."),
+    ] = None,
+    tflops: Annotated[
+        float | None,
+        typer.Option(help="Matmul rate in TFLOP/s for the floor (default: measured here)."),
+    ] = None,
     dummy_weights: Annotated[
         bool,
         typer.Option(help="Random weights of --arch, made on the device: no checkpoint needed."),
@@ -89,11 +106,15 @@ def throughput(
     llm = LLM.from_config(config)
     vocab_size = min(10_000, llm.hf_config.vocab_size)
     wl = _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
+    wl.top_p, wl.top_k = top_p, top_k
+    if temperature is not None:
+        wl.temperature = temperature
     info = llm.model_info()
     results = [run_tokenmill(llm, wl)]
     runner_dtype, runner_device, model_dir = llm.runner.dtype, llm.runner.device, llm.model_dir
-    stats = llm.stats
+    stats, hf_config = llm.stats, llm.hf_config
     del llm
+    floor = _floor(wl, hf_config, runner_dtype, runner_device, bandwidth, tflops)
     if peer == "hf":
         import gc
 
@@ -105,20 +126,48 @@ def throughput(
         "card": card_name(),
         "workload": wl.name,
         "model": info,
+        "sampling": {"temperature": wl.temperature, "top_p": wl.top_p, "top_k": wl.top_k},
         "engine": {
             "steps": stats.num_steps,
             "mean_batch_size": stats.mean_batch_size,
             "preemptions": stats.num_preemptions,
+            "graph_steps": getattr(stats, "graph_steps", None),
+            "eager_steps": getattr(stats, "eager_steps", None),
         },
-        "results": [r.to_dict() for r in results],
+        "floor": None if floor is None else floor.to_dict(),
+        "results": [
+            {
+                **r.to_dict(),
+                "fraction_of_floor": None if floor is None else floor.fraction(r.seconds),
+            }
+            for r in results
+        ],
     }
-    _print_table(console, report, results)
+    _print_table(console, report, results, floor)
     if output_json is not None:
         output_json.parent.mkdir(parents=True, exist_ok=True)
         output_json.write_text(json.dumps(report, indent=2))
 
 
-def _print_table(console, report, results) -> None:
+def _floor(wl, hf_config, dtype, device, bandwidth_tbps, tflops):
+    """The workload's roofline floor on this card (None for text prompts: lengths unknown)."""
+    from tokenmill.bench.roofline import (
+        ModelShape,
+        measure_copy_bandwidth,
+        measure_matmul_rate,
+        roofline_floor,
+    )
+
+    prompt_lens = wl.prompt_lens
+    if prompt_lens is None:
+        return None
+    bw = bandwidth_tbps * 1e12 if bandwidth_tbps else measure_copy_bandwidth(device)
+    rate = tflops * 1e12 if tflops else measure_matmul_rate(device, dtype)
+    shape = ModelShape.from_hf_config(hf_config, dtype_bytes=dtype.itemsize)
+    return roofline_floor(shape, prompt_lens, [r.max_tokens for r in wl.requests], bw, rate)
+
+
+def _print_table(console, report, results, floor=None) -> None:
     from rich.table import Table
 
     t = Table(
@@ -133,8 +182,12 @@ def _print_table(console, report, results) -> None:
         "input tok/s",
         "output tok/s",
         "total tok/s",
+        "fraction of floor",
     ):
-        t.add_column(col, justify="right" if col != "engine" else "left")
+        if col == "engine":
+            t.add_column(col, justify="left", min_width=9)  # "tokenmill" stays whole
+        else:
+            t.add_column(col, justify="right")
     for r in results:
         t.add_row(
             r.name,
@@ -144,8 +197,22 @@ def _print_table(console, report, results) -> None:
             f"{r.input_tokens_per_s:,.0f}",
             f"{r.output_tokens_per_s:,.0f}",
             f"{r.total_tokens_per_s:,.0f}",
+            "-" if floor is None else f"{floor.fraction(r.seconds):.2f}",
         )
     console.print(t)
+    if floor is not None:
+        console.print(
+            f"floor {floor.seconds:.2f} s ({floor.bound}-bound: {floor.bytes / 1e12:.2f} TB at "
+            f"{floor.bandwidth / 1e12:.2f} TB/s, {floor.flops / 1e12:,.3g} TFLOP at "
+            f"{floor.flops_per_s / 1e12:,.3g} TFLOP/s; {floor.decode_steps} decode steps)"
+        )
+        fractions = ", ".join(f"{r.name} {floor.fraction(r.seconds):.2f}" for r in results)
+        console.print(f"fraction of floor: {fractions}")
+    eng = report["engine"]
+    console.print(
+        f"engine steps {eng['steps']} (graph {eng['graph_steps']}, eager {eng['eager_steps']}), "
+        f"mean batch {eng['mean_batch_size']:.1f}, preemptions {eng['preemptions']}"
+    )
     if len(results) == 2:
         console.print(
             f"tokenmill / peer output tok/s: "

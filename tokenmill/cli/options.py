@@ -32,8 +32,10 @@ Model = Annotated[str | None, _eopt("model", "--model", "-m")]
 Dtype = Annotated[str, _eopt("dtype", "--dtype")]
 Device = Annotated[str, _eopt("device", "--device")]
 MaxModelLen = Annotated[int | None, _eopt("max_model_len", "--max-model-len")]
-MaxNumSeqs = Annotated[int, _eopt("max_num_seqs", "--max-num-seqs")]
-MaxNumBatchedTokens = Annotated[int, _eopt("max_num_batched_tokens", "--max-num-batched-tokens")]
+MaxNumSeqs = Annotated[int | None, _eopt("max_num_seqs", "--max-num-seqs")]
+MaxNumBatchedTokens = Annotated[
+    int | None, _eopt("max_num_batched_tokens", "--max-num-batched-tokens")
+]
 KvCacheMemory = Annotated[str | None, _eopt("kv_cache_memory", "--kv-cache-memory")]
 GpuMemoryUtilization = Annotated[float, _eopt("gpu_memory_utilization", "--gpu-memory-utilization")]
 BlockSize = Annotated[int, _eopt("block_size", "--block-size")]

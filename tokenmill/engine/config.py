@@ -8,7 +8,7 @@ the resolved dtype and device) are engine state, not config.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -31,6 +31,12 @@ _UNITS = {
     "tib": 2**40,
     "ti": 2**40,
 }
+
+# Batch limits when the user sets none: (max_num_seqs, max_num_batched_tokens).
+BIG_CARD_GIB = 70  # GPUs at least this large get vLLM V1's large offline defaults
+BIG_CARD_LIMITS = (1024, 16384)
+DEFAULT_LIMITS = (256, 8192)  # smaller GPUs and the CPU
+MIN_KV_TOKENS_PER_SEQ = 256  # on GPU, auto max_num_seqs <= KV cache tokens / this
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,10 +75,21 @@ class EngineConfig:
         default=None,
         metadata={"help": "Longest prompt + output in tokens (default: the model's context)."},
     )
-    max_num_seqs: int = field(default=256, metadata={"help": "Most sequences in one engine step."})
-    max_num_batched_tokens: int = field(
-        default=8192,
-        metadata={"help": "Token budget of one engine step (decodes + prefill chunks)."},
+    max_num_seqs: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Most sequences in one engine step (default: {BIG_CARD_LIMITS[0]} on GPUs "
+            f"of {BIG_CARD_GIB} GiB or more, {DEFAULT_LIMITS[0]} on smaller GPUs and on CPU; on "
+            f"GPU capped so each slot has {MIN_KV_TOKENS_PER_SEQ} tokens of KV cache)."
+        },
+    )
+    max_num_batched_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget of one engine step, decodes + prefill chunks (default: "
+            f"{BIG_CARD_LIMITS[1]} on GPUs of {BIG_CARD_GIB} GiB or more, {DEFAULT_LIMITS[1]} "
+            "elsewhere)."
+        },
     )
     kv_cache_memory: int | str | None = field(
         default=None,
@@ -107,9 +124,9 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1 (got {self.max_num_seqs})")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1 (got {self.max_num_batched_tokens})"
             )
@@ -125,6 +142,22 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be auto, triton or torch (got {self.attention_backend!r})"
             )
+
+    def with_card_defaults(self, device_type: str, total_memory: int | None) -> EngineConfig:
+        """This config with max_num_seqs / max_num_batched_tokens filled in for the card.
+
+        Like vLLM V1's offline defaults: a card of 70 GiB or more (A100/H100/H200 class) runs
+        1,024 sequences and 16,384 tokens per step, where decode steps are large enough to be
+        bound by weight and KV bandwidth rather than by launches; smaller GPUs and the CPU keep
+        256 and 8,192. Values the user set are kept.
+        """
+        big = device_type == "cuda" and (total_memory or 0) >= BIG_CARD_GIB * 2**30
+        max_num_seqs, max_num_batched_tokens = BIG_CARD_LIMITS if big else DEFAULT_LIMITS
+        return replace(
+            self,
+            max_num_seqs=self.max_num_seqs or max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or max_num_batched_tokens,
+        )
 
     @property
     def kv_cache_bytes(self) -> int | None:

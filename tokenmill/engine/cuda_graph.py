@@ -96,3 +96,156 @@ class DecodeGraphs:
             self.seq_lens[num_seqs:bs].fill_(1)
         self.graphs[bs].replay()
         return self.hidden[:num_seqs]
+
+
+# ---- piecewise graphs: any step of up to PIECEWISE_MAX_TOKENS tokens ---------------------------
+#
+# A mixed step (decodes + prefill chunks) cannot replay one whole-model graph: the attention
+# kernels read per-step host values (max_seqlen_q, cu_seqlens_q_cpu). Everything else in a
+# layer is row-wise over num_tokens, so it is captured per token-count bucket, in pieces that
+# end where attention starts (vLLM V1's piecewise graphs):
+#
+#   piece 0: embed, layer 0 up to q/k/v  -> attention 0 (eager) -> piece 1: o_proj, residual,
+#   MLP, layer 1 up to q/k/v -> attention 1 (eager) -> ... -> piece L: last MLP, final norm
+#
+# q/k/v and the attention output pass through static buffers: each piece copies its q/k/v into
+# them, the eager attention reads them with the step's real metadata and writes its output into
+# the buffer the next piece reads. Rows past the step's tokens are padding: garbage, but rows
+# never mix outside attention, and attention only sees the step's rows.
+
+PIECEWISE_MAX_TOKENS = 2048  # NOTE: larger steps run eager; their GPU time dwarfs the launches
+
+
+def piecewise_sizes(max_num_batched_tokens: int) -> list[int]:
+    """Token-count buckets: fine at small counts (decode-heavy steps), 256 apart above 512."""
+    largest = min(max_num_batched_tokens, PIECEWISE_MAX_TOKENS)
+    sizes = [8, 16, 32, 64, 128, 256, 384, 512] + list(range(768, PIECEWISE_MAX_TOKENS + 1, 256))
+    sizes = [s for s in sizes if s < largest]
+    return sizes + [largest]
+
+
+class _SplitAtAttention:
+    """Capture-time stand-in for the attention backend: ends one piece and starts the next."""
+
+    name = "piecewise-capture"
+
+    def __init__(self, graphs: PiecewiseGraphs):
+        self.graphs = graphs
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, **kwargs):
+        return self.graphs._split(q, k, v, k_cache, v_cache, scale, kwargs)
+
+
+class PiecewiseGraphs:
+    """Captured pieces of `model` (everything but attention) for every size in piecewise_sizes."""
+
+    def __init__(
+        self,
+        model,
+        max_num_batched_tokens: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pool=None,
+    ):
+        self.model = model
+        # the attention modules, in call order: each holds the backend it calls
+        self.attn = [m for m in model.modules() if hasattr(m, "backend") and hasattr(m, "k_cache")]
+        assert self.attn, "piecewise graphs need attention modules with a `backend` attribute"
+        self.backend = self.attn[0].backend
+        self.sizes = piecewise_sizes(max_num_batched_tokens)
+        n = self.sizes[-1]
+        a = self.attn[0]
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)  # [num_tokens]
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        # [num_tokens, num_heads | num_kv_heads, head_dim], shared by every layer and bucket
+        self.q = torch.zeros(n, a.num_heads, a.head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(n, a.num_kv_heads, a.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.o = torch.zeros_like(self.q)
+        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.layers: list[tuple] = []  # per attention call: (k_cache, v_cache, scale, kwargs)
+        self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.pool = pool
+        self._stream = torch.cuda.Stream(device=device)
+        self._capturing: list[torch.cuda.CUDAGraph] = []
+        self._capture_all()
+
+    def _warmup_meta(self, num_tokens: int) -> AttentionMetadata:
+        """num_tokens one-token sequences that write nothing: any bucket's shapes, no cache."""
+        dev = self.input_ids.device
+        return AttentionMetadata(
+            cu_seqlens_q=torch.arange(num_tokens + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.ones(num_tokens, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(num_tokens, 1, dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=dev),
+            max_seqlen_q=1,
+            max_seqlen_k=1,
+            cu_seqlens_q_cpu=list(range(num_tokens + 1)),
+            seq_lens_cpu=[1] * num_tokens,
+        )
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        for bs in reversed(self.sizes):  # largest first, so smaller buckets reuse its memory
+            meta = self._warmup_meta(bs)
+            with set_forward_context(meta):  # warm-up: compile kernels, pick GEMM algorithms
+                self.model(self.input_ids[:bs], self.positions[:bs])
+            torch.cuda.synchronize()
+            self._stream.wait_stream(torch.cuda.current_stream())
+            splitter = _SplitAtAttention(self)
+            for m in self.attn:
+                m.backend = splitter
+            try:
+                with set_forward_context(meta), torch.cuda.stream(self._stream):
+                    self._begin_piece()
+                    self.hidden[:bs].copy_(self.model(self.input_ids[:bs], self.positions[:bs]))
+                    self._end_piece()
+            finally:
+                for m in self.attn:
+                    m.backend = self.backend
+            torch.cuda.current_stream().wait_stream(self._stream)
+            assert len(self._capturing) == len(self.layers) + 1, "one piece per attention + 1"
+            self.pieces[bs], self._capturing = self._capturing, []
+        torch.cuda.synchronize()
+
+    def _begin_piece(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        self._capturing.append(graph)
+
+    def _end_piece(self) -> None:
+        graph = self._capturing[-1]
+        graph.capture_end()
+        if self.pool is None:
+            self.pool = graph.pool()
+
+    def _split(self, q, k, v, k_cache, v_cache, scale, kwargs):
+        """Inside a capture: hand q/k/v to the buffers, close this piece, open the next."""
+        n = q.shape[0]
+        self.q[:n].copy_(q)
+        self.k[:n].copy_(k)
+        self.v[:n].copy_(v)
+        self._end_piece()
+        if len(self.pieces) == 0:  # the first bucket records the attention calls, in order
+            self.layers.append((k_cache, v_cache, scale, kwargs))
+        self._begin_piece()
+        return self.o[:n]  # [num_tokens, num_heads, head_dim], written between the pieces
+
+    def can_run(self, num_tokens: int) -> bool:
+        return num_tokens <= self.sizes[-1]
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        n = input_ids.shape[0]
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        pieces = self.pieces[bs]
+        q, k, v = self.q[:n], self.k[:n], self.v[:n]
+        for piece, (k_cache, v_cache, scale, kwargs) in zip(pieces, self.layers):
+            piece.replay()
+            self.o[:n].copy_(self.backend.forward(q, k, v, k_cache, v_cache, meta, scale, **kwargs))
+        pieces[-1].replay()
+        return self.hidden[:n]

@@ -62,6 +62,8 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+    graph_steps: int = 0  # forward passes replayed from CUDA graphs (docs/cuda_graphs.md)
+    eager_steps: int = 0  # forward passes run eagerly (CPU, enforce_eager, > 2,048 tokens)
 
     @property
     def mean_batch_size(self) -> float:
@@ -109,6 +111,7 @@ class LLM:
         self.max_model_len = self._resolve_max_model_len(hf_config)
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(config, hf_config, self.model_dir, self.max_model_len)
+        self.config = config = self.runner.config  # batch limits sized to the card
         self.scheduler = Scheduler(config, self.runner.num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.seed)
@@ -171,6 +174,7 @@ class LLM:
         s.prefix_cache_queries, s.prefix_cache_hits = bm.prefix_queries, bm.prefix_hits
         s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.kv_cache_usage = bm.usage
+        s.graph_steps, s.eager_steps = self.runner.num_graph_steps, self.runner.num_eager_steps
         return s
 
     # ---- tokens ------------------------------------------------------------------------------

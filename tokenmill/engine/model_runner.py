@@ -14,13 +14,13 @@ and block_size 4, block tables [[0, 5, 2], [1], [3, 4]]:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from tokenmill.engine.attention import AttentionMetadata, get_attention_backend, set_forward_context
-from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.config import MIN_KV_TOKENS_PER_SEQ, EngineConfig
 from tokenmill.engine.loader import load_weights
 from tokenmill.engine.models.registry import model_class
 from tokenmill.engine.outputs import Logprob
@@ -59,9 +59,14 @@ class ModelRunner:
     """Runs the model on one device. Created by the engine after the config is resolved."""
 
     def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int):
-        self.config = config
         self.hf_config = hf_config
         self.device = resolve_device(config.device)
+        total_memory = (
+            torch.cuda.get_device_properties(self.device).total_memory
+            if self.device.type == "cuda"
+            else None
+        )
+        self.config = config.with_card_defaults(self.device.type, total_memory)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
@@ -87,14 +92,20 @@ class ModelRunner:
         use_triton_ops(use_triton)
         self.sampler = Sampler(use_triton=use_triton)
         self.num_blocks = self._allocate_kv_cache()
+        if config.max_num_seqs is None:
+            self._cap_max_num_seqs_to_kv_cache()
+        config = self.config
         self._last_sampled = torch.empty(0, dtype=torch.long, device=self.device)
         self._last_rows: dict[str, int] = {}
         # Whether a step may launch before the previous one's tokens are read back. Pointless
         # on CPU (torch runs synchronously there), but tests switch it on to check the logic.
         self.can_overlap = self.device.type == "cuda"
-        self.graphs = None
+        # CUDA graphs (docs/cuda_graphs.md): whole-model graphs for decode-only steps, piecewise
+        # graphs (attention eager between them) for any other step of up to 2,048 tokens.
+        self.graphs = self.piecewise = None
+        self.num_graph_steps = self.num_eager_steps = 0
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
-            from tokenmill.engine.cuda_graph import DecodeGraphs
+            from tokenmill.engine.cuda_graph import DecodeGraphs, PiecewiseGraphs
 
             self.graphs = DecodeGraphs(
                 self.model,
@@ -104,6 +115,14 @@ class ModelRunner:
                 hf_config.hidden_size,
                 self.dtype,
                 self.device,
+            )
+            self.piecewise = PiecewiseGraphs(
+                self.model,
+                config.max_num_batched_tokens,
+                hf_config.hidden_size,
+                self.dtype,
+                self.device,
+                pool=self.graphs.pool,
             )
 
     def _backend_name(self) -> str:
@@ -161,6 +180,16 @@ class ModelRunner:
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
         return num_blocks
+
+    def _cap_max_num_seqs_to_kv_cache(self) -> None:
+        """An automatic max_num_seqs gives each slot MIN_KV_TOKENS_PER_SEQ tokens of cache (or
+        the context, if shorter): more slots than the cache holds would only preempt."""
+        if self.device.type != "cuda":
+            return  # the CPU keeps its small fixed defaults
+        per_seq = min(MIN_KV_TOKENS_PER_SEQ, self.max_model_len)
+        cap = max(1, self.num_blocks * self.block_size // per_seq)
+        if cap < self.config.max_num_seqs:
+            self.config = replace(self.config, max_num_seqs=cap)
 
     def _gpu_kv_budget(self) -> int:
         """What gpu_memory_utilization leaves after weights and a full-budget forward pass."""
@@ -269,11 +298,7 @@ class ModelRunner:
     def execute_async(self, sched: SchedulerOutput) -> PendingStep:
         """Launch one step; nothing waits for the device. `collect` reads the result."""
         ids, pos, meta, logits_indices = self.prepare(sched)
-        if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(len(ids)):
-            hidden = self.graphs.run(ids, pos, meta)  # [num_seqs, hidden_size]
-        else:
-            with set_forward_context(meta):
-                hidden = self.model(ids, pos)  # [num_tokens, hidden_size]
+        hidden = self._forward(ids, pos, meta)  # [num_tokens, hidden_size]
         pending = PendingStep(sched, [s for s in sched.seqs if s.sample])
         if not logits_indices:
             return pending
@@ -294,6 +319,24 @@ class ModelRunner:
         else:
             pending.token_ids_cpu = token_ids
         return pending
+
+    def _forward(self, ids, pos, meta) -> torch.Tensor:  # [num_tokens, hidden_size]
+        """The model over one step: replayed from CUDA graphs where captured, else eager."""
+        graphs = self._graphs_for(meta, len(ids))
+        if graphs is None:
+            self.num_eager_steps += 1
+            with set_forward_context(meta):
+                return self.model(ids, pos)
+        self.num_graph_steps += 1
+        return graphs.run(ids, pos, meta)
+
+    def _graphs_for(self, meta, num_tokens: int):
+        """Decode-only steps: a whole-model graph; any other step: the piecewise graphs."""
+        if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(num_tokens):
+            return self.graphs
+        if self.piecewise is not None and self.piecewise.can_run(num_tokens):
+            return self.piecewise
+        return None
 
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step and return its sampled tokens (and logprobs)."""

@@ -159,8 +159,9 @@ def compute_logprobs(
 class Sampler:
     """Turns the last-token logits of finished-chunk rows into next tokens.
 
-    On CUDA the draw runs in one Triton kernel pass (tokenmill.kernels.sampling, Philox noise
-    keyed by the same (seed, output index)); elsewhere in torch with the counter-hash noise.
+    On CUDA the draw runs in Triton (tokenmill.kernels.sampling: a sort-free threshold search for
+    top-k / top-p / min-p, then one pass with Philox noise keyed by the same (seed, output
+    index)); elsewhere in torch with the counter-hash noise.
     The two paths draw from the same distribution but not the same stream.
     """
 
@@ -215,9 +216,9 @@ class Sampler:
             if any(p.min_p > 0 for p in params)
             else None
         )
-        max_top_k = max(p.top_k for p in params) if top_k is not None else None
+        # top-k / top-p / min-p: one threshold per row found by a search, no sort of the vocab
         return self.kernels.sample(
-            logits.contiguous(), temps, seeds, positions, top_k, top_p, min_p, max_top_k
+            logits.contiguous(), temps, seeds, positions, top_k, top_p, min_p
         )
 
     def _sample_random(self, logits, reqs, greedy, token_ids):

@@ -58,6 +58,8 @@ class Scheduler:
     """Owns the waiting and running queues and the block manager."""
 
     def __init__(self, config: EngineConfig, num_blocks: int):
+        if config.max_num_seqs is None or config.max_num_batched_tokens is None:
+            config = config.with_card_defaults("cpu", None)  # built without a runner (tests)
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = BlockManager(
