@@ -100,9 +100,8 @@ def test_metrics_parse_and_track_requests(server):
     )
     assert 0.0 <= value(after, "tokenmill:kv_cache_usage_perc") <= 1.0
 
-    # NOTE: request_queue_time_seconds is left out below: LLM records first_scheduled_time
-    # only for a chunked prompt's first chunk today (see engine/llm.py _record_step).
     for hist in (
+        "tokenmill:request_queue_time_seconds",
         "tokenmill:time_to_first_token_seconds",
         "tokenmill:e2e_request_latency_seconds",
         "tokenmill:time_per_output_token_seconds",
