@@ -10,6 +10,7 @@ apply. Rows, ids, texts and every result column are the single-process job's.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
@@ -64,6 +65,8 @@ def _run(config: JobConfig, options: RayOptions) -> int:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=options.address, log_to_driver=not config.quiet)
+    if config.quiet:  # Ray Data logs every dataset it runs at INFO
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         DataContext.get_current().enable_progress_bars = not config.quiet
         processor = _processor_config(config, options, output)

@@ -112,12 +112,14 @@ def build_processor(config: ProcessorConfig):
     """Returns `ds -> ds` running `config`'s engine over every row (as vLLM's build_processor)."""
 
     def process(ds):
+        from ray.data import ActorPoolStrategy
+
         return ds.map_batches(
             TokenmillProcessor,
             fn_constructor_args=(config,),
             batch_format="pyarrow",
             batch_size=config.batch_size,
-            concurrency=config.concurrency,
+            compute=ActorPoolStrategy(size=config.concurrency),
             num_gpus=config.num_gpus,
             num_cpus=config.num_cpus,
             zero_copy_batch=True,
