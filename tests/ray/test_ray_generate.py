@@ -34,7 +34,7 @@ EXTRA_LINES = [
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One small local Ray instance for the module (generate --ray joins it)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -152,8 +152,8 @@ def generate(
     ray_address: Annotated[
         str | None,
         typer.Option(
-            help="Ray cluster to join, e.g. auto or HOST:6379; implies --ray (default: "
-            "$RAY_ADDRESS, else a Ray instance started here).",
+            help="Ray cluster to join: HOST:6379, or auto for one started on this machine with "
+            "ray start; implies --ray (default: $RAY_ADDRESS, else a new local instance).",
             rich_help_panel=_R,
             show_default=False,
         ),

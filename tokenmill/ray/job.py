@@ -11,6 +11,7 @@ apply. Rows, ids, texts and every result column are the single-process job's.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -33,7 +34,7 @@ DEFAULT_BATCH_SIZE = 256
 class RayOptions:
     """How the job uses the cluster (the CLI's --ray-* options)."""
 
-    address: str | None = None  # None: $RAY_ADDRESS, else a Ray instance started on this machine
+    address: str | None = None  # None: $RAY_ADDRESS, else a new Ray instance on this machine
     workers: int | None = None  # engine actors; None: one per GPU in the cluster, 1 without GPUs
     batch_size: int = DEFAULT_BATCH_SIZE  # rows per map_batches call
 
@@ -64,7 +65,7 @@ def _run(config: JobConfig, options: RayOptions) -> int:
     _prepare_output(output, config.overwrite)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=options.address, log_to_driver=not config.quiet)
+        ray.init(address=_address(options), log_to_driver=not config.quiet)
     if config.quiet:  # Ray Data logs every dataset it runs at INFO
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
@@ -92,6 +93,15 @@ def _run(config: JobConfig, options: RayOptions) -> int:
             file=sys.stderr,
         )
     return exit_codes.ROW_ERRORS if sink.num_errors else exit_codes.OK
+
+
+def _address(options: RayOptions) -> str:
+    """The cluster to join; "local" starts a new instance.
+
+    NOTE: ray.init() without an address would also join whatever `ray start` last recorded on
+    this machine, even a cluster that has gone since; `--ray-address auto` asks for that.
+    """
+    return options.address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def _check_supported(config: JobConfig) -> None:
