@@ -117,3 +117,13 @@ def _drop_created(row: dict) -> dict:
     if body is not None:
         body.pop("created", None)
     return row
+
+
+def test_ray_address_defaults_to_a_new_local_instance(monkeypatch):
+    from tokenmill.ray.job import RayOptions, _address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _address(RayOptions()) == "local"  # never a stale `ray start` cluster
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert _address(RayOptions()) == "10.0.0.1:6379"
+    assert _address(RayOptions(address="auto")) == "auto"

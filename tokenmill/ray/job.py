@@ -65,7 +65,12 @@ def _run(config: JobConfig, options: RayOptions) -> int:
     _prepare_output(output, config.overwrite)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=_address(options), log_to_driver=not config.quiet)
+        address = _address(options)
+        try:
+            ray.init(address=address, log_to_driver=not config.quiet)
+        except Exception as e:  # noqa: BLE001 - Ray raises several types for an unreachable head
+            where = "a local Ray instance" if address == "local" else f"Ray at {address}"
+            raise CannotRun(f"could not start or join {where}: {e}; check --ray-address") from e
     if config.quiet:  # Ray Data logs every dataset it runs at INFO
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
