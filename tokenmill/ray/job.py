@@ -27,7 +27,7 @@ from tokenmill.ray.processor import (
     build_processor,
 )
 
-DEFAULT_BATCH_SIZE = 256
+DEFAULT_BATCH_SIZE = ProcessorConfig.batch_size
 
 
 @dataclass
