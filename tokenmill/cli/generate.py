@@ -10,8 +10,10 @@ import typer
 
 from tokenmill.cli import options as o
 from tokenmill.io.job import DEFAULT_WINDOW_ROWS
+from tokenmill.ray.job import DEFAULT_BATCH_SIZE as DEFAULT_RAY_BATCH_SIZE  # does not import ray
 
 _J = "Job"
+_R = "Ray (see README: Scaling out)"
 
 
 def generate(
@@ -138,6 +140,37 @@ def generate(
             rich_help_panel=_J,
         ),
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Run on a Ray cluster (pip install 'tokenmill[ray]'); OUTPUT becomes a directory "
+            "of part files, joined by tokenmill merge. JSONL / Parquet inputs only, no resume.",
+            rich_help_panel=_R,
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join: HOST:6379, or auto for one started on this machine with "
+            "ray start; implies --ray (default: $RAY_ADDRESS, else a new local instance).",
+            rich_help_panel=_R,
+            show_default=False,
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Engine workers (Ray actors) (default: one per GPU in the cluster, 1 without).",
+            rich_help_panel=_R,
+            show_default=False,
+        ),
+    ] = None,
+    ray_batch_size: Annotated[
+        int,
+        typer.Option(min=1, help="Rows per Ray batch sent to a worker.", rich_help_panel=_R),
+    ] = DEFAULT_RAY_BATCH_SIZE,
     # Engine
     model: o.Model = o.ENGINE_DEFAULTS["model"],
     dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
@@ -213,6 +246,11 @@ def generate(
         quiet=quiet,
         command_line=shlex.join(["tokenmill", *sys.argv[1:]]),
     )
+    if ray or ray_address:
+        from tokenmill.ray.job import RayOptions, run_ray_job
+
+        options = RayOptions(ray_address, ray_workers, ray_batch_size)
+        raise typer.Exit(run_ray_job(config, options))
     raise typer.Exit(run_job(config))
 
 
