@@ -84,12 +84,12 @@ class RowParser:
         data = record.data or {}
         try:
             row.kept = {c: data.get(c) for c in self.keep_columns}
-            _check_text(data, self._used_columns(data))
             row.id = self._row_id(data, record)
             if "custom_id" in data and "body" in data:
                 self._parse_openai(data, row)
             else:
                 self._parse_plain(data, row)
+            _check_text(data, self._used_columns(data))
             self.params(row)  # validate overrides now, so a bad one is an error row
         except RowError as e:
             row.error, row.error_type = _where(record) + str(e), e.error_type
