@@ -146,11 +146,17 @@ class _Job:
                 f"could not load the model {cfg.engine.model or '(default)'}: {e}"
             ) from e
         state.runs += 1
-        save_journal(output, state)  # before the output exists: a crash from here on resumes
-        self.spill = Spill(output)
-        replayed = self.spill.open(state.rows_done)
-        writer = open_writer(output, state.output)
-        errors = ErrorsFile(errors_path(output), state.errors_bytes)
+        try:
+            save_journal(output, state)  # before the output exists: a crash from here resumes
+            self.spill = Spill(output)
+            replayed = self.spill.open(state.rows_done)
+            writer = open_writer(output, state.output)
+            errors = ErrorsFile(errors_path(output), state.errors_bytes)
+        except (OSError, OutputError) as e:
+            raise CannotRun(
+                f"cannot write beside {output} ({' '.join(f'{type(e).__name__}: {e}'.split())}); "
+                "fix the cause and rerun the same command"
+            ) from e
         t0, skipped = time.monotonic(), state.rows_done
         stats0 = stats_snapshot(llm)
         totals0 = asdict(state.totals)
