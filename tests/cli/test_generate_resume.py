@@ -146,7 +146,7 @@ def sorted_job_input(path: Path, num: int) -> Path:
 def spilled(out: Path) -> set[int]:
     from tokenmill.io.spill import _read, spill_path
 
-    return {row.position for row in _read(spill_path(out))}
+    return {row.position for row, _, _ in _read(spill_path(out))}
 
 
 def rows_done(out: Path) -> int:

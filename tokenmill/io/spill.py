@@ -11,7 +11,7 @@ them: only rows unfinished at the kill are computed again.
 
 A torn or damaged record ends the file (what follows is dropped). Records at positions below the
 journal's rows_done are already in the output: they are dropped when the file is compacted (on
-open, and at a commit once nothing is waiting), so it holds about the reorder buffer at most.
+open; at a commit, truncated when nothing waits, else rewritten once mostly dead weight).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 from tokenmill.io.writers import fsync_dir
 
 _HEADER = struct.Struct("<II")
-_COMPACT_BYTES = 64 << 20  # rewrite a file with this much dead weight even while rows wait
+_COMPACT_MIN_BYTES = 8 << 20  # dead weight worth a rewrite while rows still wait
 
 
 @dataclass
@@ -47,29 +47,34 @@ def spill_path(output: Path) -> Path:
 
 
 class Spill:
-    """The spill file of one output. `open()` returns the rows an earlier run left in it."""
+    """The spill file of one output. `open()` returns the rows an earlier run left in it.
+
+    NOTE: only the offsets of live records stay in memory (the rows themselves are in the
+    reorder buffer or already written), so memory does not grow with the commit interval.
+    """
 
     def __init__(self, output: Path):
         self.path = spill_path(output)
         self._fd: int | None = None
-        self._live: dict[int, bytes] = {}  # position -> record, for rows not yet in the output
+        self._live: dict[int, tuple[int, int]] = {}  # position -> (offset, length) in the file
+        self._live_bytes = 0
         self._size = 0
 
     def open(self, rows_done: int) -> dict[int, FinishedRow]:
         """Load the records at positions >= rows_done, rewrite the file with just those."""
         replayed = {}
-        for row in _read(self.path):
+        for row, offset, length in _read(self.path):
             if row.position >= rows_done:
                 row.replayed = True
                 replayed[row.position] = row
-                self._live[row.position] = _record(row)
+                self._keep(row.position, offset, length)
         self._rewrite()
         return replayed
 
     def add(self, row: FinishedRow) -> None:
         record = _record(row)
         os.write(self._fd, record)
-        self._live[row.position] = record
+        self._keep(row.position, self._size, len(record))
         self._size += len(record)
 
     def commit(self) -> None:
@@ -78,11 +83,11 @@ class Spill:
     def forget_below(self, rows_done: int) -> None:
         """Rows before rows_done are durable in the output (the journal says so): drop them."""
         for position in [p for p in self._live if p < rows_done]:
-            del self._live[position]
+            self._live_bytes -= self._live.pop(position)[1]
         if not self._live:
             os.ftruncate(self._fd, 0)
             self._size = 0
-        elif self._size - sum(map(len, self._live.values())) > _COMPACT_BYTES:
+        elif self._size - self._live_bytes > max(self._live_bytes, _COMPACT_MIN_BYTES):
             self._rewrite()
 
     def close(self, remove: bool = False) -> None:
@@ -92,19 +97,33 @@ class Spill:
         if remove and self.path.exists():
             self.path.unlink()
 
+    def _keep(self, position: int, offset: int, length: int) -> None:
+        if position in self._live:  # pragma: no cover - a position finishes once
+            self._live_bytes -= self._live[position][1]
+        self._live[position] = (offset, length)
+        self._live_bytes += length
+
     def _rewrite(self) -> None:
+        """Copy the live records into a fresh file that replaces this one."""
         tmp = Path(str(self.path) + ".tmp")
-        data = b"".join(self._live[p] for p in sorted(self._live))
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        live = sorted(self._live.items(), key=lambda item: item[1][0])
+        new_live, size = {}, 0
+        with open(tmp, "wb") as dst:
+            if live:
+                with open(self.path, "rb") as src:
+                    for position, (offset, length) in live:
+                        src.seek(offset)
+                        dst.write(src.read(length))
+                        new_live[position] = (size, length)
+                        size += length
+            dst.flush()
+            os.fsync(dst.fileno())
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
         if self._fd is not None:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        self._size = len(data)
+        self._live, self._size = new_live, size
 
 
 def _record(row: FinishedRow) -> bytes:
@@ -113,9 +132,10 @@ def _record(row: FinishedRow) -> bytes:
 
 
 def _read(path: Path):
-    """The intact records of `path`, in file order, up to the first torn or damaged one."""
+    """(row, offset, length) of each intact record of `path`, up to the first torn one."""
     if not path.exists():
         return
+    offset = 0
     with open(path, "rb") as f:
         while True:
             header = f.read(_HEADER.size)
@@ -129,5 +149,7 @@ def _read(path: Path):
                 row = pickle.loads(payload)  # noqa: S301 - our own file, written by this class
             except Exception:  # noqa: BLE001 - a damaged record ends the file
                 return
-            if isinstance(row, FinishedRow):
-                yield row
+            if not isinstance(row, FinishedRow):
+                return
+            yield row, offset, _HEADER.size + length
+            offset += _HEADER.size + length
