@@ -26,7 +26,7 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io import exit_codes
 from tokenmill.io.batcher import Batcher
 from tokenmill.io.format import format_result
-from tokenmill.io.journal import JournalState, save_journal
+from tokenmill.io.journal import JournalState, load_journal, save_journal
 from tokenmill.io.lock import OutputLock, OutputLocked
 from tokenmill.io.parse import RowParser
 from tokenmill.io.progress import Progress
@@ -181,6 +181,8 @@ class _Job:
                 failure = e
                 if not isinstance(e, (OSError, OutputError)):  # the output itself is fine
                     self._try(lambda: self._commit(output, state, writer, errors))
+                else:  # writing failed: what is done is what the last commit recorded
+                    state = load_journal(output) or state
             except KeyboardInterrupt:  # a second Ctrl-C: the journal is consistent as it is
                 failure = KeyboardInterrupt()
         self._try(writer.close)
@@ -197,7 +199,10 @@ class _Job:
         if failure is not None:
             print(_failure_line(failure, output, state.rows_done), file=sys.stderr)
             return exit_codes.CANNOT_RUN
-        return self._exit_code(state, output) if report else exit_codes.CANNOT_RUN
+        if report is None:
+            print(f"error: could not write {report_path(output)} (see above)", file=sys.stderr)
+            return exit_codes.CANNOT_RUN
+        return self._exit_code(state, output)
 
     def _loop(
         self,
@@ -390,6 +395,7 @@ class _Job:
         return report
 
     def _already_done(self, output: Path, state: JournalState) -> int:
+        Spill(output).close(remove=True)  # left by a kill after the journal said finished
         print(
             f"{output} is already complete ({state.rows_done} rows); pass --overwrite to run again",
             file=sys.stderr,

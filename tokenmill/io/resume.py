@@ -71,7 +71,8 @@ def check_output(output: Path, state: JournalState) -> None:
     """Raise ResumeRefused unless the output and errors file hold what the journal recorded."""
     try:
         writer_class(output).verify(output, state.output, finished=state.finished)
-        JsonlWriter.verify(errors_path(output), {"bytes": state.errors_bytes}, finished=False)
+        if not state.finished:  # a resumed run appends to the errors file too
+            JsonlWriter.verify(errors_path(output), {"bytes": state.errors_bytes}, finished=False)
     except OutputMismatch as e:
         done = "complete" if state.finished else f"{state.rows_done} rows done"
         raise ResumeRefused(
