@@ -26,7 +26,7 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io import exit_codes
 from tokenmill.io.batcher import Batcher
 from tokenmill.io.format import format_result
-from tokenmill.io.journal import JournalState, load_journal, save_journal
+from tokenmill.io.journal import JournalState, Totals, load_journal, save_journal
 from tokenmill.io.lock import OutputLock, OutputLocked
 from tokenmill.io.parse import RowParser
 from tokenmill.io.progress import Progress
@@ -115,7 +115,8 @@ class _Job:
         self.make_llm = make_llm
         self.stop_reason: str | None = None
         self.finalizing = False  # signals no longer stop the run
-        self.num_replayed = 0  # rows of this run taken from the spill, not computed
+        # Rows this run released from the spill (finished by a killed run): not this run's work.
+        self.replayed = Totals()
         self.spill: Spill | None = None
 
     # The run, top to bottom ------------------------------------------------------------------
@@ -241,7 +242,8 @@ class _Job:
         for row in rows:
             writer.write([row.out])
             self._count(state.totals, row)
-            self.num_replayed += row.replayed
+            if row.replayed:
+                self._count(self.replayed, row)
             if not row.ok:
                 errors.write(row.out)
                 if self.config.fail_fast:
@@ -375,6 +377,9 @@ class _Job:
     # Report ---------------------------------------------------------------------------------
     def _report(self, output, llm, state, skipped, wall_s, stats0, totals0) -> dict[str, Any]:
         errors_file = str(errors_path(output)) if state.totals.rows_failed else None
+        # this_run counts what this process computed: rows replayed from the spill are not.
+        replayed = asdict(self.replayed)
+        totals0 = {k: v + replayed[k] for k, v in totals0.items()}
         report = build_report(
             self.config,
             output,
@@ -387,8 +392,8 @@ class _Job:
             self.stop_reason,
             errors_file,
         )
-        # Rows an earlier, killed run had finished: released from the spill, not recomputed.
-        report["this_run"]["rows_replayed"] = self.num_replayed
+        # Rows an earlier, killed run had finished: written from the spill, not recomputed.
+        report["this_run"]["rows_replayed"] = self.replayed.rows_ok + self.replayed.rows_failed
         write_report(report_path(output), report)
         if not self.config.quiet:
             print_report(report)

@@ -73,7 +73,9 @@ class Spill:
 
     def add(self, row: FinishedRow) -> None:
         record = _record(row)
-        os.write(self._fd, record)
+        view = memoryview(record)
+        while view:  # a short write (the disk filling up) is followed by the error itself
+            view = view[os.write(self._fd, view) :]
         self._keep(row.position, self._size, len(record))
         self._size += len(record)
 
