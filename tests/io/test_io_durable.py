@@ -302,3 +302,12 @@ def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path):
     third = fake_job(config)
     assert third.returncode == exit_codes.OK, third.stderr
     assert [r["id"] for r in rows_of(out)] == [f"r{i}" for i in range(120)]
+
+
+def test_an_unreadable_journal_is_refused_in_one_line(tmp_path, capsys):
+    inp = make_prompts(tmp_path / "in.jsonl", 10)
+    run(tmp_path, inp, engine=_StopAfter(None, 5))
+    journal_path(tmp_path / "out.jsonl").write_text('{"rows_done": 3, "fing')
+    capsys.readouterr()
+    assert run(tmp_path, inp)[0] == exit_codes.CANNOT_RUN
+    assert "is unreadable" in one_line_error(capsys.readouterr().err)

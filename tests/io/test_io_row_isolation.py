@@ -87,3 +87,22 @@ def test_each_way_one_row_can_fail_is_an_error_row_and_the_job_goes_on(tmp_path)
         assert "prompt holds a lone surrogate" in errors[5]["message"]
         report = json.loads(report_path(out).read_text())
         assert report["rows"]["ok"] == 2 and report["rows"]["failed"] == 5
+
+
+def test_a_result_that_cannot_be_formatted_is_an_error_row(tmp_path, monkeypatch):
+    from tokenmill.io import job
+
+    real = job.format_result
+
+    def format_result(result, model):
+        if result.ok and result.row.id == "odd":
+            raise KeyError("finish_reasons")
+        return real(result, model)
+
+    monkeypatch.setattr(job, "format_result", format_result)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "odd", "prompt": "y"}\n{"prompt": "z"}\n')
+    assert run(tmp_path, inp)[0] == exit_codes.ROW_ERRORS
+    rows = rows_of(tmp_path / "out.jsonl")
+    assert [r["error"] and r["error"]["type"] for r in rows] == [None, "invalid_row", None]
+    assert "cannot format the result" in rows[1]["error"]["message"]

@@ -261,7 +261,13 @@ class _Job:
 
     def _finished(self, position: int, result: RowResult, model: str) -> FinishedRow:
         """A row just finished (in any order): format it and make it durable in the spill."""
-        out = format_result(result, model)
+        try:
+            out = format_result(result, model)
+        except Exception as e:  # noqa: BLE001 - one row's odd content must not end the job
+            result = RowResult(
+                result.row, error=f"cannot format the result ({e})", error_type="invalid_row"
+            )
+            out = writable(format_result(result, model))
         field = unencodable_field(out, "row")
         if field is not None:  # a backstop: the parser rejects such rows before the engine
             result = RowResult(

@@ -42,7 +42,13 @@ def resume_state(output: Path, fingerprint: dict[str, Any], overwrite: bool) -> 
     if overwrite:
         remove_outputs(output)
         return JournalState(fingerprint)
-    state = load_journal(output)
+    try:
+        state = load_journal(output)
+    except (ValueError, TypeError) as e:  # not JSON, or not our fields
+        raise ResumeRefused(
+            f"the journal {journal_path(output)} is unreadable ({e}); pass --overwrite to start "
+            "afresh or choose another --output"
+        ) from e
     if state is None:
         if output.exists() or parts_path(output).exists():
             raise ResumeRefused(
