@@ -1,12 +1,21 @@
 """`tokenmill generate` as a library call: JobConfig in, exit code out.
 
-    run_job(config, make_llm) ── open input ── check / resume journal ── load engine
-                              └─ Batcher (window loop) ── writer + journal commits ── report
+    run_job(config, make_llm) ── open input ── lock OUTPUT ── check / resume journal ── load engine
+                              └─ Batcher (window loop) ── spill + writer + journal commits ── report
 
-Durability: results are appended in input order; every `commit_s` seconds (and at the end, and
-when stopping) the writers fsync and then the journal records how many rows are done. A restart
-with the same fingerprint cuts the output back to the journal and skips the rows it lists, so
-the finished output holds every input row exactly once whatever killed the earlier run.
+Durability (README "Resume" states the guarantees):
+- One run per output: OUTPUT.lock (lock.py) is held from before the journal is read to the end.
+- Each row is appended to OUTPUT.spill (spill.py) the moment it finishes, in any order; a rerun
+  replays those instead of recomputing them.
+- Results are appended to the output in input order; every `commit_s` seconds (and at the end,
+  and when stopping) the writers fsync and then the journal records how many rows are done and
+  the output's committed state. A restart checks the output against it (resume.py), cuts it back
+  to it and skips the rows it lists, so the finished output holds every input row exactly once
+  whatever killed the earlier run.
+- The end (Parquet: joining the parts) records each stage in the journal and replays from the
+  last one; SIGINT / SIGTERM wait for it.
+- Any other failure (disk full, Arrow, the engine) ends the run with one line, exit code 3 and a
+  report of what is committed.
 """
 
 from __future__ import annotations
