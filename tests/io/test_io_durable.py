@@ -174,13 +174,15 @@ def test_kill_9_from_outside_at_random_moments_keeps_exactly_once_and_loses_no_f
 # Full disk and Arrow errors --------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_a_full_disk_exits_3_with_one_line_and_a_report_and_the_rerun_completes(tmp_path, suffix):
-    num = 200 if suffix == ".jsonl" else 60
+    num = 200 if suffix == ".jsonl" else 80
     inp = make_prompts(tmp_path / "in.jsonl", num)
     ref = reference(tmp_path, inp)
     out = tmp_path / f"out{suffix}"
-    # JSONL fills up midway; Parquet parts fit, the joined file does not.
-    limit = 12_000 if suffix == ".jsonl" else 30_000
-    full = fake_job(job_config(inp, out, commit_s=0.0), limit_file_bytes=limit)
+    if suffix == ".jsonl":  # fills up midway
+        config, limit = job_config(inp, out), 12_000
+    else:  # rows in order, small parts that fit; the joined file does not
+        config, limit = job_config(inp, out, window_rows=1), 3_000
+    full = fake_job(config, limit_file_bytes=limit)
     assert full.returncode == exit_codes.CANNOT_RUN, full.stderr
     line = one_line_error(full.stderr)
     assert "File too large" in line and "rerun the same command" in line

@@ -20,6 +20,7 @@ Durability (README "Resume" states the guarantees):
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -485,13 +486,12 @@ def _failure_line(e: BaseException, output: Path, rows_done: int) -> str:
     if os.environ.get("TOKENMILL_TRACEBACK"):
         traceback.print_exception(e)
     cause = " ".join(f"{type(e).__name__}: {e}".split())
-    what = (
-        "writing the output failed" if isinstance(e, (OSError, OutputError)) else "the job failed"
-    )
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    what = "writing the output failed" if full or isinstance(e, OutputError) else "the job failed"
     return (
-        f"error: {what} after {rows_done} rows ({cause}); the rows written so far are saved, and "
-        f"finished rows are kept in {spill_path(output).name}: fix the cause and rerun the same "
-        "command to resume"
+        f"error: {what} after {rows_done} rows ({cause}); the rows committed so far are saved, "
+        f"and finished rows are kept in {spill_path(output).name}: fix the cause and rerun the "
+        "same command to resume"
     )
 
 

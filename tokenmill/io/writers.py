@@ -32,6 +32,7 @@ from typing import Any
 
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 _CHUNK = 1 << 20
+_JOIN_ROWS = 64 * 1024
 
 
 class OutputMismatch(Exception):
@@ -223,13 +224,18 @@ class ParquetWriter:
 
 
 def join_parquet(parts: list[Path], path: Path) -> None:
-    """Concatenate parquet files (schemas unified: a column null in one part is fine)."""
+    """Concatenate parquet files (schemas unified: a column null in one part is fine).
+
+    Small parts (one per commit) are gathered into row groups of about _JOIN_ROWS rows, so the
+    joined file does not carry one row group, with its metadata, per commit.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schemas = [pq.read_schema(p) for p in parts]
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     tmp = Path(str(path) + ".tmp")
+    pending: list[pa.Table] = []
     with pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:
             for batch in pq.ParquetFile(part).iter_batches():
@@ -239,7 +245,12 @@ def join_parquet(parts: list[Path], path: Path) -> None:
                         table = table.append_column(
                             name, pa.nulls(len(table), schema.field(name).type)
                         )
-                writer.write_table(table.select(schema.names).cast(schema))
+                pending.append(table.select(schema.names).cast(schema))
+                if sum(map(len, pending)) >= _JOIN_ROWS:
+                    writer.write_table(pa.concat_tables(pending))
+                    pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
