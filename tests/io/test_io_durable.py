@@ -244,18 +244,21 @@ def test_an_output_that_differs_from_the_journal_is_refused_and_left_as_is(
     assert after == before  # not extended, not zero-filled, not truncated
 
 
-@pytest.mark.parametrize("damage", ["part deleted", "part cut", "output cut"])
+@pytest.mark.parametrize(
+    "damage",
+    ["part deleted", "part cut", "part zero-filled", "output cut", "output zero-filled"],
+)
 def test_parquet_parts_or_output_that_differ_from_the_journal_are_refused(tmp_path, capsys, damage):
     inp = make_prompts(tmp_path / "in.jsonl", 50)
     out = tmp_path / "out.parquet"
-    finished = damage == "output cut"
+    finished = damage.startswith("output")
     engine = None if finished else _StopAfter(None, 30)
     run(tmp_path, inp, engine=engine, output=out, window_rows=10, commit_s=0)
     part = tmp_path / "out.parquet.parts" / "part-000001.parquet"
     if damage == "part deleted":
         part.unlink()
     else:
-        _tamper(out if finished else part, "cut")
+        _tamper(out if finished else part, damage.split()[1])
     capsys.readouterr()
     code, _ = run(tmp_path, inp, output=out, window_rows=10)
     assert code == exit_codes.CANNOT_RUN

@@ -106,11 +106,16 @@ def run_job(config: JobConfig, make_llm: Callable[[EngineConfig], Any] | None = 
     try:
         return _Job(config, make_llm or _default_llm).run()
     except OutputLocked as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.LOCKED
     except (CannotRun, InputError, ResumeRefused) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.CANNOT_RUN
+
+
+def _one_line(e: BaseException) -> str:
+    """Messages quote exceptions (pyarrow's span lines): one line, whatever they hold."""
+    return " ".join(str(e).split())
 
 
 def _default_llm(engine_config: EngineConfig):

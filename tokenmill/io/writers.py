@@ -10,10 +10,10 @@ exactly that state:
                                           from a SIGKILL goes with it), after checking the file
                                           holds those bytes (never extends a file cut short).
     parquet:  OUTPUT.parts/part-000000.parquet ...   one part per commit; state {"parts",
-                                          "rows", "bytes"}. `finalize()` joins them into OUTPUT:
+                                          "rows", "bytes", "crc32"}. `finalize()` joins them:
 
         parts committed ── join to OUTPUT.tmp, fsync, rename ── stage "joined" {"output_bytes",
-        "rows"} saved ── parts deleted ── stage "cleaned" saved
+        "output_crc32"} saved ── parts deleted ── stage "cleaned" saved
 
     Each stage is saved to the journal (through `on_stage`) before the next begins, so a kill at
     any point replays: before "joined" the join is redone from the parts; after it the parts are
@@ -128,8 +128,9 @@ class ParquetWriter:
         self.num_parts = int(state.get("parts", 0))
         self.num_rows = int(state.get("rows", 0))
         self.num_bytes = int(state.get("bytes", 0))
+        self.crc32 = int(state.get("crc32", 0))  # of the parts' bytes, in order
         self.stage = state.get("stage")
-        self._joined = {k: state[k] for k in ("output_bytes",) if k in state}
+        self._joined = {k: state[k] for k in ("output_bytes", "output_crc32") if k in state}
         self._buffer: list[dict[str, Any]] = []
         if self.stage is not None:  # finalize got as far as joining: the parts are done
             return
@@ -144,14 +145,26 @@ class ParquetWriter:
     def verify(cls, path: Path, state: dict[str, Any], finished: bool) -> None:
         """Raise OutputMismatch unless the committed parts (or the joined OUTPUT) are intact."""
         if finished or state.get("stage") is not None:
-            _check_parquet(path, state.get("output_bytes"), state.get("rows"), "the joined output")
+            _check_parquet(
+                path,
+                "the joined output",
+                state.get("output_bytes"),
+                state.get("rows"),
+                state.get("output_crc32"),
+            )
             return
         parts_dir = Path(str(path) + ".parts")
-        num_rows = num_bytes = 0
+        num_rows = num_bytes = crc = 0
         for i in range(int(state.get("parts", 0))):
             part = parts_dir / f"part-{i:06d}.parquet"
-            num_rows += _check_parquet(part, None, None, f"part {i} of {path}")
+            num_rows += _check_parquet(part, f"part {i} of {path}")
             num_bytes += part.stat().st_size
+            crc = _file_crc32(part, part.stat().st_size, crc)
+        if "crc32" in state and crc != state["crc32"]:
+            raise OutputMismatch(
+                f"the committed parts of {path} differ from what was written (their checksum does "
+                "not match the journal: zero-filled, edited or replaced since)"
+            )
         for key, actual in (("rows", num_rows), ("bytes", num_bytes)):
             if key in state and state[key] != actual:
                 raise OutputMismatch(
@@ -178,6 +191,7 @@ class ParquetWriter:
             pq.write_table(table, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+                self.crc32 = zlib.crc32(f.read(), self.crc32)
             os.replace(tmp, part)
             fsync_dir(self.parts_dir)
             self.num_parts += 1
@@ -202,10 +216,17 @@ class ParquetWriter:
             except Exception as e:  # noqa: BLE001 - pyarrow's many error types
                 raise OutputError(f"cannot join the Parquet parts: {_arrow_hint(e)}") from e
             fsync_dir(self.path.parent)
-            self._joined = {"output_bytes": self.path.stat().st_size}
+            size = self.path.stat().st_size
+            self._joined = {"output_bytes": size, "output_crc32": _file_crc32(self.path, size)}
             self.stage = "joined"
             on_stage(self._state())
-        _check_parquet(self.path, self._joined.get("output_bytes"), self.num_rows, "the output")
+        _check_parquet(  # the joined file must hold the parts before they go
+            self.path,
+            "the output",
+            self._joined.get("output_bytes"),
+            self.num_rows,
+            self._joined.get("output_crc32"),
+        )
         if self.parts_dir.exists():
             shutil.rmtree(self.parts_dir)
             fsync_dir(self.path.parent)
@@ -217,7 +238,12 @@ class ParquetWriter:
         pass
 
     def _state(self) -> dict[str, Any]:
-        state = {"parts": self.num_parts, "rows": self.num_rows, "bytes": self.num_bytes}
+        state = {
+            "parts": self.num_parts,
+            "rows": self.num_rows,
+            "bytes": self.num_bytes,
+            "crc32": self.crc32,
+        }
         if self.stage is not None:
             state.update(stage=self.stage, **self._joined)
         return state
@@ -319,8 +345,8 @@ def _part_number(part: Path) -> int:
         return 1 << 30
 
 
-def _file_crc32(path: Path, size: int) -> int:
-    crc, left = 0, size
+def _file_crc32(path: Path, size: int, crc: int = 0) -> int:
+    left = size
     with open(path, "rb") as f:
         while left > 0:
             chunk = f.read(min(_CHUNK, left))
@@ -331,8 +357,14 @@ def _file_crc32(path: Path, size: int) -> int:
     return crc
 
 
-def _check_parquet(path: Path, size: int | None, rows: int | None, what: str) -> int:
-    """Rows in the Parquet file `path`, after checking its size and row count when given."""
+def _check_parquet(
+    path: Path,
+    what: str,
+    size: int | None = None,
+    rows: int | None = None,
+    crc: int | None = None,
+) -> int:
+    """Rows in the Parquet file `path`, after checking its size, row count and CRC when given."""
     import pyarrow.parquet as pq
 
     if not path.exists():
@@ -348,6 +380,11 @@ def _check_parquet(path: Path, size: int | None, rows: int | None, what: str) ->
     if rows is not None and num_rows != rows:
         raise OutputMismatch(
             f"{what} ({path}) holds {num_rows} rows but the journal recorded {rows}"
+        )
+    if crc is not None and _file_crc32(path, path.stat().st_size) != crc:
+        raise OutputMismatch(
+            f"{what} ({path}) differs from what was written (its checksum does not match the "
+            "journal: zero-filled, edited or replaced since)"
         )
     return num_rows
 
