@@ -88,7 +88,8 @@ def check_output(output: Path, state: JournalState) -> None:
 
 
 def remove_outputs(output: Path) -> None:
-    for p in (output, journal_path(output), report_path(output), errors_path(output)):
+    join_tmp = Path(str(output) + ".tmp")  # a Parquet join cut short
+    for p in (output, journal_path(output), report_path(output), errors_path(output), join_tmp):
         _remove(p)
     _remove(spill_path(output))
     if parts_path(output).exists():
