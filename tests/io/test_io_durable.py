@@ -99,8 +99,9 @@ def test_a_kill_at_any_point_of_the_parquet_finalize_replays_to_the_complete_out
     ]
     report = json.loads(report_path(out).read_text())
     assert report["finished"] and report["rows"]["ok"] == 60
-    again = fake_job(job_config(inp, out))
-    assert again.returncode == exit_codes.OK and "already complete" in again.stderr
+    if point == "joined":  # once is enough: the finished output checks out as complete
+        again = fake_job(job_config(inp, out))
+        assert again.returncode == exit_codes.OK and "already complete" in again.stderr
 
 
 @pytest.mark.parametrize("point", ["mid_join", "mid_cleanup"])
