@@ -88,34 +88,52 @@ ARCHS = {
 }
 
 
-def make_tiny_model(
-    path: str | Path,
+def make_tiny_config(
     arch: str = "llama",
+    vocab_size: int = 320,
     hidden_size: int = 48,
     num_layers: int = 2,
     intermediate_size: int = 100,
     max_position_embeddings: int = 512,
-    seed: int = 0,
     **overrides,
-) -> Path:
-    """Write a tiny random-weight checkpoint of `arch` (see ARCHS) to `path` and return it."""
+):
+    """The transformers config of a tiny `arch` (see ARCHS); no weights, no files."""
     import transformers
 
-    path = Path(path)
-    tokenizer = make_tokenizer()
     cls_name, kwargs = ARCHS[arch]
     kwargs = {**kwargs, **overrides}
     config = getattr(transformers, cls_name)(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
         **kwargs,
     )
+    config.architectures = [config.architectures[0] if config.architectures else _arch_name(config)]
+    return config
+
+
+def _arch_name(config) -> str:
+    import transformers
+
+    return transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__
+
+
+def make_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:
+    """Write a tiny random-weight checkpoint of `arch` (see ARCHS) to `path` and return it.
+
+    `config_kwargs` are make_tiny_config's sizes and any config field to override."""
+    import transformers
+
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    config = make_tiny_config(arch, vocab_size=len(tokenizer), **config_kwargs)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init is small; scale up so logits are peaked and greedy argmax is well separated.

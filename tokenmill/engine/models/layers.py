@@ -62,11 +62,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_position: int):
         super().__init__()
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq.float())  # [max_position, head_dim // 2]
+        # NOTE: the table is computed on the CPU whatever the default device (the model is
+        # built under `with torch.device(...)`, and rope_parameters' inv_freq is on the CPU:
+        # mixing them crashed llama3 rope on the GPU), then moved to the default device.
+        cpu = torch.device("cpu")
+        t = torch.arange(max_position, dtype=torch.float32, device=cpu)
+        freqs = torch.outer(t, inv_freq.float().to(cpu))  # [max_position, head_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
-        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
+        device = torch.get_default_device()
+        self.register_buffer("cos", (emb.cos() * attention_scaling).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * attention_scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [.., num_kv_heads, ..]
@@ -93,8 +98,8 @@ def rope_parameters(config) -> tuple[torch.Tensor, float]:
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
         dim = int(head_dim * partial)
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return inv_freq, 1.0
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        return 1.0 / (theta**exponents), 1.0  # [dim // 2] on the CPU
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
@@ -102,7 +107,8 @@ def rope_parameters(config) -> tuple[torch.Tensor, float]:
             f"rope type {rope_type!r} is not supported; supported: default, "
             f"{', '.join(ROPE_INIT_FUNCTIONS)}"
         )
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    with torch.device("cpu"):  # transformers makes some of its tensors on the default device
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     return inv_freq, float(scaling)
 
 
