@@ -13,6 +13,8 @@ API_KEY_ENV = "TOKENMILL_API_KEY"
 
 def serve(
     model: o.Model = o.ENGINE_DEFAULTS["model"],
+    revision: o.Revision = o.ENGINE_DEFAULTS["revision"],
+    download_dir: o.DownloadDir = o.ENGINE_DEFAULTS["download_dir"],
     host: Annotated[
         str,
         typer.Option(

@@ -86,7 +86,9 @@ class LLM:
         from tokenmill.engine.model_source import resolve_model
 
         self.config = config
-        model_dir, self.model_name = resolve_model(config.model)
+        model_dir, self.model_name = resolve_model(
+            config.model, config.revision, config.download_dir
+        )
         self.model_dir = Path(model_dir)
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.hf_config = hf_config
