@@ -106,10 +106,8 @@ class LLM:
         self._inflight = None  # a launched step whose tokens are not read back yet
 
     def _resolve_max_model_len(self, hf_config) -> int:
+        # Sliding-window layers attend within their window at any length: no cap at the window.
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-        window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True):
-            limit = min(limit, window)  # no sliding-window attention: stay inside the window
         if self.config.max_model_len is None:
             return limit
         if self.config.max_model_len > limit:

@@ -14,17 +14,30 @@ from tokenmill.engine.models.layers import (
     Attention,
     GatedMLP,
     RMSNorm,
-    RotaryEmbedding,
-    rope_parameters,
+    layer_window,
+    make_rotary,
 )
 
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool
+        self,
+        config,
+        backend: AttentionBackend,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+        layer_idx: int,
     ):
         super().__init__()
-        self.self_attn = Attention(config, backend, qkv_bias, o_bias, qk_norm)
+        self.self_attn = Attention(
+            config,
+            backend,
+            qkv_bias,
+            o_bias,
+            qk_norm,
+            sliding_window=layer_window(config, layer_idx),
+        )
         self.mlp = GatedMLP(
             config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False)
         )
@@ -47,12 +60,11 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, qkv_bias, o_bias, qk_norm)
-            for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, backend, qkv_bias, o_bias, qk_norm, i)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        inv_freq, scaling = rope_parameters(config)
-        self.rotary = RotaryEmbedding(inv_freq, scaling, max_position)
+        self.rotary = make_rotary(config, max_position)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
