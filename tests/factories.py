@@ -85,6 +85,18 @@ ARCHS = {
         "Qwen3Config",
         dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
     ),
+    "opt": ("OPTConfig", dict(num_attention_heads=4, activation_function="relu")),
+    "opt-post-norm": (
+        "OPTConfig",
+        dict(num_attention_heads=4, do_layer_norm_before=False, word_embed_proj_dim=32),
+    ),
+    "gpt2": ("GPT2Config", dict(num_attention_heads=4)),
+}
+
+# Config fields some families name their own way.
+_SIZE_NAMES = {
+    "OPTConfig": {"intermediate_size": "ffn_dim"},
+    "GPT2Config": {"intermediate_size": "n_inner", "max_position_embeddings": "n_positions"},
 }
 
 
@@ -101,17 +113,17 @@ def make_tiny_config(
     import transformers
 
     cls_name, kwargs = ARCHS[arch]
-    kwargs = {**kwargs, **overrides}
-    config = getattr(transformers, cls_name)(
-        vocab_size=vocab_size,
+    sizes = dict(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         max_position_embeddings=max_position_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        **kwargs,
+    )
+    names = _SIZE_NAMES.get(cls_name, {})
+    sizes = {names.get(k, k): v for k, v in sizes.items()}
+    kwargs = {**sizes, **kwargs, **overrides}
+    config = getattr(transformers, cls_name)(
+        vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, **kwargs
     )
     config.architectures = [config.architectures[0] if config.architectures else _arch_name(config)]
     return config

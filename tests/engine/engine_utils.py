@@ -20,6 +20,9 @@ ARCH_CASES = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
     "mistral-window": ("mistral", dict(sliding_window=8)),
+    "opt": ("opt", {}),
+    "opt-post-norm": ("opt-post-norm", {}),
+    "gpt2": ("gpt2", {}),
     "llama-odd": (
         "llama",
         dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=77),

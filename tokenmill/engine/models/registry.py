@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tokenmill.engine.models.gpt import GPT2LMHeadModel, OPTForCausalLM
 from tokenmill.engine.models.llama import LlamaForCausalLM
 from tokenmill.engine.models.qwen2 import Qwen2ForCausalLM
 from tokenmill.engine.models.qwen3 import Qwen3ForCausalLM
@@ -11,6 +12,8 @@ MODELS: dict[str, type] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 
 
