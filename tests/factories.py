@@ -91,6 +91,35 @@ ARCHS = {
         dict(num_attention_heads=4, do_layer_norm_before=False, word_embed_proj_dim=32),
     ),
     "gpt2": ("GPT2Config", dict(num_attention_heads=4)),
+    # A window shorter than most prompts, and scores capped hard enough to change tokens.
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=1,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=1.0,
+            final_logit_softcapping=5.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            },
+        ),
+    ),
 }
 
 # Config fields some families name their own way.
@@ -149,10 +178,13 @@ def make_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **conf
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init is small; scale up so logits are peaked and greedy argmax is well separated.
+    # Gemma multiplies embeddings by sqrt(hidden_size): without the matching shrink the
+    # residual stream would drown every layer's output and attention would not change a token.
+    embed_std = config.hidden_size**-0.5 if config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+                p.normal_(0.0, 0.08 if "embed" not in name else embed_std)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
     model.save_pretrained(path)

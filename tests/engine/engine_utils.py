@@ -23,6 +23,8 @@ ARCH_CASES = {
     "opt": ("opt", {}),
     "opt-post-norm": ("opt-post-norm", {}),
     "gpt2": ("gpt2", {}),
+    "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3", {}),
     "llama-odd": (
         "llama",
         dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=77),

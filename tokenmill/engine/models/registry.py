@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tokenmill.engine.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from tokenmill.engine.models.gpt import GPT2LMHeadModel, OPTForCausalLM
 from tokenmill.engine.models.llama import LlamaForCausalLM
 from tokenmill.engine.models.qwen2 import Qwen2ForCausalLM
@@ -14,6 +15,8 @@ MODELS: dict[str, type] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 
