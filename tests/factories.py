@@ -120,6 +120,25 @@ ARCHS = {
             },
         ),
     ),
+    # Long-rope: the longest test prompt (60 tokens) fits the original context of 64, and
+    # decoding past it switches to the long factors; half of each head turns.
+    "phi3": (
+        "Phi3Config",
+        dict(
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.2, 1.5, 2.0],
+                "long_factor": [2.0, 4.0, 8.0, 16.0],
+                "original_max_position_embeddings": 64,
+            },
+            original_max_position_embeddings=64,
+        ),
+    ),
 }
 
 # Config fields some families name their own way.

@@ -25,6 +25,7 @@ ARCH_CASES = {
     "gpt2": ("gpt2", {}),
     "gemma2": ("gemma2", {}),
     "gemma3": ("gemma3", {}),
+    "phi3": ("phi3", {}),
     "llama-odd": (
         "llama",
         dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=77),

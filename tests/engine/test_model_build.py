@@ -55,15 +55,20 @@ def test_the_guard_catches_mixed_devices():
             torch.outer(torch.arange(4.0), torch.ones(3, device="cpu"))
 
 
-def _has_rope(arch: str) -> bool:
-    return getattr(make_tiny_config(arch), "rope_parameters", None) is not None
+def _plain_rope(arch: str) -> bool:
+    """Whether `arch` has one default rope that a variant may replace (not none, not its own
+    long-rope or per-layer-type ropes)."""
+    params = getattr(make_tiny_config(arch), "rope_parameters", None)
+    return params is not None and params.get("rope_type") == "default"
 
 
+# Each architecture as configured (long-rope, per-layer ropes included), and those with plain
+# rope also with llama3 and yarn scaling.
 CASES = [
     (arch, rope)
     for arch in ARCHS
     for rope in ROPE_VARIANTS
-    if rope == "default" or (_has_rope(arch) and "gemma3" not in arch)
+    if rope == "default" or _plain_rope(arch)
 ]
 
 
