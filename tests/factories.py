@@ -120,8 +120,9 @@ ARCHS = {
             },
         ),
     ),
-    # Long-rope: the longest test prompt (60 tokens) fits the original context of 64, and
-    # decoding past it switches to the long factors; half of each head turns.
+    # Long-rope inside the original context (transformers recomputes the whole sequence once
+    # it outgrows it; tests/engine/test_long_rope.py checks the long rows); half of each head
+    # turns.
     "phi3": (
         "Phi3Config",
         dict(
@@ -134,9 +135,9 @@ ARCHS = {
                 "partial_rotary_factor": 0.5,
                 "short_factor": [1.0, 1.2, 1.5, 2.0],
                 "long_factor": [2.0, 4.0, 8.0, 16.0],
-                "original_max_position_embeddings": 64,
+                "original_max_position_embeddings": 128,
             },
-            original_max_position_embeddings=64,
+            original_max_position_embeddings=128,
         ),
     ),
 }
