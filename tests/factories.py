@@ -140,6 +140,33 @@ ARCHS = {
             original_max_position_embeddings=128,
         ),
     ),
+    "mixtral": (
+        "MixtralConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+            sliding_window=None,
+        ),
+    ),
+    # Three layers, the middle one dense (mlp_only_layers); top-k weights not renormalised.
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            norm_topk_prob=False,
+            mlp_only_layers=[1],
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 # Config fields some families name their own way.

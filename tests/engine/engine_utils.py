@@ -26,6 +26,8 @@ ARCH_CASES = {
     "gemma2": ("gemma2", {}),
     "gemma3": ("gemma3", {}),
     "phi3": ("phi3", {}),
+    "mixtral": ("mixtral", {}),
+    "qwen3-moe": ("qwen3-moe", dict(num_layers=3)),
     "llama-odd": (
         "llama",
         dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=77),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tokenmill.engine.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from tokenmill.engine.models.gpt import GPT2LMHeadModel, OPTForCausalLM
 from tokenmill.engine.models.llama import LlamaForCausalLM
+from tokenmill.engine.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from tokenmill.engine.models.phi3 import Phi3ForCausalLM
 from tokenmill.engine.models.qwen2 import Qwen2ForCausalLM
 from tokenmill.engine.models.qwen3 import Qwen3ForCausalLM
@@ -19,6 +20,8 @@ MODELS: dict[str, type] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 
