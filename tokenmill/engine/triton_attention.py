@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.engine.attention import AttentionBackend, AttentionMetadata, paged_attention_torch
+from tokenmill.engine.attention import AttentionBackend, AttentionMetadata
 from tokenmill.kernels.kv_cache import write_kv
 from tokenmill.kernels.paged_attention import paged_attention_decode, paged_attention_varlen
 
@@ -32,12 +32,16 @@ class TritonAttentionBackend(AttentionBackend):
         softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if window is not None or softcap is not None:
-            # NOTE: the kernels take neither yet; the torch reference is exact but slow.
-            return paged_attention_torch(q, k_cache, v_cache, meta, scale, window, softcap)
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             return paged_attention_decode(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                window=window,
+                softcap=softcap,
             )
         return paged_attention_varlen(
             q,
@@ -48,4 +52,6 @@ class TritonAttentionBackend(AttentionBackend):
             meta.cu_seqlens_q,
             meta.max_seqlen_q,
             scale,
+            window=window,
+            softcap=softcap,
         )
