@@ -135,9 +135,9 @@ ARCHS = {
                 "partial_rotary_factor": 0.5,
                 "short_factor": [1.0, 1.2, 1.5, 2.0],
                 "long_factor": [2.0, 4.0, 8.0, 16.0],
-                "original_max_position_embeddings": 128,
+                "original_max_position_embeddings": 512,
             },
-            original_max_position_embeddings=128,
+            original_max_position_embeddings=512,
         ),
     ),
     "mixtral": (

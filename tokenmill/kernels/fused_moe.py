@@ -102,7 +102,9 @@ def align_by_expert(
     flat = topk_ids.reshape(-1).long()  # [num_pairs]
     num_pairs = flat.numel()
     dev = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)  # [num_experts]
+    # NOTE: not torch.bincount, which reads the largest id back to the host (no CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     # Upper bound on the padded length, known on the host: every expert may waste block_m - 1.
     max_padded = (num_pairs + num_experts * (block_m - 1)) // block_m * block_m
