@@ -238,3 +238,39 @@ def make_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **conf
     tokenizer.save_pretrained(path)
     (path / "tokenmill_test_arch.json").write_text(json.dumps({"arch": arch}))
     return path
+
+
+def make_tiny_gemma3_vlm(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Gemma 3 vision-language checkpoint (Gemma3ForConditionalGeneration): the "gemma3"
+    language model plus a one-layer vision tower, saved in the hub's tensor layout."""
+    import transformers
+
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    text = make_tiny_config("gemma3", vocab_size=len(tokenizer))
+    config = transformers.Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=1,
+        image_token_index=len(tokenizer) - 3,
+        boi_token_index=len(tokenizer) - 2,
+        eoi_token_index=len(tokenizer) - 1,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else text.hidden_size**-0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

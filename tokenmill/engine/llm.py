@@ -84,13 +84,14 @@ class LLM:
         from transformers import AutoConfig, AutoTokenizer
 
         from tokenmill.engine.model_source import resolve_model
+        from tokenmill.engine.models.registry import language_model_config
 
         self.config = config
         model_dir, self.model_name = resolve_model(
             config.model, config.revision, config.download_dir
         )
         self.model_dir = Path(model_dir)
-        hf_config = AutoConfig.from_pretrained(model_dir)
+        hf_config = language_model_config(AutoConfig.from_pretrained(model_dir))
         self.hf_config = hf_config
         self.tokenizer = (
             None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(model_dir)

@@ -124,3 +124,22 @@ class Gemma2ForCausalLM(nn.Module):
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
     qk_norm = True
+
+
+class Gemma3TextOfMultimodal(Gemma3ForCausalLM):
+    """The language model of a Gemma 3 vision-language checkpoint (gemma-3-4b/12b/27b): text
+    prompts only; the vision tower and projector are not loaded."""
+
+    def checkpoint_name(self, name: str) -> str | None:
+        if name.startswith(("vision_tower.", "multi_modal_projector.")) or name.startswith(
+            ("model.vision_tower.", "model.multi_modal_projector.")
+        ):
+            return None
+        for prefix, ours in (
+            ("language_model.model.", "model."),  # hub layout
+            ("model.language_model.", "model."),  # transformers 5's in-memory layout
+            ("language_model.lm_head.", "lm_head."),
+        ):
+            if name.startswith(prefix):
+                return ours + name[len(prefix) :]
+        return name
