@@ -206,3 +206,25 @@ def test_bin_checkpoint_loads(tiny_model_dir, tmp_path, hf_reference):
     prompts = [llm.encode(t) for t in PROMPT_TEXTS[:3]]
     outs = llm.generate(prompts, greedy(8), use_tqdm=False)
     assert token_ids(outs) == hf_reference(tiny_model_dir, prompts, 8)
+
+
+def test_generate_command_takes_a_hub_id_and_revision(tiny_model_dir, tmp_path, offline):
+    """`tokenmill generate --model org/name --revision R --download-dir D`, end to end."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tokenmill.cli.app import app
+
+    cache = tmp_path / "hub"
+    fill_hub_cache(cache, "tiny-org/tiny-llama", tiny_model_dir, OTHER_COMMIT, "v1")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in PROMPT_TEXTS[:3]))
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", str(prompts), "-o", str(out), "--model", "tiny-org/tiny-llama"]
+    argv += ["--revision", "v1", "--download-dir", str(cache), "--device", "cpu"]
+    argv += ["--temperature", "0", "--max-tokens", "4", "--quiet"]
+    result = CliRunner().invoke(app, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["error"] is None and r["output_tokens"] == 4 for r in rows)
