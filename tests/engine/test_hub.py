@@ -228,3 +228,32 @@ def test_generate_command_takes_a_hub_id_and_revision(tiny_model_dir, tmp_path, 
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and all(r["error"] is None and r["output_tokens"] == 4 for r in rows)
+
+
+def test_a_cache_miss_downloads_only_the_needed_files(tiny_model_dir, tmp_path, monkeypatch):
+    """Online and not cached: the listing picks the files, snapshot_download fetches just those
+    (faked here: it fills the cache as the real one would)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    cache = tmp_path / "hub"
+    repo_files = [f.name for f in tiny_model_dir.iterdir()] + ["pytorch_model.bin", "onnx/m.onnx"]
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: repo_files
+    )
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, cache_dir=None, **kw):
+        calls.append(kw)
+        if kw.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        skip = [f.name for f in tiny_model_dir.iterdir() if f.name not in kw["allow_patterns"]]
+        return str(fill_hub_cache(Path(cache_dir), repo_id, tiny_model_dir, skip=skip))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    llm = make_llm("tiny-org/tiny-llama", download_dir=str(cache))
+    assert [c.get("local_files_only", False) for c in calls] == [True, False]
+    wanted = set(calls[1]["allow_patterns"])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= wanted
+    assert not {"pytorch_model.bin", "onnx/m.onnx", "tokenmill_test_arch.json"} & wanted
+    assert llm.model_dir == cache / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
