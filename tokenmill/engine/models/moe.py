@@ -57,7 +57,7 @@ class SparseMoE(nn.Module):
             return fused_moe(x, self.w13, self.w2, weights, ids)
         return fused_moe_reference(x, self.w13, self.w2, weights, ids)
 
-    def load_expert(self, param: str, expert: int, shard: str, tensor: torch.Tensor) -> None:
+    def load_expert(self, expert: int, shard: str, tensor: torch.Tensor) -> None:
         """Copy one expert's gate/up/down tensor into its slice of the stacked weights."""
         inter = self.intermediate_size
         target = {
@@ -97,7 +97,7 @@ class MoEForCausalLM(LlamaForCausalLM):
             return False
         prefix, expert, shard = m.group(1), int(m.group(2)), _SHARDS[m.group(3)]
         moe: SparseMoE = self.get_submodule(prefix)
-        moe.load_expert("", expert, shard, tensor)
+        moe.load_expert(expert, shard, tensor)
         loaded.add(f"{prefix}#{expert}.{shard}")
         num_experts = moe.w13.shape[0]
         for param, shards in (("w13", ("gate", "up")), ("w2", ("down",))):
