@@ -80,8 +80,8 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding with a cos/sin cache computed exactly as transformers does.
 
     With `long_inv_freq` (Phi-3's long-rope), positions from `long_from` on turn by the long
-    factors and earlier ones by the short: transformers switches to the long factors once a
-    sequence grows past the original context, so decode tokens there match it exactly.
+    factors and earlier ones by the short (see models/phi3.py for how that compares with
+    transformers).
     """
 
     def __init__(
@@ -122,14 +122,6 @@ class RotaryEmbedding(nn.Module):
         return q, k
 
 
-def rope_parameters(config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
-    """inv_freq and attention scaling for any rope type transformers knows (llama3, yarn, ...).
-
-    `layer_type` picks one entry of per-layer-type rope parameters (Gemma 3's local/global)."""
-    inv_freq, scaling, _ = _rope(config, layer_type)
-    return inv_freq, scaling
-
-
 def make_rotary(config, max_position: int, layer_type: str | None = None) -> RotaryEmbedding:
     """The rotary embedding of `config` (of one layer type), long-rope included."""
     inv_freq, scaling, params = _rope(config, layer_type)
@@ -147,6 +139,9 @@ def make_rotary(config, max_position: int, layer_type: str | None = None) -> Rot
 
 
 def _rope(config, layer_type: str | None) -> tuple[torch.Tensor, float, dict]:
+    """(inv_freq on the CPU, attention scaling, rope parameters) for any rope type transformers
+    knows (llama3, yarn, longrope's short factors, ...); `layer_type` picks one entry of
+    per-layer-type parameters (Gemma 3's local/global)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if layer_type is not None:
