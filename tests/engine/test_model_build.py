@@ -82,3 +82,15 @@ def test_every_architecture_builds_on_the_default_device(arch, rope):
     assert tensors
     off = [name for name, t in tensors if t.device.type != "meta"]
     assert not off, f"left off the default device: {off}"
+
+
+def test_the_model_registry_does_not_import_triton():
+    """triton is an optional (GPU) dependency: the CPU path must import without it, and an
+    early import would also fix kernels into compiled mode before tests can ask for the
+    interpreter."""
+    import subprocess
+    import sys
+
+    code = "import sys, tokenmill.engine.models.registry; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import triton.testing
 
-from tokenmill.kernels.fused_moe import fused_moe, fused_moe_reference
+from tokenmill.engine.models.moe import experts_torch
+from tokenmill.kernels.fused_moe import fused_moe
 
 SHAPES = {
     "qwen3-30b-a3b": (2048, 768, 128, 8),
@@ -32,7 +33,7 @@ def run(name: str, num_tokens: int) -> None:
     nbytes = hit * 3 * hidden * inter * 2
     flops = num_tokens * top_k * 3 * 2 * hidden * inter
     ms = triton.testing.do_bench(lambda: fused_moe(x, w13, w2, weights, ids), rep=100)
-    ref_ms = triton.testing.do_bench(lambda: fused_moe_reference(x, w13, w2, weights, ids), rep=50)
+    ref_ms = triton.testing.do_bench(lambda: experts_torch(x, w13, w2, weights, ids), rep=50)
     print(
         f"{name:<14} tokens {num_tokens:5d}  fused {ms * 1e3:8.1f} us "
         f"{nbytes / ms / 1e9:6.2f} TB/s {flops / ms / 1e9:6.1f} TFLOP/s   "

@@ -1,6 +1,9 @@
 """Fused mixture-of-experts MLP: top-k routed tokens through per-expert gated MLPs as two
 grouped GEMMs over tokens sorted by expert (the layout of vLLM's fused_moe).
 
+Its torch reference is `experts_torch` in engine/models/moe.py (the CPU path, which must not
+import triton).
+
 Each token picks `top_k` experts; the (token, slot) pairs are sorted by expert and each
 expert's run is padded to a multiple of BLOCK_M, so every BLOCK_M rows belong to one expert.
 num_tokens = 3, top_k = 2, pairs p = token * top_k + slot, topk_ids = [[0, 2], [2, 1], [0, 2]]:
@@ -185,18 +188,3 @@ def fused_moe(
     weights = topk_weights.reshape(-1).float().contiguous()
     out = _moe_gemm(act, w2, sorted_ids, block_experts, weights, num_pairs, 1)
     return out.view(num_tokens, top_k, hidden_size).sum(dim=1)
-
-
-def fused_moe_reference(hidden, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """Expert by expert, as transformers computes it: the tokens routed to e go through e's
-    MLP, scaled by their routing weight and added up in token order."""
-    out = torch.zeros_like(hidden)
-    inter = w13.shape[1] // 2
-    for e in topk_ids.unique().tolist():
-        token_idx, slot = torch.where(topk_ids == e)
-        x = hidden[token_idx]
-        gate, up = torch.nn.functional.linear(x, w13[e]).split(inter, dim=-1)
-        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[e])
-        y = y * topk_weights[token_idx, slot, None]
-        out.index_add_(0, token_idx, y.to(out.dtype))
-    return out

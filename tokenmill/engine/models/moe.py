@@ -25,7 +25,6 @@ from torch import nn
 from tokenmill.engine.models import layers
 from tokenmill.engine.models.layers import GatedMLP
 from tokenmill.engine.models.llama import LlamaForCausalLM
-from tokenmill.kernels.fused_moe import fused_moe_reference
 
 
 class SparseMoE(nn.Module):
@@ -55,7 +54,7 @@ class SparseMoE(nn.Module):
             from tokenmill.kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids)
-        return fused_moe_reference(x, self.w13, self.w2, weights, ids)
+        return experts_torch(x, self.w13, self.w2, weights, ids)
 
     def load_expert(self, expert: int, shard: str, tensor: torch.Tensor) -> None:
         """Copy one expert's gate/up/down tensor into its slice of the stacked weights."""
@@ -72,6 +71,27 @@ class SparseMoE(nn.Module):
             )
         with torch.no_grad():
             target.copy_(tensor)
+
+
+def experts_torch(
+    hidden: torch.Tensor,  # [num_tokens, hidden_size]
+    w13: torch.Tensor,  # [num_experts, 2 * intermediate, hidden_size]  (gate | up)
+    w2: torch.Tensor,  # [num_experts, hidden_size, intermediate]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k]
+    topk_ids: torch.Tensor,  # [num_tokens, top_k]
+) -> torch.Tensor:  # [num_tokens, hidden_size]
+    """Expert by expert, as transformers computes it: the tokens routed to e go through e's
+    SwiGLU MLP, are scaled by their routing weight and added up in token order. The CPU path,
+    and the reference of kernels/fused_moe.py."""
+    out = torch.zeros_like(hidden)
+    inter = w13.shape[1] // 2
+    for e in topk_ids.unique().tolist():
+        token_idx, slot = torch.where(topk_ids == e)
+        gate, up = nn.functional.linear(hidden[token_idx], w13[e]).split(inter, dim=-1)
+        y = nn.functional.linear(nn.functional.silu(gate) * up, w2[e])
+        y = y * topk_weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
 
 
 # checkpoint name of an expert tensor -> (layer prefix, expert, shard)
