@@ -57,9 +57,11 @@ def test_the_guard_catches_mixed_devices():
 
 def _plain_rope(arch: str) -> bool:
     """Whether `arch` has one default rope that a variant may replace (not none, not its own
-    long-rope or per-layer-type ropes)."""
-    params = getattr(make_tiny_config(arch), "rope_parameters", None)
-    return params is not None and params.get("rope_type") == "default"
+    long-rope or per-layer-type ropes). Read from ARCHS, not from a built config: building
+    transformers configs at collection imports triton before tests/kernels can ask for the
+    interpreter."""
+    cls_name, kwargs = ARCHS[arch]
+    return cls_name not in ("OPTConfig", "GPT2Config") and "rope_parameters" not in kwargs
 
 
 # Each architecture as configured (long-rope, per-layer ropes included), and those with plain
