@@ -58,14 +58,16 @@ def generate(
         ),
     ] = None,
     chat: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--chat",
-            help="Send each text prompt as one user message through the model's chat "
-            "template (what instruct models expect).",
+            "--chat/--no-chat",
+            help="Send each text prompt as one user message through the model's chat template "
+            "(what instruct models expect); --no-chat sends the raw text. Default: --chat when "
+            "the model has a chat template.",
             rich_help_panel=_J,
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     keep_columns: Annotated[
         list[str] | None,
         typer.Option(

@@ -47,6 +47,7 @@ class Batcher:
     `records` yields (position, RawRecord) in input order; `on_step()` is called after every
     engine step (progress, periodic commits); `should_stop()` ends the run early (signals,
     --fail-fast): requests still in the engine are aborted and nothing more is yielded.
+    `on_finish(result)` is called when a row finishes (ok or not), before it can be released.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Batcher:
         self._add_kwargs = {"stream": False} if "stream" in add_params else {}
         self._ready: dict[int, RowResult] = {}  # position -> result, not yet released
         self._pending: dict[str, _Pending] = {}  # request id -> what it belongs to
+        self._on_finish: Callable[[RowResult], None] = lambda result: None
 
     def run(
         self,
@@ -78,7 +80,9 @@ class Batcher:
         first_position: int,
         on_step: Callable[[], None] = lambda: None,
         should_stop: Callable[[], bool] = lambda: False,
+        on_finish: Callable[[RowResult], None] = lambda result: None,
     ) -> Iterator[RowResult]:
+        self._on_finish = on_finish
         next_release = first_position
         next_load = first_position
         exhausted = False
@@ -143,10 +147,12 @@ class Batcher:
                 prepared.append(Prepared(pos, row, ids, params))
             except RowError as e:
                 self._ready[pos] = RowResult(row, error=str(e), error_type=e.error_type)
+                self._on_finish(self._ready[pos])
             except Exception as e:  # noqa: BLE001 - a template or tokenizer failing on one row
                 self._ready[pos] = RowResult(
                     row, error=f"{_where(row)}cannot tokenize: {e}", error_type="tokenize_error"
                 )
+                self._on_finish(self._ready[pos])
         return prepared
 
     def _submit(self, prepared: list[Prepared]) -> None:
@@ -160,6 +166,7 @@ class Batcher:
                 self._ready[p.position] = RowResult(
                     p.row, error=f"{_where(p.row)}{e}", error_type="rejected"
                 )
+                self._on_finish(self._ready[p.position])
                 continue
             self._pending[request_id] = _Pending(p.position, p.row, len(p.token_ids))
 
@@ -175,6 +182,7 @@ class Batcher:
             num_output_tokens=sum(len(c.token_ids) for c in completions),
             logprobs=None if num_top is None else [self._logprobs(c, num_top) for c in completions],
         )
+        self._on_finish(self._ready[pending.position])
 
     # Helpers ------------------------------------------------------------------------------------
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:

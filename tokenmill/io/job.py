@@ -33,12 +33,14 @@ from tokenmill.io.journal import (
     save_journal,
 )
 from tokenmill.io.parse import RowParser
+from tokenmill.io.preflight import PreflightError, check_model_dir, check_output, check_rows
 from tokenmill.io.progress import Progress
 from tokenmill.io.readers import InputError, InputSource, open_input
 from tokenmill.io.report import (
     build_report,
     print_report,
     report_path,
+    report_warnings,
     stats_snapshot,
     write_report,
 )
@@ -61,7 +63,7 @@ class JobConfig:
     limit: int | None = None
     id_column: str | None = None
     prompt_column: str | None = None
-    as_chat: bool = False  # apply the chat template to plain text prompts too
+    as_chat: bool | None = None  # template plain text prompts too; None: if the model has one
     keep_columns: tuple[str, ...] = ()
     window_rows: int = DEFAULT_WINDOW_ROWS
     sort: bool = True
@@ -104,7 +106,7 @@ def run_job(config: JobConfig, make_llm: Callable[[EngineConfig], Any] | None = 
     """Run the job; returns an exit code from tokenmill.io.exit_codes."""
     try:
         return _Job(config, make_llm or _default_llm).run()
-    except (CannotRun, InputError) as e:
+    except (CannotRun, InputError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.CANNOT_RUN
 
@@ -127,6 +129,8 @@ class _Job:
         source = open_input(cfg.input, split=cfg.split, limit=cfg.limit)
         output = Path(cfg.output) if cfg.output else default_output(cfg.input, cfg.shard)
         self._check_output_path(output, source)
+        check_rows(self._shard_total(source), source.description)
+        check_model_dir(cfg.engine.model)
         state = self._resume_state(output, self._fingerprint(source, output))
         if state.finished:
             return self._already_done(output, state)
@@ -187,7 +191,7 @@ class _Job:
             self.config.prompt_column,
             self.config.id_column,
             self.config.keep_columns,
-            as_chat=self.config.as_chat,
+            as_chat=_as_chat(self.config.as_chat, llm),
         )
         batcher = Batcher(llm, parser, self.config.window_rows, sort=self.config.sort)
         model = llm.model_info().get("model", str(self.config.engine.model))
@@ -197,6 +201,7 @@ class _Job:
             state.rows_done,
             on_step=progress.tick,
             should_stop=lambda: self.stop_reason is not None,
+            on_finish=lambda r: progress.finish(r.num_prompt_tokens, r.num_output_tokens),
         )
         for result in results:
             out = format_result(result, model)
@@ -327,6 +332,8 @@ class _Job:
         write_report(report_path(output), report)
         if not self.config.quiet:
             print_report(report)
+        for warning in report_warnings(report):
+            print(f"warning: {warning}", file=sys.stderr)
         return report
 
     def _already_done(self, output: Path, state: JournalState) -> int:
@@ -351,7 +358,7 @@ class _Job:
             raise CannotRun(str(e)) from e
         if source.path is not None and output.resolve() == source.path.resolve():
             raise CannotRun(f"--output {output} is the input itself; choose another path")
-        output.parent.mkdir(parents=True, exist_ok=True)
+        check_output(output)
 
     def _shard_total(self, source: InputSource) -> int | None:
         if source.num_rows is None:
@@ -374,8 +381,16 @@ class _Job:
             totals.rows_ok += 1
             totals.prompt_tokens += result.num_prompt_tokens
             totals.output_tokens += result.num_output_tokens
+            totals.empty_completions += sum(1 for text in result.texts if not text)
         else:
             totals.rows_failed += 1
+
+
+def _as_chat(as_chat: bool | None, llm) -> bool:
+    """--chat / --no-chat, or by default: whether the model has a chat template."""
+    if as_chat is not None:
+        return as_chat
+    return bool(getattr(getattr(llm, "tokenizer", None), "chat_template", None))
 
 
 def _generated_since(llm, stats0: dict[str, Any]):

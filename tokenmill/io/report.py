@@ -13,6 +13,7 @@ def report_path(output: Path) -> Path:
 
 _COUNTERS = (
     "num_steps",
+    "num_generated_tokens",  # live, for the progress line's output rate
     "num_scheduled_seqs_total",
     "num_preemptions",
     "prefix_cache_queries",
@@ -74,6 +75,7 @@ def build_report(
             "skipped": skipped,
             "total": t.rows_ok + t.rows_failed,
         },
+        "empty_completions": getattr(t, "empty_completions", 0),
         "tokens": {
             "prompt": t.prompt_tokens,
             "generated": t.output_tokens,
@@ -105,6 +107,20 @@ def build_report(
     return report
 
 
+def report_warnings(report: dict[str, Any]) -> list[str]:
+    """What an operator should look at before using the results."""
+    warnings = []
+    empty = report.get("empty_completions") or 0
+    if empty:
+        warnings.append(
+            f"{empty:,} completions (of {report['rows']['ok']:,} ok rows) are empty: the model "
+            "stopped at once; "
+            "instruct models need their chat template (applied by default; --no-chat turns it "
+            "off), and --min-tokens N forces some output"
+        )
+    return warnings
+
+
 def write_report(path: Path, report: dict[str, Any]) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -124,6 +140,8 @@ def print_report(report: dict[str, Any], console=None) -> None:
     run = report["this_run"]
     table.add_row("rows ok / failed", f"{rows['ok']:,} / {rows['failed']:,}")
     table.add_row("rows skipped (done by an earlier run)", f"{rows['skipped']:,}")
+    if report.get("empty_completions"):
+        table.add_row("empty completions", f"{report['empty_completions']:,}")
     table.add_row("prompt / generated tokens", f"{tokens['prompt']:,} / {tokens['generated']:,}")
     table.add_row("wall time (this run)", f"{run['wall_time_s']:.1f} s")
     tps = run["tokens_per_s"]
