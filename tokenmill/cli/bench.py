@@ -72,15 +72,18 @@ def throughput(
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
     attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
+    threads: o.Threads = None,
 ) -> None:
     """Offline throughput of LLM.generate over a workload (warm-up excluded)."""
     from rich.console import Console
 
     from tokenmill.bench.presets import make_dummy_checkpoint
     from tokenmill.bench.throughput import card_name, run_hf_peer, run_tokenmill
+    from tokenmill.cli import threads as cpu_threads
     from tokenmill.engine.llm import LLM
 
     console = Console()
+    cpu_threads.configure(threads)
     if dummy_weights:
         if model is not None:
             raise typer.BadParameter("--dummy-weights and --model exclude each other")

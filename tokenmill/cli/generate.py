@@ -154,6 +154,7 @@ def generate(
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
     attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
+    threads: o.Threads = None,
     # Sampling
     n: o.N = o.SAMPLING_DEFAULTS["n"],
     temperature: o.Temperature = o.SAMPLING_DEFAULTS["temperature"],
@@ -180,6 +181,7 @@ def generate(
     Exit codes: 0 all rows ok, 1 finished with error rows, 2 bad command line, 3 could not run,
     4 stopped by --fail-fast, 130 interrupted (rerun the same command to resume).
     """
+    from tokenmill.cli import threads as cpu_threads
     from tokenmill.io.job import JobConfig, run_job
     from tokenmill.io.shard import parse_shard
 
@@ -215,6 +217,7 @@ def generate(
         quiet=quiet,
         command_line=shlex.join(["tokenmill", *sys.argv[1:]]),
     )
+    cpu_threads.configure(threads)
     raise typer.Exit(run_job(config))
 
 

@@ -44,6 +44,19 @@ EnforceEager = Annotated[bool, _eopt("enforce_eager", "--enforce-eager")]
 Seed = Annotated[int, _eopt("seed", "--seed")]
 AttentionBackend = Annotated[str, _eopt("attention_backend", "--attention-backend")]
 
+# Not an engine field: torch's CPU threads belong to the process (see cli/threads.py).
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch (default: the CPUs this process may use, from its affinity "
+        "mask and cgroup quota; OMP_NUM_THREADS wins when set).",
+        rich_help_panel=_E,
+        show_default=False,
+    ),
+]
+
 # Every engine field but skip_tokenizer_init (set by commands, not by users) is an option.
 ENGINE_DEFAULTS = {
     f.name: f.default for f in fields(EngineConfig) if f.name != "skip_tokenizer_init"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def build_report(
         "model": info.get("model"),
         "dtype": info.get("dtype"),
         "device": info.get("device"),
+        "cpu_threads": _torch_threads(),
         "sampling": config.sampling.to_dict(),
         "window_rows": config.window_rows,
         "sorted": config.sort,
@@ -119,6 +121,11 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
             "off), and --min-tokens N forces some output"
         )
     return warnings
+
+
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")  # never imported here just to ask
+    return torch.get_num_threads() if torch is not None else None
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
@@ -155,4 +162,6 @@ def print_report(report: dict[str, Any], console=None) -> None:
             key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else str(value)
         )
     table.add_row("model", f"{report.get('model')} ({report.get('dtype')}, {report.get('device')})")
+    if report.get("device") == "cpu" and report.get("cpu_threads"):
+        table.add_row("cpu threads", str(report["cpu_threads"]))
     console.print(table)
