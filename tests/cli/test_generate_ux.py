@@ -4,6 +4,7 @@ the model loads (exit 3, one line, no traceback), the chat template applied by d
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -181,3 +182,36 @@ def test_plain_text_rows_go_through_the_chat_template_unless_no_chat(tiny_model_
     want_raw = [len(tok(p).input_ids) for p in prompts]
     assert [r["prompt_tokens"] for r in outs[""]] == want_chat
     assert [r["prompt_tokens"] for r in outs["--no-chat"]] == want_raw
+
+
+def test_gguf_conversion_in_a_log_has_no_progress_bar(tiny_model_dir, tmp_path, monkeypatch):
+    """The one-off GGUF conversion's tqdm bar would be one huge carriage-return line in a log."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "engine"))  # test_loader's own imports
+
+    spec = importlib.util.spec_from_file_location(
+        "engine_test_loader", ROOT / "tests" / "engine" / "test_loader.py"
+    )
+    test_loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_loader)
+    gguf_path = test_loader.write_llama_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "hello"}\n')
+    log = tmp_path / "job.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "tokenmill", "generate", str(inp)),
+                *("--model", str(gguf_path), "--max-tokens", "2"),
+            ],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            env={**os.environ, "TOKENMILL_CACHE": str(tmp_path / "cache")},
+        )
+    text = log.read_text()
+    assert proc.returncode == exit_codes.OK, text
+    assert (tmp_path / "cache" / "gguf").is_dir()  # the conversion did run
+    assert "\r" not in text and "it/s" not in text, text

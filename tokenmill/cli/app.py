@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -49,4 +51,12 @@ for _name in SUBCOMMAND_MODULES:
 
 
 def main() -> None:
+    _quiet_bars_off_terminal()
     app()
+
+
+def _quiet_bars_off_terminal() -> None:
+    """tqdm bars (the one-off GGUF conversion, datasets) redraw with carriage returns, one huge
+    line in a log file; off a terminal they are switched off (TQDM_DISABLE, read by tqdm)."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("TQDM_DISABLE", "1")
