@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from tokenmill import __version__
+from tokenmill.cli.help import add_examples, fix_typer_help
 
 app = typer.Typer(
     name="tokenmill",
@@ -48,11 +49,13 @@ for _name in SUBCOMMAND_MODULES:
             raise
         continue
     _module.register(app)
+add_examples(app)
+fix_typer_help()
 
 
 def main() -> None:
     _quiet_bars_off_terminal()
-    app()
+    app(prog_name="tokenmill")
 
 
 def _quiet_bars_off_terminal() -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from tokenmill.bench.workloads import DEFAULT_INPUT_LEN, DEFAULT_NUM_PROMPTS, DEFAULT_OUTPUT_LEN
 from tokenmill.cli import options as o
 
 bench_app = typer.Typer(help="Measure throughput and latency.", no_args_is_help=True)
@@ -15,7 +16,9 @@ bench_app = typer.Typer(help="Measure throughput and latency.", no_args_is_help=
 WorkloadOpt = Annotated[
     str,
     typer.Option(
-        "--workload", help="nano (nano-vllm's bench.py draw), random, or dataset (with --dataset)."
+        "--workload",
+        help="nano (nano-vllm's bench.py draw: 256 requests, about 143k prompt and 134k output "
+        "tokens; hours on a CPU), random, or dataset (with --dataset).",
     ),
 ]
 
@@ -40,12 +43,21 @@ def _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
 def throughput(
     workload: WorkloadOpt = "nano",
     dataset: Annotated[Path | None, typer.Option(help="Any input `generate` accepts.")] = None,
-    input_len: Annotated[int, typer.Option(help="Prompt tokens (random workload).")] = 512,
-    output_len: Annotated[int, typer.Option(help="Output tokens (random / dataset).")] = 256,
-    num_prompts: Annotated[int | None, typer.Option(help="Requests (default 256).")] = None,
+    input_len: Annotated[
+        int, typer.Option(help="Prompt tokens (random workload).")
+    ] = DEFAULT_INPUT_LEN,
+    output_len: Annotated[
+        int, typer.Option(help="Output tokens (random / dataset).")
+    ] = DEFAULT_OUTPUT_LEN,
+    num_prompts: Annotated[
+        int | None, typer.Option(help=f"Requests (default {DEFAULT_NUM_PROMPTS}).")
+    ] = None,
     dummy_weights: Annotated[
         bool,
-        typer.Option(help="Random weights of --arch, made on the device: no checkpoint needed."),
+        typer.Option(
+            "--dummy-weights",
+            help="Random weights of --arch, made on the device: no checkpoint needed.",
+        ),
     ] = False,
     arch: Annotated[
         str,
@@ -89,6 +101,8 @@ def throughput(
             raise typer.BadParameter("--dummy-weights and --model exclude each other")
         model = str(make_dummy_checkpoint(arch, dtype=dtype, device=device, seed=seed))
     config = o.engine_config_from(locals(), skip_tokenizer_init=dummy_weights)
+    if workload == "nano" and dataset is None and num_prompts is None and _on_cpu(device):
+        typer.echo(CPU_HINT, err=True)
     llm = LLM.from_config(config)
     vocab_size = min(10_000, llm.hf_config.vocab_size)
     wl = _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
@@ -119,6 +133,20 @@ def throughput(
     if output_json is not None:
         output_json.parent.mkdir(parents=True, exist_ok=True)
         output_json.write_text(json.dumps(report, indent=2))
+
+
+CPU_HINT = (
+    "note: the default nano workload (256 requests, about 277k tokens) takes hours on a CPU; "
+    "for a figure in minutes: --workload random --num-prompts 16 --input-len 128 --output-len 32"
+)
+
+
+def _on_cpu(device: str) -> bool:
+    if device != "auto":
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _print_table(console, report, results) -> None:

@@ -22,6 +22,7 @@ def generate(
             "saved or loadable Hugging Face dataset, hub dataset "
             "name, or - for stdin.",
             show_default=False,
+            metavar="INPUT",
         ),
     ],
     output: Annotated[
@@ -105,12 +106,15 @@ def generate(
     overwrite: Annotated[
         bool,
         typer.Option(
-            help="Replace an existing output instead of resuming into it.", rich_help_panel=_J
+            "--overwrite",
+            help="Replace an existing output instead of resuming into it.",
+            rich_help_panel=_J,
         ),
     ] = False,
     fail_fast: Annotated[
         bool,
         typer.Option(
+            "--fail-fast",
             help="Stop at the first bad row (exit code 4) instead of writing an error row.",
             rich_help_panel=_J,
         ),

@@ -7,6 +7,7 @@ A command declares `**engine options` by listing these Annotated aliases, then c
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from typing import Annotated
 
@@ -24,7 +25,12 @@ def _eopt(name: str, *flags: str):
 
 
 def _sopt(name: str, *flags: str):
-    return typer.Option(*flags, help=field_help(SamplingParams, name), rich_help_panel=_S)
+    return typer.Option(*flags, help=_cli_help(SamplingParams, name), rich_help_panel=_S)
+
+
+def _cli_help(cls: type, name: str) -> str:
+    """A field's help without its "(None: ...)" note: the command line cannot pass None."""
+    return re.sub(r"\s*\(None: [^)]*\)", "", field_help(cls, name))
 
 
 # Engine options ---------------------------------------------------------------------------------
