@@ -55,7 +55,8 @@ def serve(
         from tokenmill.server.app import build_app
     except ImportError as e:
         raise typer.BadParameter(
-            f"serving needs the serve extra ({e.name} is missing): pip install 'tokenmill[serve]'"
+            f"serving needs {e.name}, which is missing; reinstall tokenmill (pip install -e .) "
+            "or pip install fastapi uvicorn"
         ) from e
     from tokenmill import LLM
 
