@@ -96,3 +96,19 @@ def test_quiet_prints_nothing_and_rich_bar_runs():
         progress.update(2, 10, 10)
         progress.tick()
     assert progress.written == 2 and progress.finished == 2
+
+
+def test_no_line_of_zeros_before_the_engine_has_done_anything():
+    generated = [0]
+    stream = io.StringIO()
+    progress = Progress(
+        10, use_rich=False, stream=stream, interval_s=0, generated_tokens=lambda: generated[0]
+    )
+    progress._last_tick = -1.0
+    progress.tick()
+    assert stream.getvalue() == ""
+    generated[0] = 8
+    progress._last_tick = -1.0
+    progress.tick()
+    (line,) = stream.getvalue().splitlines()
+    assert LINE.match(line) and " out 0 tok/s" not in line

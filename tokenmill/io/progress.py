@@ -155,8 +155,17 @@ class Progress:
     def _show(self) -> None:
         if self._bar is not None:
             self._refresh()
-        elif self.enabled and time.monotonic() - self._last_line >= self.interval_s:
+        elif (
+            self.enabled
+            and time.monotonic() - self._last_line >= self.interval_s
+            and self._has_news()
+        ):
             self._print_line()
+
+    def _has_news(self) -> bool:
+        """Something moved since the start (a line of zeros says nothing)."""
+        generated = self.generated_tokens() if self.generated_tokens is not None else 0
+        return generated > 0 or self.finished > self.start_done
 
     def _refresh(self) -> None:
         tin, tout = self.rates()
