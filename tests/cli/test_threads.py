@@ -95,3 +95,15 @@ def test_generate_threads_option_reaches_torch_and_the_report(
     assert json.loads(out.with_name("out.jsonl.report.json").read_text())["cpu_threads"] == 1
     result = CliRunner().invoke(app, [*argv, "--threads", "0"])
     assert result.exit_code == 2
+
+
+def test_openmp_threads_sleep_at_barriers_unless_the_user_says_otherwise(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads.prefer_passive_wait()
+    assert "OMP_WAIT_POLICY" not in threads.os.environ  # torch is loaded: too late to matter
+    monkeypatch.delitem(threads.sys.modules, "torch")
+    threads.prefer_passive_wait()
+    assert threads.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    threads.prefer_passive_wait()
+    assert threads.os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

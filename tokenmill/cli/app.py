@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from tokenmill import __version__
+from tokenmill.cli import threads
 from tokenmill.cli.help import add_examples, fix_typer_help
 
 app = typer.Typer(
@@ -55,6 +56,7 @@ fix_typer_help()
 
 def main() -> None:
     _quiet_bars_off_terminal()
+    threads.prefer_passive_wait()
     app(prog_name="tokenmill")
 
 
