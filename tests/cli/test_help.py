@@ -28,6 +28,10 @@ def test_help_has_examples_and_plain_flags(argv):
     assert "{" not in usage and "}" not in usage
 
 
+def test_the_root_help_has_examples_too():
+    assert re.search(r"Examples\s*\n\s*tokenmill generate ", help_text([]))
+
+
 def test_usage_lines_name_the_arguments():
     assert re.search(r"Usage: \S+ generate \[OPTIONS\] INPUT\s*$", help_text(["generate"]), re.M)
     assert re.search(r"Usage: \S+ merge \[OPTIONS\] OUTPUTS\.\.\.\s*$", help_text(["merge"]), re.M)

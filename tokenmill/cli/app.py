@@ -11,7 +11,7 @@ import typer
 
 from tokenmill import __version__
 from tokenmill.cli import threads
-from tokenmill.cli.help import add_examples, fix_typer_help
+from tokenmill.cli.help import EXAMPLES, add_examples, examples, fix_typer_help
 
 app = typer.Typer(
     name="tokenmill",
@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    epilog=examples(*EXAMPLES[""]),
 )
 
 # Each module defines `register(app)`. Imports stay inside the commands, so `tokenmill --help`

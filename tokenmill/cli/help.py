@@ -11,6 +11,11 @@ from __future__ import annotations
 
 # Command path -> example command lines, shown under each command's --help.
 EXAMPLES: dict[str, tuple[str, ...]] = {
+    "": (
+        "tokenmill generate prompts.jsonl -t 0  # the batch job",
+        "tokenmill serve  # an OpenAI-compatible server",
+        "tokenmill generate --help  # every command has its own examples",
+    ),
     "generate": (
         "tokenmill generate prompts.jsonl  # -> prompts.results.jsonl beside the input",
         "tokenmill generate prompts.jsonl -t 0 --max-tokens 128 -o out/results.jsonl",
