@@ -112,18 +112,26 @@ class ModelRunner:
                 config.max_num_seqs,
                 self.max_blocks_per_seq,
                 max_model_len,
-                hf_config.hidden_size,
+                self.output_width(),
                 self.dtype,
                 self.device,
             )
             self.piecewise = PiecewiseGraphs(
                 self.model,
                 config.max_num_batched_tokens,
-                hf_config.hidden_size,
+                self.output_width(),
                 self.dtype,
                 self.device,
                 pool=self.graphs.pool,
             )
+
+    def output_width(self) -> int:
+        """Width of the hidden states the model returns: the LM head's input. Not always
+        hidden_size: OPT projects them out to word_embed_proj_dim (the graphs' output buffers
+        sized by hidden_size broke every OPT-350m-shaped model on the GPU)."""
+        m = self.model
+        head = getattr(m, "lm_head", None)
+        return (m.model.embed_tokens.weight if head is None else head.weight).shape[1]
 
     def _backend_name(self) -> str:
         """The configured backend; `auto` falls back to torch where the kernels don't fit."""
