@@ -133,9 +133,7 @@ def bench_xgrammar(tok, vocab_size, kind, spec, text):
     elif kind == "regex":
         compiled = compiler.compile_regex(spec)
     else:
-        compiled = compiler.compile_grammar(
-            "root ::= " + " | ".join(json.dumps(c) for c in spec)
-        )
+        compiled = compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in spec))
     t_compile = time.perf_counter() - t0
     matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)

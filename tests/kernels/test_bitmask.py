@@ -2,7 +2,10 @@ import pytest
 import torch
 from kernel_utils import DEVICE, pick
 
-from tokenmill.kernels.bitmask import apply_token_bitmask_, apply_token_bitmask_reference_
+from tokenmill.engine.structured_output import (
+    apply_token_bitmask_torch_ as apply_token_bitmask_reference_,
+)
+from tokenmill.kernels.bitmask import apply_token_bitmask_
 
 
 def _random_bitmask(num_rows: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -45,8 +48,7 @@ def test_reference_bit_order():
     assert torch.equal(kernel_logits.cpu(), logits)
 
 
-def test_bitmask_too_narrow_is_refused():
+@pytest.mark.parametrize("apply", [apply_token_bitmask_, apply_token_bitmask_reference_])
+def test_bitmask_too_narrow_is_refused(apply):
     with pytest.raises(AssertionError, match="covers 32 tokens"):
-        apply_token_bitmask_reference_(
-            torch.zeros(1, 33), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0])
-        )
+        apply(torch.zeros(1, 33), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0]))

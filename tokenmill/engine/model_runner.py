@@ -24,9 +24,15 @@ from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.loader import load_weights
 from tokenmill.engine.models.registry import model_class
 from tokenmill.engine.outputs import Logprob
+from tokenmill.engine.prompt_logprobs import (
+    PendingPromptLogprobs,
+    collect_prompt_logprobs,
+    launch_prompt_logprobs,
+)
 from tokenmill.engine.request import PLACEHOLDER
 from tokenmill.engine.sampler import Sampler, compute_logprobs
 from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.engine.structured_output import StructuredOutputManager
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -86,6 +92,7 @@ class ModelRunner:
 
         use_triton_ops(use_triton)
         self.sampler = Sampler(use_triton=use_triton)
+        self.structured = StructuredOutputManager(model_dir, hf_config.vocab_size)
         self.num_blocks = self._allocate_kv_cache()
         self._last_sampled = torch.empty(0, dtype=torch.long, device=self.device)
         self._last_rows: dict[str, int] = {}
@@ -269,17 +276,22 @@ class ModelRunner:
     def execute_async(self, sched: SchedulerOutput) -> PendingStep:
         """Launch one step; nothing waits for the device. `collect` reads the result."""
         ids, pos, meta, logits_indices = self.prepare(sched)
+        self.structured.prefetch([s.req for s in sched.seqs])  # grammars compile meanwhile
         if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(len(ids)):
             hidden = self.graphs.run(ids, pos, meta)  # [num_seqs, hidden_size]
         else:
             with set_forward_context(meta):
                 hidden = self.model(ids, pos)  # [num_tokens, hidden_size]
         pending = PendingStep(sched, [s for s in sched.seqs if s.sample])
+        pending.prompt_logprobs = launch_prompt_logprobs(
+            self.model, hidden, sched.seqs, self._to_device
+        )
         if not logits_indices:
             return pending
         idx = self._to_device(logits_indices, torch.long)
         logits = self.model.compute_logits(hidden[idx]).float()  # [num_samples, vocab_size]
         reqs = [s.req for s in pending.sampling]
+        self.structured.apply(logits, reqs)  # grammar masks, before any other logits processing
         token_ids = self.sampler.sample(logits, reqs)  # [num_samples] on the device
         self._last_sampled = token_ids
         self._last_rows = {s.req_id: i for i, s in enumerate(pending.sampling)}
@@ -298,6 +310,8 @@ class ModelRunner:
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step and return its sampled tokens (and logprobs)."""
         out = ModelRunnerOutput()
+        if pending.prompt_logprobs is not None:
+            collect_prompt_logprobs(pending.prompt_logprobs)  # .tolist() waits for the step
         if not pending.sampling:
             return out
         if pending.ready is not None:
@@ -327,6 +341,7 @@ class PendingStep:
     token_ids_cpu: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None  # kept only when logprobs were asked
+    prompt_logprobs: PendingPromptLogprobs | None = None
 
 
 def now() -> float:

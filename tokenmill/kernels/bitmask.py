@@ -10,6 +10,9 @@ Only the constrained rows carry a mask: `rows[i]` is the logits row that bitmask
 so one launch serves every constrained row of the batch and nothing is read back to the host.
 Grid: (num_masked_rows, cdiv(vocab_size, BLOCK)); BLOCK 1024 = 32 words per program, a few
 loads per thread, and a 150k vocab is ~150 programs per row: plenty to fill the GPU.
+
+The torch reference is the engine's CPU path, `tokenmill.engine.structured_output.
+apply_token_bitmask_torch_`; the kernel is tested against it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _apply_bitmask_kernel(
     )
 
 
-def _check(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+def check_bitmask_args(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
     assert logits.dim() == 2 and logits.stride(-1) == 1, "logits must be [num_seqs, vocab_size]"
     assert bitmask.dtype == torch.int32 and bitmask.dim() == 2 and bitmask.is_contiguous(), (
         "bitmask must be a contiguous int32 [num_masked_rows, ceil(vocab_size / 32)] tensor"
@@ -61,7 +64,7 @@ def _check(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> N
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
     """In place: logits[rows[i], t] = -inf wherever bit t of bitmask[i] is clear."""
     # logits: [num_seqs, vocab_size]; bitmask: [num_masked_rows, ceil(vocab_size / 32)] int32
-    _check(logits, bitmask, rows)
+    check_bitmask_args(logits, bitmask, rows)
     if bitmask.shape[0] == 0:
         return
     vocab_size = logits.shape[1]
@@ -69,17 +72,3 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torc
     _apply_bitmask_kernel[grid](
         logits, bitmask, rows, vocab_size, logits.stride(0), bitmask.stride(0), BLOCK=BLOCK
     )
-
-
-def apply_token_bitmask_reference_(
-    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
-) -> None:
-    """The same in torch (the CPU path and the kernel's test reference)."""
-    _check(logits, bitmask, rows)
-    if bitmask.shape[0] == 0:
-        return
-    vocab_size = logits.shape[1]
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool()  # [num_masked_rows, words, 32]
-    allowed = allowed.flatten(1)[:, :vocab_size]  # [num_masked_rows, vocab_size]
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
