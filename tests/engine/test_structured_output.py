@@ -175,3 +175,22 @@ def test_params_round_trip_through_dicts():
     assert d["structured_outputs"] == {"choice": ["a", "b"]}
     json.dumps(d)
     assert SamplingParams.from_dict(d) == p
+
+
+def test_bounded_strings_never_hold_raw_control_characters(llm):
+    # xgrammar 0.2.9 alone lets a maxLength string take bytes < 0x20 (invalid JSON)
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "maxLength": 4},
+            "b": {"type": "string", "maxLength": 2},
+        },
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    params = constrained(1.0, max_tokens=64, json=schema).replace(n=4)
+    outs = llm.generate([f"row {i}" for i in range(8)], params, use_tqdm=False)
+    stopped = [t for t, r in texts(outs) if r == "stop"]
+    assert len(stopped) >= 16
+    for text in stopped:
+        jsonschema.validate(json.loads(text), schema)

@@ -284,6 +284,60 @@ class SamplingParams:
         return SamplingParams(**{**self.to_dict(), **changes})
 
 
+# OpenAI / vLLM request fields that carry an output constraint.
+OPENAI_STRUCTURED_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
+
+
+def structured_outputs_from_openai(body: dict[str, Any]) -> StructuredOutputsParams | None:
+    """The constraint of an OpenAI/vLLM request body (fields OPENAI_STRUCTURED_FIELDS).
+
+    response_format: {"type": "text"} (none), {"type": "json_object"}, or {"type":
+    "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": true}}; vLLM's
+    structured_outputs object and guided_json / guided_regex / guided_choice / guided_grammar.
+    ValueError (saying which field) when malformed or when several are given.
+    """
+    found: list[tuple[str, StructuredOutputsParams]] = []
+    rf = body.get("response_format")
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "json_object":
+            found.append(("response_format", StructuredOutputsParams(json_object=True)))
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise ValueError(
+                    'response_format json_schema needs {"json_schema": {"name": ..., '
+                    '"schema": {...}}}'
+                )
+            found.append(("response_format", StructuredOutputsParams(json=schema)))
+        elif kind != "text":
+            raise ValueError(
+                f"response_format.type must be text, json_object or json_schema (got {kind!r})"
+            )
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise ValueError('structured_outputs must be an object like {"regex": "..."}')
+        found.append(("structured_outputs", StructuredOutputsParams(**so)))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex")):
+        if body.get(name) is not None:
+            found.append((name, StructuredOutputsParams(**{key: body[name]})))
+    for name, key in (("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        if body.get(name) is not None:
+            found.append((name, StructuredOutputsParams(**{key: body[name]})))
+    if len(found) > 1:
+        raise ValueError(f"give one output constraint, not {', '.join(n for n, _ in found)}")
+    return found[0][1] if found else None
+
+
 def _check_logit_bias(bias: Any) -> dict[int, float]:
     """{token id: bias} with int ids (JSON gives string keys) and biases in [-100, 100]."""
     if not isinstance(bias, dict):

@@ -14,6 +14,10 @@ The grammar library is xgrammar (docs/structured_output.md says why). Life of a 
 
 EOS (every id in the request's eos_token_ids) is allowed only where the grammar accepts, so a
 structure is never cut short by EOS; max_tokens still ends it ("length").
+
+NOTE: xgrammar 0.2.9 lets length-bounded JSON strings (minLength / maxLength) contain raw
+control characters, which no JSON parser accepts. JSON is generated compact, so no token with
+a byte below 0x20 is ever valid in it: JSON rows also get a mask that bans those tokens.
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ def check_constraint(key: tuple[str, str]):
 class _RequestGrammar:
     """One request's matcher, created when its compilation lands; consumes output tokens."""
 
-    def __init__(self, compiled: Future):
+    def __init__(self, compiled: Future, is_json: bool):
         self.compiled = compiled
+        self.is_json = is_json
         self.matcher = None
         self.num_consumed = 0
         self.failed = False
@@ -98,6 +103,8 @@ class StructuredOutputManager:
         self.num_words = (vocab_size + 31) // 32
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._compiler = None
+        self._tokenizer_info = None
+        self._no_control_bytes = None  # [num_words] int32: tokens without bytes < 0x20
         self._batch_matcher = None
         self._compiled: dict[tuple[str, str], Future] = {}
         self._states: weakref.WeakKeyDictionary[Request, _RequestGrammar] = (
@@ -114,7 +121,25 @@ class StructuredOutputManager:
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
             info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            self._tokenizer_info = info
         return self._compiler
+
+    def _json_safe_words(self) -> torch.Tensor:
+        """Bitmask row allowing every token but those holding a control byte (< 0x20)."""
+        if self._no_control_bytes is None:
+            self._get_compiler()
+            bad = [
+                i
+                for i, b in enumerate(self._tokenizer_info.decoded_vocab)
+                if any(c < 0x20 for c in b)
+            ]
+            bad = [i for i in bad if i not in set(self._tokenizer_info.special_token_ids)]
+            allowed = torch.ones(self.num_words * 32, dtype=torch.bool)
+            allowed[bad] = False
+            weights = (1 << torch.arange(32, dtype=torch.int64)).view(1, 32)
+            words = (allowed.view(-1, 32).long() * weights).sum(dim=1)  # uint32 values
+            self._no_control_bytes = (words - ((words >> 31) << 32)).to(torch.int32)
+        return self._no_control_bytes
 
     def _compile(self, key: tuple[str, str]):
         return self._get_compiler().compile_grammar(check_constraint(key))
@@ -128,7 +153,9 @@ class StructuredOutputManager:
             key = so.key
             if key not in self._compiled:
                 self._compiled[key] = self._executor.submit(self._compile, key)
-            self._states[req] = _RequestGrammar(self._compiled[key])
+            self._states[req] = _RequestGrammar(
+                self._compiled[key], is_json=key[0] in ("json", "json_object")
+            )
 
     def fill_bitmask(self, reqs: list[Request]) -> tuple[torch.Tensor, list[int]] | None:
         """Host bitmasks of the constrained rows of `reqs` (waits for their compilations).
@@ -157,6 +184,9 @@ class StructuredOutputManager:
             self._batch_matcher.batch_fill_next_token_bitmask(
                 [matchers[j] for j in active], bitmask, active
             )
+        json_rows = [j for j in active if states[j].is_json]
+        if json_rows:
+            bitmask[json_rows] &= self._json_safe_words()
         return bitmask, rows
 
     def apply(self, logits: torch.Tensor, reqs: list[Request]) -> None:
