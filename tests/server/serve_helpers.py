@@ -66,14 +66,14 @@ def make_llm(model_dir: Path, **kw):
 
 @contextmanager
 def running_server(
-    model_dir: Path, api_key: str | None = API_KEY, **llm_kw
+    model_dir: Path, api_key: str | None = API_KEY, app_kw: dict | None = None, **llm_kw
 ) -> Iterator[RunningServer]:
     import uvicorn
 
     from tokenmill.server.app import build_app
 
     llm = make_llm(model_dir, **llm_kw)
-    app = build_app(llm, served_model_name=MODEL_NAME, api_key=api_key)
+    app = build_app(llm, served_model_name=MODEL_NAME, api_key=api_key, **(app_kw or {}))
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

@@ -34,6 +34,13 @@ def serve(
         typer.Option(help="Model id clients send and /v1/models lists (default: --model)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="How to read tool calls in chat output for tool_choice auto: hermes (Qwen, "
+            "Hermes) or llama3_json (Llama 3.1+). Without it, such requests are refused.",
+        ),
+    ] = None,
     dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
     device: o.Device = o.ENGINE_DEFAULTS["device"],
     max_model_len: o.MaxModelLen = o.ENGINE_DEFAULTS["max_model_len"],
@@ -49,6 +56,12 @@ def serve(
 ) -> None:
     """Serve a model over HTTP with OpenAI's API (completions, chat, models) plus /metrics."""
     config = o.engine_config_from(locals())
+    from tokenmill.server.tools import TOOL_CALL_PARSERS
+
+    if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(TOOL_CALL_PARSERS)}", param_hint="--tool-call-parser"
+        )
     try:
         import uvicorn
 
@@ -71,6 +84,7 @@ def serve(
         llm,
         served_model_name=served_model_name or model,
         api_key=api_key or None,
+        tool_call_parser=tool_call_parser,
     )
     typer.echo(f"tokenmill serving {app.state.model_name} on http://{host}:{port}/v1", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

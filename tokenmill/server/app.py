@@ -37,6 +37,8 @@ from tokenmill.server.protocol import (
     random_id,
 )
 from tokenmill.server.serving import check_prompt, check_token_ids, sse_stream, watch_disconnect
+from tokenmill.server.structured import check_logit_bias
+from tokenmill.server.tools import ToolError, plan_tools
 
 
 class APIKeyMiddleware:
@@ -69,8 +71,16 @@ def default_model_name(llm: Any) -> str:
     return str(info.get("model") or "tokenmill")
 
 
-def build_app(llm: Any, served_model_name: str | None = None, api_key: str | None = None):
-    """A FastAPI app serving `llm`; its engine thread runs while the app's lifespan does."""
+def build_app(
+    llm: Any,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    tool_call_parser: str | None = None,
+):
+    """A FastAPI app serving `llm`; its engine thread runs while the app's lifespan does.
+
+    `tool_call_parser` (server/tools.py) reads tool calls out of chat text for tool_choice
+    auto; without one, such requests are a 400 that says so."""
     model_name = served_model_name or default_model_name(llm)
     engine = AsyncEngine(llm)
     metrics = ServerMetrics()
@@ -123,19 +133,46 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
             return StreamingResponse(events, media_type="text/event-stream")
         return JSONResponse(await watch_disconnect(request, fmt.collect(outputs, on_finish)))
 
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        card = ModelCard(
+    def model_card() -> ModelCard:
+        return ModelCard(
             id=model_name, root=str(llm.config.model or model_name), max_model_len=llm.max_model_len
         )
-        return ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return ModelList(data=[model_card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        check_model(model_id)
+        return model_card().model_dump()
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """What clients that tokenize locally (lm-eval) need to match the server's tokenizer."""
+        tok = llm.tokenizer
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "model_max_length": llm.max_model_len,
+            "vocab_size": len(tok),
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "pad_token": tok.pad_token,
+            "unk_token": tok.unk_token,
+            "chat_template": getattr(tok, "chat_template", None),
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         params = sampling_params(body)
         prompts = split_prompts(body.prompt)
-        prepared = await engine.call(lambda llm: prepare_prompts(llm, prompts, params, body.echo))
+
+        def prepare(llm):
+            check_logit_bias(llm, params)
+            return prepare_prompts(llm, prompts, params, body.echo)
+
+        prepared = await engine.call(prepare)
         queue: asyncio.Queue = asyncio.Queue()
         rids = await add(
             add_all(
@@ -154,9 +191,23 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         params = sampling_params(body)
+        try:
+            tools = plan_tools(body.tools, body.tool_choice, tool_call_parser)
+        except ToolError as e:
+            raise APIError(400, str(e), e.param) from e
+        if tools is not None and tools.constraint is not None:
+            if params.structured_outputs is not None:
+                raise APIError(
+                    400,
+                    "tool_choice required / a named function already constrains the output; "
+                    "drop response_format",
+                    "tool_choice",
+                )
+            params = params.replace(structured_outputs=tools.constraint)
 
         def prepare(llm):
-            ids = encode_messages(llm, body.messages)
+            check_logit_bias(llm, params)
+            ids = encode_messages(llm, body.messages, tools.template_tools if tools else None)
             check_prompt(llm, ids, params, "messages")
             return ids
 
@@ -164,7 +215,7 @@ def build_app(llm: Any, served_model_name: str | None = None, api_key: str | Non
         queue: asyncio.Queue = asyncio.Queue()
         rid = random_id("chatcmpl")
         await add(engine.add(rid, ids, params, queue, body.stream))
-        fmt = ChatStream(body, params, model_name, rid, len(ids))
+        fmt = ChatStream(body, params, model_name, rid, len(ids), tools)
         return await respond(request, fmt, engine.stream([rid], queue), body.stream)
 
     @app.get("/health")

@@ -22,12 +22,14 @@ from tokenmill.server.protocol import (
     usage,
 )
 from tokenmill.server.serving import (
+    Delta,
     DeltaTracker,
     RequestTimer,
     check_prompt,
     sse,
     token_text,
 )
+from tokenmill.server.structured import echo_prompt_logprobs
 
 
 @dataclass
@@ -86,6 +88,15 @@ def completion_logprobs(
     return out
 
 
+def _joined(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=a.tokens + b.tokens,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+        text_offset=a.text_offset + b.text_offset,
+    )
+
+
 def _top_dict(entry: dict[int, Logprob]) -> dict[str, float]:
     """{token text: logprob}, most likely first; when two tokens decode to the same text (bytes
     of one UTF-8 character), the more likely one keeps the key."""
@@ -125,6 +136,8 @@ class CompletionStream:
                 tracker = self.trackers[index] = DeltaTracker()
                 self.offsets[index] = len(self.prompts[p].text or "")
             d = tracker.delta(c)
+            if self.req.echo_only:  # max_tokens 0: the one generated token is not returned
+                d = Delta("", None if d.logprobs is None else [], [])
             text = d.text
             if first and self.req.echo:
                 text = (self.prompts[p].text or "") + text
@@ -134,6 +147,11 @@ class CompletionStream:
             if d.logprobs is not None:
                 logprobs = completion_logprobs(d.logprobs, d.token_ids, self.offsets[index])
                 self.offsets[index] += sum(len(t) for t in logprobs.tokens)
+                if first and self.req.echo:
+                    logprobs = _joined(
+                        echo_prompt_logprobs(self.prompts[p].token_ids, out.prompt_logprobs),
+                        logprobs,
+                    )
             choices.append(
                 CompletionChoice(
                     index=index,

@@ -76,12 +76,23 @@ class _SamplingRequest(_Base):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # output constraints and logit_bias (server/structured.py maps them)
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def _sampling_params(self, **values: Any) -> SamplingParams:
+        from tokenmill.server.structured import constraint_values
+
         for name in _SAMPLING_FIELDS:
             value = getattr(self, name)
             if value is not None and value != []:
                 values[name] = value
+        values.update(constraint_values(self.model_dump()))
         return SamplingParams(**values)
 
     @property
@@ -97,21 +108,24 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (lm-eval's loglikelihood): score the prompt, generate
+        nothing (the engine generates one token, which the response leaves out)."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {self.logprobs})")
-        if self.echo and self.logprobs is not None:
-            raise ValueError(
-                "echo together with logprobs is not supported: the engine does "
-                "not compute prompt logprobs; drop one of them"
-            )
         if self.suffix:
             raise ValueError("suffix is not supported; put the text in the prompt instead")
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise ValueError(f"best_of is not supported (got {self.best_of}); use n instead")
         values: dict[str, Any] = {"logprobs": self.logprobs}
+        if self.echo and self.logprobs is not None:
+            values["prompt_logprobs"] = self.logprobs
         if self.max_tokens is not None:
-            values["max_tokens"] = self.max_tokens
+            values["max_tokens"] = 1 if self.echo_only else self.max_tokens
         return self._sampling_params(**values)
 
 
@@ -120,6 +134,8 @@ class ChatMessage(_Base):
     # A string, or OpenAI's list of content parts ({"type": "text", "text": ...}).
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call it answers
 
     def to_template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -136,7 +152,24 @@ class ChatMessage(_Base):
         out: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [_template_tool_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """Templates (Qwen's, Llama's) read arguments as an object; OpenAI sends JSON text."""
+    import json
+
+    fn = dict(call.get("function") or {})
+    if isinstance(fn.get("arguments"), str):
+        try:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": fn}
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -145,6 +178,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; the model decides how many calls
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None:
@@ -232,6 +268,7 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -254,6 +291,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(BaseModel):
