@@ -185,7 +185,9 @@ class StructuredOutputManager:
                 [matchers[j] for j in active], bitmask, active
             )
         json_rows = [j for j in active if states[j].is_json]
-        if json_rows:
+        if len(json_rows) == len(rows):
+            bitmask &= self._json_safe_words()  # NOTE: in place; indexing would copy
+        elif json_rows:
             bitmask[json_rows] &= self._json_safe_words()
         return bitmask, rows
 
@@ -224,4 +226,7 @@ def apply_token_bitmask_torch_(
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask[:, :, None] >> bits) & 1).bool()  # [num_masked_rows, words, 32]
     allowed = allowed.flatten(1)[:, :vocab_size]  # [num_masked_rows, vocab_size]
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    if rows.shape[0] == logits.shape[0] and bool((rows == torch.arange(rows.shape[0])).all()):
+        logits.masked_fill_(~allowed, float("-inf"))  # every row: no gather / scatter copies
+    else:
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
