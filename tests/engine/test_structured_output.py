@@ -194,3 +194,12 @@ def test_bounded_strings_never_hold_raw_control_characters(llm):
     assert len(stopped) >= 16
     for text in stopped:
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_ignore_eos_after_a_complete_structure_runs_on(llm):
+    params = constrained(0.0, max_tokens=24, choice=["yes", "no"]).replace(ignore_eos=True, n=1)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    for o in outs:
+        c = o.outputs[0]
+        assert c.finish_reason == "length" and len(c.token_ids) == 24
+        assert c.text.startswith(("yes", "no"))

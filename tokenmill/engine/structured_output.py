@@ -78,20 +78,31 @@ class _RequestGrammar:
         self.failed = False
 
     def synced(self, req: Request):
+        """The matcher after every output token so far; None once it stopped constraining."""
         import xgrammar as xgr
 
-        if self.matcher is None:
+        if self.matcher is None and not self.failed:
+            try:
+                compiled = self.compiled.result()
+            except Exception as e:  # noqa: BLE001 - one bad grammar must not stop the batch
+                logger.error("request %s: its constraint failed to compile: %s", req.req_id, e)
+                self.failed = True
+                return None
             stop = sorted(req.eos_token_ids) or None
-            self.matcher = xgr.GrammarMatcher(self.compiled.result(), override_stop_tokens=stop)
+            self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop)
         new = req.output_token_ids[self.num_consumed :]
         self.num_consumed = req.num_output_tokens
         for token in new:
-            if not self.failed and not self.matcher.accept_token(token):
+            if self.failed:
+                break
+            if not self.matcher.accept_token(token):
                 # Only reachable when something outside the mask picked the token (e.g. a stop
                 # token id); stop constraining rather than mask every token forever.
                 logger.warning("request %s left its grammar at token %d", req.req_id, token)
                 self.failed = True
-        return self.matcher
+            elif self.matcher.is_terminated():
+                self.failed = True  # EOS accepted but ignored (ignore_eos): nothing to enforce
+        return None if self.failed else self.matcher
 
 
 class StructuredOutputManager:
