@@ -64,8 +64,13 @@ def test_logit_bias_validation(bad):
         SamplingParams(logit_bias=bad)
 
 
-@pytest.mark.parametrize("chunk", [None, 5])
-def test_prompt_logprobs_match_transformers(tiny_model_dir, hf_reference, chunk):
+@pytest.mark.parametrize("chunk,slice_size", [(None, 512), (5, 512), (None, 3)])
+def test_prompt_logprobs_match_transformers(
+    tiny_model_dir, hf_reference, chunk, slice_size, monkeypatch
+):
+    from tokenmill.engine import prompt_logprobs
+
+    monkeypatch.setattr(prompt_logprobs, "SLICE", slice_size)  # 3: several slices per step
     kw = {"max_num_batched_tokens": chunk, "max_num_seqs": 4} if chunk else {}
     llm = make_llm(tiny_model_dir, **kw)
     model = hf_reference.model(tiny_model_dir)

@@ -22,6 +22,8 @@ import torch
 from tokenmill.engine.outputs import Logprob
 from tokenmill.engine.request import Request
 
+SLICE = 512  # prompt positions scored per log_softmax
+
 
 @dataclass
 class PendingPromptLogprobs:
@@ -54,14 +56,26 @@ def launch_prompt_logprobs(model, hidden: torch.Tensor, seqs, to_device):
         offset += seq.num_new_tokens
     if not items:
         return None
-    lp = torch.log_softmax(
-        model.compute_logits(hidden[to_device(flat, torch.long)]).float(), dim=-1
-    )  # [num_scored, vocab_size]
     token_ids = to_device(targets, torch.long)
-    chosen = lp.gather(1, token_ids[:, None])[:, 0]
-    ranks = (lp > chosen[:, None]).sum(dim=-1) + 1
-    max_n = min(max(req.params.prompt_logprobs for req, _, _ in items), lp.shape[-1])
-    top_lp, top_ids = lp.topk(max_n, dim=-1) if max_n else (None, None)
+    rows = to_device(flat, torch.long)
+    max_n = max(req.params.prompt_logprobs for req, _, _ in items)
+    chosen, ranks, top_lp, top_ids = [], [], [], []
+    # NOTE: [num_scored, vocab_size] float32 logits would be GBs for a long prompt and a large
+    # vocabulary: score SLICE positions at a time.
+    for start in range(0, len(flat), SLICE):
+        end = min(start + SLICE, len(flat))
+        logits = model.compute_logits(hidden[rows[start:end]]).float()
+        lp = torch.log_softmax(logits, dim=-1)  # [slice, vocab_size]
+        c = lp.gather(1, token_ids[start:end, None])[:, 0]
+        chosen.append(c)
+        ranks.append((lp > c[:, None]).sum(dim=-1) + 1)
+        if max_n:
+            values, ids = lp.topk(min(max_n, lp.shape[-1]), dim=-1)
+            top_lp.append(values)
+            top_ids.append(ids)
+    chosen, ranks = torch.cat(chosen), torch.cat(ranks)
+    top_lp = torch.cat(top_lp) if max_n else None
+    top_ids = torch.cat(top_ids) if max_n else None
     return PendingPromptLogprobs(items, token_ids, chosen, ranks, top_lp, top_ids)
 
 
