@@ -119,3 +119,32 @@ def test_bad_tools_name_the_field(tools, choice, param):
     with pytest.raises(ToolError) as e:
         plan_tools(tools, choice, "hermes")
     assert e.value.param == param
+
+
+def test_the_chat_template_gets_tools_and_tool_turns():
+    from tokenmill.server.chat import encode_messages
+    from tokenmill.server.protocol import ChatMessage
+
+    class FakeLLM:
+        def encode_chat(self, messages, **kwargs):
+            self.messages, self.kwargs = messages, kwargs
+            return [1, 2]
+
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    msgs = [
+        ChatMessage(role="user", content="Weather?"),
+        ChatMessage(role="assistant", content=None, tool_calls=[call]),
+        ChatMessage(role="tool", content="sunny", tool_call_id="call_1"),
+    ]
+    llm = FakeLLM()
+    assert encode_messages(llm, msgs, [WEATHER]) == [1, 2]
+    assert llm.kwargs == {"tools": [WEATHER]}
+    # templates read arguments as an object
+    assert llm.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert llm.messages[2]["tool_call_id"] == "call_1"
+    encode_messages(llm, msgs[:1])
+    assert llm.kwargs == {}
