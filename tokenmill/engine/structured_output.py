@@ -139,12 +139,12 @@ class StructuredOutputManager:
         """Bitmask row allowing every token but those holding a control byte (< 0x20)."""
         if self._no_control_bytes is None:
             self._get_compiler()
+            special = set(self._tokenizer_info.special_token_ids)
             bad = [
                 i
                 for i, b in enumerate(self._tokenizer_info.decoded_vocab)
-                if any(c < 0x20 for c in b)
+                if i not in special and any(c < 0x20 for c in b)
             ]
-            bad = [i for i in bad if i not in set(self._tokenizer_info.special_token_ids)]
             allowed = torch.ones(self.num_words * 32, dtype=torch.bool)
             allowed[bad] = False
             weights = (1 << torch.arange(32, dtype=torch.int64)).view(1, 32)
