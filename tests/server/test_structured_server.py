@@ -139,6 +139,20 @@ def test_echo_logprobs_are_the_prompt_logprobs(client, server, reference_llm):
     lp = resp.choices[0].logprobs
     assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None
     assert resp.choices[0].text.startswith(prompt) and len(resp.choices[0].text) > len(prompt)
+    # streamed: the prompt logprobs come back from the engine core with the first chunk
+    stream = client.completions.create(
+        model=server.model,
+        prompt=prompt,
+        echo=True,
+        logprobs=2,
+        max_tokens=2,
+        temperature=0,
+        stream=True,
+    )
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.text for c in chunks) == resp.choices[0].text
+    streamed = [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6) and streamed[0] is None
 
 
 def test_named_tool_choice_returns_parseable_arguments(client, server):
