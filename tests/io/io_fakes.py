@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import zlib
 
-from tokenmill.engine.llm import EngineStats
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 
 
@@ -38,7 +37,12 @@ class FakeEngine:
     """finish_per_step requests finish per step, picked at random among the unfinished."""
 
     def __init__(
-        self, max_model_len: int = 64, finish_per_step: int = 3, seed: int = 0, record: bool = True
+        self,
+        max_model_len: int = 64,
+        finish_per_step: int = 3,
+        seed: int = 0,
+        record: bool = True,
+        stats=None,
     ):
         self.record = record  # keep the queue / finish order (off for memory tests)
         self.tokenizer = WordTokenizer()
@@ -49,7 +53,11 @@ class FakeEngine:
         self.added: list[str] = []  # request ids in the order they were queued
         self.finish_order: list[str] = []
         self.aborted: list[str] = []
-        self.stats = EngineStats()  # the real counters, advanced by hand
+        if stats is None:  # the real counters, advanced by hand (importing them costs seconds)
+            from tokenmill.engine.llm import EngineStats
+
+            stats = EngineStats()
+        self.stats = stats
         self.max_unfinished = 0
 
     def model_info(self) -> dict:

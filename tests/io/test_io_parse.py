@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tokenmill.engine.sampling_params import SamplingParams
@@ -119,3 +121,55 @@ def test_as_chat_turns_text_prompts_into_one_user_message():
     assert row.prompt is None
     ids = parse({"prompt": [1, 2, 3]}, RowParser(as_chat=True))  # token ids stay as they are
     assert ids.kind == PROMPT and ids.prompt == [1, 2, 3]
+
+
+LONE = "abc \ud800 def"  # what json.loads makes of "abc \ud800 def"
+
+
+@pytest.mark.parametrize(
+    "data, parser, field",
+    [
+        ({"prompt": LONE}, RowParser(), "prompt"),
+        ({"id": "b\udc00", "prompt": "x"}, RowParser(), "id"),
+        ({"messages": [{"role": "user", "content": LONE}]}, RowParser(), "messages[0].content"),
+        ({"prompt": "x", "meta": {"k": [LONE]}}, RowParser(keep_columns=("meta",)), "meta.k[0]"),
+        ({"prompt": "x", "sampling": {"stop": [LONE]}}, RowParser(), "sampling.stop[0]"),
+        ({"q": LONE}, RowParser(prompt_column="q"), "q"),
+        (openai_line("/v1/completions", {"prompt": LONE}), RowParser(), "body.prompt"),
+        (openai_line("/v1/completions", {"prompt": "x"}, "c\ud800"), RowParser(), "custom_id"),
+    ],
+)
+def test_a_lone_surrogate_in_any_used_field_is_an_error_row_naming_it(data, parser, field):
+    row = parse(data, parser)
+    assert (
+        row.error_type == "invalid_text" and f"line 7: {field} holds a lone surrogate" in row.error
+    )
+    for text in (row.id, row.error, row.custom_id or "", json.dumps(row.kept)):
+        text.encode("utf-8")  # what the error row echoes is writable
+    assert parse({"prompt": "x", "unused": LONE}).error is None  # columns we do not use: fine
+
+
+@pytest.mark.parametrize(
+    "sampling, words",
+    [
+        ({"logprobs": 21}, "logprobs must be an integer in [0, 20]"),
+        ({"logprobs": -1}, "logprobs must be an integer in [0, 20]"),
+        ({"logprobs": 2.5}, "logprobs must be an integer in [0, 20]"),
+        ({"seed": 2**70}, "seed must be an integer in [0, "),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"skip_special_tokens": "no"}, "skip_special_tokens must be true or false"),
+        ({"ignore_eos": 1}, "ignore_eos must be true or false"),
+        ({"stop": [1, 2]}, "stop must be a string or a list of strings"),
+        ({"max_tokens": 1e400}, "max_tokens must be"),
+    ],
+)
+def test_overrides_the_engine_would_crash_on_are_error_rows(sampling, words):
+    row = parse({"prompt": "x", "sampling": sampling})
+    assert row.error_type == "invalid_sampling" and words in row.error
+    assert parse({"prompt": "x", "sampling": {"logprobs": 20, "seed": 3}}).error is None
+
+
+def test_a_row_that_trips_an_unexpected_exception_is_an_error_row_not_a_crash():
+    parts = [{"type": "text", "text": 5}]  # "".join fails with TypeError
+    row = parse({"messages": [{"role": "user", "content": parts}]})
+    assert row.error_type == "invalid_row" and "TypeError" in row.error

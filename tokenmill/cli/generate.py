@@ -212,7 +212,8 @@ def generate(
     """Generate completions for every row of INPUT into OUTPUT, resumably, in input order.
 
     Exit codes: 0 all rows ok, 1 finished with error rows, 2 bad command line, 3 could not run,
-    4 stopped by --fail-fast, 130 interrupted (rerun the same command to resume).
+    4 stopped by --fail-fast, 6 another run holds the output, 130 interrupted (rerun the same
+    command to resume).
     """
     from tokenmill.io.job import JobConfig, run_job
     from tokenmill.io.shard import parse_shard

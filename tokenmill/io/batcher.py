@@ -23,6 +23,7 @@ from typing import Any
 from tokenmill.io.ordering import order_window
 from tokenmill.io.parse import RowError, RowParser
 from tokenmill.io.rows import RawRecord, Row, RowResult
+from tokenmill.io.text import writable
 
 
 @dataclass
@@ -43,11 +44,15 @@ class Prepared:
 
 
 class Batcher:
-    """Feeds an engine window by window and yields RowResults in input order.
+    """Feeds an engine window by window and yields finished rows in input order.
 
     `records` yields (position, RawRecord) in input order; `on_step()` is called after every
     engine step (progress, periodic commits); `should_stop()` ends the run early (signals,
     --fail-fast): requests still in the engine are aborted and nothing more is yielded.
+    `on_finish(position, RowResult)` sees each row the moment it finishes, in any order, and
+    returns what the reorder buffer holds and `run` yields (by default the RowResult itself);
+    `run(replayed=...)` takes such items for positions finished by an earlier run, which are
+    released in their place without reaching the engine.
     """
 
     def __init__(
@@ -57,8 +62,10 @@ class Batcher:
         window_rows: int,
         sort: bool = True,
         refill_below: int | None = None,
+        on_finish: Callable[[int, RowResult], Any] | None = None,
     ):
         self.llm = llm
+        self.on_finish = on_finish or (lambda position, result: result)
         self.parser = parser
         self.window_rows = window_rows
         self.sort = sort
@@ -70,7 +77,7 @@ class Batcher:
         # Only finished rows are used: skip incremental detokenizing where the engine allows.
         add_params = inspect.signature(llm.add_request).parameters
         self._add_kwargs = {"stream": False} if "stream" in add_params else {}
-        self._ready: dict[int, RowResult] = {}  # position -> result, not yet released
+        self._ready: dict[int, Any] = {}  # position -> finished row, not yet released
         self._pending: dict[str, _Pending] = {}  # request id -> what it belongs to
 
     def run(
@@ -79,7 +86,9 @@ class Batcher:
         first_position: int,
         on_step: Callable[[], None] = lambda: None,
         should_stop: Callable[[], bool] = lambda: False,
-    ) -> Iterator[RowResult]:
+        replayed: dict[int, Any] | None = None,
+    ) -> Iterator[Any]:
+        self._replayed = replayed or {}
         next_release = first_position
         next_load = first_position
         exhausted = False
@@ -122,7 +131,10 @@ class Batcher:
     # Stages -------------------------------------------------------------------------------------
     def _prepare(self, window: list[tuple[int, RawRecord]]) -> list[Prepared]:
         """Parse and tokenize a window; unusable rows go straight to the reorder buffer."""
-        rows = [(pos, self.parser.parse(rec)) for pos, rec in window]
+        for pos, _ in window:
+            if pos in self._replayed:
+                self._ready[pos] = self._replayed.pop(pos)
+        rows = [(pos, self.parser.parse(rec)) for pos, rec in window if pos not in self._ready]
         texts = [
             (pos, row) for pos, row in rows if row.error is None and isinstance(row.prompt, str)
         ]
@@ -137,17 +149,18 @@ class Batcher:
                     ids = list(self.llm.encode_chat(row.messages))
                 elif pos in token_ids:
                     ids = token_ids[pos]
+                    if isinstance(ids, Exception):
+                        raise ids
                 else:
                     ids = list(row.prompt)  # pre-tokenized
                 params = self.parser.params(row)
                 self._check_length(row, ids, params)
                 prepared.append(Prepared(pos, row, ids, params))
             except RowError as e:
-                self._ready[pos] = RowResult(row, error=str(e), error_type=e.error_type)
+                self._done(pos, RowResult(row, error=str(e), error_type=e.error_type))
             except Exception as e:  # noqa: BLE001 - a template or tokenizer failing on one row
-                self._ready[pos] = RowResult(
-                    row, error=f"{_where(row)}cannot tokenize: {e}", error_type="tokenize_error"
-                )
+                error = writable(f"{_where(row)}cannot tokenize: {e}")
+                self._done(pos, RowResult(row, error=error, error_type="tokenize_error"))
         return prepared
 
     def _submit(self, prepared: list[Prepared]) -> None:
@@ -157,9 +170,9 @@ class Batcher:
             request_id = str(p.position)
             try:
                 self.llm.add_request(request_id, p.token_ids, p.params, **self._add_kwargs)
-            except ValueError as e:
-                self._ready[p.position] = RowResult(
-                    p.row, error=f"{_where(p.row)}{e}", error_type="rejected"
+            except Exception as e:  # noqa: BLE001 - the engine refusing one row's request
+                self._done(
+                    p.position, RowResult(p.row, error=f"{_where(p.row)}{e}", error_type="rejected")
                 )
                 continue
             self._pending[request_id] = _Pending(p.position, p.row, len(p.token_ids))
@@ -169,7 +182,7 @@ class Batcher:
         completions = sorted(out.outputs, key=lambda c: c.index)
         params = self.parser.params(pending.row)
         num_top = params.logprobs
-        self._ready[pending.position] = RowResult(
+        result = RowResult(
             pending.row,
             texts=[c.text for c in completions],
             finish_reasons=[c.finish_reason for c in completions],
@@ -178,13 +191,30 @@ class Batcher:
             logprobs=None if num_top is None else [self._logprobs(c, num_top) for c in completions],
             parsed=_parsed(params, completions),
         )
+        self._done(pending.position, result)
+
+    def _done(self, position: int, result: RowResult) -> None:
+        self._ready[position] = self.on_finish(position, result)
 
     # Helpers ------------------------------------------------------------------------------------
-    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+    def _encode_texts(self, texts: list[str]) -> list[list[int] | Exception]:
+        """Token ids per text; a text the tokenizer refuses gets its exception instead."""
+        try:
+            return self._encode_batch(texts)  # one call: the fast tokenizer's threads
+        except Exception:  # noqa: BLE001 - one bad text fails the whole call: find it
+            return [self._encode_one(text) for text in texts]
+
+    def _encode_one(self, text: str) -> list[int] | Exception:
+        try:
+            return self._encode_batch([text])[0]
+        except Exception as e:  # noqa: BLE001 - becomes this row's tokenize_error
+            return e
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         encode_batch = getattr(self.llm, "encode_batch", None)
         if encode_batch is not None:
             return encode_batch(texts)
-        return self.llm.tokenizer(texts)["input_ids"]  # one call: the fast tokenizer's threads
+        return self.llm.tokenizer(texts)["input_ids"]
 
     def _check_length(self, row: Row, ids: list[int], params) -> None:
         if not ids:

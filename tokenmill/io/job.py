@@ -1,16 +1,27 @@
 """`tokenmill generate` as a library call: JobConfig in, exit code out.
 
-    run_job(config, make_llm) ── open input ── check / resume journal ── load engine
-                              └─ Batcher (window loop) ── writer + journal commits ── report
+    run_job(config, make_llm) ── open input ── lock OUTPUT ── check / resume journal ── load engine
+                              └─ Batcher (window loop) ── spill + writer + journal commits ── report
 
-Durability: results are appended in input order; every `commit_s` seconds (and at the end, and
-when stopping) the writers fsync and then the journal records how many rows are done. A restart
-with the same fingerprint cuts the output back to the journal and skips the rows it lists, so
-the finished output holds every input row exactly once whatever killed the earlier run.
+Durability (README "Resume" states the guarantees):
+- One run per output: OUTPUT.lock (lock.py) is held from before the journal is read to the end.
+- Each row is appended to OUTPUT.spill (spill.py) the moment it finishes, in any order; a rerun
+  replays those instead of recomputing them.
+- Results are appended to the output in input order; every `commit_s` seconds (and at the end,
+  and when stopping) the writers fsync and then the journal records how many rows are done and
+  the output's committed state. A restart checks the output against it (resume.py), cuts it back
+  to it and skips the rows it lists, so the finished output holds every input row exactly once
+  whatever killed the earlier run.
+- The end (Parquet: joining the parts) records each stage in the journal and replays from the
+  last one; SIGINT / SIGTERM wait for it.
+- Any other failure (disk full, Arrow, the engine) ends the run with one line, exit code 3 and a
+  report of what is committed.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 import time
@@ -25,13 +36,8 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io import exit_codes
 from tokenmill.io.batcher import Batcher
 from tokenmill.io.format import format_result
-from tokenmill.io.journal import (
-    JournalState,
-    fingerprint_diff,
-    journal_path,
-    load_journal,
-    save_journal,
-)
+from tokenmill.io.journal import JournalState, Totals, load_journal, save_journal
+from tokenmill.io.lock import OutputLock, OutputLocked
 from tokenmill.io.parse import RowParser
 from tokenmill.io.progress import Progress
 from tokenmill.io.readers import InputError, InputSource, open_input
@@ -42,9 +48,12 @@ from tokenmill.io.report import (
     stats_snapshot,
     write_report,
 )
+from tokenmill.io.resume import ResumeRefused, errors_path, resume_state
 from tokenmill.io.rows import RawRecord, RowResult
 from tokenmill.io.shard import Shard
-from tokenmill.io.writers import ErrorsFile, open_writer, output_format
+from tokenmill.io.spill import FinishedRow, Spill, spill_path
+from tokenmill.io.text import unencodable_field, writable
+from tokenmill.io.writers import ErrorsFile, OutputError, open_writer, output_format
 
 DEFAULT_WINDOW_ROWS = 20_000
 
@@ -92,21 +101,21 @@ def default_output(spec: str, shard: Shard) -> Path:
     return Path(f"{base}{tag}.results.jsonl")
 
 
-def errors_path(output: Path) -> Path:
-    return (
-        Path(str(output) + ".errors.jsonl")
-        if output.suffix != ".jsonl"
-        else output.with_suffix(".errors.jsonl")
-    )
-
-
 def run_job(config: JobConfig, make_llm: Callable[[EngineConfig], Any] | None = None) -> int:
     """Run the job; returns an exit code from tokenmill.io.exit_codes."""
     try:
         return _Job(config, make_llm or _default_llm).run()
-    except (CannotRun, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except OutputLocked as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return exit_codes.LOCKED
+    except (CannotRun, InputError, ResumeRefused) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.CANNOT_RUN
+
+
+def _one_line(e: BaseException) -> str:
+    """Messages quote exceptions (pyarrow's span lines): one line, whatever they hold."""
+    return " ".join(str(e).split())
 
 
 def _default_llm(engine_config: EngineConfig):
@@ -120,6 +129,10 @@ class _Job:
         self.config = config
         self.make_llm = make_llm
         self.stop_reason: str | None = None
+        self.finalizing = False  # signals no longer stop the run
+        # Rows this run released from the spill (finished by a killed run): not this run's work.
+        self.replayed = Totals()
+        self.spill: Spill | None = None
 
     # The run, top to bottom ------------------------------------------------------------------
     def run(self) -> int:
@@ -127,7 +140,19 @@ class _Job:
         source = open_input(cfg.input, split=cfg.split, limit=cfg.limit)
         output = Path(cfg.output) if cfg.output else default_output(cfg.input, cfg.shard)
         self._check_output_path(output, source)
-        state = self._resume_state(output, self._fingerprint(source, output))
+        lock = OutputLock(output, cfg.command_line)
+        try:
+            lock.acquire()
+        except OSError as e:
+            raise CannotRun(f"cannot create the lock file beside {output}: {e}") from e
+        try:
+            return self._run_locked(source, output)
+        finally:
+            lock.release()
+
+    def _run_locked(self, source: InputSource, output: Path) -> int:
+        cfg = self.config
+        state = resume_state(output, self._fingerprint(source, output), cfg.overwrite)
         if state.finished:
             return self._already_done(output, state)
         try:
@@ -137,12 +162,21 @@ class _Job:
                 f"could not load the model {cfg.engine.model or '(default)'}: {e}"
             ) from e
         state.runs += 1
-        save_journal(output, state)  # before the output exists: a crash from here on resumes
-        writer = open_writer(output, state.output)
-        errors = ErrorsFile(errors_path(output), state.errors_bytes)
+        try:
+            save_journal(output, state)  # before the output exists: a crash from here resumes
+            self.spill = Spill(output)
+            replayed = self.spill.open(state.rows_done)
+            writer = open_writer(output, state.output)
+            errors = ErrorsFile(errors_path(output), state.errors_bytes)
+        except (OSError, OutputError) as e:
+            raise CannotRun(
+                f"cannot write beside {output} ({' '.join(f'{type(e).__name__}: {e}'.split())}); "
+                "fix the cause and rerun the same command"
+            ) from e
         t0, skipped = time.monotonic(), state.rows_done
         stats0 = stats_snapshot(llm)
         totals0 = asdict(state.totals)
+        failure: BaseException | None = None
         with (
             self._signals(),
             Progress(
@@ -155,22 +189,36 @@ class _Job:
             ) as progress,
         ):
             try:
-                self._loop(llm, source, state, writer, errors, output, progress)
-            except Exception as e:  # noqa: BLE001 - keep what is done, then report "could not run"
-                traceback.print_exc()
+                self._loop(llm, source, state, writer, errors, output, progress, replayed)
                 self._commit(output, state, writer, errors)
-                raise CannotRun(
-                    f"the job failed after {state.rows_done} rows ({type(e).__name__}: {e}); "
-                    "what was done is saved: rerun the same command to resume"
-                ) from e
-        if self.stop_reason is None:
-            writer.finalize()
-            state.finished = True
-        self._commit(output, state, writer, errors)
-        writer.close()
-        errors.close(remove_if_empty=state.finished)
-        report = self._report(output, llm, state, skipped, time.monotonic() - t0, stats0, totals0)
-        return self._exit_code(state, output) if report else exit_codes.CANNOT_RUN
+                if self.stop_reason is None:
+                    self._finalize(output, state, writer)
+            except Exception as e:  # noqa: BLE001 - keep what is done, report, exit 3
+                failure = e
+                if not isinstance(e, (OSError, OutputError)):  # the output itself is fine
+                    self._try(lambda: self._commit(output, state, writer, errors))
+                else:  # writing failed: what is done is what the last commit recorded
+                    state = load_journal(output) or state
+            except KeyboardInterrupt:  # a second Ctrl-C: the journal is consistent as it is
+                failure = KeyboardInterrupt()
+        self._try(writer.close)
+        self._try(lambda: errors.close(remove_if_empty=state.finished))
+        self.spill.close(remove=state.finished)
+        if isinstance(failure, KeyboardInterrupt):
+            print("stopped at once; rerun the same command to resume", file=sys.stderr)
+            return exit_codes.INTERRUPTED
+        report = self._try(
+            lambda: self._report(
+                output, llm, state, skipped, time.monotonic() - t0, stats0, totals0
+            )
+        )
+        if failure is not None:
+            print(_failure_line(failure, output, state.rows_done), file=sys.stderr)
+            return exit_codes.CANNOT_RUN
+        if report is None:
+            print(f"error: could not write {report_path(output)} (see above)", file=sys.stderr)
+            return exit_codes.CANNOT_RUN
+        return self._exit_code(state, output)
 
     def _loop(
         self,
@@ -181,6 +229,7 @@ class _Job:
         errors,
         output: Path,
         progress: Progress,
+        replayed: dict[int, FinishedRow],
     ) -> None:
         parser = RowParser(
             self.config.sampling,
@@ -189,32 +238,80 @@ class _Job:
             self.config.keep_columns,
             as_chat=self.config.as_chat,
         )
-        batcher = Batcher(llm, parser, self.config.window_rows, sort=self.config.sort)
         model = llm.model_info().get("model", str(self.config.engine.model))
+        batcher = Batcher(
+            llm,
+            parser,
+            self.config.window_rows,
+            sort=self.config.sort,
+            on_finish=lambda position, result: self._finished(position, result, model),
+        )
         last_commit = time.monotonic()
-        results = batcher.run(
+        rows = batcher.run(
             self._records(source, state.rows_done),
             state.rows_done,
             on_step=progress.tick,
             should_stop=lambda: self.stop_reason is not None,
+            replayed=replayed,
         )
-        for result in results:
-            out = format_result(result, model)
-            writer.write([out])
-            self._count(state.totals, result)
-            if not result.ok:
-                errors.write(out)
+        for row in rows:
+            writer.write([row.out])
+            self._count(state.totals, row)
+            if row.replayed:
+                self._count(self.replayed, row)
+            if not row.ok:
+                errors.write(row.out)
                 if self.config.fail_fast:
-                    print(f"error: {result.error} (--fail-fast)", file=sys.stderr)
+                    message = (row.out.get("error") or {}).get("message")
+                    print(f"error: {message} (--fail-fast)", file=sys.stderr)
                     self.stop_reason = "fail-fast"
             state.rows_done += 1
-            progress.update(1, result.num_prompt_tokens, result.num_output_tokens)
+            progress.update(1, row.prompt_tokens, row.output_tokens)
             if time.monotonic() - last_commit >= self.config.commit_s:
                 self._commit(output, state, writer, errors)
                 last_commit = time.monotonic()
             if self.stop_reason is not None:
                 batcher.abort_all()
                 break
+
+    def _finished(self, position: int, result: RowResult, model: str) -> FinishedRow:
+        """A row just finished (in any order): format it and make it durable in the spill."""
+        try:
+            out = format_result(result, model)
+        except Exception as e:  # noqa: BLE001 - one row's odd content must not end the job
+            result = RowResult(
+                result.row, error=f"cannot format the result ({e})", error_type="invalid_row"
+            )
+            out = writable(format_result(result, model))
+        field = unencodable_field(out, "row")
+        if field is not None:  # a backstop: the parser rejects such rows before the engine
+            result = RowResult(
+                result.row,
+                error=f"{field} holds a lone surrogate and cannot be written",
+                error_type="invalid_text",
+            )
+            out = writable(format_result(result, model))
+        row = FinishedRow(
+            position,
+            out,
+            result.ok,
+            result.num_prompt_tokens if result.ok else 0,
+            result.num_output_tokens if result.ok else 0,
+        )
+        self.spill.add(row)
+        return row
+
+    def _finalize(self, output: Path, state: JournalState, writer) -> None:
+        """Join the output (Parquet) and mark the journal finished; signals wait till the end."""
+
+        def on_stage(writer_state: dict[str, Any]) -> None:
+            state.output = writer_state
+            save_journal(output, state)
+
+        self.finalizing = True
+        state.output = writer.finalize(on_stage)
+        state.finished = True
+        save_journal(output, state)
 
     def _records(self, source: InputSource, skip: int) -> Iterator[tuple[int, RawRecord]]:
         """(position within this shard, record) for the shard's rows not done yet."""
@@ -249,36 +346,21 @@ class _Job:
             "output_format": output_format(output),
         }
 
-    def _resume_state(self, output: Path, fingerprint: dict[str, Any]) -> JournalState:
-        if self.config.overwrite:
-            _remove_outputs(output)
-            return JournalState(fingerprint)
-        state = load_journal(output)
-        if state is None:
-            if output.exists() or Path(str(output) + ".parts").exists():
-                raise CannotRun(
-                    f"{output} exists and was not written by a resumable run; pass "
-                    "--overwrite to replace it or choose another --output"
-                )
-            return JournalState(fingerprint)
-        changed = fingerprint_diff(state.fingerprint, fingerprint)
-        if changed:
-            raise CannotRun(
-                f"{output} was started with a different {', '.join(changed)}; refusing to resume "
-                "into it. Rerun with the original settings, pass --overwrite to start afresh, or "
-                "choose another --output"
-            )
-        if not state.finished and state.rows_done and not _output_present(output):
-            print(f"warning: {output} is gone; starting from the first row", file=sys.stderr)
-            return JournalState(fingerprint, runs=state.runs)
-        if state.rows_done:
-            print(f"resuming {output}: {state.rows_done} rows already done", file=sys.stderr)
-        return state
-
     def _commit(self, output: Path, state: JournalState, writer, errors) -> None:
         state.output = writer.commit()
         state.errors_bytes = errors.commit()
+        self.spill.commit()
         save_journal(output, state)
+        self.spill.forget_below(state.rows_done)
+
+    @staticmethod
+    def _try(action: Callable[[], Any]) -> Any:
+        """Run a clean-up step after a failure; its own failure must not hide the first one."""
+        try:
+            return action()
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: {' '.join(str(e).split())}", file=sys.stderr)
+            return None
 
     # Signals --------------------------------------------------------------------------------
     def _signals(self):
@@ -294,9 +376,13 @@ class _Job:
                         pass
 
             def handle(self, signum, frame):
+                name = signal.Signals(signum).name
+                if job.finalizing:  # every row is done: finish the output, then exit
+                    print(f"\n{name}: finishing the output first", file=sys.stderr)
+                    return
                 if job.stop_reason is not None:  # second Ctrl-C: stop now
                     raise KeyboardInterrupt
-                job.stop_reason = signal.Signals(signum).name
+                job.stop_reason = name
                 print(
                     f"\n{job.stop_reason}: stopping after flushing finished rows; rerun the "
                     "same command to resume",
@@ -312,6 +398,9 @@ class _Job:
     # Report ---------------------------------------------------------------------------------
     def _report(self, output, llm, state, skipped, wall_s, stats0, totals0) -> dict[str, Any]:
         errors_file = str(errors_path(output)) if state.totals.rows_failed else None
+        # this_run counts what this process computed: rows replayed from the spill are not.
+        replayed = asdict(self.replayed)
+        totals0 = {k: v + replayed[k] for k, v in totals0.items()}
         report = build_report(
             self.config,
             output,
@@ -324,12 +413,15 @@ class _Job:
             self.stop_reason,
             errors_file,
         )
+        # Rows an earlier, killed run had finished: written from the spill, not recomputed.
+        report["this_run"]["rows_replayed"] = self.replayed.rows_ok + self.replayed.rows_failed
         write_report(report_path(output), report)
         if not self.config.quiet:
             print_report(report)
         return report
 
     def _already_done(self, output: Path, state: JournalState) -> int:
+        Spill(output).close(remove=True)  # left by a kill after the journal said finished
         print(
             f"{output} is already complete ({state.rows_done} rows); pass --overwrite to run again",
             file=sys.stderr,
@@ -369,11 +461,11 @@ class _Job:
         )
 
     @staticmethod
-    def _count(totals, result: RowResult) -> None:
-        if result.ok:
+    def _count(totals, row: FinishedRow) -> None:
+        if row.ok:
             totals.rows_ok += 1
-            totals.prompt_tokens += result.num_prompt_tokens
-            totals.output_tokens += result.num_output_tokens
+            totals.prompt_tokens += row.prompt_tokens
+            totals.output_tokens += row.output_tokens
         else:
             totals.rows_failed += 1
 
@@ -394,19 +486,18 @@ def _size(path: Path | None) -> int | None:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _output_present(output: Path) -> bool:
-    return output.exists() or Path(str(output) + ".parts").exists()
-
-
-def _remove_outputs(output: Path) -> None:
-    import shutil
-
-    for p in (output, journal_path(output), report_path(output), errors_path(output)):
-        if p.exists():
-            p.unlink()
-    parts = Path(str(output) + ".parts")
-    if parts.exists():
-        shutil.rmtree(parts)
+def _failure_line(e: BaseException, output: Path, rows_done: int) -> str:
+    """One line naming what failed; the traceback only with TOKENMILL_TRACEBACK=1."""
+    if os.environ.get("TOKENMILL_TRACEBACK"):
+        traceback.print_exception(e)
+    cause = " ".join(f"{type(e).__name__}: {e}".split())
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    what = "writing the output failed" if full or isinstance(e, OutputError) else "the job failed"
+    return (
+        f"error: {what} after {rows_done} rows ({cause}); the rows committed so far are saved, "
+        f"and finished rows are kept in {spill_path(output).name}: fix the cause and rerun the "
+        "same command to resume"
+    )
 
 
 __all__ = ["JobConfig", "run_job", "default_output", "errors_path", "CannotRun"]

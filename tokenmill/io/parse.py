@@ -21,6 +21,7 @@ from tokenmill.engine.sampling_params import (
     structured_outputs_from_openai,
 )
 from tokenmill.io.rows import CHAT, OPENAI_CHAT, OPENAI_COMPLETION, PROMPT, RawRecord, Row
+from tokenmill.io.text import unencodable_field, writable
 
 PROMPT_COLUMNS = ("prompt", "text", "input")
 MESSAGES_COLUMN = "messages"
@@ -49,6 +50,9 @@ _BODY_SAMPLING = (
 )
 # Fields that do not change what is generated here.
 _BODY_IGNORED = ("model", "user", "metadata", "store", "service_tier", "stream_options")
+# Top logprobs per token a row may ask for: the server's bound (server/protocol.py).
+MAX_LOGPROBS = 20
+MAX_SEED = 2**62  # per-completion seeds are seed + i, and torch takes a signed 64-bit seed
 
 
 class RowError(ValueError):
@@ -77,31 +81,53 @@ class RowParser:
         self.keep_columns = keep_columns
 
     def parse(self, record: RawRecord) -> Row:
+        """Never raises: whatever is wrong with the row becomes Row.error."""
         row = Row(index=record.index, line=record.line, id=str(record.index))
         if record.error is not None:
             row.error, row.error_type = record.error, "invalid_json"
             return row
         data = record.data or {}
-        row.kept = {c: data.get(c) for c in self.keep_columns}
         try:
+            row.kept = {c: data.get(c) for c in self.keep_columns}
             row.id = self._row_id(data, record)
             if "custom_id" in data and "body" in data:
                 self._parse_openai(data, row)
             else:
                 self._parse_plain(data, row)
+            _check_text(data, self._used_columns(data))
             self.params(row)  # validate overrides now, so a bad one is an error row
         except RowError as e:
             row.error, row.error_type = _where(record) + str(e), e.error_type
+        except Exception as e:  # noqa: BLE001 - one odd row must not end the job
+            row.error = f"{_where(record)}cannot read this row ({type(e).__name__}: {e})"
+            row.error_type = "invalid_row"
+        if row.error is not None:  # what an error row echoes must be writable
+            row.id, row.kept, row.error = writable(row.id), writable(row.kept), writable(row.error)
+            row.custom_id = writable(row.custom_id)
         return row
 
     def params(self, row: Row) -> SamplingParams:
         """The row's SamplingParams: the job's, with the row's overrides applied."""
         if not row.overrides:
             return self.base_params
+        _check_override_types(row.overrides)
         try:
             return self.base_params.replace(**row.overrides)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - ValueError, TypeError, OverflowError, ...
             raise RowError(f"invalid sampling override: {e}", "invalid_sampling") from e
+
+    def _used_columns(self, data: dict[str, Any]) -> list[str]:
+        """The columns of `data` this row's result depends on or echoes."""
+        prompt = self.prompt_column or next((c for c in PROMPT_COLUMNS if c in data), None)
+        used = [
+            self.id_column or "id",
+            prompt,
+            MESSAGES_COLUMN,
+            SAMPLING_COLUMN,
+            "custom_id",
+            "body",
+        ]
+        return [c for c in (*used, *self.keep_columns) if c is not None and c in data]
 
     def _row_id(self, data: dict[str, Any], record: RawRecord) -> str:
         if "custom_id" in data and "body" in data:
@@ -268,3 +294,46 @@ def _body_overrides(body: dict[str, Any], row: Row) -> dict[str, Any]:
     if constraint is not None:
         overrides["structured_outputs"] = constraint
     return overrides
+
+
+def _check_text(data: dict[str, Any], columns: list[str]) -> None:
+    for column in columns:
+        field = unencodable_field(data[column], column)
+        if field is not None:
+            raise RowError(
+                f"{field} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which no "
+                "tokenizer or output file accepts; fix the text's encoding",
+                "invalid_text",
+            )
+
+
+def _check_override_types(overrides: dict[str, Any]) -> None:
+    """What SamplingParams leaves to its callers: the server's pydantic types and bounds."""
+
+    def bad(name: str, rule: str) -> RowError:
+        return RowError(
+            f"invalid sampling override: {name} must be {rule} (got {overrides[name]!r})",
+            "invalid_sampling",
+        )
+
+    for f in fields(SamplingParams):
+        value = overrides.get(f.name)
+        if value is not None and isinstance(f.default, bool) and not isinstance(value, bool):
+            raise bad(f.name, "true or false")
+    logprobs = overrides.get("logprobs")
+    if logprobs is not None and (
+        isinstance(logprobs, bool)
+        or not isinstance(logprobs, int)
+        or not 0 <= logprobs <= MAX_LOGPROBS
+    ):
+        raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]")
+    seed = overrides.get("seed")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED
+    ):
+        raise bad("seed", f"an integer in [0, {MAX_SEED})")
+    stop = overrides.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise bad("stop", "a string or a list of strings")
