@@ -1,7 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernels can only run in the interpreter, and TRITON_INTERPRET must be
+# set before triton compiles anything: building a transformers config imports triton, so a test
+# module doing that at collection time would otherwise fix compiled mode for the whole run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

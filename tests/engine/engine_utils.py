@@ -19,6 +19,15 @@ ARCH_CASES = {
     "mistral": ("mistral", {}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    "mistral-window": ("mistral", dict(sliding_window=8)),
+    "opt": ("opt", {}),
+    "opt-post-norm": ("opt-post-norm", {}),
+    "gpt2": ("gpt2", {}),
+    "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3", {}),
+    "phi3": ("phi3", {}),
+    "mixtral": ("mixtral", {}),
+    "qwen3-moe": ("qwen3-moe", dict(num_layers=3)),
     "llama-odd": (
         "llama",
         dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=77),
@@ -77,10 +86,13 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:  # [len(ids), vocab_size]
 def block_bytes(model_dir: Path, block_size: int = 16, dtype_bytes: int = 4) -> int:
     """Bytes of one KV block of this checkpoint, computed independently from config.json."""
     c = json.loads((Path(model_dir) / "config.json").read_text())
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    return (
-        2 * c["num_hidden_layers"] * block_size * c["num_key_value_heads"] * head_dim * dtype_bytes
-    )
+    c = c.get("text_config", c)
+    hidden = c.get("hidden_size") or c["n_embd"]  # GPT-2 spells them its own way
+    heads = c.get("num_attention_heads") or c["n_head"]
+    layers = c.get("num_hidden_layers") or c["n_layer"]
+    head_dim = c.get("head_dim") or hidden // heads
+    kv_heads = c.get("num_key_value_heads") or heads
+    return 2 * layers * block_size * kv_heads * head_dim * dtype_bytes
 
 
 def make_llm(model_dir: Path, num_blocks: int | None = None, **kw) -> LLM:

@@ -68,8 +68,8 @@ def test_wrong_shape_is_an_error(tiny_model_dir, tmp_path):
 
 
 def test_paths_that_are_not_models_say_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        LLM("some-org/some-model-on-the-hub", device="cpu")
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory"):
+        LLM(str(tmp_path / "no" / "such" / "dir"), device="cpu")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         LLM(str(tmp_path / "empty"), device="cpu")

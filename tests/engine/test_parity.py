@@ -289,3 +289,15 @@ def test_random_traffic_gives_the_same_tokens_as_a_roomy_engine(tiny_model_dir, 
         assert toks == expected[rid], rid
     assert tight.num_free_blocks == tight.num_kv_blocks
     assert tight.stats.num_preemptions > 0 and aborted
+
+
+def test_sliding_window_model_runs_at_its_full_context(arch_dir, hf_reference):
+    """Mistral's window no longer caps max_model_len: sequences grow past the window (8 here)
+    and the tokens still match."""
+    model_dir = arch_dir("mistral-window")
+    llm = make_llm(model_dir, block_size=4)
+    assert llm.max_model_len == llm.hf_config.max_position_embeddings == 512
+    prompts = encode_all(llm, PROMPT_TEXTS[:3])
+    outs = llm.generate(prompts, greedy(40), use_tqdm=False)
+    assert all(len(p) + 40 > 8 * 4 for p in prompts)
+    assert token_ids(outs) == hf_reference(model_dir, prompts, 40)

@@ -104,6 +104,29 @@ PRESETS: dict[str, tuple[str, dict]] = {
             rms_norm_eps=1e-5,
         ),
     ),
+    # Mixture of experts: 128 experts, 8 per token (3.3B of 30.5B parameters active).
+    "qwen3-30b-a3b": (
+        "Qwen3MoeConfig",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            vocab_size=151936,
+            tie_word_embeddings=False,
+            rope_theta=1e6,
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+        ),
+    ),
 }
 
 

@@ -173,6 +173,8 @@ def generate(
     ] = DEFAULT_RAY_BATCH_SIZE,
     # Engine
     model: o.Model = o.ENGINE_DEFAULTS["model"],
+    revision: o.Revision = o.ENGINE_DEFAULTS["revision"],
+    download_dir: o.DownloadDir = o.ENGINE_DEFAULTS["download_dir"],
     dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
     device: o.Device = o.ENGINE_DEFAULTS["device"],
     max_model_len: o.MaxModelLen = o.ENGINE_DEFAULTS["max_model_len"],

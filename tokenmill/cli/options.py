@@ -29,6 +29,8 @@ def _sopt(name: str, *flags: str):
 
 # Engine options ---------------------------------------------------------------------------------
 Model = Annotated[str | None, _eopt("model", "--model", "-m")]
+Revision = Annotated[str | None, _eopt("revision", "--revision")]
+DownloadDir = Annotated[str | None, _eopt("download_dir", "--download-dir")]
 Dtype = Annotated[str, _eopt("dtype", "--dtype")]
 Device = Annotated[str, _eopt("device", "--device")]
 MaxModelLen = Annotated[int | None, _eopt("max_model_len", "--max-model-len")]

@@ -22,6 +22,8 @@ def _limit_help(name: str) -> str:
 
 def serve(
     model: o.Model = o.ENGINE_DEFAULTS["model"],
+    revision: o.Revision = o.ENGINE_DEFAULTS["revision"],
+    download_dir: o.DownloadDir = o.ENGINE_DEFAULTS["download_dir"],
     host: Annotated[
         str,
         typer.Option(

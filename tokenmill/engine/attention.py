@@ -7,7 +7,10 @@ context 9), a prefill chunk of 4 tokens with 3 already cached, a fresh prefill o
     cu_seqlens_q = [0, 1, 5, 10]     seq_lens = [9, 7, 5]     (cached + new, per sequence)
 
 Query token i of sequence s sits at position seq_lens[s] - q_len[s] + i and attends causally
-to every key at a position <= its own. Keys and values live in per-layer caches
+to every key at a position <= its own; with a sliding window W, only to keys at positions
+> its own - W (transformers' convention: W keys including itself). Soft-capping replaces each
+score x by cap * tanh(x / cap) before the softmax (Gemma 2). Keys and values live in
+per-layer caches
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
 
@@ -86,6 +89,8 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 
@@ -99,7 +104,15 @@ def write_kv_torch(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
 
-def paged_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def paged_attention_torch(
+    q,
+    k_cache,
+    v_cache,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+):
     """Reference paged attention: one causal SDPA call per sequence, K/V gathered by block table.
 
     Used on CPU, and as the oracle the Triton kernels are tested against.
@@ -108,7 +121,7 @@ def paged_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     if meta.is_decode_only and meta.num_seqs > 1:
-        return _decode_attention_torch(q, k_cache, v_cache, meta, scale)
+        return _decode_attention_torch(q, k_cache, v_cache, meta, scale, window, softcap)
     out = torch.empty_like(q)
     cu = meta.cu_seqlens_q_cpu
     for s, seq_len in enumerate(meta.seq_lens_cpu):
@@ -127,20 +140,36 @@ def paged_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
         # query i sits at position seq_len - q_len + i; it sees keys at positions <= that.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
-        mask = (k_pos[None, :] <= q_pos[:, None]).repeat(group, 1)  # [group * q_len, seq_len]
-        o = F.scaled_dot_product_attention(
+        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        if window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+        o = _attend(
             qs.to(keys.dtype),
             keys.transpose(0, 1),
             vals.transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
+            mask.repeat(group, 1),  # [group * q_len, seq_len]
+            scale,
+            softcap,
         )  # [num_kv_heads, group * q_len, head_dim]
         o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
         out[q_start:q_end] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
     return out
 
 
-def _decode_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def _attend(q, k, v, mask, scale: float, softcap: float | None):
+    """softmax(q k^T * scale, masked) v; with softcap, the scores are capped first (SDPA cannot
+    do that, so the scores are materialised)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+
+
+def _decode_attention_torch(
+    q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window, softcap
+):
     """All sequences decode one token: one batched SDPA over K/V gathered and padded to the
     longest context (padding masked out)."""
     num_seqs, num_heads, head_dim = q.shape
@@ -155,9 +184,12 @@ def _decode_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale:
     # the query heads of one KV head as `group` queries: [num_seqs, num_kv_heads, group, head_dim]
     qs = q.view(num_seqs, num_kv_heads, group, head_dim)
     seq_lens = torch.tensor(meta.seq_lens_cpu, device=q.device)
-    mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [num_seqs, L]
-    o = F.scaled_dot_product_attention(
-        qs.to(keys.dtype), keys, vals, attn_mask=mask[:, None, None, :], scale=scale
+    k_pos = torch.arange(max_len, device=q.device)[None, :]
+    mask = k_pos < seq_lens[:, None]  # [num_seqs, max_len]
+    if window is not None:  # the query sits at seq_len - 1
+        mask &= k_pos > seq_lens[:, None] - 1 - window
+    o = _attend(
+        qs.to(keys.dtype), keys, vals, mask[:, None, None, :], scale, softcap
     )  # [num_seqs, num_kv_heads, group, head_dim]
     return o.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
@@ -167,9 +199,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, window=None, softcap=None):
         write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention_torch(q, k_cache, v_cache, meta, scale)
+        return paged_attention_torch(q, k_cache, v_cache, meta, scale, window, softcap)
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:

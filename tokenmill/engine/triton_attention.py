@@ -28,11 +28,20 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             return paged_attention_decode(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                window=window,
+                softcap=softcap,
             )
         return paged_attention_varlen(
             q,
@@ -43,4 +52,6 @@ class TritonAttentionBackend(AttentionBackend):
             meta.cu_seqlens_q,
             meta.max_seqlen_q,
             scale,
+            window=window,
+            softcap=softcap,
         )

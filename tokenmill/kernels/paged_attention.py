@@ -26,6 +26,13 @@ tile is read once per group, not once per query head. The rows of a program's sc
    on the context lengths, so the launch shape is fixed for a batch size: CUDA-graph friendly.
 
 Softmax is online, in fp32, base 2 (scores are pre-multiplied by scale * log2(e)).
+
+Sliding window W (Mistral, Gemma's local layers): a query at position p sees keys in
+(p - W, p]. The varlen kernel masks per row and skips key tiles wholly before its first
+query's window; the decode kernel splits only [seq_len - W, seq_len), so a windowed layer
+reads at most W keys per sequence whatever the context. Soft-capping (Gemma 2) maps each
+score s to cap * tanh(s / cap) before the softmax; tanh is written with exp (the interpreter
+has no tanh), in the log2 domain like the scores.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ LOG2E = 1.4426950408889634
 # Fewest keys a decode split handles: below ~4 key tiles, the partial write and the reduce cost
 # more than the split saves.
 MIN_PARTITION = 256
+NO_WINDOW = 1 << 30  # the window argument when there is none: longer than any context
 
 
 @triton.jit
@@ -60,6 +68,8 @@ def _attend_tile(
     kv_end,  # keys at positions >= kv_end are not read
     q_pos,  # [BLOCK_M] position of each row's query token (causal limit)
     qk_scale,
+    window,  # sliding window: keys at positions <= q_pos - window are not seen
+    softcap,  # soft-cap * log2(e): scores s become softcap * tanh(s / softcap)
     stride_kc_block,
     stride_kc_slot,
     stride_kc_head,
@@ -70,6 +80,8 @@ def _attend_tile(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_CAUSAL_MASK: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
     USE_FP32_DOT: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -87,10 +99,13 @@ def _attend_tile(
     else:
         s = tl.dot(q, k)
     s = s * qk_scale  # [BLOCK_M, BLOCK_N]
+    if USE_SOFTCAP:  # in the log2 domain: cap' * tanh(s' / cap') with both scaled by log2(e)
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    keep = n_valid[None, :]
     if USE_CAUSAL_MASK:
-        keep = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
-    else:
-        keep = n_valid[None, :]
+        keep = keep & (offs_n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        keep = keep & (offs_n[None, :] > q_pos[:, None] - window)
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # rows that have seen no key yet keep m = -inf; subtract 0 instead to avoid inf - inf
@@ -117,6 +132,8 @@ def _varlen_kernel(
     seq_lens_ptr,
     cu_seqlens_q_ptr,
     qk_scale,
+    window,
+    softcap,
     stride_q_token,
     stride_q_head,
     stride_o_token,
@@ -136,6 +153,8 @@ def _varlen_kernel(
     BLOCK_M: tl.constexpr,  # rows = BLOCK_Q tokens x NUM_QUERIES_PER_KV heads, padded
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
     USE_FP32_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -171,19 +190,24 @@ def _varlen_kernel(
     # Keys before the tile's first query position are visible to every row: those tiles skip
     # the causal mask; only the tiles that reach the diagonal pay for it.
     full_end = ((context_len + q_tile * BLOCK_Q) // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
+    # With a window, tiles wholly before the tile's first query's window are skipped.
+    win_start = 0
+    if USE_WINDOW:
+        win_start = tl.maximum(context_len + q_tile * BLOCK_Q - window + 1, 0)
+        win_start = (win_start // BLOCK_N) * BLOCK_N
+    for start_n in range(win_start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
-            kv_end, q_pos, qk_scale, stride_kc_block, stride_kc_slot, stride_kc_head,
-            stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
-            False, USE_FP32_DOT,
+            kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
+            HEAD_DIM, BLOCK_N, False, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT,
         )  # fmt: skip
-    for start_n in range(full_end, kv_end, BLOCK_N):
+    for start_n in range(tl.maximum(full_end, win_start), kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
-            kv_end, q_pos, qk_scale, stride_kc_block, stride_kc_slot, stride_kc_head,
-            stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
-            True, USE_FP32_DOT,
+            kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
+            HEAD_DIM, BLOCK_N, True, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT,
         )  # fmt: skip
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = out_ptr + token[:, None] * stride_o_token + head[:, None] * stride_o_head
@@ -201,6 +225,8 @@ def _decode_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     qk_scale,
+    window,  # keys before seq_len - window are not read (1 << 30: no window)
+    softcap,
     stride_q_token,
     stride_q_head,
     stride_o_token,
@@ -221,16 +247,19 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr,  # NUM_QUERIES_PER_KV padded to a power of two >= 16 (tl.dot minimum)
     BLOCK_N: tl.constexpr,
     USE_SPLITS: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
     USE_FP32_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    # The one query sits at seq_len - 1: its window is keys [lo, seq_len), no mask needed.
+    lo = tl.maximum(seq_len - window, 0)
     # at least min_partition keys per split: a short context leaves the last splits empty
-    partition = tl.maximum(tl.cdiv(seq_len, num_splits), min_partition)
+    partition = tl.maximum(tl.cdiv(seq_len - lo, num_splits), min_partition)
     partition = tl.cdiv(partition, BLOCK_N) * BLOCK_N
-    start = split * partition
+    start = lo + split * partition
     end = tl.minimum(start + partition, seq_len)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -248,9 +277,9 @@ def _decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
-            end, m_i, qk_scale, stride_kc_block, stride_kc_slot, stride_kc_head,
-            stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
-            False, USE_FP32_DOT,
+            end, m_i, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
+            HEAD_DIM, BLOCK_N, False, False, USE_SOFTCAP, USE_FP32_DOT,
         )  # fmt: skip
     if USE_SPLITS:
         # partials: [seq, head, split, :]; an empty split leaves m = -inf, l = 0, acc = 0
@@ -374,8 +403,11 @@ def paged_attention_varlen(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention for a mixed batch of prefill chunks and decodes, straight from the cache.
+    """Causal attention for a mixed batch of prefill chunks and decodes, straight from the cache;
+    optionally within a sliding window and with soft-capped scores (engine/attention.py).
 
     Tiles: see `varlen_config`.
     """
@@ -397,18 +429,29 @@ def paged_attention_varlen(
     # 200-decode + 4-chunk batch took 1.7x longer). So short rows get their own launch.
     short_q = small.block_m // group  # query tokens that fit one small tile
     args = (out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale * LOG2E,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            *_kv_strides(k_cache, v_cache), block_tables.stride(0))  # fmt: skip
+            *_window_softcap(window, softcap), q.stride(0), q.stride(1), out.stride(0),
+            out.stride(1), *_kv_strides(k_cache, v_cache), block_tables.stride(0))  # fmt: skip
+    flags = dict(USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None)
     if big.block_m == small.block_m:
-        _launch_varlen(args, small, group, head_dim, k_cache, num_seqs, max_seqlen_q, 0, 1 << 30)
+        _launch_varlen(
+            args, flags, small, group, head_dim, k_cache, num_seqs, max_seqlen_q, 0, 1 << 30
+        )
     else:
-        _launch_varlen(args, small, group, head_dim, k_cache, num_seqs, short_q, 0, short_q)
-        _launch_varlen(args, big, group, head_dim, k_cache, num_seqs, max_seqlen_q,
+        _launch_varlen(args, flags, small, group, head_dim, k_cache, num_seqs, short_q, 0, short_q)
+        _launch_varlen(args, flags, big, group, head_dim, k_cache, num_seqs, max_seqlen_q,
                        short_q + 1, 1 << 30)  # fmt: skip
     return out
 
 
-def _launch_varlen(args, cfg, group, head_dim, k_cache, num_seqs, max_q_len, lo, hi):
+def _window_softcap(window: int | None, softcap: float | None) -> tuple[int, float]:
+    """Kernel arguments: no window is a window longer than any context; the cap goes to the
+    log2 domain the kernels score in."""
+    assert window is None or window >= 1, f"window must be >= 1 (got {window})"
+    assert softcap is None or softcap > 0, f"softcap must be > 0 (got {softcap})"
+    return (window or NO_WINDOW), (softcap or 1.0) * LOG2E
+
+
+def _launch_varlen(args, flags, cfg, group, head_dim, k_cache, num_seqs, max_q_len, lo, hi):
     block_q = cfg.block_m // group
     grid = (num_seqs, triton.cdiv(max_q_len, block_q), k_cache.shape[2])
     _varlen_kernel[grid](
@@ -421,6 +464,7 @@ def _launch_varlen(args, cfg, group, head_dim, k_cache, num_seqs, max_q_len, lo,
         BLOCK_M=cfg.block_m,
         BLOCK_Q=block_q,
         BLOCK_N=cfg.block_n,
+        **flags,
         USE_FP32_DOT=_use_fp32_dot(k_cache.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -455,6 +499,8 @@ def paged_attention_decode(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
     min_partition: int = MIN_PARTITION,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention, each sequence's keys split across `num_splits` programs (flash-decoding).
 
@@ -495,6 +541,7 @@ def paged_attention_decode(
         block_tables,
         seq_lens,
         scale * LOG2E,
+        *_window_softcap(window, softcap),
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -510,6 +557,7 @@ def paged_attention_decode(
         BLOCK_M=max(16, triton.next_power_of_2(group)),
         BLOCK_N=64 if head_dim <= 128 else 32,
         USE_SPLITS=use_splits,
+        USE_SOFTCAP=softcap is not None,
         USE_FP32_DOT=_use_fp32_dot(k_cache.dtype),
         num_warps=4,
         num_stages=2,
@@ -531,6 +579,8 @@ def paged_attention_decode(
     return out
 
 
-def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def paged_attention_reference(
+    q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window=None, softcap=None
+):
     """Torch reference: the engine's per-sequence SDPA over gathered blocks."""
-    return paged_attention_torch(q, k_cache, v_cache, meta, scale)
+    return paged_attention_torch(q, k_cache, v_cache, meta, scale, window, softcap)

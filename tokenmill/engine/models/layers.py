@@ -52,21 +52,59 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1 and applied in fp32 before
+    the cast back ((x * (1 + w)).to(dtype), where Llama does x.to(dtype) * w)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = (h * (1.0 + self.weight.float())).to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding with a cos/sin cache computed exactly as transformers does."""
+    """Rotary position embedding with a cos/sin cache computed exactly as transformers does.
 
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_position: int):
+    With `long_inv_freq` (Phi-3's long-rope), positions from `long_from` on turn by the long
+    factors and earlier ones by the short (see models/phi3.py for how that compares with
+    transformers).
+    """
+
+    def __init__(
+        self,
+        inv_freq: torch.Tensor,
+        attention_scaling: float,
+        max_position: int,
+        long_inv_freq: torch.Tensor | None = None,
+        long_from: int | None = None,
+    ):
         super().__init__()
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq.float())  # [max_position, head_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
-        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
+        # NOTE: the table is computed on the CPU whatever the default device (the model is
+        # built under `with torch.device(...)`, and rope_parameters' inv_freq is on the CPU:
+        # mixing them crashed llama3 rope on the GPU), then moved to the default device.
+        cpu = torch.device("cpu")
+        t = torch.arange(max_position, dtype=torch.float32, device=cpu)
+        freqs = torch.outer(t, inv_freq.float().to(cpu))  # [max_position, rot_dim // 2]
+        if long_inv_freq is not None and long_from is not None and long_from < max_position:
+            freqs[long_from:] = torch.outer(t[long_from:], long_inv_freq.float().to(cpu))
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, rot_dim]
+        device = torch.get_default_device()
+        self.register_buffer("cos", (emb.cos() * attention_scaling).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * attention_scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [.., num_kv_heads, ..]
@@ -84,17 +122,37 @@ class RotaryEmbedding(nn.Module):
         return q, k
 
 
-def rope_parameters(config) -> tuple[torch.Tensor, float]:
-    """inv_freq and attention scaling for any rope type transformers knows (llama3, yarn, ...)."""
+def make_rotary(config, max_position: int, layer_type: str | None = None) -> RotaryEmbedding:
+    """The rotary embedding of `config` (of one layer type), long-rope included."""
+    inv_freq, scaling, params = _rope(config, layer_type)
+    if params.get("rope_type", params.get("type")) != "longrope":
+        return RotaryEmbedding(inv_freq, scaling, max_position)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    long_from = params["original_max_position_embeddings"]
+    kw = {"layer_type": layer_type} if layer_type else {}
+    with torch.device("cpu"):
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
+            config, "cpu", seq_len=long_from + 1, **kw
+        )
+    return RotaryEmbedding(inv_freq, scaling, max_position, long_inv_freq, long_from)
+
+
+def _rope(config, layer_type: str | None) -> tuple[torch.Tensor, float, dict]:
+    """(inv_freq on the CPU, attention scaling, rope parameters) for any rope type transformers
+    knows (llama3, yarn, longrope's short factors, ...); `layer_type` picks one entry of
+    per-layer-type parameters (Gemma 3's local/global)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
         dim = int(head_dim * partial)
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return inv_freq, 1.0
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        return 1.0 / (theta**exponents), 1.0, params  # inv_freq: [dim // 2] on the CPU
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
@@ -102,8 +160,24 @@ def rope_parameters(config) -> tuple[torch.Tensor, float]:
             f"rope type {rope_type!r} is not supported; supported: default, "
             f"{', '.join(ROPE_INIT_FUNCTIONS)}"
         )
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-    return inv_freq, float(scaling)
+    kw = {"layer_type": layer_type} if layer_type else {}
+    with torch.device("cpu"):  # transformers makes some of its tensors on the default device
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **kw)
+    return inv_freq, float(scaling), params
+
+
+def layer_window(config, layer_idx: int) -> int | None:
+    """The sliding window of layer `layer_idx`, or None for full attention.
+
+    transformers states it per layer in `layer_types` (Gemma, Qwen2's max_window_layers);
+    older configs (Mistral) give one `sliding_window` for every layer."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
 
 
 class MergedLinear(nn.Linear):
@@ -128,12 +202,32 @@ class MergedLinear(nn.Linear):
         param.data[off : off + size].copy_(loaded)
 
 
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up in one matmul."""
+ACTIVATIONS = {
+    "silu": nn.functional.silu,
+    "swish": nn.functional.silu,
+    "relu": nn.functional.relu,
+    "gelu": nn.functional.gelu,
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
+}
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up in one matmul (SwiGLU, or GeGLU for Gemma)."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu"
+    ):
         super().__init__()
         self.intermediate_size = intermediate_size
+        self.is_silu = act in ("silu", "swish")
+        self.act = activation(act)
         self.gate_up_proj = MergedLinear(
             hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias
         )
@@ -141,42 +235,55 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size]
-        if _triton_ops is not None and x.is_cuda:
+        if _triton_ops is not None and x.is_cuda and self.is_silu:
             h = _triton_ops.silu_and_mul(gate_up)
         else:
             gate, up = gate_up.split(self.intermediate_size, dim=-1)
-            h = nn.functional.silu(gate) * up
+            h = self.act(gate) * up
         return self.down_proj(h)
 
 
 class Attention(nn.Module):
-    """Self-attention with a fused qkv projection, optional q/k RMSNorm (Qwen3), rotary, paged KV.
+    """Self-attention with a fused qkv projection, optional q/k norm (Qwen3, Gemma 3), optional
+    rotary, paged KV; optionally a sliding window and tanh soft-capping of the scores (Gemma).
 
     The KV cache tensors are attached by the model runner (`k_cache`, `v_cache`).
     """
 
     def __init__(
-        self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool
+        self,
+        config,
+        backend: AttentionBackend,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool | type = False,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.sliding_window = sliding_window
+        self.softcap = softcap
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(
             config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias
         )
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
-        self.qk_norm = qk_norm
+        self.qk_norm = bool(qk_norm)
         if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            norm = RMSNorm if qk_norm is True else qk_norm
+            eps = getattr(config, "rms_norm_eps", 1e-6)
+            self.q_norm = norm(self.head_dim, eps)
+            self.k_norm = norm(self.head_dim, eps)
         self.backend = backend
         self.k_cache: torch.Tensor = torch.empty(0)
         self.v_cache: torch.Tensor = torch.empty(0)
 
-    def forward(self, positions, x, rotary: RotaryEmbedding):
+    def forward(self, positions, x, rotary: RotaryEmbedding | None):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -186,7 +293,18 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        if rotary is not None:
+            q, k = rotary(positions, q, k)
         meta = get_forward_context()
-        o = self.backend.forward(q, k, v.contiguous(), self.k_cache, self.v_cache, meta, self.scale)
+        o = self.backend.forward(
+            q,
+            k,
+            v.contiguous(),
+            self.k_cache,
+            self.v_cache,
+            meta,
+            self.scale,
+            window=self.sliding_window,
+            softcap=self.softcap,
+        )
         return self.o_proj(o.reshape(num_tokens, q_size))

@@ -14,20 +14,32 @@ from tokenmill.engine.models.layers import (
     Attention,
     GatedMLP,
     RMSNorm,
-    RotaryEmbedding,
-    rope_parameters,
+    layer_window,
+    make_rotary,
 )
 
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool
+        self,
+        config,
+        backend: AttentionBackend,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+        layer_idx: int,
+        mlp: nn.Module,
     ):
         super().__init__()
-        self.self_attn = Attention(config, backend, qkv_bias, o_bias, qk_norm)
-        self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False)
+        self.self_attn = Attention(
+            config,
+            backend,
+            qkv_bias,
+            o_bias,
+            qk_norm,
+            sliding_window=layer_window(config, layer_idx),
         )
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -43,16 +55,15 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, backend, qkv_bias, o_bias, qk_norm, max_position):
+    def __init__(self, config, backend, qkv_bias, o_bias, qk_norm, max_position, make_mlp):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, qkv_bias, o_bias, qk_norm)
-            for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, backend, qkv_bias, o_bias, qk_norm, i, make_mlp(config, i))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        inv_freq, scaling = rope_parameters(config)
-        self.rotary = RotaryEmbedding(inv_freq, scaling, max_position)
+        self.rotary = make_rotary(config, max_position)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
@@ -73,7 +84,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias, o_bias = self.bias_flags(config)
-        self.model = LlamaModel(config, backend, qkv_bias, o_bias, self.qk_norm, max_position)
+        self.model = LlamaModel(
+            config, backend, qkv_bias, o_bias, self.qk_norm, max_position, self.make_mlp
+        )
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = None
@@ -84,6 +97,13 @@ class LlamaForCausalLM(nn.Module):
     def bias_flags(config) -> tuple[bool, bool]:
         b = bool(getattr(config, "attention_bias", False))
         return b, b
+
+    @staticmethod
+    def make_mlp(config, layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer `layer_idx` (mixture-of-experts models override)."""
+        return GatedMLP(
+            config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False)
+        )
 
     def forward(self, input_ids, positions):
         return self.model(input_ids, positions)  # [num_tokens, hidden_size]

@@ -1,0 +1,190 @@
+"""Fused mixture-of-experts MLP: top-k routed tokens through per-expert gated MLPs as two
+grouped GEMMs over tokens sorted by expert (the layout of vLLM's fused_moe).
+
+Its torch reference is `experts_torch` in engine/models/moe.py (the CPU path, which must not
+import triton).
+
+Each token picks `top_k` experts; the (token, slot) pairs are sorted by expert and each
+expert's run is padded to a multiple of BLOCK_M, so every BLOCK_M rows belong to one expert.
+num_tokens = 3, top_k = 2, pairs p = token * top_k + slot, topk_ids = [[0, 2], [2, 1], [0, 2]]:
+
+    expert 0: pairs 0, 4        -> | 0 4 - - |        (BLOCK_M = 4; "-" = padding = 6)
+    expert 1: pair  3           -> | 3 - - - |
+    expert 2: pairs 1, 2, 5     -> | 1 2 5 - |
+    sorted_pair_ids = [0 4 6 6 3 6 6 6 1 2 5 6]   block_expert_ids = [0, 1, 2]
+
+GEMM 1 reads row pair // top_k of the hidden states and writes row `pair` of
+[num_pairs, 2 * intermediate] (gate | up); silu(gate) * up; GEMM 2 reads row `pair` of that,
+multiplies by the routing weight and writes row `pair` of [num_pairs, hidden_size]; the top_k
+rows of each token are summed. Padding rows are masked off both reads and writes.
+
+Grid: (num_padded_pairs / BLOCK_M, cdiv(N, BLOCK_N)); one program computes a BLOCK_M x BLOCK_N
+tile of one expert's output, looping over K in BLOCK_K steps. NOTE: BLOCK_M = 16 wastes little
+on decode batches (a few tokens per expert) and is what tl.dot needs at minimum; 64 x 64 tiles
+with K steps of 32 keep registers in bounds for fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 16
+BLOCK_N = 64
+BLOCK_K = 32
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    out_ptr,  # [num_pairs, N]
+    a_ptr,  # [num_rows, K]: hidden states (rows = pair // A_ROW_DIV) or activations
+    w_ptr,  # [num_experts, N, K]
+    sorted_pair_ids_ptr,  # [num_padded_pairs]
+    block_expert_ids_ptr,  # [num_padded_pairs // BLOCK_M]
+    topk_weights_ptr,  # [num_pairs]
+    num_pairs,
+    N,
+    K,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_om,
+    A_ROW_DIV: tl.constexpr,
+    USE_ROUTED_WEIGHT: tl.constexpr,
+    USE_FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    pairs = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    rows = (pairs // A_ROW_DIV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + offs_k[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_K]
+        w = tl.load(
+            w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None],
+            mask=n_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_N]
+        if USE_FP32_DOT:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+    if USE_ROUTED_WEIGHT:
+        weight = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * weight[:, None]
+    tl.store(
+        out_ptr + pairs.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & n_ok[None, :],
+    )
+
+
+def align_by_expert(
+    topk_ids: torch.Tensor,  # [num_tokens, top_k]
+    num_experts: int,
+    block_m: int = BLOCK_M,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_pair_ids, block_expert_ids) as in the module docstring; padding ids are
+    num_pairs. Runs on the device with torch ops: no host sync."""
+    flat = topk_ids.reshape(-1).long()  # [num_pairs]
+    num_pairs = flat.numel()
+    dev = flat.device
+    # NOTE: not torch.bincount, which reads the largest id back to the host (no CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    # Upper bound on the padded length, known on the host: every expert may waste block_m - 1.
+    max_padded = (num_pairs + num_experts * (block_m - 1)) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded  # [num_experts] first padded slot per expert
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    rank = torch.arange(num_pairs, device=dev) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=dev)
+    sorted_pair_ids[starts[flat[order]] + rank] = order.to(torch.int32)
+    # the expert of each block: the last expert whose padded run starts at or before it
+    block_starts = torch.arange(0, max_padded, block_m, device=dev)
+    block_expert_ids = torch.searchsorted(starts + padded, block_starts, right=True)
+    block_expert_ids = block_expert_ids.clamp_(max=num_experts - 1).to(torch.int32)
+    return sorted_pair_ids, block_expert_ids
+
+
+def _use_fp32_dot(dtype: torch.dtype) -> bool:
+    """fp32 weights need exact (not tf32) dots; the CPU interpreter miscomputes bf16 tl.dot, so
+    there bf16 operands are widened to fp32 first."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return dtype == torch.float32 or (interpreting and dtype == torch.bfloat16)
+
+
+def _moe_gemm(a, w, sorted_pair_ids, block_expert_ids, topk_weights, num_pairs, a_row_div):
+    n, k = w.shape[1], w.shape[2]
+    out = torch.empty(num_pairs, n, dtype=a.dtype, device=a.device)
+    grid = (sorted_pair_ids.numel() // BLOCK_M, triton.cdiv(n, BLOCK_N))
+    _moe_gemm_kernel[grid](
+        out,
+        a,
+        w,
+        sorted_pair_ids,
+        block_expert_ids,
+        topk_weights,
+        num_pairs,
+        n,
+        k,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+        A_ROW_DIV=a_row_div,
+        USE_ROUTED_WEIGHT=topk_weights is not None,
+        USE_FP32_DOT=_use_fp32_dot(a.dtype),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
+    return out
+
+
+def fused_moe(
+    hidden: torch.Tensor,  # [num_tokens, hidden_size]
+    w13: torch.Tensor,  # [num_experts, 2 * intermediate, hidden_size]  (gate | up)
+    w2: torch.Tensor,  # [num_experts, hidden_size, intermediate]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] float
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int
+) -> torch.Tensor:  # [num_tokens, hidden_size]
+    """sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, j]."""
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_inter, _ = w13.shape
+    top_k = topk_ids.shape[1]
+    assert w13.shape[2] == hidden_size and w2.shape == (num_experts, hidden_size, two_inter // 2), (
+        f"w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit hidden_size {hidden_size}"
+    )
+    assert topk_weights.shape == topk_ids.shape == (num_tokens, top_k)
+    assert hidden.stride(1) == 1 and w13.is_contiguous() and w2.is_contiguous(), (
+        "hidden rows, w13 and w2 must be contiguous"
+    )
+    assert hidden.dtype == w13.dtype == w2.dtype, "hidden and expert weights must share a dtype"
+    if num_tokens == 0:
+        return hidden.new_empty(0, hidden_size)
+    from tokenmill.kernels.activation import silu_and_mul
+
+    num_pairs = num_tokens * top_k
+    sorted_ids, block_experts = align_by_expert(topk_ids, num_experts)
+    gate_up = _moe_gemm(hidden, w13, sorted_ids, block_experts, None, num_pairs, top_k)
+    act = silu_and_mul(gate_up)  # [num_pairs, intermediate]
+    weights = topk_weights.reshape(-1).float().contiguous()
+    out = _moe_gemm(act, w2, sorted_ids, block_experts, weights, num_pairs, 1)
+    return out.view(num_tokens, top_k, hidden_size).sum(dim=1)
