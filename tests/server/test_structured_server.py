@@ -132,6 +132,7 @@ def test_echo_logprobs_are_the_prompt_logprobs(client, server, reference_llm):
         assert max(lp.top_logprobs[pos].values()) >= lp.token_logprobs[pos]
     assert resp.choices[0].text == reference_llm.tokenizer.decode(ids)
     assert len(resp.choices[1].logprobs.token_logprobs) == 3
+    assert resp.usage.completion_tokens == 0  # max_tokens 0: nothing generated is returned
     # echo + logprobs + generation: prompt entries, then the generated token's
     resp = client.completions.create(
         model=server.model, prompt=prompt, echo=True, logprobs=2, max_tokens=2, temperature=0

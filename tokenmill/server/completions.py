@@ -165,7 +165,7 @@ class CompletionStream:
     def usage(self):
         num_prompt = sum(len(p.token_ids) for p in self.prompts)
         num_gen = sum(len(c.token_ids) for o in self.final.values() for c in o.outputs)
-        return usage(num_prompt, num_gen)
+        return usage(num_prompt, 0 if self.req.echo_only else num_gen)  # its token is not sent
 
     def chunk(self, choices: list[CompletionChoice], with_usage: bool = False) -> dict:
         resp = CompletionResponse(
