@@ -14,7 +14,7 @@ with more requests than max_num_seqs, in several engine modes:
    dry run), so many requests stop on it;
 2. the default model (SmolLM2-135M-Instruct, float32 greedy, the 55 chat prompts of
    sample_data/prompts.jsonl, max_tokens 64) when its GGUF path is given:
-   `python3 benchmarks/gpu_stop_check.py [--skip-tiny] [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]`
+   `python3 benchmarks/gpu_stop_check.py [--skip-tiny] [--modes=a,b] [SmolLM2...Q4_1.gguf]`
 
 Prints one table; exits non-zero on any mismatch. Runs on CPU too (device=cpu), for a smoke test.
 """
@@ -44,6 +44,8 @@ MODES = {
     "no-ovl": dict(),  # can_overlap switched off after construction
     "torch": dict(attention_backend="torch", enforce_eager=True),
 }
+
+MODES_TO_RUN = list(MODES)  # --modes=default,eager picks some
 
 
 @torch.inference_mode()
@@ -118,7 +120,7 @@ def check_tiny(rows: dict, failures: list) -> None:
     stop_tok = collections.Counter(t for r in ref for t in r).most_common(3)[-1][0]
     ref_stop_ids = [hf_generate(hf, p, 48, eos_ids + [stop_tok]) for p in prompts]
     del hf
-    for mode in MODES:
+    for mode in MODES_TO_RUN:
         llm = make_llm(str(d), mode, max_num_seqs=8, kv_cache_memory="64MiB")
         assert llm.eos_token_ids == frozenset(eos_ids), llm.eos_token_ids
         greedy = SamplingParams(temperature=0, max_tokens=48)
@@ -179,7 +181,7 @@ def chat_prompts(llm: LLM) -> list[list[int]]:
 
 def check_default_model(gguf: str, rows: dict, failures: list) -> None:
     ref = None
-    for mode in MODES:
+    for mode in MODES_TO_RUN:
         llm = make_llm(gguf, mode, max_num_seqs=16)
         prompts = chat_prompts(llm)
         if ref is None:
@@ -224,6 +226,9 @@ if __name__ == "__main__":
     rows: dict = {}
     failures: list = []
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    for a in sys.argv[1:]:
+        if a.startswith("--modes="):
+            MODES_TO_RUN[:] = a.split("=", 1)[1].split(",")
     if "--skip-tiny" not in sys.argv:
         check_tiny(rows, failures)
     if args:

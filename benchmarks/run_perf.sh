@@ -2,6 +2,7 @@
 # Issue 8 in one GPU call (< 8 minutes on an H200): correctness first, then W1 and W2 timed,
 # one short table last.
 #   bash benchmarks/run_perf.sh            (from the repo root or anywhere)
+#   PEER_FLAGS= ...  W1 without the transformers peer (saves ~3 minutes of device time)
 #   W2_PLAIN=1 ...   also W2 without top-p (the top-p overhead bar; ~1.5 min more)
 #   W2_8B=1 ...      also W2 on the llama-3.1-8b shape (~3 min more)
 # Logs and JSON go to $OUT (the device tool's output folder) or ./out/perf.
@@ -44,7 +45,7 @@ bench() {  # name, then bench throughput arguments
   echo "$name done $(since)"
 }
 
-bench W1 --workload nano --arch qwen3-0.6b --peer hf
+bench W1 --workload nano --arch qwen3-0.6b ${PEER_FLAGS---peer hf}
 bench W2 --workload mixed --arch qwen3-0.6b --temperature 0.8 --top-p 0.95
 [ "${W2_PLAIN:-0}" = 1 ] && bench W2-plain --workload mixed --arch qwen3-0.6b --temperature 0.8
 [ "${W2_8B:-0}" = 1 ] && bench W2-8b --workload mixed --arch llama-3.1-8b --temperature 0.8 --top-p 0.95

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install torch into the given Python without dragging a multi-GB CUDA build onto a CPU machine.
 #   scripts/install_torch.sh PYTHON
+# Installs numpy first (torch built without it prints "Failed to initialize NumPy" on import).
 # Keeps an already-installed torch >= 2.11. On a machine with an NVIDIA driver, installs the
 # default (CUDA) build; otherwise the CPU build: TORCH_SPEC (default torch==2.13.0, which these
 # machines serve as a local CPU wheel). Elsewhere, point pip at a CPU wheel index first, e.g.
@@ -15,6 +16,7 @@ PY
   echo "torch already installed: $("$py" -c 'import torch; print(torch.__version__)')"
   exit 0
 fi
+"$py" -m pip install -q numpy
 if command -v nvidia-smi >/dev/null 2>&1; then
   "$py" -m pip install -q "torch>=2.11"
 else

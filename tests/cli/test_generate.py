@@ -115,11 +115,18 @@ def test_chat_flag_sends_text_prompts_through_the_chat_template(tiny_model_dir, 
     assert generate(tiny_model_dir, msgs, "-o", out_msgs).exit_code == 0
     assert rows(out_flag) == rows(out_msgs)
     plain = tmp_path / "plain.jsonl"
-    assert generate(tiny_model_dir, src, "-o", plain).exit_code == 0
+    assert generate(tiny_model_dir, src, "--no-chat", "-o", plain).exit_code == 0
     assert rows(plain)[0]["prompt_tokens"] < rows(out_flag)[0]["prompt_tokens"]
 
 
-def test_openai_batch_file_runs_unchanged(tiny_model_dir, reference, tmp_path):
+def test_openai_batch_file_runs_unchanged(tiny_model_dir, tmp_path):
+    # /v1/completions lines are raw completions: compare with plain rows sent without a template.
+    reference = tmp_path / "raw.jsonl"
+    assert (
+        generate(tiny_model_dir, SAMPLES / "prompts.jsonl", "--no-chat", "-o", reference).exit_code
+        == 0
+    )
+    reference = rows(reference)
     inp = tmp_path / "batch.jsonl"
     lines = rows(SAMPLES / "openai_batch.jsonl")
     lines[0]["body"]["logprobs"] = 2
@@ -236,7 +243,10 @@ def test_default_output_report_and_plain_progress(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "chat.results.jsonl"
     assert len(rows(out)) == 10
-    assert any(line[:4].isdigit() and "rows 10/10" in line for line in proc.stderr.splitlines())
+    assert any(
+        line[:4].isdigit() and "rows finished 10/10 (100.0%) written 10" in line
+        for line in proc.stderr.splitlines()
+    )
     report = json.loads(Path(str(out) + ".report.json").read_text())
     assert report["rows"] == {"ok": 10, "failed": 0, "skipped": 0, "total": 10}
     assert report["tokens"]["prompt"] == sum(r["prompt_tokens"] for r in rows(out))

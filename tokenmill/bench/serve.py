@@ -26,7 +26,13 @@ from typing import Annotated, Any
 
 import typer
 
-from tokenmill.bench.workloads import WORKLOADS, Workload, build_workload
+from tokenmill.bench.workloads import (
+    DEFAULT_INPUT_LEN,
+    DEFAULT_OUTPUT_LEN,
+    WORKLOADS,
+    Workload,
+    build_workload,
+)
 
 
 @dataclass
@@ -186,8 +192,8 @@ def run_bench_serve(
     max_concurrency: int | None = None,
     dataset: str | None = None,
     num_prompts: int | None = None,
-    input_len: int = 1024,
-    output_len: int = 128,
+    input_len: int = DEFAULT_INPUT_LEN,
+    output_len: int = DEFAULT_OUTPUT_LEN,
     model: str | None = None,
     api_key: str | None = None,
     seed: int = 0,
@@ -244,10 +250,12 @@ def bench_serve(
     num_prompts: Annotated[
         int | None, typer.Option(help="Requests to send (default: the workload's).")
     ] = None,
-    input_len: Annotated[int, typer.Option(help="Prompt tokens (random workload).")] = 1024,
+    input_len: Annotated[
+        int, typer.Option(help="Prompt tokens (random workload).")
+    ] = DEFAULT_INPUT_LEN,
     output_len: Annotated[
         int, typer.Option(help="Tokens to generate (random / dataset workloads).")
-    ] = 128,
+    ] = DEFAULT_OUTPUT_LEN,
     request_rate: Annotated[
         float, typer.Option(help="Poisson arrivals, requests/s; inf sends all at once.")
     ] = math.inf,

@@ -17,6 +17,11 @@ from random import Random
 
 WORKLOADS = ("nano", "mixed", "random", "dataset")
 
+# The workload options' defaults, for `bench throughput` and `bench serve` alike.
+DEFAULT_NUM_PROMPTS = 256
+DEFAULT_INPUT_LEN = 1024  # random workload: prompt tokens
+DEFAULT_OUTPUT_LEN = 128  # random / dataset workloads: tokens to generate
+
 
 @dataclass
 class BenchRequest:
@@ -110,19 +115,21 @@ def build_workload(
     workload: str,
     dataset: str | None = None,
     num_prompts: int | None = None,
-    input_len: int = 1024,
-    output_len: int = 128,
+    input_len: int = DEFAULT_INPUT_LEN,
+    output_len: int = DEFAULT_OUTPUT_LEN,
     vocab_size: int = 10000,
 ) -> Workload:
     """The workloads `bench throughput` and `bench serve` offer, by name."""
     if dataset is not None and workload != "dataset":
         workload = "dataset"
     if workload == "nano":
-        return nano_workload(num_prompts or 256)
+        return nano_workload(num_prompts or DEFAULT_NUM_PROMPTS)
     if workload == "mixed":
         return mixed_workload(num_prompts or 2000, vocab_size=vocab_size)
     if workload == "random":
-        return random_workload(input_len, output_len, num_prompts or 256, vocab_size=vocab_size)
+        return random_workload(
+            input_len, output_len, num_prompts or DEFAULT_NUM_PROMPTS, vocab_size=vocab_size
+        )
     if workload == "dataset":
         if not dataset:
             raise ValueError("--workload dataset needs --dataset FILE")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Annotated
 
 import typer
 
 from tokenmill import __version__
+from tokenmill.cli import threads
+from tokenmill.cli.help import EXAMPLES, add_examples, examples, fix_typer_help
 
 app = typer.Typer(
     name="tokenmill",
@@ -15,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    epilog=examples(*EXAMPLES[""]),
 )
 
 # Each module defines `register(app)`. Imports stay inside the commands, so `tokenmill --help`
@@ -46,7 +51,18 @@ for _name in SUBCOMMAND_MODULES:
             raise
         continue
     _module.register(app)
+add_examples(app)
+fix_typer_help()
 
 
 def main() -> None:
-    app()
+    _quiet_bars_off_terminal()
+    threads.prefer_passive_wait()
+    app(prog_name="tokenmill")
+
+
+def _quiet_bars_off_terminal() -> None:
+    """tqdm bars (the one-off GGUF conversion, datasets) redraw with carriage returns, one huge
+    line in a log file; off a terminal they are switched off (TQDM_DISABLE, read by tqdm)."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("TQDM_DISABLE", "1")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from tokenmill.bench.workloads import DEFAULT_INPUT_LEN, DEFAULT_NUM_PROMPTS, DEFAULT_OUTPUT_LEN
 from tokenmill.cli import options as o
 
 bench_app = typer.Typer(help="Measure throughput and latency.", no_args_is_help=True)
@@ -16,8 +17,9 @@ WorkloadOpt = Annotated[
     str,
     typer.Option(
         "--workload",
-        help="nano (nano-vllm's bench.py draw), mixed (2,000 log-normal requests, like a batch "
-        "job), random, or dataset (with --dataset).",
+        help="nano (nano-vllm's bench.py draw: 256 requests, about 143k prompt and 134k output "
+        "tokens; hours on a CPU), mixed (2,000 log-normal requests, like a batch job), random, "
+        "or dataset (with --dataset).",
     ),
 ]
 
@@ -42,10 +44,14 @@ def _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
 def throughput(
     workload: WorkloadOpt = "nano",
     dataset: Annotated[Path | None, typer.Option(help="Any input `generate` accepts.")] = None,
-    input_len: Annotated[int, typer.Option(help="Prompt tokens (random workload).")] = 512,
-    output_len: Annotated[int, typer.Option(help="Output tokens (random / dataset).")] = 256,
+    input_len: Annotated[
+        int, typer.Option(help="Prompt tokens (random workload).")
+    ] = DEFAULT_INPUT_LEN,
+    output_len: Annotated[
+        int, typer.Option(help="Output tokens (random / dataset).")
+    ] = DEFAULT_OUTPUT_LEN,
     num_prompts: Annotated[
-        int | None, typer.Option(help="Requests (default 256; mixed: 2,000).")
+        int | None, typer.Option(help=f"Requests (default {DEFAULT_NUM_PROMPTS}; mixed: 2,000).")
     ] = None,
     temperature: Annotated[
         float | None, typer.Option(help="Sampling temperature (default: the workload's, 0.6).")
@@ -62,7 +68,10 @@ def throughput(
     ] = None,
     dummy_weights: Annotated[
         bool,
-        typer.Option(help="Random weights of --arch, made on the device: no checkpoint needed."),
+        typer.Option(
+            "--dummy-weights",
+            help="Random weights of --arch, made on the device: no checkpoint needed.",
+        ),
     ] = False,
     arch: Annotated[
         str,
@@ -89,20 +98,25 @@ def throughput(
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
     attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
+    threads: o.Threads = None,
 ) -> None:
     """Offline throughput of LLM.generate over a workload (warm-up excluded)."""
     from rich.console import Console
 
     from tokenmill.bench.presets import make_dummy_checkpoint
     from tokenmill.bench.throughput import card_name, run_hf_peer, run_tokenmill
+    from tokenmill.cli import threads as cpu_threads
     from tokenmill.engine.llm import LLM
 
     console = Console()
+    cpu_threads.configure(threads)
     if dummy_weights:
         if model is not None:
             raise typer.BadParameter("--dummy-weights and --model exclude each other")
         model = str(make_dummy_checkpoint(arch, dtype=dtype, device=device, seed=seed))
     config = o.engine_config_from(locals(), skip_tokenizer_init=dummy_weights)
+    if workload == "nano" and dataset is None and num_prompts is None and _on_cpu(device):
+        typer.echo(CPU_HINT, err=True)
     llm = LLM.from_config(config)
     vocab_size = min(10_000, llm.hf_config.vocab_size)
     wl = _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
@@ -165,6 +179,20 @@ def _floor(wl, hf_config, dtype, device, bandwidth_tbps, tflops):
     rate = tflops * 1e12 if tflops else measure_matmul_rate(device, dtype)
     shape = ModelShape.from_hf_config(hf_config, dtype_bytes=dtype.itemsize)
     return roofline_floor(shape, prompt_lens, [r.max_tokens for r in wl.requests], bw, rate)
+
+
+CPU_HINT = (
+    "note: the default nano workload (256 requests, about 277k tokens) takes hours on a CPU; "
+    "for a figure in minutes: --workload random --num-prompts 16 --input-len 128 --output-len 32"
+)
+
+
+def _on_cpu(device: str) -> bool:
+    if device != "auto":
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _print_table(console, report, results, floor=None) -> None:

@@ -24,6 +24,7 @@ def generate(
             "saved or loadable Hugging Face dataset, hub dataset "
             "name, or - for stdin.",
             show_default=False,
+            metavar="INPUT",
         ),
     ],
     output: Annotated[
@@ -60,14 +61,16 @@ def generate(
         ),
     ] = None,
     chat: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--chat",
-            help="Send each text prompt as one user message through the model's chat "
-            "template (what instruct models expect).",
+            "--chat/--no-chat",
+            help="Send each text prompt as one user message through the model's chat template "
+            "(what instruct models expect); --no-chat sends the raw text. Default: --chat when "
+            "the model has a chat template.",
             rich_help_panel=_J,
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     keep_columns: Annotated[
         list[str] | None,
         typer.Option(
@@ -105,12 +108,15 @@ def generate(
     overwrite: Annotated[
         bool,
         typer.Option(
-            help="Replace an existing output instead of resuming into it.", rich_help_panel=_J
+            "--overwrite",
+            help="Replace an existing output instead of resuming into it.",
+            rich_help_panel=_J,
         ),
     ] = False,
     fail_fast: Annotated[
         bool,
         typer.Option(
+            "--fail-fast",
             help="Stop at the first bad row (exit code 4) instead of writing an error row.",
             rich_help_panel=_J,
         ),
@@ -187,6 +193,7 @@ def generate(
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
     attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
+    threads: o.Threads = None,
     # Sampling
     n: o.N = o.SAMPLING_DEFAULTS["n"],
     temperature: o.Temperature = o.SAMPLING_DEFAULTS["temperature"],
@@ -217,6 +224,7 @@ def generate(
     4 stopped by --fail-fast, 6 another run holds the output, 130 interrupted (rerun the same
     command to resume).
     """
+    from tokenmill.cli import threads as cpu_threads
     from tokenmill.io.job import JobConfig, run_job
     from tokenmill.io.shard import parse_shard
 
@@ -254,6 +262,7 @@ def generate(
         quiet=quiet,
         command_line=shlex.join(["tokenmill", *sys.argv[1:]]),
     )
+    cpu_threads.configure(threads)
     if ray or ray_address:
         from tokenmill.ray.job import RayOptions, run_ray_job
 

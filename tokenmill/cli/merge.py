@@ -15,6 +15,7 @@ def merge(
         typer.Argument(
             help="Shard outputs of tokenmill generate (.jsonl or .parquet), in any order.",
             show_default=False,
+            metavar="OUTPUTS",
         ),
     ],
     output: Annotated[

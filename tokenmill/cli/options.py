@@ -7,6 +7,7 @@ A command declares `**engine options` by listing these Annotated aliases, then c
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from typing import Annotated
 
@@ -24,7 +25,12 @@ def _eopt(name: str, *flags: str):
 
 
 def _sopt(name: str, *flags: str):
-    return typer.Option(*flags, help=field_help(SamplingParams, name), rich_help_panel=_S)
+    return typer.Option(*flags, help=_cli_help(SamplingParams, name), rich_help_panel=_S)
+
+
+def _cli_help(cls: type, name: str) -> str:
+    """A field's help without its "(None: ...)" note: the command line cannot pass None."""
+    return re.sub(r"\s*\(None: [^)]*\)", "", field_help(cls, name))
 
 
 # Engine options ---------------------------------------------------------------------------------
@@ -47,6 +53,19 @@ EnablePrefixCaching = Annotated[
 EnforceEager = Annotated[bool, _eopt("enforce_eager", "--enforce-eager")]
 Seed = Annotated[int, _eopt("seed", "--seed")]
 AttentionBackend = Annotated[str, _eopt("attention_backend", "--attention-backend")]
+
+# Not an engine field: torch's CPU threads belong to the process (see cli/threads.py).
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch (default: the CPUs this process may use, from its affinity "
+        "mask and cgroup quota; OMP_NUM_THREADS wins when set).",
+        rich_help_panel=_E,
+        show_default=False,
+    ),
+]
 
 # Every engine field but skip_tokenizer_init (set by commands, not by users) is an option.
 ENGINE_DEFAULTS = {

@@ -100,7 +100,8 @@ def serve(
         from tokenmill.server.shutdown import GracefulServer
     except ImportError as e:
         raise typer.BadParameter(
-            f"serving needs the serve extra ({e.name} is missing): pip install 'tokenmill[serve]'"
+            f"serving needs {e.name}, which is missing; reinstall tokenmill (pip install -e .) "
+            "or pip install fastapi uvicorn"
         ) from e
     try:
         limits = ServerLimits(max_request_bytes, max_prompt_bytes, shutdown_timeout)

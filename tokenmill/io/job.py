@@ -39,12 +39,14 @@ from tokenmill.io.format import format_result
 from tokenmill.io.journal import JournalState, Totals, load_journal, save_journal
 from tokenmill.io.lock import OutputLock, OutputLocked
 from tokenmill.io.parse import RowParser
+from tokenmill.io.preflight import PreflightError, check_model_dir, check_output, check_rows
 from tokenmill.io.progress import Progress
 from tokenmill.io.readers import InputError, InputSource, open_input
 from tokenmill.io.report import (
     build_report,
     print_report,
     report_path,
+    report_warnings,
     stats_snapshot,
     write_report,
 )
@@ -70,7 +72,7 @@ class JobConfig:
     limit: int | None = None
     id_column: str | None = None
     prompt_column: str | None = None
-    as_chat: bool = False  # apply the chat template to plain text prompts too
+    as_chat: bool | None = None  # template plain text prompts too; None: if the model has one
     keep_columns: tuple[str, ...] = ()
     window_rows: int = DEFAULT_WINDOW_ROWS
     sort: bool = True
@@ -108,7 +110,7 @@ def run_job(config: JobConfig, make_llm: Callable[[EngineConfig], Any] | None = 
     except OutputLocked as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.LOCKED
-    except (CannotRun, InputError, ResumeRefused) as e:
+    except (CannotRun, InputError, PreflightError, ResumeRefused) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.CANNOT_RUN
 
@@ -140,6 +142,8 @@ class _Job:
         source = open_input(cfg.input, split=cfg.split, limit=cfg.limit)
         output = Path(cfg.output) if cfg.output else default_output(cfg.input, cfg.shard)
         self._check_output_path(output, source)
+        check_rows(self._shard_total(source), source.description)
+        check_model_dir(cfg.engine.model)
         lock = OutputLock(output, cfg.command_line)
         try:
             lock.acquire()
@@ -236,7 +240,7 @@ class _Job:
             self.config.prompt_column,
             self.config.id_column,
             self.config.keep_columns,
-            as_chat=self.config.as_chat,
+            as_chat=_as_chat(self.config.as_chat, llm),
         )
         model = llm.model_info().get("model", str(self.config.engine.model))
         batcher = Batcher(
@@ -244,7 +248,7 @@ class _Job:
             parser,
             self.config.window_rows,
             sort=self.config.sort,
-            on_finish=lambda position, result: self._finished(position, result, model),
+            on_finish=lambda position, result: self._finished(position, result, model, progress),
         )
         last_commit = time.monotonic()
         rows = batcher.run(
@@ -259,6 +263,7 @@ class _Job:
             self._count(state.totals, row)
             if row.replayed:
                 self._count(self.replayed, row)
+                progress.finish(0, 0)  # finished by an earlier run: a row, but no token rate
             if not row.ok:
                 errors.write(row.out)
                 if self.config.fail_fast:
@@ -274,8 +279,11 @@ class _Job:
                 batcher.abort_all()
                 break
 
-    def _finished(self, position: int, result: RowResult, model: str) -> FinishedRow:
-        """A row just finished (in any order): format it and make it durable in the spill."""
+    def _finished(
+        self, position: int, result: RowResult, model: str, progress: Progress
+    ) -> FinishedRow:
+        """A row just finished (in any order): count it, format it, make it durable in the spill."""
+        progress.finish(result.num_prompt_tokens, result.num_output_tokens)
         try:
             out = format_result(result, model)
         except Exception as e:  # noqa: BLE001 - one row's odd content must not end the job
@@ -297,6 +305,7 @@ class _Job:
             result.ok,
             result.num_prompt_tokens if result.ok else 0,
             result.num_output_tokens if result.ok else 0,
+            sum(1 for text in result.texts if not text) if result.ok else 0,
         )
         self.spill.add(row)
         return row
@@ -418,6 +427,8 @@ class _Job:
         write_report(report_path(output), report)
         if not self.config.quiet:
             print_report(report)
+        for warning in report_warnings(report):
+            print(f"warning: {warning}", file=sys.stderr)
         return report
 
     def _already_done(self, output: Path, state: JournalState) -> int:
@@ -443,7 +454,7 @@ class _Job:
             raise CannotRun(str(e)) from e
         if source.path is not None and output.resolve() == source.path.resolve():
             raise CannotRun(f"--output {output} is the input itself; choose another path")
-        output.parent.mkdir(parents=True, exist_ok=True)
+        check_output(output)
 
     def _shard_total(self, source: InputSource) -> int | None:
         if source.num_rows is None:
@@ -466,8 +477,16 @@ class _Job:
             totals.rows_ok += 1
             totals.prompt_tokens += row.prompt_tokens
             totals.output_tokens += row.output_tokens
+            totals.empty_completions += row.num_empty
         else:
             totals.rows_failed += 1
+
+
+def _as_chat(as_chat: bool | None, llm) -> bool:
+    """--chat / --no-chat, or by default: whether the model has a chat template."""
+    if as_chat is not None:
+        return as_chat
+    return bool(getattr(getattr(llm, "tokenizer", None), "chat_template", None))
 
 
 def _generated_since(llm, stats0: dict[str, Any]):

@@ -27,6 +27,7 @@ class Totals:
     rows_failed: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    empty_completions: int = 0  # ok rows' completions with no text (EOS first)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ def report_path(output: Path) -> Path:
 
 _COUNTERS = (
     "num_steps",
+    "num_generated_tokens",  # live, for the progress line's output rate
     "num_scheduled_seqs_total",
     "num_preemptions",
     "prefix_cache_queries",
@@ -74,6 +76,7 @@ def build_report(
             "skipped": skipped,
             "total": t.rows_ok + t.rows_failed,
         },
+        "empty_completions": getattr(t, "empty_completions", 0),
         "tokens": {
             "prompt": t.prompt_tokens,
             "generated": t.output_tokens,
@@ -95,6 +98,7 @@ def build_report(
         "model": info.get("model"),
         "dtype": info.get("dtype"),
         "device": info.get("device"),
+        "cpu_threads": _torch_threads(),
         "sampling": config.sampling.to_dict(),
         "window_rows": config.window_rows,
         "sorted": config.sort,
@@ -103,6 +107,25 @@ def build_report(
         "command_line": config.command_line,
     }
     return report
+
+
+def report_warnings(report: dict[str, Any]) -> list[str]:
+    """What an operator should look at before using the results."""
+    warnings = []
+    empty = report.get("empty_completions") or 0
+    if empty:
+        warnings.append(
+            f"{empty:,} completions (of {report['rows']['ok']:,} ok rows) are empty: the model "
+            "stopped at once; "
+            "instruct models need their chat template (applied by default; --no-chat turns it "
+            "off), and --min-tokens N forces some output"
+        )
+    return warnings
+
+
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")  # never imported here just to ask
+    return torch.get_num_threads() if torch is not None else None
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
@@ -124,6 +147,8 @@ def print_report(report: dict[str, Any], console=None) -> None:
     run = report["this_run"]
     table.add_row("rows ok / failed", f"{rows['ok']:,} / {rows['failed']:,}")
     table.add_row("rows skipped (done by an earlier run)", f"{rows['skipped']:,}")
+    if report.get("empty_completions"):
+        table.add_row("empty completions", f"{report['empty_completions']:,}")
     table.add_row("prompt / generated tokens", f"{tokens['prompt']:,} / {tokens['generated']:,}")
     table.add_row("wall time (this run)", f"{run['wall_time_s']:.1f} s")
     tps = run["tokens_per_s"]
@@ -137,4 +162,6 @@ def print_report(report: dict[str, Any], console=None) -> None:
             key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else str(value)
         )
     table.add_row("model", f"{report.get('model')} ({report.get('dtype')}, {report.get('device')})")
+    if report.get("device") == "cpu" and report.get("cpu_threads"):
+        table.add_row("cpu threads", str(report["cpu_threads"]))
     console.print(table)

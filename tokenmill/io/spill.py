@@ -39,6 +39,7 @@ class FinishedRow:
     ok: bool
     prompt_tokens: int = 0
     output_tokens: int = 0
+    num_empty: int = 0  # completions with no text (counted in the report)
     replayed: bool = False  # came from the spill of an earlier run
 
 
