@@ -38,7 +38,7 @@ from tokenmill.io.batcher import Batcher
 from tokenmill.io.format import format_result
 from tokenmill.io.journal import JournalState, Totals, load_journal, save_journal
 from tokenmill.io.lock import OutputLock, OutputLocked
-from tokenmill.io.parse import RowParser
+from tokenmill.io.parse import RowParser, resolve_as_chat
 from tokenmill.io.preflight import PreflightError, check_model_dir, check_output, check_rows
 from tokenmill.io.progress import Progress
 from tokenmill.io.readers import InputError, InputSource, open_input
@@ -240,7 +240,7 @@ class _Job:
             self.config.prompt_column,
             self.config.id_column,
             self.config.keep_columns,
-            as_chat=_as_chat(self.config.as_chat, llm),
+            as_chat=resolve_as_chat(self.config.as_chat, llm),
         )
         model = llm.model_info().get("model", str(self.config.engine.model))
         batcher = Batcher(
@@ -480,13 +480,6 @@ class _Job:
             totals.empty_completions += row.num_empty
         else:
             totals.rows_failed += 1
-
-
-def _as_chat(as_chat: bool | None, llm) -> bool:
-    """--chat / --no-chat, or by default: whether the model has a chat template."""
-    if as_chat is not None:
-        return as_chat
-    return bool(getattr(getattr(llm, "tokenizer", None), "chat_template", None))
 
 
 def _generated_since(llm, stats0: dict[str, Any]):

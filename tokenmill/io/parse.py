@@ -63,6 +63,13 @@ class RowError(ValueError):
         self.error_type = error_type
 
 
+def resolve_as_chat(as_chat: bool | None, llm) -> bool:
+    """--chat / --no-chat, or by default (None): whether the model has a chat template."""
+    if as_chat is not None:
+        return as_chat
+    return bool(getattr(getattr(llm, "tokenizer", None), "chat_template", None))
+
+
 class RowParser:
     """Turns RawRecords into Rows with the job's column choices and base sampling params."""
 

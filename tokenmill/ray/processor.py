@@ -26,7 +26,7 @@ from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io.batcher import Batcher
 from tokenmill.io.format import format_result
-from tokenmill.io.parse import RowParser
+from tokenmill.io.parse import RowParser, resolve_as_chat
 from tokenmill.io.readers import parse_json_line
 from tokenmill.io.rows import RawRecord
 from tokenmill.io.writers import json_line
@@ -56,7 +56,7 @@ class ProcessorConfig:
     prompt_column: str | None = None
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
-    as_chat: bool = False  # text prompts go through the chat template as one user message
+    as_chat: bool | None = None  # text prompts through the chat template; None: if it has one
     sort: bool = True  # order each batch by length / shared prefix before queueing it
     output: str = OUTPUT_COLUMNS  # OUTPUT_COLUMNS or OUTPUT_JSON
     concurrency: int = 1  # engine actors (one engine each)
@@ -93,7 +93,7 @@ class TokenmillProcessor:
             config.prompt_column,
             config.id_column,
             config.keep_columns,
-            as_chat=config.as_chat,
+            as_chat=resolve_as_chat(config.as_chat, self.llm),
         )
         self.model = self.llm.model_info().get("model", str(config.engine.model))
 
