@@ -6,11 +6,18 @@ outs = llm.generate(["Hello"], SamplingParams(temperature=0.8, top_p=0.95))
 """
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -67,6 +67,8 @@ def test_token_id_prompts_are_checked_against_context_vocab_and_kv_cache():
     assert "KV cache" in e.message and "--kv-cache-memory" in e.message
     e = error(proc.process_prompts, [[1]], SamplingParams(stop_token_ids=[5, 10**6]))
     assert e.param == "stop_token_ids"
+    e = error(proc.process_prompts, [[1]], SamplingParams(logit_bias={5: 1.0, 320: -100}))
+    assert e.param == "logit_bias" and "[320]" in e.message
 
 
 def test_processor_matches_the_engine_tokenizer_and_template(llm):
@@ -101,6 +103,22 @@ def test_openai_adapter_defaults_and_params():
     ]:
         assert error(completion_params, body).param == param, body
     assert error(chat_params, {"top_logprobs": 2}).param == "top_logprobs"
+
+
+def test_openai_adapter_structured_fields_echo_and_logit_bias():
+    p = chat_params({"response_format": {"type": "json_object"}, "logit_bias": {"7": -100}})
+    assert p.structured_outputs.json_object and p.logit_bias == {7: -100.0}
+    assert completion_params({"guided_choice": ["a", "b"]}).structured_outputs.choice == ["a", "b"]
+    # echo + logprobs scores the prompt; max_tokens 0 runs one step (its token is not sent)
+    p = completion_params({"echo": True, "logprobs": 2, "max_tokens": 0})
+    assert (p.prompt_logprobs, p.logprobs, p.max_tokens) == (2, 2, 1)
+    assert completion_params({"echo": True}).prompt_logprobs is None
+    for body, param in [
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"guided_regex": "a("}, "guided_regex"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex"),
+    ]:
+        assert error(completion_params, body).param == param, body
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,7 @@ def running_server(
     api_key: str | None = API_KEY,
     engine_process: bool = True,
     limits: Any = None,
+    app_kw: dict | None = None,
     **llm_kw,
 ) -> Iterator[RunningServer]:
     import uvicorn
@@ -103,7 +104,9 @@ def running_server(
     else:
         llm = make_llm(model_dir, **llm_kw)
         engine = AsyncEngine.in_thread(llm, max_prompt_bytes=max_prompt_bytes)
-    app = build_app(engine, served_model_name=MODEL_NAME, api_key=api_key, limits=limits)
+    app = build_app(
+        engine, served_model_name=MODEL_NAME, api_key=api_key, limits=limits, **(app_kw or {})
+    )
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

@@ -214,6 +214,9 @@ def generate(
     min_tokens: o.MinTokens = o.SAMPLING_DEFAULTS["min_tokens"],
     logprobs: o.Logprobs = o.SAMPLING_DEFAULTS["logprobs"],
     skip_special_tokens: o.SkipSpecialTokens = o.SAMPLING_DEFAULTS["skip_special_tokens"],
+    json_schema: o.JsonSchema = None,
+    regex: o.Regex = None,
+    choice: o.Choice = None,
 ) -> None:
     """Generate completions for every row of INPUT into OUTPUT, resumably, in input order.
 
@@ -229,7 +232,9 @@ def generate(
     # An engine option added to options.py but not yet here keeps its default.
     engine = o.engine_config_from(values)
     sampling = o.sampling_params(
-        sampling_seed=sampling_seed, **{k: values[k] for k in o.SAMPLING_DEFAULTS}
+        sampling_seed=sampling_seed,
+        structured_outputs=o.structured_outputs(json_schema, regex, choice),
+        **{k: values[k] for k in o.SAMPLING_DEFAULTS},
     )
     try:
         shard_value = parse_shard(shard)

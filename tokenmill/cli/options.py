@@ -95,8 +95,76 @@ SkipSpecialTokens = Annotated[
     bool, _sopt("skip_special_tokens", "--skip-special-tokens/--keep-special-tokens")
 ]
 
-# Every sampling field is an option; `seed` is spelled --sampling-seed (--seed is the engine's).
-SAMPLING_DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name != "seed"}
+# Structured output: one of these builds SamplingParams.structured_outputs.
+JsonSchema = Annotated[
+    str | None,
+    typer.Option(
+        "--json-schema",
+        help="Constrain every output to this JSON schema (a .json file); result rows get "
+        "a `parsed` field.",
+        rich_help_panel=_S,
+    ),
+]
+Regex = Annotated[
+    str | None,
+    typer.Option("--regex", help="Constrain every output to match this regex.", rich_help_panel=_S),
+]
+Choice = Annotated[
+    str | None,
+    typer.Option(
+        "--choice",
+        help="Constrain every output to one of these comma-separated strings.",
+        rich_help_panel=_S,
+    ),
+]
+
+# Every sampling field is an option, except those with options of their own (structured
+# output above) or set per row only; `seed` is spelled --sampling-seed (--seed is the engine's).
+_NOT_OPTIONS = ("seed", "structured_outputs", "logit_bias", "prompt_logprobs")
+SAMPLING_DEFAULTS = {
+    f.name: f.default for f in fields(SamplingParams) if f.name not in _NOT_OPTIONS
+}
+
+
+def structured_outputs(
+    json_schema: str | None = None, regex: str | None = None, choice: str | None = None
+):
+    """StructuredOutputsParams from --json-schema / --regex / --choice (at most one), or None."""
+    import json
+    from pathlib import Path
+
+    from tokenmill.engine.sampling_params import StructuredOutputsParams
+
+    given = [
+        n
+        for n, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice))
+        if v
+    ]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise typer.BadParameter(f"pass one of {', '.join(given)}, not several")
+    try:
+        if json_schema is not None:
+            path = Path(json_schema)
+            if not path.is_file():
+                raise typer.BadParameter(
+                    f"{json_schema} is not a file; pass the path of a JSON schema file",
+                    param_hint="--json-schema",
+                )
+            try:
+                schema = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise typer.BadParameter(
+                    f"{json_schema} is not valid JSON: {e}", param_hint="--json-schema"
+                ) from e
+            return StructuredOutputsParams(json=schema)
+        if regex is not None:
+            return StructuredOutputsParams(regex=regex)
+        choices = [c.strip() for c in choice.split(",") if c.strip()]
+        return StructuredOutputsParams(choice=choices)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=given[0]) from e
 
 
 def engine_config_from(values: dict, **extra) -> EngineConfig:

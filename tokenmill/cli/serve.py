@@ -64,6 +64,13 @@ def serve(
     shutdown_timeout: Annotated[
         float, typer.Option(help=_limit_help("shutdown_timeout_s"), rich_help_panel=_L)
     ] = LIMIT_DEFAULTS["shutdown_timeout_s"],
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="How to read tool calls in chat output for tool_choice auto: hermes (Qwen, "
+            "Hermes) or llama3_json (Llama 3.1+). Without it, such requests are refused.",
+        ),
+    ] = None,
     dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
     device: o.Device = o.ENGINE_DEFAULTS["device"],
     max_model_len: o.MaxModelLen = o.ENGINE_DEFAULTS["max_model_len"],
@@ -79,6 +86,12 @@ def serve(
 ) -> None:
     """Serve a model over HTTP with OpenAI's API (completions, chat, models) plus /metrics."""
     config = o.engine_config_from(locals())
+    from tokenmill.server.tools import TOOL_CALL_PARSERS
+
+    if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(TOOL_CALL_PARSERS)}", param_hint="--tool-call-parser"
+        )
     try:
         import uvicorn
 
@@ -109,7 +122,11 @@ def serve(
 
         engine = AsyncEngine.in_thread(LLM.from_config(config), max_prompt_bytes=max_prompt_bytes)
     app = build_app(
-        engine, served_model_name=served_model_name or model, api_key=api_key, limits=limits
+        engine,
+        served_model_name=served_model_name or model,
+        api_key=api_key,
+        limits=limits,
+        tool_call_parser=tool_call_parser,
     )
     server = GracefulServer(
         uvicorn.Config(

@@ -64,8 +64,8 @@ class BlockManager:
         """
         assert not req.block_ids and req.num_computed_tokens == 0
         self.num_hashed[req.req_id] = 0
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return 0  # prompt logprobs need every prompt position computed
         tokens = req.token_ids(0, req.num_tokens)
         max_blocks = (len(tokens) - 1) // self.block_size
         self.prefix_queries += len(req.prompt_token_ids)

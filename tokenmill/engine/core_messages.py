@@ -33,8 +33,10 @@ class EngineRequest:
     @staticmethod
     def needs_core_text(params: SamplingParams) -> bool:
         """Whether the core must decode text as it goes: stop strings are matched there, and
-        logprobs carry each token's text."""
-        return bool(params.stop) or params.logprobs is not None
+        logprobs (of the output or the prompt) carry each token's text."""
+        return (
+            bool(params.stop) or params.logprobs is not None or params.prompt_logprobs is not None
+        )
 
 
 @dataclass
@@ -63,6 +65,9 @@ class OutputDelta:
     finished: bool
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to the first step (when finished)
+    # [None, {token id: Logprob}, ...] for params.prompt_logprobs: sent once, in the first
+    # delta after the whole prompt is scored
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

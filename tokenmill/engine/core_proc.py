@@ -49,12 +49,14 @@ class EngineCore:
         self._sent: dict[str, list[tuple[int, int]]] = {}  # request id -> (chars, tokens) sent
         # Token-only streams: request id -> its engine Requests, read after each step.
         self._token_only: dict[str, list[Any]] = {}
+        self._prompt_logprobs_sent: set[str] = set()  # sent once, when the prompt is scored
 
     def apply(self, msg: CoreRequest) -> dict[str, str]:
         rejected = {}
         for rid in msg.aborts:
             self._sent.pop(rid, None)
             self._token_only.pop(rid, None)
+            self._prompt_logprobs_sent.discard(rid)
             self.llm.abort_request(rid)
         for add in msg.adds:
             token_only = add.stream and not add.detokenize
@@ -116,14 +118,24 @@ class EngineCore:
                 )
             )
             sent[c.index] = (max(chars, len(c.text)), len(c.token_ids))
+        prompt_logprobs = None
+        if out.prompt_logprobs is not None and out.request_id not in self._prompt_logprobs_sent:
+            prompt_logprobs = out.prompt_logprobs
+            self._prompt_logprobs_sent.add(out.request_id)
         queue_time = None
         if out.finished:
             del self._sent[out.request_id]
+            self._prompt_logprobs_sent.discard(out.request_id)
             m = out.metrics
             if m is not None and m.first_scheduled_time is not None:
                 queue_time = m.first_scheduled_time - m.arrival_time
         return OutputDelta(
-            out.request_id, completions, out.finished, out.num_cached_tokens, queue_time
+            out.request_id,
+            completions,
+            out.finished,
+            out.num_cached_tokens,
+            queue_time,
+            prompt_logprobs,
         )
 
     def stats(self) -> CoreStats:

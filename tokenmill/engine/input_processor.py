@@ -170,6 +170,8 @@ class InputProcessor:
         """Checks SamplingParams cannot make alone: token ids against this vocabulary."""
         if params.stop_token_ids:
             self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        if params.logit_bias:
+            self.check_token_ids(list(params.logit_bias), "logit_bias")
 
     def check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
         size = self.limits.vocab_size

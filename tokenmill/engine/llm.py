@@ -34,10 +34,12 @@ def eos_token_ids_of(model_dir: Path, hf_config) -> list[int]:
 
 def needs_sync(req: Request) -> bool:
     """Requests whose sampling reads their exact output history (or returns logprobs) need
-    the previous step's tokens on the host before the next step launches."""
+    the previous step's tokens on the host before the next step launches. A grammar's next
+    mask depends on the previous token, so constrained requests are among them."""
     p = req.params
     return (
         p.logprobs is not None
+        or p.structured_outputs is not None
         or p.repetition_penalty != 1.0
         or p.presence_penalty != 0
         or p.frequency_penalty != 0

@@ -24,9 +24,15 @@ from tokenmill.engine.config import MIN_KV_TOKENS_PER_SEQ, EngineConfig
 from tokenmill.engine.loader import load_weights
 from tokenmill.engine.models.registry import model_class
 from tokenmill.engine.outputs import Logprob
+from tokenmill.engine.prompt_logprobs import (
+    PendingPromptLogprobs,
+    collect_prompt_logprobs,
+    launch_prompt_logprobs,
+)
 from tokenmill.engine.request import PLACEHOLDER
 from tokenmill.engine.sampler import Sampler, compute_logprobs
 from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.engine.structured_output import StructuredOutputManager
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -91,6 +97,7 @@ class ModelRunner:
 
         use_triton_ops(use_triton)
         self.sampler = Sampler(use_triton=use_triton)
+        self.structured = StructuredOutputManager(model_dir, hf_config.vocab_size)
         self.num_blocks = self._allocate_kv_cache()
         if config.max_num_seqs is None:
             self._cap_max_num_seqs_to_kv_cache()
@@ -307,13 +314,18 @@ class ModelRunner:
     def execute_async(self, sched: SchedulerOutput) -> PendingStep:
         """Launch one step; nothing waits for the device. `collect` reads the result."""
         ids, pos, meta, logits_indices = self.prepare(sched)
+        self.structured.prefetch([s.req for s in sched.seqs])  # grammars compile meanwhile
         hidden = self._forward(ids, pos, meta)  # [num_tokens, hidden_size]
         pending = PendingStep(sched, [s for s in sched.seqs if s.sample])
+        pending.prompt_logprobs = launch_prompt_logprobs(
+            self.model, hidden, sched.seqs, self._to_device
+        )
         if not logits_indices:
             return pending
         idx = self._to_device(logits_indices, torch.long)
         logits = self.model.compute_logits(hidden[idx]).float()  # [num_samples, vocab_size]
         reqs = [s.req for s in pending.sampling]
+        self.structured.apply(logits, reqs)  # grammar masks, before any other logits processing
         token_ids = self.sampler.sample(logits, reqs)  # [num_samples] on the device
         self._last_sampled = token_ids
         self._last_rows = {s.req_id: i for i, s in enumerate(pending.sampling)}
@@ -350,6 +362,8 @@ class ModelRunner:
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step and return its sampled tokens (and logprobs)."""
         out = ModelRunnerOutput()
+        if pending.prompt_logprobs is not None:
+            collect_prompt_logprobs(pending.prompt_logprobs)  # .tolist() waits for the step
         if not pending.sampling:
             return out
         if pending.ready is not None:
@@ -379,6 +393,7 @@ class PendingStep:
     token_ids_cpu: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None  # kept only when logprobs were asked
+    prompt_logprobs: PendingPromptLogprobs | None = None
 
 
 def now() -> float:

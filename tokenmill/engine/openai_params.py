@@ -12,7 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.engine.input_processor import InputError, sampling_params
-from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.sampling_params import (
+    OPENAI_STRUCTURED_FIELDS,
+    SamplingParams,
+    structured_outputs_from_openai,
+)
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128  # completions per prompt; each is a sequence in the batch and in the KV cache
@@ -45,6 +49,15 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"n must be in [1, {MAX_N}] (got {n})", "n")
     if values.get("stop_token_ids") == []:
         del values["stop_token_ids"]
+    try:
+        constraint = structured_outputs_from_openai(body)
+    except (ValueError, TypeError) as e:
+        given = [f for f in OPENAI_STRUCTURED_FIELDS if body.get(f) is not None]
+        raise InputError(str(e), given[0] if given else None) from None
+    if constraint is not None:
+        values["structured_outputs"] = constraint
+    if body.get("logit_bias"):
+        values["logit_bias"] = body["logit_bias"]  # JSON string keys; SamplingParams makes ids
     return values
 
 
@@ -58,12 +71,13 @@ def completion_params(body: dict[str, Any]) -> SamplingParams:
                 f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {logprobs})", "logprobs"
             )
         values["logprobs"] = logprobs
-    if body.get("echo") and logprobs is not None:
-        raise InputError(
-            "echo together with logprobs is not supported: the engine does not compute "
-            "prompt logprobs; drop one of them",
-            "echo",
-        )
+    if body.get("echo"):
+        if logprobs is not None:
+            values["prompt_logprobs"] = logprobs  # the prompt's part of the logprobs block
+        if values.get("max_tokens") == 0:
+            # lm-eval's loglikelihood: score the prompt, generate nothing. The engine generates
+            # one token, which the response leaves out (server/completions.py, echo_only).
+            values["max_tokens"] = 1
     if body.get("suffix"):
         raise InputError("suffix is not supported; put the text in the prompt instead", "suffix")
     best_of = body.get("best_of")

@@ -61,6 +61,8 @@ class OutputAssembler:
                 c.logprobs.extend(d.logprobs)
             c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
         out.finished, out.num_cached_tokens = delta.finished, delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            out.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             del self._outputs[delta.request_id]
             out.extra["queue_time"] = delta.queue_time

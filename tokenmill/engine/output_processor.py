@@ -99,6 +99,19 @@ class OutputProcessor:
                 lp.decoded_token = self.tokenizer.decode([token_id])
         return lps
 
+    def _prompt_logprobs(self, req: Request):
+        """The prompt logprobs once every prompt position is scored (texts filled once)."""
+        if req.params.prompt_logprobs is None:
+            return None
+        lps = req.prompt_logprobs or [None]  # a one-token prompt has nothing to score
+        if len(lps) < req.num_prompt_tokens:
+            return None
+        if self.tokenizer is not None and lps[-1] is not None:
+            for d in lps[1:]:
+                if next(iter(d.values())).decoded_token is None:
+                    self._with_text(d)
+        return lps
+
     def build(self, state: RequestState) -> RequestOutput:
         completions = []
         for i, req in enumerate(state.children):
@@ -134,6 +147,7 @@ class OutputProcessor:
             prompt_token_ids=state.prompt_token_ids,
             outputs=completions,
             finished=state.finished,
+            prompt_logprobs=self._prompt_logprobs(state.children[0]),
             metrics=state.metrics,
             num_cached_tokens=state.children[0].num_cached_tokens,
         )

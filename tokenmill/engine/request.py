@@ -54,6 +54,8 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     num_inflight: int = 0  # sampled on the device, not yet appended to output_token_ids
+    # [None, {token id: Logprob}, ...] filled by the model runner when params.prompt_logprobs
+    prompt_logprobs: list | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,8 +1,10 @@
 """Sampling: logits of the rows that reached their end -> next token ids (+ logprobs).
 
 Order of operations, per row (the same as vLLM and transformers' logits processors):
- 1. logprobs, when asked, are log_softmax of the raw model logits;
- 2. penalties: repetition (prompt + output tokens, transformers' rule: positive logits divided,
+ 0. (model runner) grammar bitmasks of constrained rows: disallowed tokens are -inf;
+ 1. logprobs, when asked, are log_softmax of the model logits (after the grammar mask);
+ 2. logit_bias is added (a bias of -100 bans the token: -inf);
+    penalties: repetition (prompt + output tokens, transformers' rule: positive logits divided,
     negative multiplied), then frequency and presence (OpenAI's rule, output tokens only);
  3. min_tokens: EOS and stop_token_ids are masked until the row has min_tokens outputs;
  4. temperature 0 -> argmax; otherwise logits / temperature, then top-k, top-p (on the
@@ -62,6 +64,30 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
             for t in banned:
                 if 0 <= t < row.numel():
                     row[t] = _MASK
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """In place: logits[i, t] += bias for each row's logit_bias; -100 sets -inf (a ban).
+
+    One scatter-add for the whole batch. Ids outside the logits' width are ignored (the
+    server validates them against the vocabulary).
+    """
+    vocab_size = logits.shape[-1]
+    rows, cols, vals = [], [], []
+    for i, req in enumerate(reqs):
+        for t, b in (req.params.logit_bias or {}).items():
+            if t < vocab_size:
+                rows.append(i)
+                cols.append(t)
+                vals.append(_MASK if b <= -100.0 else b)
+    if rows:
+        dev = logits.device
+        logits.index_put_(
+            (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+            torch.tensor(vals, dtype=logits.dtype, device=dev),
+            accumulate=True,
+        )
     return logits
 
 
@@ -180,6 +206,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Next token per row, left on the device (no host synchronisation on CUDA)."""
         # logits: [num_seqs, vocab_size] float32
+        if any(r.params.logit_bias for r in reqs):
+            logits = apply_logit_bias(logits.clone(), reqs)
         if needs_penalties(reqs):
             logits = apply_penalties(logits.clone(), reqs)
         greedy = [r.params.is_greedy for r in reqs]

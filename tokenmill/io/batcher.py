@@ -15,6 +15,7 @@ windows of rows are held at once.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -179,7 +180,8 @@ class Batcher:
     def _finish(self, out) -> None:
         pending = self._pending.pop(out.request_id)
         completions = sorted(out.outputs, key=lambda c: c.index)
-        num_top = self.parser.params(pending.row).logprobs
+        params = self.parser.params(pending.row)
+        num_top = params.logprobs
         result = RowResult(
             pending.row,
             texts=[c.text for c in completions],
@@ -187,6 +189,7 @@ class Batcher:
             num_prompt_tokens=len(out.prompt_token_ids) or pending.num_prompt_tokens,
             num_output_tokens=sum(len(c.token_ids) for c in completions),
             logprobs=None if num_top is None else [self._logprobs(c, num_top) for c in completions],
+            parsed=_parsed(params, completions),
         )
         self._done(pending.position, result)
 
@@ -267,3 +270,17 @@ def _take(records: Iterator[tuple[int, RawRecord]], num: int) -> list[tuple[int,
 
 def _where(row: Row) -> str:
     return f"line {row.line}: " if row.line is not None else f"row {row.index}: "
+
+
+def _parsed(params, completions) -> list[Any] | None:
+    """Each completion's JSON value when the row was JSON-constrained (None where cut short)."""
+    so = params.structured_outputs
+    if so is None or (so.json is None and not so.json_object):
+        return None
+    values = []
+    for c in completions:
+        try:
+            values.append(json.loads(c.text))
+        except ValueError:  # finish_reason "length": the structure was cut short
+            values.append(None)
+    return values

@@ -4,6 +4,8 @@ tokenmill rows:
     {"id": "r1", "index": 0, "line": 1, "text": "...", "finish_reason": "stop",
      "prompt_tokens": 12, "output_tokens": 7, "logprobs": [...], "error": null, ...kept columns}
     `text` / `finish_reason` / `logprobs` are lists (one per completion) when n > 1.
+    JSON-constrained rows (--json-schema, a json_schema response_format) add `parsed`: the
+    text's JSON value, null where it does not parse (finish_reason "length").
 OpenAI batch rows (for OpenAI batch input lines), as the Batch API writes them:
     {"id": "batch_req_0", "custom_id": "a", "response": {"status_code": 200,
      "request_id": "req_0", "body": {...completion...}}, "error": null}
@@ -54,6 +56,8 @@ def _plain_row(result: RowResult) -> dict[str, Any]:
         out["output_tokens"] = result.num_output_tokens
         if result.logprobs is not None:
             out["logprobs"] = _one_or_list(result.logprobs)
+        if result.parsed is not None:
+            out["parsed"] = _one_or_list(result.parsed)
         out["error"] = None
     else:
         out.update(text=None, finish_reason=None, prompt_tokens=0, output_tokens=0)

@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.sampling_params import (
+    OPENAI_STRUCTURED_FIELDS,
+    SamplingParams,
+    structured_outputs_from_openai,
+)
 from tokenmill.io.rows import CHAT, OPENAI_CHAT, OPENAI_COMPLETION, PROMPT, RawRecord, Row
 from tokenmill.io.text import unencodable_field, writable
 
@@ -42,6 +46,7 @@ _BODY_SAMPLING = (
     "min_tokens",
     "skip_special_tokens",
     "include_stop_str_in_output",
+    "logit_bias",
 )
 # Fields that do not change what is generated here.
 _BODY_IGNORED = ("model", "user", "metadata", "store", "service_tier", "stream_options")
@@ -281,12 +286,20 @@ def _body_overrides(body: dict[str, Any], row: Row) -> dict[str, Any]:
             overrides["logprobs"] = value
         elif key == "echo" and not value:
             continue
+        elif key in OPENAI_STRUCTURED_FIELDS:
+            continue  # below: one constraint from all of them
         else:
             raise RowError(
                 f"body field {key!r} is not supported by tokenmill; remove it", "unsupported_field"
             )
     if row.kind == OPENAI_CHAT and "logprobs" in overrides and not body.get("logprobs"):
         overrides.pop("logprobs")  # top_logprobs without logprobs=true: OpenAI ignores it
+    try:
+        constraint = structured_outputs_from_openai(body)
+    except (ValueError, TypeError) as e:
+        raise RowError(f"invalid output constraint: {e}", "invalid_sampling") from e
+    if constraint is not None:
+        overrides["structured_outputs"] = constraint
     return overrides
 
 

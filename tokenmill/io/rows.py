@@ -61,6 +61,7 @@ class RowResult:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     logprobs: list[Any] | None = None  # one list of per-token entries per completion
+    parsed: list[Any] | None = None  # JSON-constrained rows: each text's JSON value (or None)
     error: str | None = None
     error_type: str | None = None
 

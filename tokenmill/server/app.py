@@ -34,10 +34,11 @@ from tokenmill.server.protocol import (
     random_id,
 )
 from tokenmill.server.serving import sse_stream, watch_disconnect
+from tokenmill.server.tools import ToolError, plan_tools
 
 # Routes that need the API key (when the server has one): everything that runs the tokenizer
 # or the model. /health, /metrics and /version stay open.
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 class APIKeyMiddleware:
@@ -70,8 +71,12 @@ def build_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     limits: ServerLimits | None = None,
+    tool_call_parser: str | None = None,
 ):
-    """A FastAPI app serving `engine`; the engine core runs while the app's lifespan does."""
+    """A FastAPI app serving `engine`; the engine core runs while the app's lifespan does.
+
+    `tool_call_parser` (server/tools.py) reads tool calls out of chat text for tool_choice
+    auto; without one, such requests are a 400 that says so."""
     limits = limits or ServerLimits()
     model_name = served_model_name or engine.info.model_name or "tokenmill"
     max_model_len = engine.limits.max_model_len
@@ -129,10 +134,38 @@ def build_app(
         rids = [r.request_id for r in requests]
         return rids, engine.stream(rids, queue)
 
+    def model_card() -> ModelCard:
+        return ModelCard(id=model_name, root=engine.info.model_name, max_model_len=max_model_len)
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        card = ModelCard(id=model_name, root=engine.info.model_name, max_model_len=max_model_len)
-        return ModelList(data=[card]).model_dump()
+        return ModelList(data=[model_card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        check_model(model_id)
+        return model_card().model_dump()
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """What clients that tokenize locally (lm-eval) need to match the server's tokenizer."""
+
+        def describe(proc):
+            tok = proc.tokenizer
+            if tok is None:
+                raise APIError(404, "this engine runs without a tokenizer", code="no_tokenizer")
+            return {
+                "tokenizer_class": type(tok).__name__,
+                "model_max_length": max_model_len,
+                "vocab_size": len(tok),
+                "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token,
+                "unk_token": tok.unk_token,
+                "chat_template": getattr(tok, "chat_template", None),
+            }
+
+        return await engine.prepare(describe)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -152,11 +185,28 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         params = body.to_sampling_params()
+        try:
+            tools = plan_tools(body.tools, body.tool_choice, tool_call_parser)
+        except ToolError as e:
+            raise APIError(400, str(e), e.param) from e
+        if tools is not None and tools.constraint is not None:
+            if params.structured_outputs is not None:
+                raise APIError(
+                    400,
+                    "tool_choice required / a named function already constrains the output; "
+                    "drop response_format",
+                    "tool_choice",
+                )
+            params = params.replace(structured_outputs=tools.constraint)
         messages = template_messages(body.messages)
-        processed = await engine.prepare(lambda proc: proc.process_messages(messages, params))
+        template_kwargs = {"tools": tools.template_tools} if tools is not None else {}
+        processed = await engine.prepare(
+            lambda proc: proc.process_messages(messages, params, **template_kwargs)
+        )
         rid = random_id("chatcmpl")
         rids, outputs = submit(rid, [processed.prompt_token_ids], params, body.stream)
-        fmt = ChatStream(body, params, model_name, rids[0], len(processed.prompt_token_ids))
+        num_prompt = len(processed.prompt_token_ids)
+        fmt = ChatStream(body, params, model_name, rids[0], num_prompt, tools)
         return await respond(request, fmt, outputs, body.stream)
 
     @app.get("/health")

@@ -2,6 +2,8 @@
 
 A stream sends, per choice, a first chunk with `delta.role = "assistant"`, then content deltas,
 then a chunk with its finish_reason; then a usage chunk if asked for; then `[DONE]`.
+With tools (server/tools.py) a choice's text is held back until it finishes, then sent as one
+delta holding its `tool_calls` (or its content when it called no tool).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tokenmill.server.protocol import (
     usage,
 )
 from tokenmill.server.serving import DeltaTracker, RequestTimer, sse, token_text
+from tokenmill.server.tools import ToolPlan
 
 
 def chat_logprobs(
@@ -66,8 +69,10 @@ class ChatStream:
         model: str,
         request_id: str,
         num_prompt_tokens: int,
+        tools: ToolPlan | None = None,
     ) -> None:
         self.req, self.params, self.model, self.request_id = req, params, model, request_id
+        self.tools = tools if tools is not None and tools.mode != "none" else None
         self.id = random_id("chatcmpl")
         self.num_prompt_tokens = num_prompt_tokens
         self.trackers = [DeltaTracker() for _ in range(params.n)]
@@ -83,6 +88,16 @@ class ChatStream:
         out = self.final
         num_gen = 0 if out is None else sum(len(c.token_ids) for c in out.outputs)
         return usage(self.num_prompt_tokens, num_gen)
+
+    def _message(self, text: str, finish_reason: str | None):
+        """(content, tool_calls, finish_reason) of a finished choice's text."""
+        if self.tools is None:
+            return text, None, finish_reason
+        content, calls = self.tools.extract(text)
+        if not calls:
+            return content, None, finish_reason
+        reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        return content, [c.to_openai(i) for i, c in enumerate(calls)], reason
 
     def _chunk(self, choices: list[ChatStreamChoice]) -> str:
         chunk = ChatCompletionChunk(id=self.id, model=self.model, choices=choices)
@@ -102,15 +117,21 @@ class ChatStream:
                 on_finish(self.timer, out)
             choices = []
             for c in out.outputs:
+                if self.tools is not None and not c.finished:
+                    continue  # tool calls are read from the whole text
                 d = self.trackers[c.index].delta(c)
                 if not d.text and not c.finished and not (d.token_ids and self.req.logprobs):
                     continue
+                delta, reason = DeltaMessage(content=d.text), c.finish_reason
+                if self.tools is not None:
+                    content, calls, reason = self._message(c.text, c.finish_reason)
+                    delta = DeltaMessage(content=content, tool_calls=calls)
                 choices.append(
                     ChatStreamChoice(
                         index=c.index,
-                        delta=DeltaMessage(content=d.text),
+                        delta=delta,
                         logprobs=self._logprobs(d),
-                        finish_reason=c.finish_reason,
+                        finish_reason=reason,
                         stop_reason=c.stop_reason,
                     )
                 )
@@ -132,19 +153,24 @@ class ChatStream:
         choices = []
         for c in self.final.outputs:
             d = self.trackers[c.index].delta(c)
+            content, calls, reason = self._message(d.text, c.finish_reason)
             choices.append(
                 ChatCompletionChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content=d.text),
+                    message=ChatResponseMessage(content=content, tool_calls=calls),
                     logprobs=self._logprobs(d),
-                    finish_reason=c.finish_reason,
+                    finish_reason=reason,
                     stop_reason=c.stop_reason,
                 )
             )
         resp = ChatCompletionResponse(
             id=self.id, model=self.model, choices=choices, usage=self._usage()
         )
-        return resp.model_dump()
+        body = resp.model_dump()
+        for choice in body["choices"]:
+            if choice["message"]["tool_calls"] is None:
+                del choice["message"]["tool_calls"]  # OpenAI leaves it out when no tool ran
+        return body
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

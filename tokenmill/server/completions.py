@@ -20,7 +20,7 @@ from tokenmill.server.protocol import (
     random_id,
     usage,
 )
-from tokenmill.server.serving import DeltaTracker, RequestTimer, sse, token_text
+from tokenmill.server.serving import Delta, DeltaTracker, RequestTimer, sse, token_text
 
 
 @dataclass
@@ -67,6 +67,35 @@ def completion_logprobs(
     return out
 
 
+def echo_prompt_logprobs(
+    prompt_token_ids: list[int], prompt_logprobs: list[dict[int, Logprob] | None] | None
+) -> CompletionLogprobs:
+    """The prompt's part of the logprobs block for echo + logprobs (lm-eval's loglikelihood):
+    one entry per prompt token, the first with a null logprob and null top_logprobs, as
+    OpenAI returns them (text offsets from 0)."""
+    out = CompletionLogprobs()
+    offset = 0
+    entries = prompt_logprobs or [None] * len(prompt_token_ids)
+    for token_id, entry in zip(prompt_token_ids, entries, strict=False):
+        lp = entry.get(token_id) if entry else None
+        text = token_text(token_id, lp)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        out.top_logprobs.append(_top_dict(entry) if entry else None)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def _joined(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=a.tokens + b.tokens,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+        text_offset=a.text_offset + b.text_offset,
+    )
+
+
 def _top_dict(entry: dict[int, Logprob]) -> dict[str, float]:
     """{token text: logprob}, most likely first; when two tokens decode to the same text (bytes
     of one UTF-8 character), the more likely one keeps the key."""
@@ -106,6 +135,8 @@ class CompletionStream:
                 tracker = self.trackers[index] = DeltaTracker()
                 self.offsets[index] = len(self.prompts[p].text or "")
             d = tracker.delta(c)
+            if self.req.echo_only:  # max_tokens 0: the one generated token is not returned
+                d = Delta("", None if d.logprobs is None else [], [])
             text = d.text
             if first and self.req.echo:
                 text = (self.prompts[p].text or "") + text
@@ -115,6 +146,11 @@ class CompletionStream:
             if d.logprobs is not None:
                 logprobs = completion_logprobs(d.logprobs, d.token_ids, self.offsets[index])
                 self.offsets[index] += sum(len(t) for t in logprobs.tokens)
+                if first and self.req.echo:
+                    logprobs = _joined(
+                        echo_prompt_logprobs(self.prompts[p].token_ids, out.prompt_logprobs),
+                        logprobs,
+                    )
             choices.append(
                 CompletionChoice(
                     index=index,
@@ -129,7 +165,7 @@ class CompletionStream:
     def usage(self):
         num_prompt = sum(len(p.token_ids) for p in self.prompts)
         num_gen = sum(len(c.token_ids) for o in self.final.values() for c in o.outputs)
-        return usage(num_prompt, num_gen)
+        return usage(num_prompt, 0 if self.req.echo_only else num_gen)  # its token is not sent
 
     def chunk(self, choices: list[CompletionChoice], with_usage: bool = False) -> dict:
         resp = CompletionResponse(

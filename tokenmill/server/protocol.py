@@ -24,6 +24,9 @@ MAX_PROMPTS = 4096  # prompts in one /v1/completions request
 MAX_MESSAGES = 4096
 MAX_STOP = 16  # stop strings
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # logit_bias entries
+MAX_CHOICES = 1024  # guided_choice strings
+MAX_TOOLS = 128  # as OpenAI's
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -106,6 +109,14 @@ class _SamplingRequest(_Body):
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # output constraints and logit_bias (engine/openai_params.py maps them)
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -128,6 +139,12 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (lm-eval's loglikelihood): score the prompt, generate
+        nothing (the engine generates one token, which the response leaves out)."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
         return completion_params(self.model_dump())
 
@@ -137,6 +154,9 @@ class ChatMessage(_Base):
     # A string, or OpenAI's list of content parts ({"type": "text", "text": ...}).
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # an assistant turn that called tools
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: str | None = None  # a tool turn: which call it answers
 
     def to_template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -154,7 +174,24 @@ class ChatMessage(_Base):
         out: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [_template_tool_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """Templates (Qwen's, Llama's) read arguments as an object; OpenAI sends JSON text."""
+    import json
+
+    fn = dict(call.get("function") or {})
+    if isinstance(fn.get("arguments"), str):
+        try:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": fn}
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -163,6 +200,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; the model decides how many calls
 
     def to_sampling_params(self) -> SamplingParams:
         return chat_params(self.model_dump(exclude={"messages"}))
@@ -238,6 +278,7 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -260,6 +301,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -1,0 +1,205 @@
+"""Constrained decoding on a tiny random model: every kind of constraint holds on every row.
+
+A random model left alone emits arbitrary tokens, so any output that matches its constraint
+is the mask's doing; the unconstrained control checks that the constraint is not vacuous.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+from engine_utils import make_llm
+
+from tokenmill import SamplingParams
+from tokenmill.engine.sampling_params import StructuredOutputsParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["spam", "ham"]},
+        "score": {"type": "integer", "minimum": 0, "maximum": 9},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["label", "score", "ok"],
+    "additionalProperties": False,
+}
+PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):", "A"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return make_llm(tiny_model_dir)
+
+
+def constrained(temperature=0.8, max_tokens=48, **so) -> SamplingParams:
+    return SamplingParams(
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=7,
+        n=2,
+        structured_outputs=StructuredOutputsParams(**so),
+    )
+
+
+def texts(outs) -> list[tuple[str, str]]:
+    return [(c.text, c.finish_reason) for o in outs for c in o.outputs]
+
+
+def test_json_schema_outputs_validate(llm):
+    outs = llm.generate(PROMPTS, constrained(json=SCHEMA), use_tqdm=False)
+    for text, reason in texts(outs):
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_json_schema_as_text_and_greedy(llm):
+    outs = llm.generate(PROMPTS, constrained(0.0, json=json.dumps(SCHEMA)), use_tqdm=False)
+    for text, reason in texts(outs):
+        assert reason == "stop"
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_regex_choice_and_grammars(llm):
+    cases = [
+        (dict(regex=r"[0-9]{3}-[a-c]{2}"), lambda t: re.fullmatch(r"[0-9]{3}-[a-c]{2}", t)),
+        (
+            dict(choice=["positive", "negative", "neutral"]),
+            lambda t: t in ("positive", "negative", "neutral"),
+        ),
+        (
+            dict(grammar='root ::= "yes" | "no" | "maybe " [0-9]'),
+            lambda t: re.fullmatch(r"yes|no|maybe [0-9]", t),
+        ),
+        (dict(grammar='start: "x" DIGIT+\nDIGIT: /[0-9]/'), lambda t: re.fullmatch(r"x[0-9]+", t)),
+    ]
+    for so, ok in cases:
+        outs = llm.generate(PROMPTS, constrained(max_tokens=64, **so), use_tqdm=False)
+        for text, reason in texts(outs):
+            if reason == "length":
+                continue  # an unbounded repetition may run out of tokens; prefix checked below
+            assert reason == "stop" and ok(text), (so, text)
+        assert any(r == "stop" for _, r in texts(outs)), so
+
+
+def test_json_object(llm):
+    outs = llm.generate(PROMPTS, constrained(max_tokens=64, json_object=True), use_tqdm=False)
+    for text, reason in texts(outs):
+        assert text.startswith("{")
+        if reason == "stop":
+            assert isinstance(json.loads(text), dict)
+
+
+def test_unconstrained_control_does_not_match(llm):
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.8, seed=7, n=2, max_tokens=48))
+    for text, _ in texts(outs):
+        assert not re.fullmatch(r"[0-9]{3}-[a-c]{2}", text)
+        with pytest.raises(ValueError):  # JSONDecodeError is a ValueError
+            json.loads(text)
+
+
+def test_eos_only_where_the_grammar_accepts(llm):
+    eos = llm.tokenizer.eos_token_id
+    params = constrained(0.0, json=SCHEMA).replace(logit_bias={eos: 100.0})
+    for text, reason in texts(llm.generate(PROMPTS, params, use_tqdm=False)):
+        assert reason == "stop"
+        jsonschema.validate(json.loads(text), SCHEMA)
+    free = SamplingParams(temperature=0.0, max_tokens=8, logit_bias={eos: 100.0})
+    assert all(o.outputs[0].token_ids == [eos] for o in llm.generate(PROMPTS, free))
+
+
+def test_max_tokens_mid_structure_is_length(llm):
+    outs = llm.generate(PROMPTS, constrained(max_tokens=3, json=SCHEMA), use_tqdm=False)
+    for text, reason in texts(outs):
+        assert reason == "length"
+        assert text.startswith("{")
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text)
+
+
+def test_mixed_batch_leaves_unconstrained_rows_alone(llm):
+    plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, plain, use_tqdm=False)]
+    params = [plain, constrained(json=SCHEMA)] * 2
+    mixed = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [mixed[0].outputs[0].token_ids, mixed[2].outputs[0].token_ids] == alone[::2]
+    for o in mixed[1::2]:
+        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
+
+
+def test_overlapped_steps_keep_constraints(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    llm.runner.can_overlap = True
+    plain = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    outs = llm.generate(PROMPTS * 2, [plain] * 4 + [constrained(json=SCHEMA)] * 4)
+    for o in outs[4:]:
+        for c in o.outputs:
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+    assert llm.num_free_blocks == llm.num_kv_blocks
+
+
+def test_one_compilation_per_constraint(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    llm.generate(PROMPTS, constrained(json=SCHEMA), use_tqdm=False)
+    llm.generate(PROMPTS, constrained(json=json.loads(json.dumps(SCHEMA))), use_tqdm=False)
+    llm.generate(PROMPTS[:1], constrained(regex="a+"), use_tqdm=False)
+    assert len(llm.runner.structured._compiled) == 2
+
+
+@pytest.mark.parametrize(
+    "so,match",
+    [
+        (dict(json="{not json"), "invalid structured_outputs.json"),
+        (dict(regex="a(b"), "invalid structured_outputs.regex"),
+        (dict(grammar="root ::= ("), "invalid structured_outputs.grammar"),
+        (dict(choice=[]), "non-empty list"),
+        (dict(choice="ab"), "non-empty list of non-empty strings"),
+        (dict(json=SCHEMA, regex="a"), "exactly one of json, regex"),
+        (dict(), "got none"),
+    ],
+)
+def test_bad_constraints_fail_when_params_are_built(so, match):
+    with pytest.raises(ValueError, match=match):
+        StructuredOutputsParams(**so)
+
+
+def test_params_round_trip_through_dicts():
+    p = SamplingParams.from_dict(
+        {"structured_outputs": {"choice": ["a", "b"]}, "logit_bias": {"5": -100}}
+    )
+    assert p.structured_outputs == StructuredOutputsParams(choice=["a", "b"])
+    assert p.logit_bias == {5: -100.0}
+    d = p.to_dict()
+    assert d["structured_outputs"] == {"choice": ["a", "b"]}
+    json.dumps(d)
+    assert SamplingParams.from_dict(d) == p
+
+
+def test_bounded_strings_never_hold_raw_control_characters(llm):
+    # xgrammar 0.2.9 alone lets a maxLength string take bytes < 0x20 (invalid JSON)
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "maxLength": 4},
+            "b": {"type": "string", "maxLength": 2},
+        },
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    params = constrained(1.0, max_tokens=64, json=schema).replace(n=4)
+    outs = llm.generate([f"row {i}" for i in range(8)], params, use_tqdm=False)
+    stopped = [t for t, r in texts(outs) if r == "stop"]
+    assert len(stopped) >= 16
+    for text in stopped:
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_ignore_eos_after_a_complete_structure_runs_on(llm):
+    params = constrained(0.0, max_tokens=24, choice=["yes", "no"]).replace(ignore_eos=True, n=1)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    for o in outs:
+        c = o.outputs[0]
+        assert c.finish_reason == "length" and len(c.token_ids) == 24
+        assert c.text.startswith(("yes", "no"))

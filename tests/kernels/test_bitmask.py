@@ -1,0 +1,54 @@
+import pytest
+import torch
+from kernel_utils import DEVICE, pick
+
+from tokenmill.engine.structured_output import (
+    apply_token_bitmask_torch_ as apply_token_bitmask_reference_,
+)
+from tokenmill.kernels.bitmask import apply_token_bitmask_
+
+
+def _random_bitmask(num_rows: int, vocab_size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    words = (vocab_size + 31) // 32
+    bits = torch.randint(0, 2**32, (num_rows, words), generator=gen, dtype=torch.int64)
+    return (bits - 2**31).to(torch.int32)  # every bit pattern, sign bit included
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_seqs,rows,vocab_size",
+    [(1, [0], 32), (4, [1, 3], 100), (5, [4, 0, 2], 1000), pick((3, [2], 2049), (256, [], 151936))],
+)
+def test_bitmask_matches_reference(dtype, num_seqs, rows, vocab_size):
+    if not rows:
+        rows = list(range(0, num_seqs, 2))
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(num_seqs, vocab_size, generator=gen).to(DEVICE, dtype)
+    bitmask = _random_bitmask(len(rows), vocab_size, seed=2).to(DEVICE)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=DEVICE)
+    expected = logits.clone()
+    apply_token_bitmask_reference_(expected, bitmask, rows_t)
+    apply_token_bitmask_(logits, bitmask, rows_t)
+    assert torch.equal(logits, expected)
+    untouched = [i for i in range(num_seqs) if i not in rows]
+    assert torch.isfinite(logits[untouched]).all()
+
+
+def test_reference_bit_order():
+    # word 0 = 0b101: tokens 0 and 2 allowed; word 1 = sign bit only: token 63 allowed
+    logits = torch.zeros(2, 64)
+    bitmask = torch.tensor([[0b101, -(2**31)]], dtype=torch.int32)
+    apply_token_bitmask_reference_(logits, bitmask, torch.tensor([1]))
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert allowed == [0, 2, 63]
+    assert torch.isfinite(logits[0]).all()
+    kernel_logits = torch.zeros(2, 64, device=DEVICE)
+    apply_token_bitmask_(kernel_logits, bitmask.to(DEVICE), torch.tensor([1], device=DEVICE))
+    assert torch.equal(kernel_logits.cpu(), logits)
+
+
+@pytest.mark.parametrize("apply", [apply_token_bitmask_, apply_token_bitmask_reference_])
+def test_bitmask_too_narrow_is_refused(apply):
+    with pytest.raises(AssertionError, match="covers 32 tokens"):
+        apply(torch.zeros(1, 33), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0]))

@@ -1,0 +1,74 @@
+"""Apply grammar token bitmasks to logits in place: disallowed tokens get -inf.
+
+A bitmask row packs one bit per vocab entry into int32 words, little-endian within a word
+(xgrammar's and llguidance's layout): token t is allowed iff bit t % 32 of word t // 32 is set.
+
+    vocab ids   0 .. 31 | 32 .. 63 | ...        words per row = ceil(vocab_size / 32)
+    bitmask     word 0  | word 1   | ...        e.g. word 0 = 0b101 -> tokens 0 and 2 allowed
+
+Only the constrained rows carry a mask: `rows[i]` is the logits row that bitmask row i covers,
+so one launch serves every constrained row of the batch and nothing is read back to the host.
+Grid: (num_masked_rows, cdiv(vocab_size, BLOCK)); BLOCK 1024 = 32 words per program, a few
+loads per thread, and a 150k vocab is ~150 programs per row: plenty to fill the GPU.
+
+The torch reference is the engine's CPU path, `tokenmill.engine.structured_output.
+apply_token_bitmask_torch_`; the kernel is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _apply_bitmask_kernel(
+    logits_ptr,
+    bitmask_ptr,
+    rows_ptr,
+    vocab_size,
+    stride_logits_row,
+    stride_bitmask_row,
+    BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_vocab = offs < vocab_size
+    row = tl.load(rows_ptr + i).to(tl.int64)
+    words = tl.load(bitmask_ptr + i * stride_bitmask_row + offs // 32, mask=in_vocab, other=0)
+    allowed = (words >> (offs % 32)) & 1
+    tl.store(
+        logits_ptr + row * stride_logits_row + offs,
+        tl.full([BLOCK], float("-inf"), tl.float32).to(logits_ptr.dtype.element_ty),
+        mask=in_vocab & (allowed == 0),
+    )
+
+
+def check_bitmask_args(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    assert logits.dim() == 2 and logits.stride(-1) == 1, "logits must be [num_seqs, vocab_size]"
+    assert bitmask.dtype == torch.int32 and bitmask.dim() == 2 and bitmask.is_contiguous(), (
+        "bitmask must be a contiguous int32 [num_masked_rows, ceil(vocab_size / 32)] tensor"
+    )
+    assert rows.dim() == 1 and rows.shape[0] == bitmask.shape[0], (
+        f"rows has {rows.shape[0]} entries but bitmask {bitmask.shape[0]} rows"
+    )
+    assert bitmask.shape[1] * 32 >= logits.shape[1], (
+        f"bitmask covers {bitmask.shape[1] * 32} tokens, logits have {logits.shape[1]}"
+    )
+    assert bitmask.device == logits.device == rows.device, "all tensors on one device"
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: logits[rows[i], t] = -inf wherever bit t of bitmask[i] is clear."""
+    # logits: [num_seqs, vocab_size]; bitmask: [num_masked_rows, ceil(vocab_size / 32)] int32
+    check_bitmask_args(logits, bitmask, rows)
+    if bitmask.shape[0] == 0:
+        return
+    vocab_size = logits.shape[1]
+    grid = (bitmask.shape[0], triton.cdiv(vocab_size, BLOCK))
+    _apply_bitmask_kernel[grid](
+        logits, bitmask, rows, vocab_size, logits.stride(0), bitmask.stride(0), BLOCK=BLOCK
+    )
