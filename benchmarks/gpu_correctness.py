@@ -62,7 +62,9 @@ def tiny_parity() -> dict:
         outs = llm.generate(
             PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
         )
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).cuda()
+        hf = AutoModelForCausalLM.from_pretrained(
+            d, dtype=torch.float32, attn_implementation="eager"
+        ).cuda()
         same = sum(hf_greedy(hf, p, 24) == o.outputs[0].token_ids for p, o in zip(PROMPTS, outs))
         rows[arch] = f"{same}/{len(PROMPTS)}"
         del llm, hf

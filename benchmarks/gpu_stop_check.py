@@ -98,7 +98,9 @@ def tiny_model_with_live_eos(tmp: str) -> tuple[Path, list[list[int]], int]:
             [3, 17, 33, 64, 5, 120, 48, 250, 1, 90, 7, 11, 29, 61, 2, 40, 80, 9, 15, 33] * 2
         )
     ]
-    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(DEVICE)
+    hf = AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32, attn_implementation="eager"
+    ).to(DEVICE)
     counts: collections.Counter = collections.Counter()
     for p in prompts[:20]:
         out = hf_generate(hf, p, 40, [-1])  # no stop: see what the model produces
@@ -113,7 +115,9 @@ def tiny_model_with_live_eos(tmp: str) -> tuple[Path, list[list[int]], int]:
 
 def check_tiny(rows: dict, failures: list) -> None:
     d, prompts, eos = tiny_model_with_live_eos(tempfile.mkdtemp())
-    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(DEVICE)
+    hf = AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32, attn_implementation="eager"
+    ).to(DEVICE)
     eos_ids = [eos, 2]  # the config's EOS and the tokenizer's </s>
     ref = [hf_generate(hf, p, 48, None) for p in prompts]
     num_stopped = sum(1 for r in ref if r and r[-1] in eos_ids)

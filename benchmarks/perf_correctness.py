@@ -74,7 +74,9 @@ def graph_parity() -> tuple[dict, bool]:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         stats = llm.stats
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).cuda()
+        hf = AutoModelForCausalLM.from_pretrained(
+            d, dtype=torch.float32, attn_implementation="eager"
+        ).cuda()
         same = sum(
             hf_greedy(hf, p, n) == o.outputs[0].token_ids
             for p, n, o in zip(PROMPTS, MAX_TOKENS, outs)
