@@ -79,9 +79,15 @@ class RequestTimer:
         )
 
 
+# JSON leaves these unescaped, but line readers that follow str.splitlines() (httpx's
+# aiter_lines among them) end a line at each: one model-generated U+2028 cut an event in two.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: Any) -> str:
+    """One server-sent event: `data: <json>` on a single line, whatever the text holds."""
     body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {body}\n\n"
+    return f"data: {body.translate(_LINE_BREAKS)}\n\n"
 
 
 async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
