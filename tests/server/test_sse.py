@@ -17,6 +17,6 @@ from tokenmill.server.serving import sse
 def test_an_event_is_one_line_and_round_trips(text):
     event = sse({"choices": [{"text": text}]})
     assert event.endswith("\n\n")
-    lines = event.splitlines()
+    lines = event[:-2].splitlines()
     assert len(lines) == 1 and lines[0].startswith("data: ")
     assert json.loads(lines[0][len("data: ") :])["choices"][0]["text"] == text
