@@ -24,6 +24,11 @@ def http(server):
         yield c
 
 
+# The stall these tests guard against froze every stream for 12-25 s; a loaded 2-core CI
+# machine can delay one chunk by a second on its own, so the bar sits between the two.
+MAX_GAP_S = 2.5
+
+
 def _stream_gaps(server, during) -> tuple[list[float], object]:
     """Stream a long chat completion; run `during()` once it is streaming. Returns the gaps
     between chunks received while `during` ran, and what `during` returned."""
@@ -74,7 +79,7 @@ def test_5mb_prompt_is_refused_early_and_other_streams_keep_flowing(server):
     err = assert_error_shape(resp, 400)
     assert err["param"] == "prompt" and err["code"] == "prompt_too_large"
     assert "bytes" in err["message"] and "--max-prompt-bytes" in err["message"]
-    assert gaps and max(gaps) < 1.0, f"a stream stalled for {max(gaps):.2f}s"
+    assert gaps and max(gaps) < MAX_GAP_S, f"a stream stalled for {max(gaps):.2f}s"
 
 
 def test_tokenizing_a_big_prompt_does_not_stall_streams(tiny_model_dir):
@@ -95,7 +100,7 @@ def test_tokenizing_a_big_prompt_does_not_stall_streams(tiny_model_dir):
         gaps, resp = _stream_gaps(server, post_big)
     err = assert_error_shape(resp, 400)
     assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
-    assert gaps and max(gaps) < 1.0, f"a stream stalled for {max(gaps):.2f}s"
+    assert gaps and max(gaps) < MAX_GAP_S, f"a stream stalled for {max(gaps):.2f}s"
 
 
 def test_body_over_the_limit_is_413(server, http):
