@@ -19,3 +19,32 @@ def test_cli_help_does_not_import_torch():
     code = "import sys, tokenmill.cli.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# What each layer may import of ours (STYLE.md): cli -> io / server / bench / ray -> engine ->
+# kernels. Checked on the source text, so a lazy import inside a function counts too.
+_MAY_NOT_IMPORT = {
+    "kernels": ("engine", "io", "server", "bench", "cli", "ray"),
+    "engine": ("io", "server", "bench", "cli", "ray"),
+}
+
+
+def test_imports_run_one_way():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "tokenmill"
+    wrong = []
+    for layer, banned in _MAY_NOT_IMPORT.items():
+        for path in sorted((root / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "tokenmill" and len(parts) > 1 and parts[1] in banned:
+                        wrong.append(f"{path.relative_to(root.parent)}:{node.lineno} {name}")
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)

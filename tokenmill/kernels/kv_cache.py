@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.attention_torch import write_kv_torch
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -97,7 +99,5 @@ def write_kv(
 
 
 def write_kv_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Torch reference: the engine's `write_kv_torch` (kept there so CPU runs need no Triton)."""
-    from tokenmill.engine.attention import write_kv_torch
-
+    """Torch reference (tokenmill.kernels.attention_torch, which CPU runs use without Triton)."""
     write_kv_torch(k, v, k_cache, v_cache, slot_mapping)

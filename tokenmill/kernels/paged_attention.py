@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.engine.attention import AttentionMetadata, paged_attention_torch
+from tokenmill.kernels.attention_torch import paged_attention_torch
 
 LOG2E = 1.4426950408889634
 # Fewest keys a decode split handles: below ~4 key tiles, the partial write and the reduce cost
@@ -579,8 +579,6 @@ def paged_attention_decode(
     return out
 
 
-def paged_attention_reference(
-    q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window=None, softcap=None
-):
-    """Torch reference: the engine's per-sequence SDPA over gathered blocks."""
+def paged_attention_reference(q, k_cache, v_cache, meta, scale: float, window=None, softcap=None):
+    """Torch reference (kernels/attention_torch.py): per-sequence SDPA over gathered blocks."""
     return paged_attention_torch(q, k_cache, v_cache, meta, scale, window, softcap)
