@@ -38,18 +38,31 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt) :].tolist()
 
 
+def tiny_gpu_model(arch: str) -> Path:
+    """A tiny float32 checkpoint of `arch` with head_dim 16: the Triton kernels take
+    power-of-two head sizes (others fall back to the torch backend)."""
+    heads = ARCHS[arch][1]["num_attention_heads"]
+    return make_tiny_model(
+        tempfile.mkdtemp(),
+        arch=arch,
+        max_position_embeddings=1024,
+        hidden_size=16 * heads,
+        head_dim=16,
+    )
+
+
+def hf_reference(model_dir: Path):
+    """transformers on the GPU with eager attention: the exact float32 reference (sdpa and
+    flash attention drop Gemma 2's score soft-capping)."""
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).cuda()
+
+
 def tiny_parity() -> dict:
     rows = {}
     for arch in ARCHS:
-        # head_dim 16: the Triton kernels take power-of-two head sizes (others fall back to torch)
-        heads = ARCHS[arch][1]["num_attention_heads"]
-        d = make_tiny_model(
-            tempfile.mkdtemp(),
-            arch=arch,
-            max_position_embeddings=1024,
-            hidden_size=16 * heads,
-            head_dim=16,
-        )
+        d = tiny_gpu_model(arch)
         llm = LLM(
             model=str(d),
             dtype="float32",
@@ -62,9 +75,7 @@ def tiny_parity() -> dict:
         outs = llm.generate(
             PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
         )
-        hf = AutoModelForCausalLM.from_pretrained(
-            d, dtype=torch.float32, attn_implementation="eager"
-        ).cuda()
+        hf = hf_reference(d)
         same = sum(hf_greedy(hf, p, 24) == o.outputs[0].token_ids for p, o in zip(PROMPTS, outs))
         rows[arch] = f"{same}/{len(PROMPTS)}"
         del llm, hf

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,39 +19,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from factories import ARCHS, make_tiny_model  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from factories import ARCHS  # noqa: E402
+from gpu_correctness import PROMPTS, hf_greedy, hf_reference, tiny_gpu_model  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.engine.sampler import top_k_top_p_min_p_mask  # noqa: E402
 from tokenmill.kernels.sampling import sample, sample_tokens, sampling_thresholds  # noqa: E402
 
-PROMPTS = [
-    [(7 * i + 3 * j) % 300 + 5 for j in range(n)]
-    for i, n in enumerate([3, 17, 33, 64, 5, 120, 48, 250, 1, 90])
-]
 MAX_TOKENS = [24, 5, 17, 9, 30, 12, 3, 20, 7, 14]  # staggered: admissions while others decode
-
-
-def hf_greedy(model, prompt, n):
-    ids = torch.tensor([prompt], device="cuda")
-    out = model.generate(
-        ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 def graph_parity() -> tuple[dict, bool]:
     rows, ok = {}, True
     for arch in ARCHS:
-        heads = ARCHS[arch][1]["num_attention_heads"]
-        d = make_tiny_model(
-            tempfile.mkdtemp(),
-            arch=arch,
-            max_position_embeddings=1024,
-            hidden_size=16 * heads,
-            head_dim=16,  # the Triton kernels take power-of-two head sizes
-        )
+        d = tiny_gpu_model(arch)
         llm = LLM(
             model=str(d),
             dtype="float32",
@@ -74,9 +56,7 @@ def graph_parity() -> tuple[dict, bool]:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         stats = llm.stats
-        hf = AutoModelForCausalLM.from_pretrained(
-            d, dtype=torch.float32, attn_implementation="eager"
-        ).cuda()
+        hf = hf_reference(d)
         same = sum(
             hf_greedy(hf, p, n) == o.outputs[0].token_ids
             for p, n, o in zip(PROMPTS, MAX_TOKENS, outs)
