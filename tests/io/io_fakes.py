@@ -10,6 +10,7 @@ import random
 import zlib
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.stats import EngineStats
 
 
 class WordTokenizer:
@@ -53,9 +54,7 @@ class FakeEngine:
         self.added: list[str] = []  # request ids in the order they were queued
         self.finish_order: list[str] = []
         self.aborted: list[str] = []
-        if stats is None:  # the real counters, advanced by hand (importing them costs seconds)
-            from tokenmill.engine.llm import EngineStats
-
+        if stats is None:  # the real counters (a plain dataclass), advanced by hand
             stats = EngineStats()
         self.stats = stats
         self.max_unfinished = 0

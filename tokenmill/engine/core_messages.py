@@ -16,6 +16,7 @@ from typing import Any
 from tokenmill.engine.input_processor import ModelLimits
 from tokenmill.engine.outputs import Logprob
 from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.stats import EngineStats
 
 
 @dataclass
@@ -71,30 +72,12 @@ class OutputDelta:
 
 
 @dataclass
-class CoreStats:
-    """Engine state after a step, for /metrics and /health."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_kv_blocks: int = 0
-    num_free_blocks: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-    num_scheduled_seqs_total: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-
-
-@dataclass
 class CoreOutput:
     """Core -> front end, once per step: every request that moved, and the adds it refused."""
 
     outputs: list[OutputDelta]
     rejected: dict[str, str]  # request id -> why add_request refused it
-    stats: CoreStats
+    stats: EngineStats
 
 
 @dataclass
@@ -105,5 +88,5 @@ class CoreInfo:
     model_info: dict[str, Any] = field(default_factory=dict)
     model_dir: str = ""
     model_name: str = ""
-    stats: CoreStats = field(default_factory=CoreStats)  # before the first step
+    stats: EngineStats = field(default_factory=EngineStats)  # before the first step
     error: str | None = None

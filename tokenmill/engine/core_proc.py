@@ -18,6 +18,7 @@ crash or a kill -9). Set `on_output` / `on_dead` before `start()`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import queue
@@ -31,11 +32,11 @@ from tokenmill.engine.core_messages import (
     CoreInfo,
     CoreOutput,
     CoreRequest,
-    CoreStats,
     OutputDelta,
 )
 from tokenmill.engine.input_processor import ModelLimits
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -138,22 +139,8 @@ class EngineCore:
             prompt_logprobs,
         )
 
-    def stats(self) -> CoreStats:
-        llm, s = self.llm, self.llm.stats
-        return CoreStats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_cache_usage=s.kv_cache_usage,
-            num_kv_blocks=llm.num_kv_blocks,
-            num_free_blocks=llm.num_free_blocks,
-            num_prompt_tokens=s.num_prompt_tokens,
-            num_generated_tokens=s.num_generated_tokens,
-            num_preemptions=s.num_preemptions,
-            num_steps=s.num_steps,
-            num_scheduled_seqs_total=s.num_scheduled_seqs_total,
-            prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits,
-        )
+    def stats(self) -> EngineStats:
+        return dataclasses.replace(self.llm.stats)  # a snapshot: the engine's object mutates
 
 
 def run_core(

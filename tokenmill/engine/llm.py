@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from tokenmill.engine.outputs import RequestMetrics, RequestOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.stats import EngineStats
 
 
 def eos_token_ids_of(model_dir: Path, hf_config) -> list[int]:
@@ -48,33 +49,6 @@ def needs_sync(req: Request) -> bool:
 
 
 Prompt = str | list[int]
-
-
-@dataclass
-class EngineStats:
-    """Counters since the engine started; the gauges describe the current moment."""
-
-    num_steps: int = 0
-    num_preemptions: int = 0
-    num_scheduled_seqs_total: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    graph_steps: int = 0  # forward passes replayed from CUDA graphs (docs/cuda_graphs.md)
-    eager_steps: int = 0  # forward passes run eagerly (CPU, enforce_eager, > 2,048 tokens)
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.num_scheduled_seqs_total / self.num_steps if self.num_steps else 0.0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        q = self.prefix_cache_queries
-        return self.prefix_cache_hits / q if q else 0.0
 
 
 class LLM:
@@ -178,6 +152,7 @@ class LLM:
         s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.kv_cache_usage = bm.usage
         s.graph_steps, s.eager_steps = self.runner.num_graph_steps, self.runner.num_eager_steps
+        s.num_kv_blocks, s.num_free_blocks = bm.num_blocks, bm.num_free_blocks
         return s
 
     # ---- tokens ------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tokenmill.engine.config import EngineConfig
-from tokenmill.engine.core_messages import CoreOutput, CoreRequest, CoreStats, EngineRequest
+from tokenmill.engine.core_messages import CoreOutput, CoreRequest, EngineRequest
 from tokenmill.engine.core_proc import ProcCore, ThreadCore
 from tokenmill.engine.input_processor import InputError, InputProcessor
 from tokenmill.engine.output_assembler import OutputAssembler
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class AsyncEngine:
         self.core = core
         self.info = core.info
         self.limits = core.info.limits
-        self.stats: CoreStats = core.info.stats
+        self.stats: EngineStats = core.info.stats
         self.num_aborted = 0
         self.on_dead: Callable[[str], None] = lambda message: None
         self._loop: asyncio.AbstractEventLoop | None = None

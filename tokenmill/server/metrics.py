@@ -1,7 +1,7 @@
 """/metrics through prometheus_client: vLLM's metric names with the `tokenmill:` prefix, every
 series labelled `model_name`.
 
-Engine gauges and counters are read at scrape time from the last CoreStats the engine core sent
+Engine gauges and counters are read at scrape time from the last EngineStats the engine core sent
 (a collector, so they are never copied twice); request latencies are histograms observed by the
 handlers on the event loop. Each app has its own CollectorRegistry, so several servers (tests)
 can live in one process.
@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from tokenmill.engine.core_messages import CoreStats
+from tokenmill.engine.stats import EngineStats
 
 PREFIX = "tokenmill:"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -26,7 +26,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 FINISH_REASONS = ("stop", "length", "abort")
 
-# name (without prefix) -> (help, CoreStats field); gauges describe now, counters since start.
+# name (without prefix) -> (help, EngineStats field); gauges describe now, counters since start.
 _GAUGES = {
     "num_requests_running": ("Requests in the running batch.", "num_running"),
     "num_requests_waiting": ("Requests waiting to be scheduled.", "num_waiting"),
@@ -52,7 +52,7 @@ _COUNTERS = {
 
 
 class _EngineCollector:
-    """Engine state (CoreStats) and finished-request counts, read at scrape time."""
+    """Engine state (EngineStats) and finished-request counts, read at scrape time."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.m = metrics
@@ -85,7 +85,7 @@ class ServerMetrics:
     def __init__(
         self,
         model_name: str,
-        stats: Callable[[], CoreStats],
+        stats: Callable[[], EngineStats],
         num_aborted: Callable[[], int] = lambda: 0,
     ) -> None:
         self.model_name, self.stats, self.num_aborted = model_name, stats, num_aborted
