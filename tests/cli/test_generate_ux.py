@@ -26,6 +26,21 @@ def rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def generate_into_log(log: Path, *args: str, env=None) -> tuple[int, str]:
+    """`tokenmill generate ARGS` in a real process whose output goes to a file, as under cron or
+    SLURM (not a terminal); returns the exit code and the log's text."""
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tokenmill", "generate", *args],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            env=env,
+        )
+    return proc.returncode, log.read_text()
+
+
 def test_log_progress_shows_finished_rows_and_rates_before_the_first_row_is_written(
     tiny_model_dir, tmp_path
 ):
@@ -36,22 +51,14 @@ def test_log_progress_shows_finished_rows_and_rates_before_the_first_row_is_writ
         f.write(json.dumps({"id": "r0", "prompt": "Once", "sampling": {"max_tokens": 400}}) + "\n")
         for i in range(1, 30):
             f.write(json.dumps({"id": f"r{i}", "prompt": f"{i}: The quick brown fox"}) + "\n")
-    log = tmp_path / "job.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [
-                *(sys.executable, "-m", "tokenmill", "generate", str(inp)),
-                *("-o", str(tmp_path / "out.jsonl"), "--model", str(tiny_model_dir)),
-                *("--temperature", "0", "--max-tokens", "2", "--ignore-eos"),
-                *("--progress-interval", "0"),
-            ],
-            cwd=ROOT,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            timeout=300,
-        )
-    text = log.read_text()
-    assert proc.returncode == exit_codes.OK, text
+    code, text = generate_into_log(
+        tmp_path / "job.log",
+        str(inp),
+        *("-o", str(tmp_path / "out.jsonl"), "--model", str(tiny_model_dir)),
+        *("--temperature", "0", "--max-tokens", "2", "--ignore-eos"),
+        *("--progress-interval", "0"),
+    )
+    assert code == exit_codes.OK, text
     assert len(rows(tmp_path / "out.jsonl")) == 30
     line = re.compile(
         r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ rows finished (\d+)/30 \(\d+\.\d%\) written (\d+) "
@@ -198,20 +205,11 @@ def test_gguf_conversion_in_a_log_has_no_progress_bar(tiny_model_dir, tmp_path, 
     gguf_path = test_loader.write_llama_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt": "hello"}\n')
-    log = tmp_path / "job.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [
-                *(sys.executable, "-m", "tokenmill", "generate", str(inp)),
-                *("--model", str(gguf_path), "--max-tokens", "2"),
-            ],
-            cwd=ROOT,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            timeout=300,
-            env={**os.environ, "TOKENMILL_CACHE": str(tmp_path / "cache")},
-        )
-    text = log.read_text()
-    assert proc.returncode == exit_codes.OK, text
+    code, text = generate_into_log(
+        tmp_path / "job.log",
+        *(str(inp), "--model", str(gguf_path), "--max-tokens", "2"),
+        env={**os.environ, "TOKENMILL_CACHE": str(tmp_path / "cache")},
+    )
+    assert code == exit_codes.OK, text
     assert (tmp_path / "cache" / "gguf").is_dir()  # the conversion did run
     assert "\r" not in text and "it/s" not in text, text

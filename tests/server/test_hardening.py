@@ -64,18 +64,19 @@ def _stream_gaps(server, during) -> tuple[list[float], object]:
     return gaps, result["value"]
 
 
+def _poster(server, prompt: str):
+    """A call that posts `prompt` as one completion request and returns the response."""
+    return lambda: httpx.post(
+        server.base_url + "/completions",
+        headers={"Authorization": f"Bearer {server.api_key}"},
+        json={"model": server.model, "prompt": prompt, "max_tokens": 4},
+        timeout=60,
+    )
+
+
 def test_5mb_prompt_is_refused_early_and_other_streams_keep_flowing(server):
     big = "The quick brown fox. " * 250_000  # about 5 MB, under the 8 MiB body limit
-
-    def post_big():
-        return httpx.post(
-            server.base_url + "/completions",
-            headers={"Authorization": f"Bearer {server.api_key}"},
-            json={"model": server.model, "prompt": big, "max_tokens": 4},
-            timeout=60,
-        )
-
-    gaps, resp = _stream_gaps(server, post_big)
+    gaps, resp = _stream_gaps(server, _poster(server, big))
     err = assert_error_shape(resp, 400)
     assert err["param"] == "prompt" and err["code"] == "prompt_too_large"
     assert "bytes" in err["message"] and "--max-prompt-bytes" in err["message"]
@@ -88,16 +89,7 @@ def test_tokenizing_a_big_prompt_does_not_stall_streams(tiny_model_dir):
     limits = ServerLimits(max_prompt_bytes=2_000_000)
     with running_server(tiny_model_dir, engine_process=False, limits=limits) as server:
         big = "The quick brown fox. " * 30_000  # 600 kB: far past the 512-token context
-
-        def post_big():
-            return httpx.post(
-                server.base_url + "/completions",
-                headers={"Authorization": f"Bearer {server.api_key}"},
-                json={"model": server.model, "prompt": big, "max_tokens": 4},
-                timeout=60,
-            )
-
-        gaps, resp = _stream_gaps(server, post_big)
+        gaps, resp = _stream_gaps(server, _poster(server, big))
     err = assert_error_shape(resp, 400)
     assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
     assert gaps and max(gaps) < MAX_GAP_S, f"a stream stalled for {max(gaps):.2f}s"
