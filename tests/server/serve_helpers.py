@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -123,3 +125,39 @@ def running_server(
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def start_serve(model_dir, tmp_path, *extra: str, env=None) -> tuple[subprocess.Popen, str]:
+    """`tokenmill serve` in a real subprocess on a free port (log: tmp_path/serve.log), once its
+    /health answers; returns the process and its base URL."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "8MiB",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "tokenmill serve did not come up"
+        time.sleep(0.2)

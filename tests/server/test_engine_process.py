@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +12,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from serve_helpers import free_port, running_server
+from serve_helpers import running_server, start_serve
 
 
 def test_kill_9_of_the_engine_process_fails_waiting_requests(tiny_model_dir):
@@ -65,40 +63,6 @@ def test_kill_9_of_the_engine_process_fails_waiting_requests(tiny_model_dir):
         assert died and "exit code -9" in died[0]
 
 
-def _start_serve(model_dir, tmp_path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "tokenmill",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--kv-cache-memory",
-        "8MiB",
-        "--log-level",
-        "warning",
-        *extra,
-    ]
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "tokenmill serve did not come up"
-        time.sleep(0.2)
-
-
 def _engine_processes(pid: int) -> list[psutil.Process]:
     """The engine-core child (multiprocessing's resource tracker is a child too: skip it)."""
     return [
@@ -138,7 +102,7 @@ def _running_line(url: str) -> str:
 
 @pytest.mark.slow
 def test_sigterm_stops_the_server_within_the_shutdown_timeout(tiny_model_dir, tmp_path):
-    proc, url = _start_serve(tiny_model_dir, tmp_path, "--shutdown-timeout", "1")
+    proc, url = start_serve(tiny_model_dir, tmp_path, "--shutdown-timeout", "1")
     try:
         engine_pids = [p.pid for p in _engine_processes(proc.pid)]
         assert engine_pids, "no engine-core process"
@@ -163,7 +127,7 @@ def test_sigterm_stops_the_server_within_the_shutdown_timeout(tiny_model_dir, tm
 
 @pytest.mark.slow
 def test_serve_exits_nonzero_when_the_engine_process_dies(tiny_model_dir, tmp_path):
-    proc, url = _start_serve(tiny_model_dir, tmp_path)
+    proc, url = start_serve(tiny_model_dir, tmp_path)
     try:
         (engine,) = _engine_processes(proc.pid)
         engine.kill()
