@@ -48,3 +48,17 @@ def test_imports_run_one_way():
                     if parts[0] == "tokenmill" and len(parts) > 1 and parts[1] in banned:
                         wrong.append(f"{path.relative_to(root.parent)}:{node.lineno} {name}")
     assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_unconstrained_generation_never_loads_the_grammar_library(tiny_model_dir):
+    """xgrammar (and its native runtime) loads only for a constrained request: plain batch jobs
+    and machines without it (the GPU image has none) must not depend on it."""
+    code = (
+        "import sys\n"
+        "from tokenmill import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_model_dir)!r}, device='cpu', kv_cache_memory='8MiB')\n"
+        "llm.generate(['hello'], SamplingParams(max_tokens=3), use_tqdm=False)\n"
+        "print('xgrammar' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout

@@ -174,11 +174,10 @@ class StructuredOutputManager:
         Returns (bitmask [num_constrained, ceil(vocab_size / 32)] int32 on the CPU, their row
         indices in reqs), or None when no row is constrained.
         """
-        import xgrammar as xgr
-
         rows = [i for i, r in enumerate(reqs) if r.params.structured_outputs is not None]
         if not rows:
             return None
+        import xgrammar as xgr  # NOTE: only here: unconstrained steps never load it
         self.prefetch([reqs[i] for i in rows])
         states = [self._states[reqs[i]] for i in rows]
         matchers = [s.synced(reqs[i]) for s, i in zip(states, rows)]
