@@ -178,6 +178,7 @@ class StructuredOutputManager:
         if not rows:
             return None
         import xgrammar as xgr  # NOTE: only here: unconstrained steps never load it
+
         self.prefetch([reqs[i] for i in rows])
         states = [self._states[reqs[i]] for i in rows]
         matchers = [s.synced(reqs[i]) for s, i in zip(states, rows)]
