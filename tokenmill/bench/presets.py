@@ -140,12 +140,24 @@ def preset_config(arch: str):
 
 
 def make_dummy_checkpoint(
-    arch: str, dtype: str = "bfloat16", device: str = "auto", seed: int = 0
+    arch: str, dtype: str = "bfloat16", device: str = "auto", seed: int = 0, weights: bool = True
 ) -> Path:
-    """Save a random-weight checkpoint of `arch` (made on `device`) and return its directory."""
+    """Save a random-weight checkpoint of `arch` (made on `device`) and return its directory.
+
+    weights=False writes config.json only, for an engine with load_format="dummy": a 30B
+    shape's 61 GB of weights never touch the disk (the peer, which reads them, needs True).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    if not weights:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config = preset_config(arch)
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        out = Path(tempfile.mkdtemp(prefix=f"tokenmill-{arch}-"))
+        config.save_pretrained(out)
+        return out
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = (

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from tokenmill.bench.presets import PRESETS
 from tokenmill.bench.workloads import DEFAULT_INPUT_LEN, DEFAULT_NUM_PROMPTS, DEFAULT_OUTPUT_LEN
 from tokenmill.cli import options as o
 
@@ -75,10 +76,7 @@ def throughput(
     ] = False,
     arch: Annotated[
         str,
-        typer.Option(
-            help="Preset for --dummy-weights: qwen3-0.6b, "
-            "llama-3.2-1b, llama-3.1-8b, qwen2.5-1.5b, smollm2-135m."
-        ),
+        typer.Option(help=f"Preset for --dummy-weights: {', '.join(PRESETS)}."),
     ] = "qwen3-0.6b",
     peer: Annotated[
         str | None,
@@ -113,8 +111,14 @@ def throughput(
     if dummy_weights:
         if model is not None:
             raise typer.BadParameter("--dummy-weights and --model exclude each other")
-        model = str(make_dummy_checkpoint(arch, dtype=dtype, device=device, seed=seed))
-    config = o.engine_config_from(locals(), skip_tokenizer_init=dummy_weights)
+        # Only the transformers peer reads weights from disk; the engine makes its own.
+        model = str(
+            make_dummy_checkpoint(arch, dtype=dtype, device=device, seed=seed, weights=peer == "hf")
+        )
+    load_format = "dummy" if dummy_weights and peer != "hf" else "auto"
+    config = o.engine_config_from(
+        locals(), skip_tokenizer_init=dummy_weights, load_format=load_format
+    )
     if workload == "nano" and dataset is None and num_prompts is None and _on_cpu(device):
         typer.echo(CPU_HINT, err=True)
     llm = LLM.from_config(config)

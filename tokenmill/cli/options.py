@@ -67,9 +67,10 @@ Threads = Annotated[
     ),
 ]
 
-# Every engine field but skip_tokenizer_init (set by commands, not by users) is an option.
+# Every engine field but those set by commands, not by users, is an option.
+_SET_BY_COMMANDS = ("skip_tokenizer_init", "load_format")
 ENGINE_DEFAULTS = {
-    f.name: f.default for f in fields(EngineConfig) if f.name != "skip_tokenizer_init"
+    f.name: f.default for f in fields(EngineConfig) if f.name not in _SET_BY_COMMANDS
 }
 
 # Sampling options -------------------------------------------------------------------------------

@@ -127,8 +127,17 @@ class EngineConfig:
         default=False,
         metadata={"help": "Load no tokenizer: prompts must be token ids, outputs have no text."},
     )
+    load_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (read the checkpoint's weights) or dummy (random weights, only "
+            "config.json is read: for benchmarks of shapes too big to write to disk)."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy (got {self.load_format!r})")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.device not in DEVICES:

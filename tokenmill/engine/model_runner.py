@@ -21,6 +21,7 @@ import torch
 
 from tokenmill.engine.attention import AttentionMetadata, get_attention_backend, set_forward_context
 from tokenmill.engine.config import MIN_KV_TOKENS_PER_SEQ, EngineConfig
+from tokenmill.engine.dummy_weights import init_dummy_weights
 from tokenmill.engine.loader import load_weights
 from tokenmill.engine.models.registry import model_class
 from tokenmill.engine.outputs import Logprob
@@ -89,7 +90,9 @@ class ModelRunner:
                 self.model = cls(hf_config, self.backend, max_position=max_model_len + 1)
         finally:
             torch.set_default_dtype(prev_dtype)
-        if model_dir is not None:
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        elif model_dir is not None:
             load_weights(self.model, model_dir)
         self.model.eval()
         use_triton = self.device.type == "cuda" and self.backend.name == "triton"
