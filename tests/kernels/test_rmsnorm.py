@@ -43,6 +43,21 @@ def test_rms_norm_strided_rows_and_eps():
     assert rms_norm(view, weight, 100.0).abs().max() < rms_norm(view, weight, 1e-6).abs().max()
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3, 37])
+def test_rms_norm_heads_of_a_fused_projection_in_place(num_tokens):
+    # q heads sliced out of a fused qkv output: [num_tokens, num_heads, head_dim] whose token
+    # stride is the qkv width. 37 tokens x 4 heads = 148 rows: not a multiple of a tile's rows.
+    num_heads, head_dim = 4, 32
+    qkv, _, weight = _inputs((num_tokens, (num_heads + 4) * head_dim), torch.float32, seed=2)
+    q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    weight = weight[:head_dim].contiguous()
+    before = qkv.clone()
+    out = rms_norm(q, weight, 1e-6)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert_close(out, rms_norm_reference(q, weight, 1e-6), torch.float32)
+    assert torch.equal(qkv, before)  # read in place, never written
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="bit-exact rounding needs the compiled kernel")
 def test_rms_norm_bit_exact_bf16_on_gpu():
     x, residual, weight = _inputs((64, 1024), torch.bfloat16)

@@ -1,0 +1,100 @@
+"""GPU cost of a JSON-schema constraint on W2-sized traffic (issue 10), with the default model.
+
+    PYTHONPATH=. python3 benchmarks/structured_w2.py MODEL [--num-prompts 2000]
+
+Prompts: the `mixed` workload's 2,000 log-normal prompts (random token ids), T 0.8, top-p 0.95.
+1. constrained: every request under sample_data/person.schema.json (max_tokens 256);
+2. the same prompts unconstrained, each request given exactly the output length it had in run 1
+   (ignore_eos), so both runs schedule the same tokens and only the constraint differs.
+The ratio of the two walls is the constraint's cost. Prints one table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.workloads import mixed_workload
+from tokenmill.engine.sampling_params import StructuredOutputsParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(llm: LLM, prompts, params) -> tuple[float, list, dict]:
+    s0 = copy.copy(llm.stats)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    s1 = llm.stats
+    steps = s1.num_steps - s0.num_steps
+    return (
+        wall,
+        outs,
+        {
+            "steps": steps,
+            "graph": s1.graph_steps - s0.graph_steps,
+            "eager": s1.eager_steps - s0.eager_steps,
+            "mean_batch": (s1.num_scheduled_seqs_total - s0.num_scheduled_seqs_total) / steps,
+        },
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--num-prompts", type=int, default=2000)
+    args = ap.parse_args()
+    import jsonschema
+
+    schema = json.loads((ROOT / "sample_data/person.schema.json").read_text())
+    llm = LLM(args.model)
+    vocab = min(10_000, llm.hf_config.vocab_size)
+    prompts = [r.prompt for r in mixed_workload(args.num_prompts, vocab, seed=0).requests]
+    constrained = SamplingParams(
+        temperature=0.8,
+        top_p=0.95,
+        max_tokens=256,
+        seed=0,
+        structured_outputs=StructuredOutputsParams(json=schema),
+    )
+    llm.generate(prompts[:8], constrained, use_tqdm=False)  # warm-up: compile the grammar
+    wall_c, outs_c, st_c = timed(llm, prompts, constrained)
+    lens = [len(o.outputs[0].token_ids) for o in outs_c]
+    valid = 0
+    for o in outs_c:
+        try:
+            jsonschema.validate(json.loads(o.outputs[0].text), schema)
+            valid += 1
+        except Exception:
+            pass
+    plain = [
+        SamplingParams(temperature=0.8, top_p=0.95, max_tokens=n, ignore_eos=True, seed=0)
+        for n in lens
+    ]
+    llm.generate(prompts[:8], plain[:8], use_tqdm=False)
+    wall_p, outs_p, st_p = timed(llm, prompts, plain)
+    tokens = sum(lens)
+    assert sum(len(o.outputs[0].token_ids) for o in outs_p) == tokens
+    print(f"card: {torch.cuda.get_device_name(0)}; {len(prompts)} prompts, {tokens} output tokens")
+    print(f"constrained outputs valid against the schema: {valid}/{len(prompts)}")
+    print("\n| run | wall s | out tok/s | steps | graph/eager | mean batch | ms/step |")
+    print("|---|---|---|---|---|---|---|")
+    for name, wall, st in (("json schema", wall_c, st_c), ("unconstrained", wall_p, st_p)):
+        print(
+            f"| {name} | {wall:.2f} | {tokens / wall:,.0f} | {st['steps']} | "
+            f"{st['graph']}/{st['eager']} | {st['mean_batch']:.0f} | "
+            f"{1000 * wall / st['steps']:.2f} |"
+        )
+    print(f"\nconstraint cost: {wall_c / wall_p:.2f}x the unconstrained wall")
+
+
+if __name__ == "__main__":
+    main()

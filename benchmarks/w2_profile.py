@@ -1,0 +1,198 @@
+"""Where W2's time goes (issue 8): every step of `bench throughput --workload mixed` timed and
+binned, host phases timed, and a torch.profiler window of kernels at steady state.
+
+    PYTHONPATH=. python3 benchmarks/w2_profile.py [--top-p 0.95] [--also-plain] [--arch A]
+
+The run is W2 as the bench runs it (qwen3-0.6b random weights, 2,000 log-normal requests,
+T 0.8, card-sized limits) driven step by step: per step, the host time of schedule /
+launch (execute_async) / land (read back + outputs), the step's wall time, its tokens, and
+whether it replayed a graph. Steps overlap on the GPU, so a step's wall is the device time
+when the device is the bottleneck and the host time when the host is. Prints tables last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.presets import make_dummy_checkpoint
+from tokenmill.bench.workloads import mixed_workload
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+PROFILE_WINDOW = (300, 330)
+
+KINDS = (
+    ("sampling", ("sampl", "threshold", "gumbel", "sort", "softmax", "topk", "cumsum")),
+    ("attention", ("attn", "attention", "paged", "flash")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "matmul", "xmma", "cublas")),
+    ("norm/rope/act", ("rms", "norm", "rotary", "rope", "silu", "act_and_mul")),
+    ("copy/other", ("",)),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "copy/other"
+
+
+def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
+    profile_window = PROFILE_WINDOW
+    params = [
+        SamplingParams(temperature=0.8, top_p=top_p, ignore_eos=True, max_tokens=r.max_tokens)
+        for r in wl.requests
+    ]
+    llm.generate([wl.requests[0].prompt], SamplingParams(max_tokens=8, top_p=top_p))  # warm
+    runner, sched = llm.runner, llm.scheduler
+    host = defaultdict(float)
+    last = {}
+
+    def timed(obj, name, key):
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            host[key] += time.perf_counter() - t0
+            if key == "schedule":
+                last["sched"] = out
+            return out
+
+        setattr(obj, name, wrapper)
+        return fn
+
+    orig = [
+        (sched, "schedule", timed(sched, "schedule", "schedule")),
+        (runner, "execute_async", timed(runner, "execute_async", "launch")),
+        (llm, "_land", timed(llm, "_land", "land")),
+    ]
+    for i, (r, p) in enumerate(zip(wl.requests, params)):
+        llm.add_request(f"w{i}", r.prompt, p, stream=False)
+    bins: dict[str, list] = defaultdict(lambda: [0, 0.0, 0])  # count, wall, tokens
+    prof_res = None
+    sync()
+    t_start = time.perf_counter()
+    step = 0
+    prof = None
+    while llm.has_unfinished_requests():
+        if step == profile_window[0]:
+            sync()
+            prof = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
+            prof.__enter__()
+            t_prof = time.perf_counter()
+        g0, e0 = runner.num_graph_steps, runner.num_eager_steps
+        t0 = time.perf_counter()
+        llm.step()
+        wall = time.perf_counter() - t0
+        s = last.get("sched")
+        ntok = sum(x.num_new_tokens for x in s.seqs) if s is not None else 0
+        decode = s is not None and all(x.num_new_tokens == 1 for x in s.seqs)
+        how = (
+            "graph"
+            if runner.num_graph_steps > g0
+            else "eager"
+            if runner.num_eager_steps > e0
+            else "-"
+        )
+        nseq = len(s.seqs) if s is not None else 0
+        size = (
+            f"decode-only {'<64' if nseq < 64 else '64-255' if nseq < 256 else '>=256'} seqs"
+            if decode
+            else "mixed <=2048"
+            if ntok <= 2048
+            else "mixed >2048"
+        )
+        b = bins[f"{size} ({how})"]
+        b[0], b[1], b[2] = b[0] + 1, b[1] + wall, b[2] + ntok
+        step += 1
+        if prof is not None and step == profile_window[1]:
+            sync()
+            prof_wall = (time.perf_counter() - t_prof) / (profile_window[1] - profile_window[0])
+            prof.__exit__(None, None, None)
+            prof_res = (prof.key_averages(), prof_wall, profile_window[1] - profile_window[0])
+            prof = None
+    sync()
+    total = time.perf_counter() - t_start
+    for obj, name, fn in orig:
+        setattr(obj, name, fn)
+    return {"total": total, "steps": step, "bins": dict(bins), "host": dict(host), "prof": prof_res}
+
+
+def report(name: str, wl, res: dict) -> None:
+    out_tokens = wl.num_output_tokens
+    print(
+        f"\n## {name}: {res['total']:.2f} s, {out_tokens / res['total']:,.0f} out tok/s, "
+        f"{res['steps']} steps"
+    )
+    print("| steps | count | wall s | ms/step | tokens/step |\n|---|---|---|---|---|")
+    for k, (n, wall, tok) in sorted(res["bins"].items(), key=lambda kv: -kv[1][1]):
+        print(f"| {k} | {n} | {wall:.2f} | {1e3 * wall / n:.2f} | {tok / n:.0f} |")
+    h = res["host"]
+    print(
+        "host s: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in h.items())
+        + f" (sum {sum(h.values()):.2f} of {res['total']:.2f})"
+    )
+    if res["prof"] is None:
+        return
+    ka, wall, n = res["prof"]
+    gpu = [e for e in ka if e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in gpu) / n / 1e3
+    by_kind = defaultdict(float)
+    for e in gpu:
+        by_kind[kind_of(e.key)] += e.self_device_time_total / n / 1e3
+    print(f"profile window ({n} steps): wall {wall * 1e3:.2f} ms/step, GPU busy {busy:.2f} ms/step")
+    print(
+        "by kind ms/step: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    )
+    print("| kernel | ms/step | calls/step |\n|---|---|---|")
+    for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"| {e.key[:60]} | {e.self_device_time_total / n / 1e3:.3f} | {e.count / n:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="qwen3-0.6b")
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--also-plain", action="store_true")
+    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--num-prompts", type=int, default=2000)
+    ap.add_argument("--profile-steps", default="300,330")
+    args = ap.parse_args()
+    global PROFILE_WINDOW
+    PROFILE_WINDOW = tuple(int(x) for x in args.profile_steps.split(","))
+    d = make_dummy_checkpoint(args.arch, weights=False)
+    # no prefix caching: the second run must not find the first run's prompts cached
+    llm = LLM(
+        str(d),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=False,
+    )
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(
+        f"card {card}; max_num_seqs {llm.config.max_num_seqs}, "
+        f"max_num_batched_tokens {llm.config.max_num_batched_tokens}"
+    )
+    wl = mixed_workload(args.num_prompts, min(10_000, llm.hf_config.vocab_size), seed=0)
+    report(f"W2 top-p {args.top_p}", wl, run(llm, wl, args.top_p))
+    if args.also_plain:
+        report("W2 plain temperature", wl, run(llm, wl, 1.0))
+
+
+if __name__ == "__main__":
+    main()
