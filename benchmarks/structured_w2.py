@@ -55,7 +55,8 @@ def main() -> None:
     import jsonschema
 
     schema = json.loads((ROOT / "sample_data/person.schema.json").read_text())
-    llm = LLM(args.model)
+    # no prefix caching: run 2 must not find run 1's prompts cached
+    llm = LLM(args.model, enable_prefix_caching=False)
     vocab = min(10_000, llm.hf_config.vocab_size)
     prompts = [r.prompt for r in mixed_workload(args.num_prompts, vocab, seed=0).requests]
     constrained = SamplingParams(
