@@ -52,3 +52,27 @@ def test_mixed_workload_is_a_fixed_log_normal_draw():
     assert min(outputs) >= 8 and max(outputs) <= 2000 and max(outputs) > 1500
     assert _lens(mixed_workload()) == (prompts, outputs)  # fixed seed
     assert all(0 <= t < 10_000 for r in wl.requests[:50] for t in r.prompt)
+
+
+def test_moe_floor_counts_active_experts_for_flops_and_touched_experts_for_bytes():
+    shape = ModelShape.from_hf_config(preset_config("qwen3-30b-a3b"))
+    assert shape.num_moe_layers == 48 and shape.num_experts == 128
+    # Qwen3-30B-A3B: 3.3B parameters active per token, 30.5B in all (each with the embedding)
+    embedding = shape.head_params
+    assert 3.1e9 < shape.body_params + shape.head_params + embedding < 3.5e9
+    everything = shape.attention_params + 48 * 128 * shape.expert_params + 2 * embedding
+    assert 30.0e9 < everything < 31.0e9
+    one_token = shape.body_bytes_per_step(1)
+    assert one_token == shape.dtype_bytes * shape.body_params  # a lone token reads its k experts
+    big = shape.body_bytes_per_step(1024)  # 1,024 tokens x 8 experts: every expert is read
+    assert big == pytest.approx(shape.dtype_bytes * (everything - 2 * embedding), rel=1e-3)
+    # the dense floor (intermediate_size 6,144 as if every layer were dense) undercounted W1's
+    # bytes 3x; now a decode step of 256 sequences reads all 61 GB of experts
+    floor = roofline_floor(shape, *_lens(nano_workload()), 4.0e12, 790e12)
+    assert floor.bound == "memory"
+    assert floor.bytes > floor.decode_steps * 0.95 * 2 * (everything - embedding)
+
+
+def test_dense_shapes_have_no_experts():
+    assert QWEN3_06B.num_moe_layers == 0
+    assert QWEN3_06B.body_bytes_per_step(512) == QWEN3_06B.dtype_bytes * QWEN3_06B.body_params

@@ -13,6 +13,12 @@ total output / DECODE_SEQS_PER_STEP (1,024 sequences per step, the card-sized de
 nano-vllm's W1 on Qwen3-0.6B this is exactly shared/tools/roofline.py (tested).
 
 A request with prompt i and output o reads o * i + o * (o - 1) / 2 KV entries while decoding.
+
+Mixture of experts (Mixtral, Qwen3-MoE): a token runs k of E experts, so the FLOPs count k
+experts per token; a decode step of b tokens reads the experts any of them chose, E * (1 -
+(1 - k / E)^b) per MoE layer when routing is uniform (b = the workload's output tokens per
+decode step). Skewed routing touches fewer experts, so this floor can be beaten by a router
+that concentrates; with b >= 64 and k / E = 1/16 it reads 98% of the experts either way.
 """
 
 from __future__ import annotations
@@ -26,22 +32,44 @@ DECODE_SEQS_PER_STEP = 1024
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions the floor depends on (a dense decoder-only transformer)."""
+    """The dimensions the floor depends on (a decoder-only transformer, dense or MoE)."""
 
     num_layers: int
     hidden_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int  # of the dense MLP layers
     vocab_size: int
     dtype_bytes: int = 2
+    num_moe_layers: int = 0  # layers whose MLP is a mixture of experts
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    expert_intermediate_size: int = 0
 
     @classmethod
     def from_hf_config(cls, config, dtype_bytes: int = 2) -> ModelShape:
         num_heads = config.num_attention_heads
+        num_layers = config.num_hidden_layers
+        # Mixtral: num_local_experts, every layer; Qwen3-MoE: num_experts, every
+        # decoder_sparse_step-th layer not in mlp_only_layers, experts of moe_intermediate_size
+        num_experts = getattr(config, "num_local_experts", None) or getattr(
+            config, "num_experts", None
+        )
+        moe = {}
+        if num_experts:
+            step = getattr(config, "decoder_sparse_step", 1) or 1
+            dense = set(getattr(config, "mlp_only_layers", None) or [])
+            moe_layers = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+            moe = dict(
+                num_moe_layers=len(moe_layers),
+                num_experts=num_experts,
+                num_experts_per_tok=config.num_experts_per_tok,
+                expert_intermediate_size=getattr(config, "moe_intermediate_size", None)
+                or config.intermediate_size,
+            )
         return cls(
-            num_layers=config.num_hidden_layers,
+            num_layers=num_layers,
             hidden_size=config.hidden_size,
             num_heads=num_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
@@ -49,17 +77,43 @@ class ModelShape:
             intermediate_size=config.intermediate_size,
             vocab_size=config.vocab_size,
             dtype_bytes=dtype_bytes,
+            **moe,
         )
 
     @property
-    def body_params(self) -> int:
-        """q, k, v, o projections and the gated MLP of every layer."""
+    def attention_params(self) -> int:
         h, q, kv = (
             self.hidden_size,
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         )
-        return self.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size)
+        return self.num_layers * (h * q + 2 * h * kv + q * h)
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return (
+            (self.num_layers - self.num_moe_layers) * 3 * self.hidden_size * self.intermediate_size
+        )
+
+    @property
+    def expert_params(self) -> int:
+        """One expert of one layer (gate, up, down)."""
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+    @property
+    def body_params(self) -> int:
+        """Parameters one token runs through: attention, dense MLPs, its k experts per layer."""
+        active = self.num_moe_layers * self.num_experts_per_tok * self.expert_params
+        return self.attention_params + self.dense_mlp_params + active
+
+    def body_bytes_per_step(self, tokens_per_step: float) -> float:
+        """Body weights a decode step of `tokens_per_step` tokens reads (experts: those chosen)."""
+        if not self.num_moe_layers:
+            return self.dtype_bytes * self.body_params
+        e, k = self.num_experts, self.num_experts_per_tok
+        touched = e * (1.0 - (1.0 - k / e) ** max(tokens_per_step, 1.0))
+        experts = self.num_moe_layers * touched * self.expert_params
+        return self.dtype_bytes * (self.attention_params + self.dense_mlp_params + experts)
 
     @property
     def head_params(self) -> int:
@@ -67,6 +121,7 @@ class ModelShape:
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of the weights a token runs through (for MoE: k experts, not all E)."""
         return self.dtype_bytes * (self.body_params + self.head_params)
 
     @property
@@ -111,7 +166,13 @@ def roofline_floor(
     prefill_pairs = sum(i * i / 2 for i in prompt_lens)
     decode_steps = max(max(output_lens, default=0), math.ceil(num_output / DECODE_SEQS_PER_STEP))
     kv = shape.kv_bytes_per_token
-    nbytes = decode_steps * shape.weight_bytes + kv_reads * kv + (num_prompt + num_output) * kv
+    step_weight_bytes = (
+        shape.body_bytes_per_step(num_output / decode_steps if decode_steps else 0)
+        + shape.dtype_bytes * shape.head_params
+    )
+    nbytes = (
+        round(decode_steps * step_weight_bytes) + kv_reads * kv + (num_prompt + num_output) * kv
+    )
     attn_width = shape.num_heads * shape.head_dim * shape.num_layers
     flops = (
         2 * shape.body_params * (num_prompt + num_output)
