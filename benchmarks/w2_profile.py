@@ -80,7 +80,8 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
     ]
     for i, (r, p) in enumerate(zip(wl.requests, params)):
         llm.add_request(f"w{i}", r.prompt, p, stream=False)
-    bins: dict[str, list] = defaultdict(lambda: [0, 0.0, 0])  # count, wall, tokens
+    # count, wall, tokens, host launch s, host land s
+    bins: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, 0.0, 0.0])
     prof_res = None
     sync()
     t_start = time.perf_counter()
@@ -93,6 +94,7 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
             prof.__enter__()
             t_prof = time.perf_counter()
         g0, e0 = runner.num_graph_steps, runner.num_eager_steps
+        h0 = dict(host)
         t0 = time.perf_counter()
         llm.step()
         wall = time.perf_counter() - t0
@@ -116,6 +118,8 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
         )
         b = bins[f"{size} ({how})"]
         b[0], b[1], b[2] = b[0] + 1, b[1] + wall, b[2] + ntok
+        b[3] += host.get("launch", 0.0) - h0.get("launch", 0.0)
+        b[4] += host.get("land", 0.0) - h0.get("land", 0.0)
         step += 1
         if prof is not None and step == profile_window[1]:
             sync()
@@ -136,9 +140,15 @@ def report(name: str, wl, res: dict) -> None:
         f"\n## {name}: {res['total']:.2f} s, {out_tokens / res['total']:,.0f} out tok/s, "
         f"{res['steps']} steps"
     )
-    print("| steps | count | wall s | ms/step | tokens/step |\n|---|---|---|---|---|")
-    for k, (n, wall, tok) in sorted(res["bins"].items(), key=lambda kv: -kv[1][1]):
-        print(f"| {k} | {n} | {wall:.2f} | {1e3 * wall / n:.2f} | {tok / n:.0f} |")
+    print(
+        "| steps | count | wall s | ms/step | tokens/step | host launch ms/step | "
+        "land (read back + outputs) ms/step |\n|---|---|---|---|---|---|---|"
+    )
+    for k, (n, wall, tok, launch, land) in sorted(res["bins"].items(), key=lambda kv: -kv[1][1]):
+        print(
+            f"| {k} | {n} | {wall:.2f} | {1e3 * wall / n:.2f} | {tok / n:.0f} | "
+            f"{1e3 * launch / n:.2f} | {1e3 * land / n:.2f} |"
+        )
     h = res["host"]
     print(
         "host s: "
