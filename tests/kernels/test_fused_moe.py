@@ -3,7 +3,7 @@ import torch
 from kernel_utils import DEVICE, assert_close, pick
 
 from tokenmill.engine.models.moe import experts_torch
-from tokenmill.kernels.fused_moe import align_by_expert, fused_moe
+from tokenmill.kernels.fused_moe import align_by_expert, fused_moe, moe_tile_config
 
 
 def test_align_by_expert_groups_pairs_by_expert_in_padded_blocks():
@@ -48,6 +48,7 @@ def _routing(num_tokens, num_experts, top_k, gen):
         (1, 32, 48, 4, 2),
         (7, 48, 40, 8, 2),  # sizes that are not multiples of the tiles
         (20, 64, 32, 3, 1),
+        (70, 48, 40, 4, 2),  # 140 pairs > 32 per expert: the prefill tiles (64-row blocks)
         pick((33, 96, 80, 16, 4), (512, 2048, 768, 128, 8)),  # Qwen3-30B-A3B-sized on the GPU
     ],
 )
@@ -75,3 +76,15 @@ def test_fused_moe_empty_batch_and_shape_checks():
     )
     with pytest.raises(AssertionError, match="do not fit"):
         fused_moe(torch.randn(3, 16, device=DEVICE), w13, w2, empty, empty.long())
+
+
+def test_tiles_follow_pairs_per_expert():
+    # decode: 256 tokens x 8 of 128 experts = 16 pairs per expert -> 16-row blocks
+    assert moe_tile_config(256 * 8, 128, torch.bfloat16).block_m == 16
+    # prefill: 8,192 tokens x 8 of 128 experts = 512 pairs per expert -> 64-row blocks
+    assert moe_tile_config(8192 * 8, 128, torch.bfloat16).block_m == 64
+    # fp32 tiles take twice the shared memory: fewer pipeline stages
+    assert (
+        moe_tile_config(64, 8, torch.float32).num_stages
+        < moe_tile_config(64, 8, torch.bfloat16).num_stages
+    )
