@@ -248,6 +248,8 @@ class ModelRunner:
         table = np.zeros((len(block_tables), max(width, 1)), dtype=np.int32)
         for i, b in enumerate(block_tables):
             table[i, : len(b)] = b
+        # Entries a sliding window freed (FREED_BLOCK = -1) are never read; 0 keeps them in range.
+        np.maximum(table, 0, out=table)
         pin = dev.type == "cuda"
 
         def to_dev(x, dtype):
