@@ -380,3 +380,17 @@ def test_window_counts_after_preemption_and_recompute(seed):
     assert sched.num_preemptions > 0
     assert all(r.num_output_tokens == r.max_tokens for r in reqs)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_requests_with_different_cache_salts_share_nothing():
+    bm = BlockManager(num_blocks=12, block_size=4)
+    a = _req("a", list(range(10)))
+    a.cache_salt = "long-rope"
+    bm.match_prefix(a)
+    _compute(bm, a)
+    plain = _req("plain", list(range(10)))
+    assert bm.match_prefix(plain) == 0
+    salted = _req("salted", list(range(10)))
+    salted.cache_salt = "long-rope"
+    assert bm.match_prefix(salted) == 8
+    bm.check_invariants([a, plain, salted])

@@ -262,18 +262,7 @@ VARIANTS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
 }
 
 
-KNOWN_BROKEN = {"phi3-longrope-prompt-past-original"}
-
-
-@pytest.mark.parametrize(
-    "variant",
-    [
-        pytest.param(v, marks=pytest.mark.xfail(strict=True, reason="long rope: short factors"))
-        if v in KNOWN_BROKEN
-        else v
-        for v in VARIANTS
-    ],
-)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_matches_transformers_on_unseen_shapes(variant, tiny_model_factory, hf_reference):
     arch, overrides, lens = VARIANTS[variant]
     model_dir = tiny_model_factory(arch, **overrides)
@@ -290,3 +279,20 @@ def test_every_family_has_variants():
 
     covered = {arch for arch, _, _ in VARIANTS.values()}
     assert covered == set(ARCHS) - {"llama-mha-tied"}, set(ARCHS) - covered
+
+
+def test_long_rope_prompt_never_shares_blocks_with_a_short_one(tiny_model_factory, hf_reference):
+    """A prompt past Phi-3's original context turns every key by the long factors: a shorter
+    prompt with the same first tokens must not reuse its blocks (and vice versa)."""
+    arch, overrides, _ = VARIANTS["phi3-longrope-prompt-past-original"]
+    model_dir = tiny_model_factory(arch, **overrides)
+    llm = make_llm(model_dir, block_size=4)
+    rng = random.Random(3)
+    long_prompt = random_prompt(rng, llm.hf_config.vocab_size, 21, 21)
+    short_prompt = long_prompt[:13]
+    cached = []
+    for prompts in ([long_prompt], [short_prompt], [long_prompt]):
+        outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+        assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
+        cached.append(outs[0].num_cached_tokens)
+    assert cached == [0, 0, 20]  # only the same long prompt again shares blocks

@@ -118,13 +118,14 @@ class BlockManager:
         """
         assert not req.block_ids and req.num_computed_tokens == 0
         self.num_hashed[req.req_id] = 0
-        self.last_hash[req.req_id] = None
+        # the chain starts from the request's salt: different salts never share a block
+        self.last_hash[req.req_id] = None if req.cache_salt is None else hash(req.cache_salt)
         if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return 0  # prompt logprobs need every prompt position computed
         tokens = req.token_ids(0, req.num_tokens)
         max_blocks = (len(tokens) - 1) // self.block_size
         self.prefix_queries += len(req.prompt_token_ids)
-        parent = None
+        parent = self.last_hash[req.req_id]
         for i in range(max_blocks):
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
             h = _block_hash(parent, chunk)

@@ -57,6 +57,9 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     num_inflight: int = 0  # sampled on the device, not yet appended to output_token_ids
+    # prefix-cache namespace: requests with different salts never share KV blocks (their keys
+    # differ for the same tokens, e.g. Phi-3 long rope past the original context)
+    cache_salt: str | None = None
     # [None, {token id: Logprob}, ...] filled by the model runner when params.prompt_logprobs
     prompt_logprobs: list | None = None
 

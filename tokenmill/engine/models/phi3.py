@@ -17,3 +17,11 @@ from tokenmill.engine.models.llama import LlamaForCausalLM
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     packed: dict[str, tuple[str, str]] = {}  # the checkpoint's fused tensors fit ours as they are
+
+    def rope_position_offset(self, num_prompt_tokens: int) -> int:
+        """What the model runner adds to a request's positions: past the original context,
+        the prompt's rotary rows come from the all-long half of the table."""
+        rotary = self.model.rotary
+        if rotary.long_from is None or num_prompt_tokens <= rotary.long_from:
+            return 0
+        return rotary.long_offset
