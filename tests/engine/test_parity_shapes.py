@@ -72,6 +72,18 @@ VARIANTS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
         ),
         PROMPT_LENS,
     ),
+    "llama-wide-headdim8-dynamic": (
+        "llama",
+        dict(
+            hidden_size=64,
+            head_dim=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=130,
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+        PROMPT_LENS,
+    ),
     "mistral-headdim16-window12": (
         "mistral",
         dict(head_dim=16, num_key_value_heads=2, intermediate_size=50, sliding_window=12),
@@ -119,6 +131,11 @@ VARIANTS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     "opt-post-norm-6heads-nobias": (
         "opt-post-norm",
         dict(num_attention_heads=6, enable_bias=False, word_embed_proj_dim=48),
+        PROMPT_LENS,
+    ),
+    "opt-no-affine-ln-gelu-new": (
+        "opt",
+        dict(layer_norm_elementwise_affine=False, activation_function="gelu_new", ffn_dim=40),
         PROMPT_LENS,
     ),
     "gpt2-inverse-layer-idx-upcast": (
@@ -219,7 +236,13 @@ VARIANTS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     ),
     "mixtral-top1-kv1": (
         "mixtral",
-        dict(num_key_value_heads=1, head_dim=16, num_local_experts=3, num_experts_per_tok=1),
+        dict(
+            num_key_value_heads=1,
+            head_dim=16,
+            num_local_experts=3,
+            num_experts_per_tok=1,
+            tie_word_embeddings=True,
+        ),
         PROMPT_LENS,
     ),
     "mixtral-top3-window6": (
@@ -242,6 +265,19 @@ VARIANTS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
             decoder_sparse_step=2,
             mlp_only_layers=[],
             num_layers=3,
+        ),
+        PROMPT_LENS,
+    ),
+    "qwen3-moe-tied-every-layer-top2": (
+        "qwen3-moe",
+        dict(
+            tie_word_embeddings=True,
+            num_experts=3,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[],
+            decoder_sparse_step=1,
+            num_layers=2,
         ),
         PROMPT_LENS,
     ),
