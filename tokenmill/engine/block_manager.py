@@ -95,7 +95,7 @@ class BlockManager:
     def max_blocks_held(self, num_tokens: int) -> int:
         """The fewest blocks a request of num_tokens tokens must hold at once to run to the end:
         all of them, or with a sliding window the blocks one window spans plus the one the next
-        token lands in (the scheduler then computes it a window-sized chunk at a time)."""
+        token lands in (the scheduler then shrinks its chunks to what the free blocks hold)."""
         need = self.blocks_needed(num_tokens)
         if self.sliding_window is None:
             return need

@@ -95,16 +95,8 @@ def _decode_attention_torch(q, k_cache, v_cache, meta, scale: float, window, sof
     longest context (padding masked out)."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    seq_lens_cpu = meta.seq_lens_cpu
-    # Each sequence's keys from the block holding its window's first key (the query sits at
-    # seq_len - 1 and sees keys >= seq_len - window; blocks before may be freed).
-    first_blocks = [0 if window is None else max(0, n - window) // block_size for n in seq_lens_cpu]
-    num_blocks = max(-(-n // block_size) - f for n, f in zip(seq_lens_cpu, first_blocks))
-    # block index j of sequence s: first_blocks[s] + j; columns past the table end are clamped
-    # (their keys sit at positions >= seq_len and are masked out)
-    cols = torch.tensor(first_blocks, device=q.device)[:, None] + torch.arange(
-        num_blocks, device=q.device
-    )  # [num_seqs, num_blocks]
+    cols = _decode_block_columns(meta.seq_lens_cpu, block_size, window, q.device)
+    num_blocks = cols.shape[1]
     width = meta.block_tables.shape[1]
     tables = meta.block_tables.long().gather(1, cols.clamp(max=width - 1))
     max_len = num_blocks * block_size
@@ -114,7 +106,7 @@ def _decode_attention_torch(q, k_cache, v_cache, meta, scale: float, window, sof
     group = num_heads // num_kv_heads
     # the query heads of one KV head as `group` queries: [num_seqs, num_kv_heads, group, head_dim]
     qs = q.view(num_seqs, num_kv_heads, group, head_dim)
-    seq_lens = torch.tensor(seq_lens_cpu, device=q.device)
+    seq_lens = torch.tensor(meta.seq_lens_cpu, device=q.device)
     offsets = torch.arange(block_size, device=q.device)
     k_pos = (cols[:, :, None] * block_size + offsets).reshape(num_seqs, max_len)
     mask = k_pos < seq_lens[:, None]  # [num_seqs, max_len]
@@ -124,3 +116,22 @@ def _decode_attention_torch(q, k_cache, v_cache, meta, scale: float, window, sof
         qs.to(keys.dtype), keys, vals, mask[:, None, None, :], scale, softcap
     )  # [num_seqs, num_kv_heads, group, head_dim]
     return o.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _decode_block_columns(seq_lens: list[int], block_size: int, window, device) -> torch.Tensor:
+    """[num_seqs, num_blocks]: which block-table columns each sequence's decode gathers.
+
+    Without a window, columns 0.. of the longest context. With one, each sequence starts at
+    the block holding its window's first key (the query sits at seq_len - 1 and sees keys
+    >= seq_len - window; the block manager may have freed the blocks before). Columns past a
+    sequence's end (or the table's, once clamped) hold keys at positions >= seq_len: masked.
+
+        window 6, block_size 4, seq_lens [9, 3]:  first keys 3, 0 -> columns [[0, 1, 2], [0, 1, 2]]
+        window 6, block_size 4, seq_lens [20, 3]: first keys 14, 0 -> [[3, 4], [0, 1]]
+    """
+    if window is None:
+        num_blocks = -(-max(seq_lens) // block_size)
+        return torch.arange(num_blocks, device=device).expand(len(seq_lens), num_blocks)
+    first = [max(0, n - window) // block_size for n in seq_lens]
+    num_blocks = max(-(-n // block_size) - f for n, f in zip(seq_lens, first))
+    return torch.tensor(first, device=device)[:, None] + torch.arange(num_blocks, device=device)
