@@ -3,10 +3,9 @@ later ones by the long factors, each row equal to what transformers' rotary comp
 sequence of that length; a second half turns every position by the long factors (prompts past
 the original context; their greedy parity is in test_parity_shapes.py).
 
-NOTE: transformers' Phi-3 drops its KV cache when a sequence first outgrows the original
-context while decoding and recomputes every position with the long factors; tokenmill keeps
-the cached short-factor keys (as vLLM does). Greedy parity therefore holds for prompts past
-the original context and for sequences that stay inside it.
+A sequence that outgrows the original context while decoding is recomputed with the long
+factors, as transformers does (engine/scheduler.py _use_long_rope; its parity, logprobs
+included, is in test_parity_shapes.py).
 """
 
 from __future__ import annotations

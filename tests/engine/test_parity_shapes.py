@@ -4,7 +4,8 @@ For every family of tests/factories.py, two or three tiny random checkpoints who
 differ from the default ones: head_dim != hidden_size / num_heads, one KV head and as many KV
 heads as query heads, odd MLP widths, tied and untied heads, rope scaling (linear, llama3,
 yarn), Gemma's score and logit soft-caps, query_pre_attn_scalar and local rope base, Phi-3's
-long rope with a prompt past the original context, MoE top-1 and top-3 routing, Qwen3-MoE's
+long rope with a prompt past the original context and with a sequence that outgrows it while
+decoding, MoE top-1 and top-3 routing, Qwen3-MoE's
 norm_topk_prob / mlp_only_layers / decoder_sparse_step, OPT's embedding projection and
 post-norm, GPT-2's scale_attn_by_inverse_layer_idx. One small engine per variant, 4-token
 blocks and an 8-token step budget (so the longer prompt is prefilled in chunks), ~10 tokens.
@@ -223,6 +224,19 @@ VARIANTS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
         ),
         (5, 21),  # the 21-token prompt is past the 16-token original context
     ),
+    "phi3-longrope-outgrown-while-decoding": (
+        "phi3",
+        dict(
+            rope_parameters={
+                **LONGROPE,
+                "partial_rotary_factor": 0.5,  # head_dim 16: 8 rotary dims, 4 factors each
+                "short_factor": [1.0, 1.2, 1.5, 2.0],
+                "long_factor": [2.0, 4.0, 8.0, 16.0],
+            },
+            original_max_position_embeddings=16,
+        ),
+        (5, 12),  # 12 + 10 tokens: the sequence passes the 16-token original context at 17
+    ),
     "phi3-mha-full-rotary-tied": (
         "phi3",
         dict(
@@ -332,3 +346,33 @@ def test_long_rope_prompt_never_shares_blocks_with_a_short_one(tiny_model_factor
         assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
         cached.append(outs[0].num_cached_tokens)
     assert cached == [0, 0, 20]  # only the same long prompt again shares blocks
+
+
+def test_long_rope_sequence_outgrowing_the_context_matches_transformers_logprobs(
+    tiny_model_factory, hf_reference
+):
+    """Tokens alone barely notice the long/short switch (logprobs move ~0.02 when the keys are
+    not recomputed); the logprob of every generated token must match transformers' scores."""
+    import torch
+
+    arch, overrides, _ = VARIANTS["phi3-longrope-outgrown-while-decoding"]
+    model_dir = tiny_model_factory(arch, **overrides)
+    llm = make_llm(model_dir, block_size=4, max_num_batched_tokens=8)
+    prompt = random_prompt(random.Random(5), llm.hf_config.vocab_size, 12, 12)
+    out = llm.generate([prompt], greedy(NEW_TOKENS, logprobs=1), use_tqdm=False)[0].outputs[0]
+    ours = [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)]
+    with torch.inference_mode():
+        gen = hf_reference.model(model_dir).generate(
+            torch.tensor([prompt]),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    assert gen.sequences[0, len(prompt) :].tolist() == out.token_ids
+    ref = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, out.token_ids)]
+    assert len(prompt) + NEW_TOKENS > 16  # the sequence does outgrow the original context
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), atol=1e-4, rtol=0)

@@ -101,11 +101,15 @@ class LLM:
             None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(model_dir)
         )
         self.max_model_len = self._resolve_max_model_len(hf_config)
-        self._long_rope_from = long_rope_from(hf_config)
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(config, hf_config, self.model_dir, self.max_model_len)
         self.config = config = self.runner.config  # batch limits sized to the card
-        self.scheduler = Scheduler(config, self.runner.num_blocks, shared_sliding_window(hf_config))
+        self.scheduler = Scheduler(
+            config,
+            self.runner.num_blocks,
+            sliding_window=shared_sliding_window(hf_config),
+            long_rope_from=long_rope_from(hf_config),
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.seed)
         self._counter = itertools.count()
@@ -207,9 +211,6 @@ class LLM:
         text, ids = (prompt, self.encode(prompt)) if isinstance(prompt, str) else (None, prompt)
         ids = list(ids)
         max_tokens = self._check_prompt(ids, params)
-        # Phi-3 long rope: a prompt past the original context turns every position by the long
-        # factors (models/phi3.py), so its blocks must not serve shorter prompts
-        long_rope = self._long_rope_from is not None and len(ids) > self._long_rope_from
         children = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(62)
@@ -221,7 +222,6 @@ class LLM:
                     seed=seed,
                     max_tokens=max_tokens,
                     eos_token_ids=self.eos_token_ids,
-                    cache_salt="long-rope" if long_rope else None,
                 )
             )
         incremental = (stream or bool(params.stop)) and self.tokenizer is not None

@@ -60,6 +60,7 @@ class Request:
     # prefix-cache namespace: requests with different salts never share KV blocks (their keys
     # differ for the same tokens, e.g. Phi-3 long rope past the original context)
     cache_salt: str | None = None
+    long_rope: bool = False  # Phi-3: every position turns by the long factors (models/phi3.py)
     # [None, {token id: Logprob}, ...] filled by the model runner when params.prompt_logprobs
     prompt_logprobs: list | None = None
 

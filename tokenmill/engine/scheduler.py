@@ -63,8 +63,15 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting and running queues and the block manager."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int, sliding_window: int | None = None):
-        """sliding_window: the window every layer of the model attends within, or None."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_blocks: int,
+        sliding_window: int | None = None,
+        long_rope_from: int | None = None,
+    ):
+        """sliding_window: the window every layer of the model attends within, or None.
+        long_rope_from: Phi-3 long rope's original context (see _use_long_rope), or None."""
         if config.max_num_seqs is None or config.max_num_batched_tokens is None:
             config = config.with_card_defaults("cpu", None)  # built without a runner (tests)
         self.max_num_seqs = config.max_num_seqs
@@ -72,6 +79,7 @@ class Scheduler:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching, sliding_window
         )
+        self.long_rope_from = long_rope_from
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -91,6 +99,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            self._use_long_rope(req)
             num_new = min(req.num_target_tokens - req.num_computed_tokens, budget)
             if num_new <= 0 or req.is_finishing:
                 i += 1
@@ -110,6 +119,7 @@ class Scheduler:
             if req.num_inflight:
                 break  # preempted while its last token was in flight: wait for it to land
             if not req.block_ids:
+                self._use_long_rope(req)
                 req.num_computed_tokens = self.block_manager.match_prefix(req)
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = req.num_computed_tokens
@@ -150,6 +160,23 @@ class Scheduler:
                 return 0
         bm.allocate(req, req.num_computed_tokens + num_new)
         return num_new
+
+    def _use_long_rope(self, req: Request) -> None:
+        """Phi-3 long rope, as transformers does it: a sequence longer than the original context
+        turns every position by the long factors. A request that outgrows it (while decoding)
+        has its short-factor keys recomputed, from this step on, in a prefix-cache namespace of
+        its own (those keys differ from a short sequence's for the same tokens)."""
+        if (
+            self.long_rope_from is None
+            or req.long_rope
+            or req.num_target_tokens <= self.long_rope_from
+        ):
+            return
+        if req.block_ids:
+            self.block_manager.free_request(req)
+            req.num_computed_tokens = 0
+        req.long_rope = True
+        req.cache_salt = "long-rope"
 
     def _num_fitting(self, req: Request) -> int:
         """How many more of req's tokens the free blocks hold; only a sliding window lets a
