@@ -7,8 +7,9 @@ yarn), Gemma's score and logit soft-caps, query_pre_attn_scalar and local rope b
 long rope with a prompt past the original context and with a sequence that outgrows it while
 decoding, MoE top-1 and top-3 routing, Qwen3-MoE's
 norm_topk_prob / mlp_only_layers / decoder_sparse_step, OPT's embedding projection and
-post-norm, GPT-2's scale_attn_by_inverse_layer_idx. One small engine per variant, 4-token
-blocks and an 8-token step budget (so the longer prompt is prefilled in chunks), ~10 tokens.
+post-norm, GPT-2's scale_attn_by_inverse_layer_idx. Per variant, ~10 tokens from two small
+engines with 4-token blocks and an 8-token step budget (so the longer prompt is prefilled in
+chunks): one with room, one whose KV cache forces preemption.
 """
 
 from __future__ import annotations
@@ -320,8 +321,15 @@ def test_greedy_matches_transformers_on_unseen_shapes(variant, tiny_model_factor
     rng = random.Random(sum(map(ord, variant)))
     prompts = [random_prompt(rng, llm.hf_config.vocab_size, n, n) for n in lens]
     outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
-    assert token_ids(outs) == hf_reference(model_dir, prompts, NEW_TOKENS)
+    expected = hf_reference(model_dir, prompts, NEW_TOKENS)
+    assert token_ids(outs) == expected
     assert llm.num_free_blocks == llm.num_kv_blocks
+    # again in a KV cache one block larger than the longest request needs: preemption
+    bm = llm.scheduler.block_manager
+    num_blocks = bm.max_blocks_held(max(lens) + NEW_TOKENS) + 1
+    tight = make_llm(model_dir, num_blocks=num_blocks, block_size=4, max_num_batched_tokens=8)
+    assert token_ids(tight.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)) == expected
+    assert tight.stats.num_preemptions > 0
 
 
 def test_every_family_has_variants():
