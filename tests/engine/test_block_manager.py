@@ -226,3 +226,171 @@ def test_abort_frees_blocks_at_once(tiny_model_dir):
     # on a GPU one launched step may still be in flight: it lands without any output
     assert drain(llm) == []
     llm.abort_request("a")  # unknown / finished ids are ignored
+
+
+# ---- sliding window: blocks behind every layer's window are freed while a request runs --------
+def _window_scheduler(num_blocks: int, window: int, block_size: int = 4, **kw):
+    from tokenmill.engine.config import EngineConfig
+    from tokenmill.engine.scheduler import Scheduler
+
+    kw.setdefault("max_num_batched_tokens", 64)
+    kw.setdefault("max_num_seqs", 8)
+    config = EngineConfig(block_size=block_size, **kw)
+    return Scheduler(config, num_blocks, sliding_window=window)
+
+
+def _run(sched, rng: random.Random, max_steps: int = 500, on_step=None) -> int:
+    """Drive sched with fake sampled tokens, checking invariants after every step."""
+    bm = sched.block_manager
+    for step in range(max_steps):
+        if not sched.has_unfinished():
+            return step
+        out = sched.schedule()
+        assert not out.is_empty, "nothing scheduled while requests wait"
+        sched.update_from_output(
+            out, {s.req_id: rng.randrange(5, 50) for s in out.seqs if s.sample}
+        )
+        live = list(sched.running) + list(sched.waiting)
+        bm.check_invariants(live)
+        if on_step is not None:
+            on_step(out, live)
+    raise AssertionError(f"not finished after {max_steps} steps")
+
+
+def test_window_frees_blocks_as_it_passes_and_keeps_the_last_window():
+    window, bs = 8, 4
+    bm = BlockManager(num_blocks=20, block_size=bs, sliding_window=window)
+    r = _req("r", range(3))
+    bm.match_prefix(r)
+    held_max = 0
+    for c in range(1, 60):  # one token computed per step, like decodes
+        bm.free_outside_window(r)
+        bm.allocate(r, c)
+        r.num_computed_tokens = c
+        bm.check_invariants([r])
+        # every key the next query (at position c) reads lives in a held block ...
+        for pos in range(max(0, c - window + 1), c):
+            assert r.block_ids[pos // bs] >= 0, (c, pos)
+        held_max = max(held_max, bm.num_live_blocks(r))
+        assert bm.num_free_blocks == 20 - bm.num_live_blocks(r)
+    # ... and nothing more than the window's span plus the block being filled
+    assert r.num_freed_blocks == (58 - window + 1) // bs  # freed before the last token ran
+    assert held_max == bm.max_blocks_held(10**6) == 3
+    bm.free_request(r)
+    assert bm.num_free_blocks == 20 and r.num_freed_blocks == 0
+    bm.check_invariants([])
+
+
+def test_no_window_frees_nothing_and_invariants_catch_early_freeing():
+    bm = BlockManager(num_blocks=20, block_size=4)
+    r = _req("r", range(40))
+    bm.match_prefix(r)
+    _compute(bm, r)
+    assert bm.free_outside_window(r) == 0 and bm.num_live_blocks(r) == 10
+    assert bm.max_blocks_held(40) == 10
+    windowed = BlockManager(num_blocks=20, block_size=4, sliding_window=8)
+    w = _req("w", range(40))
+    windowed.match_prefix(w)
+    _compute(windowed, w)
+    w.num_computed_tokens = 12  # pretend it is earlier: keys 5.. are still read
+    windowed.free_outside_window(w)
+    assert w.num_freed_blocks == 1
+    w.num_freed_blocks = 2  # claim block 1 (keys 4..7) freed too: the window still reads it
+    w.block_ids[1] = -1
+    with pytest.raises(AssertionError):
+        windowed.check_invariants([w])
+
+
+def test_prefix_sharing_with_a_block_the_window_freed():
+    """A freed block stays a prefix-cache entry: a later request with the same prompt shares it
+    (refcount back to 1), and frees it again once its own window passes."""
+    bm = BlockManager(num_blocks=12, block_size=4, sliding_window=6)
+    a = _req("a", list(range(20)))
+    bm.match_prefix(a)
+    _compute(bm, a)
+    first = list(a.block_ids[:3])
+    assert bm.free_outside_window(a) == 3  # keys 0..14 dead: blocks 0, 1, 2 (keys 0..11)
+    assert all(bm.ref_counts[b] == 0 and b in bm.free for b in first)
+    bm.check_invariants([a])
+    b = _req("b", list(range(20)) + [77])
+    b.num_computed_tokens = bm.match_prefix(b)  # what the scheduler does with it
+    assert b.num_computed_tokens == 20  # a's freed blocks + its two held ones
+    assert b.block_ids[:3] == first and [bm.ref_counts[x] for x in first] == [1, 1, 1]
+    assert [bm.ref_counts[x] for x in b.block_ids[3:]] == [2, 2]
+    bm.check_invariants([a, b])
+    bm.free_outside_window(b)  # computed 20 of 21: keys 0..14 dead again
+    assert b.num_freed_blocks == 3 and all(x in bm.free for x in first)
+    bm.allocate(b, 21)
+    b.num_computed_tokens = 21
+    bm.register_full_blocks(b)
+    bm.check_invariants([a, b])
+    # the chain of hashes survives the freed blocks: c matches all five full blocks of a
+    bm.free_request(a)
+    bm.free_request(b)
+    c = _req("c", list(range(20)) + [77, 78])
+    assert bm.match_prefix(c) == 20
+    bm.check_invariants([c])
+
+
+def test_window_request_longer_than_the_cache_runs_in_chunks():
+    """Five 4-token blocks hold 20 tokens; a 45-token prompt + 15 outputs still runs, its
+    prefill shrunk to what the free blocks hold, never holding more than 5 blocks."""
+    sched = _window_scheduler(num_blocks=5, window=8)
+    bm = sched.block_manager
+    req = _req("long", range(5, 50))
+    req.max_tokens = 15
+    sched.add(req)
+    seen = []
+
+    def on_step(out, live):
+        for s in out.seqs:
+            seen.append(s.num_new_tokens)
+        assert all(bm.num_live_blocks(r) <= 5 for r in live)
+
+    _run(sched, random.Random(0), on_step=on_step)
+    assert req.num_output_tokens == 15 and bm.num_free_blocks == 5
+    assert max(seen) < 45 and sum(seen) == 45 + 14  # chunks, nothing recomputed
+    assert sched.num_preemptions == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_counts_after_preemption_and_recompute(seed):
+    """Many windowed requests in a cache too small for them all: preemptions happen, a
+    preempted request holds nothing and frees again as it recomputes; invariants every step."""
+    rng = random.Random(seed)
+    window, bs = 6, 4
+    sched = _window_scheduler(num_blocks=10, window=window, max_num_batched_tokens=12)
+    bm = sched.block_manager
+    reqs = []
+    for i in range(8):
+        r = _req(f"r{i}", [rng.randrange(5, 50) for _ in range(rng.randint(1, 30))])
+        r.max_tokens = rng.randint(1, 20)
+        reqs.append(r)
+        sched.add(r)
+    bound = bm.max_blocks_held(10**6)
+
+    def on_step(out, live):
+        for r in live:
+            if r.status.name == "WAITING":
+                assert r.block_ids == [] and r.num_freed_blocks == 0
+            # held blocks: the window's span plus this step's chunk
+            assert bm.num_live_blocks(r) <= bound + -(-12 // bs)
+
+    _run(sched, rng, on_step=on_step)
+    assert sched.num_preemptions > 0
+    assert all(r.num_output_tokens == r.max_tokens for r in reqs)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_requests_with_different_cache_salts_share_nothing():
+    bm = BlockManager(num_blocks=12, block_size=4)
+    a = _req("a", list(range(10)))
+    a.cache_salt = "long-rope"
+    bm.match_prefix(a)
+    _compute(bm, a)
+    plain = _req("plain", list(range(10)))
+    assert bm.match_prefix(plain) == 0
+    salted = _req("salted", list(range(10)))
+    salted.cache_salt = "long-rope"
+    assert bm.match_prefix(salted) == 8
+    bm.check_invariants([a, plain, salted])

@@ -1,11 +1,11 @@
 """Phi-3's long-rope table: positions inside the original context turn by the short factors,
 later ones by the long factors, each row equal to what transformers' rotary computes for a
-sequence of that length.
+sequence of that length; a second half turns every position by the long factors (prompts past
+the original context; their greedy parity is in test_parity_shapes.py).
 
-NOTE: transformers' Phi-3 drops its KV cache when a sequence first outgrows the original
-context and recomputes every position with the long factors; tokenmill keeps the cached
-short-factor keys (as vLLM does). Greedy parity therefore holds while prompt + output fit
-the original context (4k tokens for Phi-3-mini-128k); the parity harness runs there.
+A sequence that outgrows the original context while decoding is recomputed with the long
+factors, as transformers does (engine/scheduler.py _use_long_rope; its parity, logprobs
+included, is in test_parity_shapes.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ def test_rows_before_and_after_the_original_context_match_transformers():
     torch.testing.assert_close(ours.sin[:ORIGINAL], short_sin[0], rtol=0, atol=1e-6)
     # a longer one: long factors; our rows from ORIGINAL on are those
     long_cos, long_sin = hf(x, torch.arange(64)[None])
-    torch.testing.assert_close(ours.cos[ORIGINAL:], long_cos[0, ORIGINAL:], rtol=0, atol=1e-6)
-    torch.testing.assert_close(ours.sin[ORIGINAL:], long_sin[0, ORIGINAL:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.cos[ORIGINAL:64], long_cos[0, ORIGINAL:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.sin[ORIGINAL:64], long_sin[0, ORIGINAL:], rtol=0, atol=1e-6)
+    # the second half (a prompt past the original context): long factors at every position
+    assert ours.long_offset == 64 and ours.long_from == ORIGINAL
+    torch.testing.assert_close(ours.cos[64:], long_cos[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.sin[64:], long_sin[0], rtol=0, atol=1e-6)
     assert not torch.allclose(short_cos[0, 1:], long_cos[0, 1:ORIGINAL])  # the factors differ

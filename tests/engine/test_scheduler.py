@@ -211,3 +211,26 @@ def test_engine_preempts_newest_under_kv_pressure(tiny_model_dir):
     for running_before, out in preempting:
         assert out.preempted_ids == running_before[::-1][: len(out.preempted_ids)]
         assert not set(out.preempted_ids) & {s.req_id for s in out.seqs}
+
+
+def test_long_rope_request_outgrowing_the_original_context_is_recomputed():
+    """Phi-3 long rope: once a sequence is longer than the original context, every position
+    turns by the long factors (as transformers does): its short-factor keys are recomputed,
+    in a prefix-cache namespace of their own; a prompt already past it starts long."""
+    sched = Scheduler(EngineConfig(block_size=4), 32, long_rope_from=10)
+    short, long = _req("short", range(5, 13), max_tokens=6), _req("long", range(5, 17))
+    sched.add(short)
+    sched.add(long)
+    rng = random.Random(0)
+    seen = []
+    while sched.has_unfinished():
+        out = _fake_step(sched, rng)
+        sched.block_manager.check_invariants(sched.running + list(sched.waiting))
+        seen += [(s.req_id, s.start_pos, s.num_new_tokens) for s in out.seqs]
+    assert long.long_rope and long.cache_salt == "long-rope"
+    assert [x for x in seen if x[0] == "long"][0] == ("long", 0, 12)  # long from its prefill
+    short_steps = [x for x in seen if x[0] == "short"]
+    # 8-token prompt, outputs 9 and 10 decode short; the 11th token makes the sequence 11 long
+    assert short_steps[:3] == [("short", 0, 8), ("short", 8, 1), ("short", 9, 1)]
+    assert short_steps[3] == ("short", 0, 11)  # recomputed with the long factors
+    assert short.long_rope and short.num_output_tokens == 6

@@ -48,6 +48,18 @@ def needs_sync(req: Request) -> bool:
     )
 
 
+def shared_sliding_window(hf_config) -> int | None:
+    """The window every layer attends within, or None when some layer reads every key.
+
+    Only then can the block manager free blocks behind the window: all layers share one block
+    table, so one global layer (Gemma 2/3, Qwen2's max_window_layers) keeps every block alive.
+    """
+    from tokenmill.engine.models.layers import layer_window
+
+    windows = {layer_window(hf_config, i) for i in range(hf_config.num_hidden_layers)}
+    return windows.pop() if len(windows) == 1 else None
+
+
 Prompt = str | list[int]
 
 
@@ -75,6 +87,7 @@ class LLM:
         from transformers import AutoConfig, AutoTokenizer
 
         from tokenmill.engine.model_source import resolve_model
+        from tokenmill.engine.models.layers import long_rope_from
         from tokenmill.engine.models.registry import language_model_config
 
         self.config = config
@@ -91,7 +104,12 @@ class LLM:
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(config, hf_config, self.model_dir, self.max_model_len)
         self.config = config = self.runner.config  # batch limits sized to the card
-        self.scheduler = Scheduler(config, self.runner.num_blocks)
+        self.scheduler = Scheduler(
+            config,
+            self.runner.num_blocks,
+            sliding_window=shared_sliding_window(hf_config),
+            long_rope_from=long_rope_from(hf_config),
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.seed)
         self._counter = itertools.count()
@@ -245,7 +263,7 @@ class LLM:
                 f"context of {self.max_model_len} tokens; lower max_tokens to {room} or less"
             )
         bm = self.scheduler.block_manager
-        if bm.blocks_needed(len(ids) + max_tokens) > bm.num_blocks:
+        if bm.max_blocks_held(len(ids) + max_tokens) > bm.num_blocks:
             raise ValueError(
                 f"prompt + max_tokens ({len(ids) + max_tokens} tokens) exceed the whole KV cache "
                 f"({bm.num_blocks * bm.block_size} tokens); raise --kv-cache-memory"

@@ -251,6 +251,8 @@ class ModelRunner:
         table = np.zeros((len(block_tables), max(width, 1)), dtype=np.int32)
         for i, b in enumerate(block_tables):
             table[i, : len(b)] = b
+        # Entries a sliding window freed (FREED_BLOCK = -1) are never read; 0 keeps them in range.
+        np.maximum(table, 0, out=table)
         pin = dev.type == "cuda"
 
         def to_dev(x, dtype):
@@ -280,13 +282,15 @@ class ModelRunner:
         logits_indices: list[int] = []
         inflight_at: list[int] = []  # flat positions of PLACEHOLDER tokens
         inflight_rows: list[int] = []  # their rows in the previous step's sampled tensor
+        long_rope_offset = getattr(self.model, "rope_long_offset", 0)
         for seq in sched.seqs:
             n, start = seq.num_new_tokens, seq.start_pos
             if seq.token_ids[-1] == PLACEHOLDER:
                 inflight_at.append(cu_seqlens_q[-1] + n - 1)
                 inflight_rows.append(self._last_rows[seq.req_id])
             input_ids.extend(seq.token_ids)
-            positions.extend(range(start, start + n))
+            off = long_rope_offset if seq.req.long_rope else 0  # Phi-3 long rope (models/phi3.py)
+            positions.extend(range(start + off, start + n + off))
             blocks = seq.block_ids
             for pos in range(start, start + n):
                 slot_mapping.append(blocks[pos // bs] * bs + pos % bs)

@@ -11,7 +11,8 @@ schedules). When it reaches num_tokens the step's last logits are sampled: that 
 With overlapped steps on a GPU the next step is scheduled before that read-back; its input
 token is then a placeholder that the model runner fills from the device-side sample.
 Preemption (recompute) resets num_computed_tokens to 0 and keeps the output tokens, which are
-recomputed as if they were prompt.
+recomputed as if they were prompt. With a sliding window, the leading blocks the window has
+passed are freed while the request runs (num_freed_blocks of them; block_manager.py).
 """
 
 from __future__ import annotations
@@ -50,10 +51,16 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
     block_ids: list[int] = field(default_factory=list)
+    # leading block_ids entries a sliding window has freed (FREED_BLOCK, see block_manager.py)
+    num_freed_blocks: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     num_inflight: int = 0  # sampled on the device, not yet appended to output_token_ids
+    # prefix-cache namespace: requests with different salts never share KV blocks (their keys
+    # differ for the same tokens, e.g. Phi-3 long rope past the original context)
+    cache_salt: str | None = None
+    long_rope: bool = False  # Phi-3: every position turns by the long factors (models/phi3.py)
     # [None, {token id: Logprob}, ...] filled by the model runner when params.prompt_logprobs
     prompt_logprobs: list | None = None
 

@@ -10,6 +10,12 @@ prefill chunks), then waiting requests, oldest first, as far as budget and KV bl
 When a running request needs a block and none is free, the newest running request is
 preempted (its blocks freed, its computed tokens reset) and goes back to the front of the
 waiting queue.
+
+Sliding window (every layer slides): before a request's tokens are reserved, the blocks its
+window has passed are freed (block_manager.py), so it holds only about W / block_size + 2
+blocks. A chunk that does not fit is shrunk to what the free blocks hold, before anyone is
+preempted for it; a waiting request is admitted that way only when nothing runs. So a request
+longer than the whole KV cache still runs, a chunk at a time.
 """
 
 from __future__ import annotations
@@ -57,14 +63,23 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting and running queues and the block manager."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int):
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_blocks: int,
+        sliding_window: int | None = None,
+        long_rope_from: int | None = None,
+    ):
+        """sliding_window: the window every layer of the model attends within, or None.
+        long_rope_from: Phi-3 long rope's original context (see _use_long_rope), or None."""
         if config.max_num_seqs is None or config.max_num_batched_tokens is None:
             config = config.with_card_defaults("cpu", None)  # built without a runner (tests)
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+            num_blocks, config.block_size, config.enable_prefix_caching, sliding_window
         )
+        self.long_rope_from = long_rope_from
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -84,11 +99,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            self._use_long_rope(req)
             num_new = min(req.num_target_tokens - req.num_computed_tokens, budget)
             if num_new <= 0 or req.is_finishing:
                 i += 1
                 continue
-            if not self._reserve(req, num_new, out):
+            num_new = self._reserve(req, num_new, out)
+            if not num_new:
                 break  # req itself was the newest and got preempted
             budget -= num_new
             out.seqs.append(self._scheduled_seq(req, num_new))
@@ -102,11 +119,17 @@ class Scheduler:
             if req.num_inflight:
                 break  # preempted while its last token was in flight: wait for it to land
             if not req.block_ids:
+                self._use_long_rope(req)
                 req.num_computed_tokens = self.block_manager.match_prefix(req)
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = req.num_computed_tokens
+                self.block_manager.free_outside_window(req)
             num_new = min(req.num_target_tokens - req.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(req, req.num_computed_tokens + num_new):
+            if not self.running:  # alone, a windowed request may start with a shorter chunk
+                num_new = min(num_new, self._num_fitting(req))
+            if num_new <= 0 or not self.block_manager.can_allocate(
+                req, req.num_computed_tokens + num_new
+            ):
                 # Give back prefix-cache blocks it just took: a waiting request holding blocks
                 # could starve the running ones (and itself) forever.
                 self.block_manager.free_request(req)
@@ -120,17 +143,47 @@ class Scheduler:
             out.seqs.append(self._scheduled_seq(req, num_new))
         return out
 
-    def _reserve(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
-        """Make room in the cache for req's next num_new tokens, preempting if needed."""
+    def _reserve(self, req: Request, num_new: int, out: SchedulerOutput) -> int:
+        """Make room in the cache for up to num_new next tokens of req, preempting if needed;
+        return how many got room (0: req itself was preempted)."""
         bm = self.block_manager
-        while not bm.can_allocate(req, req.num_computed_tokens + num_new):
+        bm.free_outside_window(req)
+        while True:
+            if bm.sliding_window is not None and self._num_fitting(req) > 0:
+                num_new = min(num_new, self._num_fitting(req))  # a shorter chunk, no victim
+            if bm.can_allocate(req, req.num_computed_tokens + num_new):
+                break
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted_ids.append(victim.req_id)
             if victim is req:
-                return False
+                return 0
         bm.allocate(req, req.num_computed_tokens + num_new)
-        return True
+        return num_new
+
+    def _use_long_rope(self, req: Request) -> None:
+        """Phi-3 long rope, as transformers does it: a sequence longer than the original context
+        turns every position by the long factors. A request that outgrows it (while decoding)
+        has its short-factor keys recomputed, from this step on, in a prefix-cache namespace of
+        its own (those keys differ from a short sequence's for the same tokens)."""
+        if (
+            self.long_rope_from is None
+            or req.long_rope
+            or req.num_target_tokens <= self.long_rope_from
+        ):
+            return
+        if req.block_ids:
+            self.block_manager.free_request(req)
+            req.num_computed_tokens = 0
+        req.long_rope = True
+        req.cache_salt = "long-rope"
+
+    def _num_fitting(self, req: Request) -> int:
+        """How many more of req's tokens the free blocks hold; only a sliding window lets a
+        request run in chunks its cache can hold (without one, every key stays needed)."""
+        if self.block_manager.sliding_window is None:
+            return req.num_target_tokens - req.num_computed_tokens
+        return self.block_manager.num_tokens_fitting(req) - req.num_computed_tokens
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free_request(req)

@@ -47,24 +47,30 @@ def paged_attention_torch(
         if q_len == 0:
             continue
         num_blocks = -(-seq_len // block_size)
-        blocks = meta.block_tables[s, :num_blocks].long()
-        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [seq_len, kvh, d]
-        vals = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        # With a window, blocks before the first query's window may be freed (their table
+        # entries point anywhere): start at the block holding that query's first key.
+        first_key = 0 if window is None else max(0, seq_len - q_len - window + 1)
+        first_block = first_key // block_size
+        base = first_block * block_size  # position of the first gathered key
+        blocks = meta.block_tables[s, first_block:num_blocks].long()
+        # [seq_len - base, num_kv_heads, head_dim]
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - base]
+        vals = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - base]
         # GQA without copying K/V per query head: the `group` query heads that share a KV head
         # ride along the query-length axis. [num_kv_heads, group * q_len, head_dim]
         qs = q[q_start:q_end].view(q_len, num_kv_heads, group, head_dim)
         qs = qs.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
         # query i sits at position seq_len - q_len + i; it sees keys at positions <= that.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        k_pos = torch.arange(base, seq_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len - base]
         if window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - window
         o = _attend(
             qs.to(keys.dtype),
             keys.transpose(0, 1),
             vals.transpose(0, 1),
-            mask.repeat(group, 1),  # [group * q_len, seq_len]
+            mask.repeat(group, 1),  # [group * q_len, seq_len - base]
             scale,
             softcap,
         )  # [num_kv_heads, group * q_len, head_dim]
@@ -89,8 +95,10 @@ def _decode_attention_torch(q, k_cache, v_cache, meta, scale: float, window, sof
     longest context (padding masked out)."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    num_blocks = -(-meta.max_seqlen_k // block_size)
-    tables = meta.block_tables[:, :num_blocks].long()  # [num_seqs, num_blocks]
+    cols = _decode_block_columns(meta.seq_lens_cpu, block_size, window, q.device)
+    num_blocks = cols.shape[1]
+    width = meta.block_tables.shape[1]
+    tables = meta.block_tables.long().gather(1, cols.clamp(max=width - 1))
     max_len = num_blocks * block_size
     # [num_seqs, num_kv_heads, max_len, head_dim]
     keys = k_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
@@ -99,7 +107,8 @@ def _decode_attention_torch(q, k_cache, v_cache, meta, scale: float, window, sof
     # the query heads of one KV head as `group` queries: [num_seqs, num_kv_heads, group, head_dim]
     qs = q.view(num_seqs, num_kv_heads, group, head_dim)
     seq_lens = torch.tensor(meta.seq_lens_cpu, device=q.device)
-    k_pos = torch.arange(max_len, device=q.device)[None, :]
+    offsets = torch.arange(block_size, device=q.device)
+    k_pos = (cols[:, :, None] * block_size + offsets).reshape(num_seqs, max_len)
     mask = k_pos < seq_lens[:, None]  # [num_seqs, max_len]
     if window is not None:  # the query sits at seq_len - 1
         mask &= k_pos > seq_lens[:, None] - 1 - window
@@ -107,3 +116,22 @@ def _decode_attention_torch(q, k_cache, v_cache, meta, scale: float, window, sof
         qs.to(keys.dtype), keys, vals, mask[:, None, None, :], scale, softcap
     )  # [num_seqs, num_kv_heads, group, head_dim]
     return o.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _decode_block_columns(seq_lens: list[int], block_size: int, window, device) -> torch.Tensor:
+    """[num_seqs, num_blocks]: which block-table columns each sequence's decode gathers.
+
+    Without a window, columns 0.. of the longest context. With one, each sequence starts at
+    the block holding its window's first key (the query sits at seq_len - 1 and sees keys
+    >= seq_len - window; the block manager may have freed the blocks before). Columns past a
+    sequence's end (or the table's, once clamped) hold keys at positions >= seq_len: masked.
+
+        window 6, block_size 4, seq_lens [9, 3]:  first keys 3, 0 -> columns [[0, 1, 2], [0, 1, 2]]
+        window 6, block_size 4, seq_lens [20, 3]: first keys 14, 0 -> [[3, 4], [0, 1]]
+    """
+    if window is None:
+        num_blocks = -(-max(seq_lens) // block_size)
+        return torch.arange(num_blocks, device=device).expand(len(seq_lens), num_blocks)
+    first = [max(0, n - window) // block_size for n in seq_lens]
+    num_blocks = max(-(-n // block_size) - f for n, f in zip(seq_lens, first))
+    return torch.tensor(first, device=device)[:, None] + torch.arange(num_blocks, device=device)

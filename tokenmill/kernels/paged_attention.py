@@ -28,11 +28,13 @@ tile is read once per group, not once per query head. The rows of a program's sc
 Softmax is online, in fp32, base 2 (scores are pre-multiplied by scale * log2(e)).
 
 Sliding window W (Mistral, Gemma's local layers): a query at position p sees keys in
-(p - W, p]. The varlen kernel masks per row and skips key tiles wholly before its first
-query's window; the decode kernel splits only [seq_len - W, seq_len), so a windowed layer
-reads at most W keys per sequence whatever the context. Soft-capping (Gemma 2) maps each
-score s to cap * tanh(s / cap) before the softmax; tanh is written with exp (the interpreter
-has no tanh), in the log2 domain like the scores.
+(p - W, p]. The varlen kernel masks per row, skips key tiles wholly before its first
+query's window and loads no key before that window's start; the decode kernel splits only
+[seq_len - W, seq_len), so a windowed layer reads at most W keys per sequence whatever the
+context. Neither reads a block-table entry before the window: the block manager frees those
+blocks (engine/block_manager.py) and the entries may point at any block.
+Soft-capping (Gemma 2) maps each score s to cap * tanh(s / cap) before the softmax; tanh is
+written with exp (the interpreter has no tanh), in the log2 domain like the scores.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def _attend_tile(
     block_table_ptr,  # this sequence's row of block_tables
     kv_head,
     start_n,
+    kv_start,  # keys at positions < kv_start are not read (a sliding window may have freed them)
     kv_end,  # keys at positions >= kv_end are not read
     q_pos,  # [BLOCK_M] position of each row's query token (causal limit)
     qk_scale,
@@ -86,7 +89,7 @@ def _attend_tile(
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    n_valid = offs_n < kv_end
+    n_valid = (offs_n >= kv_start) & (offs_n < kv_end)
     block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
     block_ids = block_ids.to(tl.int64)
     slot_in_block = offs_n % BLOCK_SIZE
@@ -190,22 +193,25 @@ def _varlen_kernel(
     # Keys before the tile's first query position are visible to every row: those tiles skip
     # the causal mask; only the tiles that reach the diagonal pay for it.
     full_end = ((context_len + q_tile * BLOCK_Q) // BLOCK_N) * BLOCK_N
-    # With a window, tiles wholly before the tile's first query's window are skipped.
+    # With a window, tiles wholly before the tile's first query's window are skipped, and keys
+    # before that query's first key are never loaded: the block manager may have freed their
+    # blocks (their table entries point anywhere), and masking a loaded NaN is still NaN.
+    kv_start = 0
     win_start = 0
     if USE_WINDOW:
-        win_start = tl.maximum(context_len + q_tile * BLOCK_Q - window + 1, 0)
-        win_start = (win_start // BLOCK_N) * BLOCK_N
+        kv_start = tl.maximum(context_len + q_tile * BLOCK_Q - window + 1, 0)
+        win_start = (kv_start // BLOCK_N) * BLOCK_N
     for start_n in range(win_start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
-            kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            kv_start, kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
             stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
             HEAD_DIM, BLOCK_N, False, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT,
         )  # fmt: skip
     for start_n in range(tl.maximum(full_end, win_start), kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
-            kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            kv_start, kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
             stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
             HEAD_DIM, BLOCK_N, True, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT,
         )  # fmt: skip
@@ -277,7 +283,7 @@ def _decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
-            end, m_i, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            start, end, m_i, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
             stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
             HEAD_DIM, BLOCK_N, False, False, USE_SOFTCAP, USE_FP32_DOT,
         )  # fmt: skip

@@ -80,8 +80,9 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding with a cos/sin cache computed exactly as transformers does.
 
     With `long_inv_freq` (Phi-3's long-rope), positions from `long_from` on turn by the long
-    factors and earlier ones by the short (see models/phi3.py for how that compares with
-    transformers).
+    factors and earlier ones by the short; a second table from row `long_offset` turns every
+    position by the long factors, for sequences whose prompt alone is past `long_from` (see
+    models/phi3.py).
     """
 
     def __init__(
@@ -99,9 +100,13 @@ class RotaryEmbedding(nn.Module):
         cpu = torch.device("cpu")
         t = torch.arange(max_position, dtype=torch.float32, device=cpu)
         freqs = torch.outer(t, inv_freq.float().to(cpu))  # [max_position, rot_dim // 2]
-        if long_inv_freq is not None and long_from is not None and long_from < max_position:
-            freqs[long_from:] = torch.outer(t[long_from:], long_inv_freq.float().to(cpu))
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, rot_dim]
+        self.long_from = self.long_offset = None
+        if long_inv_freq is not None and long_from is not None:
+            long_freqs = torch.outer(t, long_inv_freq.float().to(cpu))
+            freqs[long_from:] = long_freqs[long_from:]
+            freqs = torch.cat((freqs, long_freqs))  # [2 * max_position, rot_dim // 2]
+            self.long_from, self.long_offset = long_from, max_position
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position (x2 with long), rot_dim]
         device = torch.get_default_device()
         self.register_buffer("cos", (emb.cos() * attention_scaling).to(device), persistent=False)
         self.register_buffer("sin", (emb.sin() * attention_scaling).to(device), persistent=False)
@@ -129,13 +134,22 @@ def make_rotary(config, max_position: int, layer_type: str | None = None) -> Rot
         return RotaryEmbedding(inv_freq, scaling, max_position)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    long_from = params["original_max_position_embeddings"]
+    long_from = long_rope_from(config)
     kw = {"layer_type": layer_type} if layer_type else {}
     with torch.device("cpu"):
         long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
             config, "cpu", seq_len=long_from + 1, **kw
         )
     return RotaryEmbedding(inv_freq, scaling, max_position, long_inv_freq, long_from)
+
+
+def long_rope_from(config) -> int | None:
+    """Phi-3 long rope: the original context past which the long factors apply, else None."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not params or params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    orig = params.get("original_max_position_embeddings")
+    return orig or config.original_max_position_embeddings
 
 
 def _rope(config, layer_type: str | None) -> tuple[torch.Tensor, float, dict]:

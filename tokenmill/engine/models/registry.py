@@ -14,6 +14,23 @@ from tokenmill.engine.models.phi3 import Phi3ForCausalLM
 from tokenmill.engine.models.qwen2 import Qwen2ForCausalLM
 from tokenmill.engine.models.qwen3 import Qwen3ForCausalLM
 
+# The supported list: config.json "architectures" -> (family, model class). The README's model
+# table says what is tested for each.
+FAMILIES: dict[str, str] = {
+    "LlamaForCausalLM": "Llama 2/3, SmolLM",
+    "MistralForCausalLM": "Mistral",
+    "Qwen2ForCausalLM": "Qwen2/2.5",
+    "Qwen3ForCausalLM": "Qwen3",
+    "OPTForCausalLM": "OPT",
+    "GPT2LMHeadModel": "GPT-2",
+    "Gemma2ForCausalLM": "Gemma 2",
+    "Gemma3ForCausalLM": "Gemma 3",
+    "Gemma3ForConditionalGeneration": "Gemma 3 vision-language, text only",
+    "Phi3ForCausalLM": "Phi-3/3.5, Phi-4-mini",
+    "MixtralForCausalLM": "Mixtral",
+    "Qwen3MoeForCausalLM": "Qwen3-MoE",
+}
+
 MODELS: dict[str, type] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
@@ -45,12 +62,26 @@ def language_model_config(config):
     return text
 
 
+def supported_architectures() -> str:
+    """'GPT2LMHeadModel (GPT-2), Gemma2ForCausalLM (Gemma 2), ...' for messages and help."""
+    return ", ".join(f"{arch} ({FAMILIES[arch]})" for arch in sorted(MODELS))
+
+
 def model_class(config) -> type:
+    """The model class of a config's "architectures"; an unsupported one fails here, before
+    any weight is read, with the supported list and what to do."""
     archs = getattr(config, "architectures", None) or []
     for arch in archs:
         if arch in MODELS:
             return MODELS[arch]
+    if not archs:
+        raise ValueError(
+            f"config.json names no architecture (model_type {config.model_type!r}); add "
+            '"architectures": ["<class>"] naming one of: ' + supported_architectures()
+        )
     raise ValueError(
-        f"unsupported architecture {', '.join(archs) or config.model_type!r}; tokenmill supports "
-        f"{', '.join(sorted(MODELS))}"
+        f'unsupported architecture {", ".join(archs)} (config.json "architectures"); '
+        f"tokenmill runs {supported_architectures()}. Use a checkpoint of one of these families "
+        "(the README's model table lists what is tested), or, for a fine-tune whose config "
+        'names its own class, set "architectures" to its base family\'s class.'
     )
