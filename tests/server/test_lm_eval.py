@@ -1,0 +1,246 @@
+"""lm-eval (EleutherAI's evaluation harness) end to end: the `lm_eval` command in a subprocess
+against a real `tokenmill serve` subprocess, on the local tasks in tests/server/lm_eval_task
+(a loglikelihood multiple-choice task and a generate_until task; their data are JSON Lines
+files beside them, so nothing downloads).
+
+Passing is not enough: the numbers lm-eval logged (--log_samples) must be the engine's own.
+Every multiple-choice loglikelihood equals the sum of the continuation's prompt logprobs that
+LLM(...) computes for the same token ids, with the same is_greedy; every generate_until answer
+equals LLM's greedy output under the task's stop strings; the accuracies lm-eval reports follow
+from those loglikelihoods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from serve_helpers import start_serve  # noqa: E402
+
+from tokenmill import SamplingParams  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+TASK_DIR = REPO / "tests" / "server" / "lm_eval_task"
+MC, GEN = "tokenmill_mc", "tokenmill_gen"
+
+
+@pytest.fixture(scope="module")
+def serve_url(tiny_model_dir, tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_API_KEY"}
+    tmp = tmp_path_factory.mktemp("lm-eval-serve")
+    proc, url = start_serve(tiny_model_dir, tmp, "--served-model-name", "tiny", env=env)
+    yield url
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@dataclass
+class LmEvalRun:
+    """One `lm_eval` subprocess, run from the repository root (the tasks' data_files are
+    relative to it) and offline."""
+
+    proc: subprocess.Popen
+    out: Path
+    log_path: Path
+    tasks: list[str]
+    started: float
+
+    def finish(self) -> tuple[dict, dict[str, list[dict]], str]:
+        """Wait for it; (results json, {task: logged samples in doc order}, its log)."""
+        rc = self.proc.wait(300)
+        log = self.log_path.read_text()
+        assert rc == 0, log
+        print(f"lm_eval {self.tasks}: {time.monotonic() - self.started:.1f}s")
+        (results_file,) = self.out.rglob("results_*.json")
+        samples = {}
+        for task in self.tasks:
+            (samples_file,) = self.out.rglob(f"samples_{task}_*.jsonl")
+            rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+            samples[task] = sorted(rows, key=lambda r: r["doc_id"])
+        return json.loads(results_file.read_text()), samples, log
+
+
+def start_lm_eval(tmp: Path, model: str, model_args: dict, tasks: list[str], *extra: str):
+    cmd = [
+        *(sys.executable, "-m", "lm_eval", "--model", model),
+        *("--model_args", ",".join(f"{k}={v}" for k, v in model_args.items())),
+        *("--include_path", str(TASK_DIR), "--tasks", *tasks),
+        *("--output_path", str(tmp / "out"), "--log_samples", *extra),
+    ]
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp / "hf-home"),  # the datasets cache, away from ~/.cache
+        "OPENAI_API_KEY": "unused",
+    }
+    log_path = tmp / "lm_eval.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return LmEvalRun(proc, tmp / "out", log_path, tasks, time.monotonic())
+
+
+@pytest.fixture(scope="module")
+def lm_eval_runs(serve_url, tiny_model_dir, tmp_path_factory):
+    """The three lm_eval runs of this module, started at once: each spends most of its ~10 s
+    importing torch, transformers and datasets, and only a second or two on requests."""
+    completions = serve_url + "/v1/completions"
+    specs = {
+        # Tokenizing locally, four requests in flight at once.
+        "completions": (
+            "local-completions",
+            {
+                "model": "tiny",
+                "base_url": completions,
+                "tokenizer_backend": "huggingface",
+                "tokenizer": tiny_model_dir,
+                "num_concurrent": 4,
+                "max_length": 512,
+            },
+            [MC, GEN],
+        ),
+        # No tokenizer named: lm-eval's default backend picks the server's own (/tokenizer_info,
+        # /tokenize, /detokenize); four prompts in each request.
+        "remote_tokenizer": (
+            "local-completions",
+            {"model": "tiny", "base_url": completions, "max_length": 512},
+            [MC],
+            "--batch_size",
+            "4",
+        ),
+        # The chat path: --apply_chat_template sends each prompt as one user message.
+        "chat": (
+            "local-chat-completions",
+            {"model": "tiny", "base_url": serve_url + "/v1/chat/completions", "num_concurrent": 2},
+            [GEN],
+            "--apply_chat_template",
+        ),
+    }
+    runs = {}
+    for name, (model, model_args, tasks, *extra) in specs.items():
+        model_args = {**model_args, "max_retries": 1}
+        runs[name] = start_lm_eval(tmp_path_factory.mktemp(name), model, model_args, tasks, *extra)
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait(10)
+
+
+def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The token ids lm-eval sends for a (context, continuation) pair: trailing spaces move to
+    the continuation, the whole is encoded once and split where the context's encoding ends."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    num_context = len(tokenizer(context, add_special_tokens=False).input_ids)
+    return whole[:num_context], whole[num_context:]
+
+
+def engine_loglikelihoods(llm, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """(sum of the continuation's logprobs, whether every continuation token is the argmax),
+    straight from the engine's prompt logprobs."""
+    split = [split_pair(llm.tokenizer, c, x) for c, x in pairs]
+    outs = llm.generate(
+        [ctx + cont for ctx, cont in split],
+        SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0),
+        use_tqdm=False,
+    )
+    results = []
+    for (ctx, cont), out in zip(split, outs):
+        ids = ctx + cont
+        entries = [out.prompt_logprobs[i][ids[i]] for i in range(len(ctx), len(ids))]
+        results.append((sum(e.logprob for e in entries), all(e.rank == 1 for e in entries)))
+    return results
+
+
+def check_multiple_choice(llm, results: dict, rows: list[dict]) -> None:
+    pairs = [(args["arg_0"], args["arg_1"]) for row in rows for args in row["arguments"].values()]
+    logged = [
+        (float(ll), is_greedy == "True") for row in rows for [[ll, is_greedy]] in row["resps"]
+    ]
+    assert len(logged) == len(pairs) >= 12
+    expected = engine_loglikelihoods(llm, pairs)
+    for (ll, greedy), (want_ll, want_greedy), pair in zip(logged, expected, pairs):
+        assert ll == pytest.approx(want_ll, rel=1e-6, abs=1e-4), pair
+        assert greedy == want_greedy, pair
+    # acc and acc_norm (loglikelihood per byte of the choice) follow from those numbers.
+    acc, acc_norm, i = [], [], 0
+    for row in rows:
+        choices = [args["arg_1"] for args in row["arguments"].values()]
+        lls = [ll for ll, _ in expected[i : i + len(choices)]]
+        i += len(choices)
+        norm = [ll / len(c.encode()) for ll, c in zip(lls, choices)]
+        acc.append(lls.index(max(lls)) == row["doc"]["answer"])
+        acc_norm.append(norm.index(max(norm)) == row["doc"]["answer"])
+    metrics = results["results"][MC]
+    assert metrics["acc,none"] == pytest.approx(sum(acc) / len(acc))
+    assert metrics["acc_norm,none"] == pytest.approx(sum(acc_norm) / len(acc_norm))
+
+
+def check_generations(results: dict, rows: list[dict], expected) -> None:
+    """expected: (prompt, gen kwargs) -> the engine's CompletionOutput."""
+    stopped_on_string = 0
+    for row in rows:
+        args = row["arguments"]["gen_args_0"]
+        out = expected(args["arg_0"], args["arg_1"])
+        assert row["resps"] == [[out.text]], row["doc"]
+        stopped_on_string += (
+            out.finish_reason == "stop" and out.stop_reason in args["arg_1"]["until"]
+        )
+    # Else the stop strings were never put to the test; pick ones the tiny model writes.
+    assert stopped_on_string >= 1
+    hits = [row["resps"][0][0] == row["target"] for row in rows]
+    assert results["results"][GEN]["exact_match,none"] == pytest.approx(sum(hits) / len(hits))
+
+
+def greedy(kwargs: dict) -> SamplingParams:
+    assert kwargs["temperature"] == 0 and not kwargs["do_sample"]
+    return SamplingParams(temperature=0, max_tokens=kwargs["max_gen_toks"], stop=kwargs["until"])
+
+
+def test_lm_eval_local_completions(lm_eval_runs, reference_llm):
+    results, samples, _ = lm_eval_runs["completions"].finish()
+    assert set(results["results"]) == {MC, GEN}
+    check_multiple_choice(reference_llm, results, samples[MC])
+
+    tok = reference_llm.tokenizer
+
+    def expected(prompt, kwargs):
+        ids = tok(prompt, add_special_tokens=False).input_ids  # as lm-eval sends them
+        return reference_llm.generate(ids, greedy(kwargs), use_tqdm=False)[0].outputs[0]
+
+    check_generations(results, samples[GEN], expected)
+
+
+def test_lm_eval_remote_tokenizer_batched(lm_eval_runs, reference_llm):
+    results, samples, log = lm_eval_runs["remote_tokenizer"].finish()
+    assert "Using tokenizer remote" in log
+    check_multiple_choice(reference_llm, results, samples[MC])
+
+
+def test_lm_eval_local_chat_completions(lm_eval_runs, reference_llm):
+    results, samples, _ = lm_eval_runs["chat"].finish()
+
+    def expected(messages_json, kwargs):
+        (messages,) = messages_json  # lm-eval logs the conversation as one JSON string
+        messages = json.loads(messages)
+        assert messages[-1]["role"] == "user"
+        return reference_llm.chat(messages, greedy(kwargs), use_tqdm=False)[0].outputs[0]
+
+    check_generations(results, samples[GEN], expected)
