@@ -1,18 +1,18 @@
 """lm-eval (EleutherAI's evaluation harness) end to end: the `lm_eval` command in a subprocess
 against a real `tokenmill serve` subprocess, on the local tasks in tests/server/lm_eval_task
-(a loglikelihood multiple-choice task and a generate_until task; their data are JSON Lines
-files beside them, so nothing downloads).
+(multiple_choice, generate_until and loglikelihood_rolling; their data are JSON Lines files
+beside them, so nothing downloads).
 
 Passing is not enough: the numbers lm-eval logged (--log_samples) must be the engine's own.
-Every multiple-choice loglikelihood equals the sum of the continuation's prompt logprobs that
-LLM(...) computes for the same token ids, with the same is_greedy; every generate_until answer
-equals LLM's greedy output under the task's stop strings; the accuracies lm-eval reports follow
-from those loglikelihoods.
+Every loglikelihood equals the sum of the prompt logprobs that LLM(...) computes for the same
+token ids, with the same is_greedy; every generate_until answer equals LLM's greedy output
+under the task's stop strings; the metrics lm-eval reports follow from those numbers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,7 +31,7 @@ from tokenmill import SamplingParams  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "tests" / "server" / "lm_eval_task"
-MC, GEN = "tokenmill_mc", "tokenmill_gen"
+MC, GEN, ROLLING = "tokenmill_mc", "tokenmill_gen", "tokenmill_rolling"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def lm_eval_runs(serve_url, tiny_model_dir, tmp_path_factory):
                 "num_concurrent": 4,
                 "max_length": 512,
             },
-            [MC, GEN],
+            [MC, GEN, ROLLING],
         ),
         # No tokenizer named: lm-eval's default backend picks the server's own (/tokenizer_info,
         # /tokenize, /detokenize); four prompts in each request.
@@ -152,10 +152,11 @@ def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], l
     return whole[:num_context], whole[num_context:]
 
 
-def engine_loglikelihoods(llm, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-    """(sum of the continuation's logprobs, whether every continuation token is the argmax),
-    straight from the engine's prompt logprobs."""
-    split = [split_pair(llm.tokenizer, c, x) for c, x in pairs]
+def engine_loglikelihoods(
+    llm, split: list[tuple[list[int], list[int]]]
+) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the sum of the continuation's logprobs and
+    whether every continuation token is the argmax, straight from the engine's prompt logprobs."""
     outs = llm.generate(
         [ctx + cont for ctx, cont in split],
         SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0),
@@ -175,7 +176,7 @@ def check_multiple_choice(llm, results: dict, rows: list[dict]) -> None:
         (float(ll), is_greedy == "True") for row in rows for [[ll, is_greedy]] in row["resps"]
     ]
     assert len(logged) == len(pairs) >= 12
-    expected = engine_loglikelihoods(llm, pairs)
+    expected = engine_loglikelihoods(llm, [split_pair(llm.tokenizer, c, x) for c, x in pairs])
     for (ll, greedy), (want_ll, want_greedy), pair in zip(logged, expected, pairs):
         assert ll == pytest.approx(want_ll, rel=1e-6, abs=1e-4), pair
         assert greedy == want_greedy, pair
@@ -191,6 +192,21 @@ def check_multiple_choice(llm, results: dict, rows: list[dict]) -> None:
     metrics = results["results"][MC]
     assert metrics["acc,none"] == pytest.approx(sum(acc) / len(acc))
     assert metrics["acc_norm,none"] == pytest.approx(sum(acc_norm) / len(acc_norm))
+
+
+def check_rolling(llm, results: dict, rows: list[dict]) -> None:
+    """Each text is one window (it is far shorter than max_length): lm-eval scores every token
+    of it after the BOS token it puts in front."""
+    tok = llm.tokenizer
+    texts = [row["doc"]["text"] for row in rows]
+    split = [([tok.bos_token_id], tok(t, add_special_tokens=False).input_ids) for t in texts]
+    expected = [ll for ll, _ in engine_loglikelihoods(llm, split)]
+    for row, want in zip(rows, expected):
+        assert float(row["resps"][0][0]) == pytest.approx(want, rel=1e-6, abs=1e-4), row["doc"]
+    num_bytes = sum(len(t.encode()) for t in texts)
+    assert results["results"][ROLLING]["byte_perplexity,none"] == pytest.approx(
+        math.exp(-sum(expected) / num_bytes), rel=1e-4
+    )
 
 
 def check_generations(results: dict, rows: list[dict], expected) -> None:
@@ -216,8 +232,9 @@ def greedy(kwargs: dict) -> SamplingParams:
 
 def test_lm_eval_local_completions(lm_eval_runs, reference_llm):
     results, samples, _ = lm_eval_runs["completions"].finish()
-    assert set(results["results"]) == {MC, GEN}
+    assert set(results["results"]) == {MC, GEN, ROLLING}
     check_multiple_choice(reference_llm, results, samples[MC])
+    check_rolling(reference_llm, results, samples[ROLLING])
 
     tok = reference_llm.tokenizer
 
