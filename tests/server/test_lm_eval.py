@@ -21,13 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+from serve_helpers import start_serve
 
-pytest.importorskip("lm_eval")
-
-from serve_helpers import start_serve  # noqa: E402
-
-from tokenmill import SamplingParams  # noqa: E402
+from tokenmill import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "tests" / "server" / "lm_eval_task"
@@ -98,6 +96,7 @@ def start_lm_eval(tmp: Path, model: str, model_args: dict, tasks: list[str], *ex
 def lm_eval_runs(serve_url, tiny_model_dir, tmp_path_factory):
     """The three lm_eval runs of this module, started at once: each spends most of its ~10 s
     importing torch, transformers and datasets, and only a second or two on requests."""
+    pytest.importorskip("lm_eval")
     completions = serve_url + "/v1/completions"
     specs = {
         # Tokenizing locally, four requests in flight at once.
@@ -261,3 +260,31 @@ def test_lm_eval_local_chat_completions(lm_eval_runs, reference_llm):
         return reference_llm.chat(messages, greedy(kwargs), use_tqdm=False)[0].outputs[0]
 
     check_generations(results, samples[GEN], expected)
+
+
+def test_echo_logprobs_mark_greedy_tokens_the_way_lm_eval_reads_them(server, reference_llm):
+    """lm-eval's is_greedy: a continuation token is greedy when its logprob equals the largest of
+    its top_logprobs, compared exactly. The tiny model never picks the tasks' answers, so this
+    is where a True is checked."""
+    ids = reference_llm.encode("The quick brown fox")
+    params = SamplingParams(temperature=0, max_tokens=6)
+    greedy_ids = reference_llm.generate(ids, params, use_tqdm=False)[0].outputs[0].token_ids
+    other = 3 if greedy_ids[0] != 3 else 4
+    body = {
+        "model": server.model,
+        "prompt": [ids + greedy_ids, ids + [other] + greedy_ids[1:]],
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": 1,
+        "echo": True,
+    }
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    resp = httpx.post(server.base_url + "/completions", json=body, headers=headers, timeout=60)
+    choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
+    n = len(ids)
+    lp = choices[0]["logprobs"]
+    pairs = list(zip(lp["token_logprobs"][n:-1], lp["top_logprobs"][n:-1]))
+    assert len(pairs) == len(greedy_ids)
+    assert all(token == max(top.values()) for token, top in pairs)
+    lp = choices[1]["logprobs"]
+    assert lp["token_logprobs"][n] < max(lp["top_logprobs"][n].values())
