@@ -288,3 +288,28 @@ def test_echo_logprobs_mark_greedy_tokens_the_way_lm_eval_reads_them(server, ref
     assert all(token == max(top.values()) for token, top in pairs)
     lp = choices[1]["logprobs"]
     assert lp["token_logprobs"][n] < max(lp["top_logprobs"][n].values())
+
+
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_echo_logprobs_tokens_spell_the_prompt(server, reference_llm, as_ids):
+    """The first prompt token has no logprob, but OpenAI still sends its text: harnesses that
+    find the continuation by characters (text_offset) need the echoed tokens to spell the
+    prompt and the offsets to add up. (It was "token_id:N", which shifted every offset.)"""
+    prompt = "The quick brown fox"
+    ids = reference_llm.encode(prompt)
+    body = {
+        "model": server.model,
+        "prompt": ids if as_ids else prompt,
+        "max_tokens": 2,
+        "temperature": 0,
+        "logprobs": 1,
+        "echo": True,
+    }
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    resp = httpx.post(server.base_url + "/completions", json=body, headers=headers, timeout=60)
+    lp = resp.json()["choices"][0]["logprobs"]
+    assert lp["tokens"][0] == reference_llm.tokenizer.decode(ids[:1])
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert "".join(lp["tokens"][: len(ids)]) == prompt
+    lengths = [len(t) for t in lp["tokens"]]
+    assert lp["text_offset"] == [sum(lengths[:i]) for i in range(len(lengths))]
