@@ -11,6 +11,7 @@ under the task's stop strings; the metrics lm-eval reports follow from those num
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,9 @@ from tokenmill import SamplingParams
 REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "tests" / "server" / "lm_eval_task"
 MC, GEN, ROLLING = "tokenmill_mc", "tokenmill_gen", "tokenmill_rolling"
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (the test extra)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +100,6 @@ def start_lm_eval(tmp: Path, model: str, model_args: dict, tasks: list[str], *ex
 def lm_eval_runs(serve_url, tiny_model_dir, tmp_path_factory):
     """The three lm_eval runs of this module, started at once: each spends most of its ~10 s
     importing torch, transformers and datasets, and only a second or two on requests."""
-    pytest.importorskip("lm_eval")
     completions = serve_url + "/v1/completions"
     specs = {
         # Tokenizing locally, four requests in flight at once.
@@ -229,6 +232,7 @@ def greedy(kwargs: dict) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=kwargs["max_gen_toks"], stop=kwargs["until"])
 
 
+@needs_lm_eval
 def test_lm_eval_local_completions(lm_eval_runs, reference_llm):
     results, samples, _ = lm_eval_runs["completions"].finish()
     assert set(results["results"]) == {MC, GEN, ROLLING}
@@ -244,12 +248,14 @@ def test_lm_eval_local_completions(lm_eval_runs, reference_llm):
     check_generations(results, samples[GEN], expected)
 
 
+@needs_lm_eval
 def test_lm_eval_remote_tokenizer_batched(lm_eval_runs, reference_llm):
     results, samples, log = lm_eval_runs["remote_tokenizer"].finish()
     assert "Using tokenizer remote" in log
     check_multiple_choice(reference_llm, results, samples[MC])
 
 
+@needs_lm_eval
 def test_lm_eval_local_chat_completions(lm_eval_runs, reference_llm):
     results, samples, _ = lm_eval_runs["chat"].finish()
 
