@@ -31,6 +31,7 @@ from tokenmill import SamplingParams
 REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "tests" / "server" / "lm_eval_task"
 MC, GEN, ROLLING = "tokenmill_mc", "tokenmill_gen", "tokenmill_rolling"
+MAX_MODEL_LEN = 512  # the tiny model's max_position_embeddings
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (the test extra)"
 )
@@ -41,13 +42,16 @@ def serve_url(tiny_model_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_API_KEY"}
     tmp = tmp_path_factory.mktemp("lm-eval-serve")
     proc, url = start_serve(tiny_model_dir, tmp, "--served-model-name", "tiny", env=env)
-    yield url
-    proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == MAX_MODEL_LEN
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 @dataclass
@@ -111,7 +115,7 @@ def lm_eval_runs(serve_url, tiny_model_dir, tmp_path_factory):
                 "tokenizer_backend": "huggingface",
                 "tokenizer": tiny_model_dir,
                 "num_concurrent": 4,
-                "max_length": 512,
+                "max_length": MAX_MODEL_LEN,
             },
             [MC, GEN, ROLLING],
         ),
@@ -119,7 +123,7 @@ def lm_eval_runs(serve_url, tiny_model_dir, tmp_path_factory):
         # /tokenize, /detokenize); four prompts in each request.
         "remote_tokenizer": (
             "local-completions",
-            {"model": "tiny", "base_url": completions, "max_length": 512},
+            {"model": "tiny", "base_url": completions, "max_length": MAX_MODEL_LEN},
             [MC],
             "--batch_size",
             "4",
@@ -196,15 +200,42 @@ def check_multiple_choice(llm, results: dict, rows: list[dict]) -> None:
     assert metrics["acc_norm,none"] == pytest.approx(sum(acc_norm) / len(acc_norm))
 
 
-def check_rolling(llm, results: dict, rows: list[dict]) -> None:
-    """Each text is one window (it is far shorter than max_length): lm-eval scores every token
-    of it after the BOS token it puts in front."""
+def rolling_windows(token_ids: list[int], bos: int, max_seq_len: int):
+    """lm-eval's loglikelihood_rolling windows (get_rolling_token_windows, then
+    make_disjoint_window, context_len 1): (context ids, continuation ids) pairs that score every
+    token once, each after up to max_seq_len tokens (the first window after BOS)."""
+    first = min(max_seq_len, len(token_ids))
+    windows = [([bos], token_ids[:first])]
+    predicted = first
+    while predicted < len(token_ids):
+        n = min(len(token_ids) - predicted, max_seq_len)
+        end = predicted + n
+        windows.append((token_ids[end - max_seq_len - 1 : end - n], token_ids[end - n : end]))
+        predicted = end
+    return windows
+
+
+def check_rolling(llm, results: dict, rows: list[dict], max_length: int) -> None:
+    """lm-eval sends at most max_length - 1 tokens (the generated one makes max_length); a
+    rolling window scores max_length - 2 tokens after one token of context. With max_length the
+    server's max_model_len, the long text's windows fill the server's context exactly."""
     tok = llm.tokenizer
     texts = [row["doc"]["text"] for row in rows]
-    split = [([tok.bos_token_id], tok(t, add_special_tokens=False).input_ids) for t in texts]
-    expected = [ll for ll, _ in engine_loglikelihoods(llm, split)]
+    windows = [
+        rolling_windows(
+            tok(t, add_special_tokens=False).input_ids, tok.bos_token_id, max_length - 2
+        )
+        for t in texts
+    ]
+    assert max(len(w) for w in windows) >= 3
+    assert max(len(c) + len(x) for w in windows for c, x in w) == max_length - 1
+    scores = engine_loglikelihoods(llm, [pair for w in windows for pair in w])
+    expected, i = [], 0
+    for w in windows:
+        expected.append(sum(ll for ll, _ in scores[i : i + len(w)]))
+        i += len(w)
     for row, want in zip(rows, expected):
-        assert float(row["resps"][0][0]) == pytest.approx(want, rel=1e-6, abs=1e-4), row["doc"]
+        assert float(row["resps"][0][0]) == pytest.approx(want, rel=1e-6, abs=1e-4)
     num_bytes = sum(len(t.encode()) for t in texts)
     assert results["results"][ROLLING]["byte_perplexity,none"] == pytest.approx(
         math.exp(-sum(expected) / num_bytes), rel=1e-4
@@ -237,7 +268,7 @@ def test_lm_eval_local_completions(lm_eval_runs, reference_llm):
     results, samples, _ = lm_eval_runs["completions"].finish()
     assert set(results["results"]) == {MC, GEN, ROLLING}
     check_multiple_choice(reference_llm, results, samples[MC])
-    check_rolling(reference_llm, results, samples[ROLLING])
+    check_rolling(reference_llm, results, samples[ROLLING], MAX_MODEL_LEN)
 
     tok = reference_llm.tokenizer
 
