@@ -27,6 +27,7 @@ from tokenmill.server.serving import Delta, DeltaTracker, RequestTimer, sse, tok
 class PreparedPrompt:
     token_ids: list[int]
     text: str | None  # only kept for echo
+    first_token_text: str | None = None  # for echo: the first token has no logprob to carry it
 
 
 def split_prompts(prompt: Any) -> list[str | list[int]]:
@@ -47,7 +48,8 @@ def prepare_prompts(
         text = p.prompt
         if echo and text is None:
             text = proc.tokenizer.decode(p.prompt_token_ids)
-        prepared.append(PreparedPrompt(p.prompt_token_ids, text if echo else None))
+        first = proc.tokenizer.decode(p.prompt_token_ids[:1]) if echo and proc.tokenizer else None
+        prepared.append(PreparedPrompt(p.prompt_token_ids, text if echo else None, first))
     return prepared
 
 
@@ -68,17 +70,19 @@ def completion_logprobs(
 
 
 def echo_prompt_logprobs(
-    prompt_token_ids: list[int], prompt_logprobs: list[dict[int, Logprob] | None] | None
+    prompt: PreparedPrompt, prompt_logprobs: list[dict[int, Logprob] | None] | None
 ) -> CompletionLogprobs:
     """The prompt's part of the logprobs block for echo + logprobs (lm-eval's loglikelihood):
-    one entry per prompt token, the first with a null logprob and null top_logprobs, as
-    OpenAI returns them (text offsets from 0)."""
+    one entry per prompt token, the first with its text but a null logprob and null
+    top_logprobs, as OpenAI returns them (text offsets from 0)."""
     out = CompletionLogprobs()
     offset = 0
-    entries = prompt_logprobs or [None] * len(prompt_token_ids)
-    for token_id, entry in zip(prompt_token_ids, entries, strict=False):
+    entries = prompt_logprobs or [None] * len(prompt.token_ids)
+    for i, (token_id, entry) in enumerate(zip(prompt.token_ids, entries, strict=False)):
         lp = entry.get(token_id) if entry else None
         text = token_text(token_id, lp)
+        if i == 0 and prompt.first_token_text is not None:
+            text = prompt.first_token_text
         out.tokens.append(text)
         out.token_logprobs.append(None if lp is None else lp.logprob)
         out.top_logprobs.append(_top_dict(entry) if entry else None)
@@ -148,7 +152,7 @@ class CompletionStream:
                 self.offsets[index] += sum(len(t) for t in logprobs.tokens)
                 if first and self.req.echo:
                     logprobs = _joined(
-                        echo_prompt_logprobs(self.prompts[p].token_ids, out.prompt_logprobs),
+                        echo_prompt_logprobs(self.prompts[p], out.prompt_logprobs),
                         logprobs,
                     )
             choices.append(
