@@ -13,7 +13,6 @@ from typing import Any
 
 from tokenmill.engine.outputs import Logprob, RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
-from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -174,8 +173,6 @@ class ChatStream:
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Pydantic messages -> the chat template's dicts; an unsupported part is a 400."""
-    try:
-        return [m.to_template_dict() for m in messages]
-    except ValueError as e:
-        raise APIError(400, f"messages: {e}", "messages") from e
+    """Pydantic messages -> the chat template's dicts (the engine's OpenAI adapter, as the batch
+    job's rows); an unsupported part is an InputError, a 400 naming the message."""
+    return [m.to_template_dict(f"messages[{i}]") for i, m in enumerate(messages)]
