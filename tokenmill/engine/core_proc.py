@@ -165,11 +165,12 @@ def run_core(
 
 
 def core_info(llm: Any) -> CoreInfo:
+    info = llm.model_info()
     return CoreInfo(
         limits=ModelLimits.of(llm),
-        model_info=llm.model_info(),
-        model_dir=str(llm.model_dir),
-        model_name=str(llm.model_name),
+        model_info=info,
+        model_dir=str(info["model_dir"]),
+        model_name=str(info["model"]),
         stats=EngineCore(llm).stats(),
     )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from tokenmill.engine.client import EngineClient
 from tokenmill.engine.input_processor import InputError
 from tokenmill.engine.openai_params import (
     SAMPLING_FIELDS,
@@ -61,11 +62,11 @@ class RowError(ValueError):
         self.error_type = error_type
 
 
-def resolve_as_chat(as_chat: bool | None, llm) -> bool:
+def resolve_as_chat(as_chat: bool | None, llm: EngineClient) -> bool:
     """--chat / --no-chat, or by default (None): whether the model has a chat template."""
     if as_chat is not None:
         return as_chat
-    return bool(getattr(getattr(llm, "tokenizer", None), "chat_template", None))
+    return bool(llm.model_info().get("has_chat_template"))
 
 
 class RowParser:
