@@ -49,19 +49,38 @@ def check_unicode(value: Any, where: str = "") -> None:
     """Raise InvalidText for a string anywhere in `value` that UTF-8 cannot encode.
 
     NOTE: not a ValueError on purpose: pydantic would fold it into a validation error without
-    the field's name; the app's handler turns it into a 400 naming `param`."""
+    the field's name; the app's handler turns it into a 400 naming `param`.
+    NOTE: runs on every request body: numbers are skipped without a call (a prompt of token ids
+    holds thousands), and the path is built only for the bad string."""
+    path = _bad_text_path(value)
+    if path is not None:
+        raise InvalidText(f"{where}{path}" if where else (path.lstrip(".") or "body"))
+
+
+def _bad_text_path(value: Any) -> str | None:
+    """ "" if `value` is a string UTF-8 cannot encode; ".k[3]"-style path of one inside it;
+    None if there is none."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidText(where or "body") from None
-    elif isinstance(value, dict):
+            return ""
+        return None
+    if isinstance(value, dict):
         for k, v in value.items():
-            check_unicode(k, where or "body")
-            check_unicode(v, f"{where}.{k}" if where else str(k))
+            if isinstance(k, str) and _bad_text_path(k) is not None:
+                return ""  # a bad key: the object holding it
+            if isinstance(v, (str, dict, list)):
+                path = _bad_text_path(v)
+                if path is not None:
+                    return f".{k}{path}"
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_unicode(v, f"{where}[{i}]")
+            if isinstance(v, (str, dict, list)):
+                path = _bad_text_path(v)
+                if path is not None:
+                    return f"[{i}]{path}"
+    return None
 
 
 class _Base(BaseModel):
