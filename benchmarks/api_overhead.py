@@ -11,6 +11,11 @@ sends all requests at once. What the run shows is what the front end costs: the 
 CPU seconds per output token (tokenizing, pydantic, detokenizing, SSE, HTTP), its tok/s and
 TTFT. With --step-ms 5 (an H200's decode step) the API keeps up only if its cost per token
 stays under 5 ms / num_prompts. `--profile PATH` writes a cProfile of the event loop's thread.
+
+`--pipeline` leaves HTTP out (and with it the client's CPU, which shares this machine): the
+/v1/completions handler's steps (pydantic body, adapter, tokenizer thread, engine add, stream
+formatting, SSE text) run in-process for every request, and the figure is this process's CPU
+time per output token: steadier than the HTTP run on a busy machine.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill.engine.core_messages import CoreInfo  # noqa: E402
-from tokenmill.engine.core_proc import ProcCore, core_info, run_core  # noqa: E402
+from tokenmill.engine.core_proc import ProcCore, core_info, run_core_over_pipe  # noqa: E402
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from tokenmill.engine.stats import EngineStats  # noqa: E402
 
@@ -55,6 +60,10 @@ class InstantLLM:
         self.output_processor = SimpleNamespace(states=self.states)  # what EngineCore reads
         self._stats = EngineStats()
         self._token = 0
+        self._last_step_end: float | None = None
+        # Time between one step's end and the next one's start while requests were running
+        # (the loop's own work plus any stall), its longest gap, and the steps.
+        self.stalls = {"gap_s": 0.0, "max_gap_s": 0.0, "steps": 0}
 
     def model_info(self) -> dict:
         return {
@@ -82,6 +91,12 @@ class InstantLLM:
         return bool(self.states)
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        if self._last_step_end is not None:
+            gap = start - self._last_step_end
+            self.stalls["gap_s"] += gap
+            self.stalls["max_gap_s"] = max(self.stalls["max_gap_s"], gap)
+            self.stalls["steps"] += 1
         if self.step_s:
             time.sleep(self.step_s)
         self._stats.num_steps += 1
@@ -101,29 +116,24 @@ class InstantLLM:
                 for i, s in enumerate(state.children)
             ]
             outs.append(RequestOutput(rid, None, state.prompt, completions, finished=True))
+        self._last_step_end = time.perf_counter() if self.states else None
         return outs
 
 
-def _instant_main(model_dir: str, step_s: float, conn) -> None:
-    """The child process: ProcCore's _proc_main with InstantLLM instead of LLM."""
+STALL_LOG = Path(tempfile.gettempdir()) / f"api_overhead_stalls.{os.getpid()}.json"
+
+
+def _instant_main(model_dir: str, step_s: float, conn, stall_log: str) -> None:
+    """The child process: ProcCore's _proc_main with InstantLLM instead of LLM (the same loop,
+    run_core_over_pipe). InstantLLM records the loop's stalls: time between steps beyond the
+    bookkeeping, e.g. a send blocked on a full pipe."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     llm = InstantLLM(model_dir, step_s)
     conn.send(core_info(llm))
-
-    def receive(block: bool):
-        msgs = []
-        if block:
-            conn.poll(None)
-        while conn.poll(0):
-            msgs.append(conn.recv())
-        return msgs
-
-    try:
-        run_core(llm, receive, conn.send)
-    except (EOFError, BrokenPipeError):
-        pass
+    run_core_over_pipe(llm, conn)
+    Path(stall_log).write_text(json.dumps(llm.stalls))
 
 
 class InstantProcCore(ProcCore):
@@ -134,11 +144,83 @@ class InstantProcCore(ProcCore):
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
-            target=_instant_main, args=(model_dir, step_s, child_conn), daemon=True
+            target=_instant_main, args=(model_dir, step_s, child_conn, str(STALL_LOG)), daemon=True
         )
         self.process.start()
         child_conn.close()
         self.info: CoreInfo = self._conn.recv()
+
+
+async def _pipeline(engine, num_prompts: int, input_len: int, output_len: int) -> int:
+    """What server/app.py's completions handler does per request, minus HTTP; returns the
+    number of SSE events produced."""
+    import asyncio
+    import random
+
+    from tokenmill.engine.core_messages import EngineRequest
+    from tokenmill.server.completions import CompletionStream, prepare_prompts, split_prompts
+    from tokenmill.server.protocol import CompletionRequest
+    from tokenmill.server.serving import sse_stream
+
+    rng = random.Random(0)
+    engine.start()
+
+    async def one(i: int) -> int:
+        raw = {
+            "model": "instant",
+            "prompt": [rng.randrange(100, 40000) for _ in range(input_len)],
+            "max_tokens": output_len,
+            "temperature": 0.6,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        body = CompletionRequest.model_validate(raw)
+        params = body.to_sampling_params()
+        prompts = split_prompts(body.prompt)
+        prepared = await engine.prepare(lambda proc: prepare_prompts(proc, prompts, params, False))
+        queue: asyncio.Queue = asyncio.Queue()
+        request = EngineRequest(f"r{i}", prepared[0].token_ids, params, True, False)
+        engine.add([request], queue)
+        fmt = CompletionStream(body, params, "instant", prepared, [request.request_id])
+        events = fmt.sse_events(engine.stream([request.request_id], queue), lambda t, o: None)
+        num = 0
+        async for _ in sse_stream(events):
+            num += 1
+        return num
+
+    return sum(await asyncio.gather(*(one(i) for i in range(num_prompts))))
+
+
+def run_pipeline(args, model_dir: str) -> None:
+    import asyncio
+
+    from tokenmill.server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(InstantProcCore(model_dir, args.step_ms / 1000))
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    num_events = asyncio.run(_pipeline(engine, args.num_prompts, args.input_len, args.output_len))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    engine.shutdown(5)
+    tokens = args.num_prompts * args.output_len
+    print(
+        f"api_pipeline: {tokens} tokens in {num_events} events, wall {wall:.2f} s, "
+        f"cpu {cpu:.2f} s = {1e6 * cpu / tokens:.1f} us per token, "
+        f"{tokens / wall:,.0f} tok/s, engine steps {engine.stats.num_steps}, {_blocked()}"
+    )
+
+
+def _blocked() -> str:
+    for _ in range(50):  # the child writes it as it exits
+        if STALL_LOG.exists():
+            b = json.loads(STALL_LOG.read_text())
+            STALL_LOG.unlink()
+            return (
+                f"engine loop between steps {b['gap_s']:.2f} s over {b['steps']} steps "
+                f"(longest {1e3 * b['max_gap_s']:.0f} ms)"
+            )
+        time.sleep(0.1)
+    return "engine stalls unknown"
 
 
 def main() -> None:
@@ -152,6 +234,7 @@ def main() -> None:
     ap.add_argument("--profile", help="write a cProfile of the event loop here")
     ap.add_argument("--output-json", help="write the figures here")
     ap.add_argument("--switch-interval-ms", type=float, help="sys.setswitchinterval (GIL)")
+    ap.add_argument("--pipeline", action="store_true", help="no HTTP: see the docstring")
     args = ap.parse_args()
     if args.switch_interval_ms:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
@@ -163,6 +246,8 @@ def main() -> None:
     from tokenmill.server.async_engine import AsyncEngine
 
     model_dir = args.model or str(resolve_model(None, None, None)[0])
+    if args.pipeline:
+        return run_pipeline(args, model_dir)
     engine = AsyncEngine(InstantProcCore(model_dir, args.step_ms / 1000))
     app = build_app(engine, served_model_name="instant")
     config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning")
@@ -216,7 +301,7 @@ def main() -> None:
         "ideal_s": args.output_len * args.step_ms / 1000,
     }
     print(json.dumps(bench, indent=1)[:3000], file=sys.stderr)
-    print("api_overhead: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    print("api_overhead: " + ", ".join(f"{k} {v}" for k, v in row.items()) + ", " + _blocked())
 
 
 if __name__ == "__main__":
