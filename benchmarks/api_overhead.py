@@ -4,13 +4,15 @@
                                       [--profile out.prof]
 
 The real server app (server/app.py over AsyncEngine) runs in this process, as under
-`tokenmill serve`; its engine core is a child process that speaks the real pipe protocol
-(engine/core_proc.py's run_core) but has no model: every `--step-ms` it gives each running
-request one token (random ids; ignore_eos). `tokenmill bench serve --workload random` then
-sends all requests at once. What the run shows is what the front end costs: the API process's
-CPU seconds per output token (tokenizing, pydantic, detokenizing, SSE, HTTP), its tok/s and
-TTFT. With --step-ms 5 (an H200's decode step) the API keeps up only if its cost per token
-stays under 5 ms / num_prompts. `--profile PATH` writes a cProfile of the event loop's thread.
+`tokenmill serve`; its engine core is a child process that runs the real engine-process loop
+(engine/core_proc.py's run_core_over_pipe) but has no model: every `--step-ms` it gives each
+running request one token (random ids; ignore_eos), and it reports how long the loop spent
+between steps (a send blocked on a full pipe shows up there). `tokenmill bench serve
+--workload random` then sends all requests at once. The run shows what the front end costs:
+the API process's CPU seconds per output token (tokenizing, pydantic, detokenizing, SSE,
+HTTP), its tok/s and TTFT. With --step-ms 5 (about an H200's decode step) the API keeps up
+only if its cost per token stays under 5 ms / num_prompts. `--profile PATH` writes a cProfile
+of the event loop's thread.
 
 `--pipeline` leaves HTTP out (and with it the client's CPU, which shares this machine): the
 /v1/completions handler's steps (pydantic body, adapter, tokenizer thread, engine add, stream
