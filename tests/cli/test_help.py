@@ -4,10 +4,13 @@ without a value type, and no option that mentions a value the command line canno
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from tokenmill.cli import options as o
 from tokenmill.cli.app import app
 
 COMMANDS = [["generate"], ["merge"], ["serve"], ["bench", "throughput"], ["bench", "serve"]]
@@ -64,3 +67,42 @@ def test_bench_throughput_warns_that_its_default_workload_is_slow_on_a_cpu(tmp_p
     assert "hours on a CPU" in result.stderr and "--num-prompts 16" in result.stderr
     result = CliRunner().invoke(app, [*argv, "--num-prompts", "4"])
     assert "hours on a CPU" not in result.stderr
+
+
+ENGINE_COMMANDS = [["generate"], ["serve"], ["bench", "throughput"]]
+
+
+@pytest.mark.parametrize("argv", ENGINE_COMMANDS, ids=" ".join)
+def test_every_engine_option_is_on_every_engine_command(argv):
+    # Declared once (cli/options.py ENGINE_OPTIONS), so no command can miss one (issue 9 §5).
+    text = help_text(argv)
+    for name in o.ENGINE_OPTIONS:
+        assert f"--{name.replace('_', '-')}" in text.replace("--no-prefix-caching", ""), name
+
+
+def test_engine_options_reach_the_command_as_one_dict():
+    seen = {}
+
+    @o.with_engine_options(block_size=8)
+    def cmd(
+        name: str = "x",
+        engine_options: o.EngineOptions = None,
+        seed: Annotated[int, typer.Option(help="my own seed")] = 5,
+    ) -> None:
+        seen.update(name=name, seed=seed, engine=engine_options)
+
+    app_ = typer.Typer()
+    app_.command()(cmd)
+    argv = ["--name", "y", "--max-num-seqs", "3", "--no-prefix-caching", "-m", "/m"]
+    result = CliRunner().invoke(app_, argv)
+    assert result.exit_code == 0, result.output
+    engine = seen["engine"]
+    assert (seen["name"], seen["seed"], engine["seed"]) == ("y", 5, 5)  # its own option stays
+    assert (engine["max_num_seqs"], engine["enable_prefix_caching"], engine["model"]) == (
+        3,
+        False,
+        "/m",
+    )
+    assert engine["block_size"] == 8 and engine["dtype"] == o.ENGINE_DEFAULTS["dtype"]
+    assert set(engine) == set(o.ENGINE_OPTIONS)
+    assert "my own seed" in CliRunner().invoke(app_, ["--help"]).output

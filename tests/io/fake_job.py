@@ -107,9 +107,6 @@ class ScriptedEngine(FakeEngine):
             else None
         )
 
-    def add_request(self, request_id, prompt, params, **kwargs):
-        super().add_request(request_id, prompt, params)
-
     def step(self):
         self.steps += 1
         if self.steps == self.args.die_at_step:

@@ -1,4 +1,5 @@
-"""A fake engine with the LLM's incremental interface, for testing the batch job's plumbing.
+"""A fake engine with the LLM's incremental interface (the EngineClient protocol), for testing the
+batch job's plumbing.
 
 It "generates" deterministic text from the prompt's token ids and finishes requests in a
 shuffled order, a few per step, so input-order restoration is exercised for real.
@@ -10,6 +11,7 @@ import random
 import zlib
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.stats import EngineStats
 
 
@@ -35,7 +37,8 @@ class WordTokenizer:
 
 
 class FakeEngine:
-    """finish_per_step requests finish per step, picked at random among the unfinished."""
+    """An EngineClient (engine/client.py): finish_per_step requests finish per step, picked at
+    random among the unfinished. `tokenizer` is the test's handle on its token ids."""
 
     def __init__(
         self,
@@ -60,14 +63,30 @@ class FakeEngine:
         self.max_unfinished = 0
 
     def model_info(self) -> dict:
-        return {"model": "fake", "dtype": "float32", "device": "cpu"}
+        return {
+            "model": "fake",
+            "dtype": "float32",
+            "device": "cpu",
+            "max_model_len": self.max_model_len,
+            # Text prompts stay text (as --no-chat); messages rows still use encode_chat.
+            "has_chat_template": False,
+        }
 
-    def encode_chat(self, messages):
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts)["input_ids"]
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs
+    ) -> list[int]:
         return self.tokenizer(" ".join(f"<{m['role']}> {m['content']}" for m in messages))[
             "input_ids"
         ]
 
-    def add_request(self, request_id, prompt, params):
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def add_request(self, request_id, prompt, params=None, stream=True):
+        params = params or SamplingParams()
         if request_id in self.unfinished:
             raise ValueError(f"request id {request_id!r} is already in use")
         if len(prompt) + (params.max_tokens or 1) > self.max_model_len:

@@ -80,7 +80,7 @@ def test_openai_completion_and_chat_lines():
         )
     )
     assert (row.kind, row.prompt, row.id, row.custom_id) == (OPENAI_COMPLETION, "hi", "c1", "c1")
-    assert row.overrides == {"max_tokens": 5, "temperature": 0, "logprobs": 2}
+    assert (row.params.max_tokens, row.params.temperature, row.params.logprobs) == (5, 0, 2)
     chat = parse(
         openai_line(
             "/v1/chat/completions",
@@ -93,12 +93,66 @@ def test_openai_completion_and_chat_lines():
             },
         )
     )
-    assert chat.kind == OPENAI_CHAT and chat.overrides == {"max_tokens": 4, "logprobs": 3}
+    assert chat.kind == OPENAI_CHAT and (chat.params.max_tokens, chat.params.logprobs) == (4, 3)
+
+
+CHAT_URL, COMPLETION_URL = "/v1/chat/completions", "/v1/completions"
+MSGS = [{"role": "user", "content": "yo"}]
+
+
+@pytest.mark.parametrize(
+    "url, body",
+    [
+        (CHAT_URL, {"messages": MSGS}),
+        (CHAT_URL, {"messages": MSGS, "max_tokens": 7, "max_completion_tokens": 3, "n": 2}),
+        (CHAT_URL, {"messages": MSGS, "logprobs": True, "top_logprobs": 2, "seed": 5}),
+        (CHAT_URL, {"messages": MSGS, "response_format": {"type": "json_object"}}),
+        (COMPLETION_URL, {"prompt": "hi"}),
+        (COMPLETION_URL, {"prompt": "hi", "logprobs": 1, "stop": ["."], "top_k": 3}),
+    ],
+)
+def test_openai_lines_map_through_the_servers_adapter(url, body):
+    # The same function, and so the same defaults, as `tokenmill serve` (issue 9).
+    from tokenmill.engine.openai_params import chat_params, completion_params
+
+    row = parse(openai_line(url, body))
+    assert row.error is None, row.error
+    adapter = chat_params if url == CHAT_URL else completion_params
+    assert RowParser().params(row) == adapter(body)
+
+
+def test_openai_defaults_are_openais_and_job_flags_fill_in_only_what_the_body_leaves_out():
+    chat = openai_line(CHAT_URL, {"messages": MSGS})
+    completion = openai_line(COMPLETION_URL, {"prompt": "hi"})
+    assert parse(chat).params.max_tokens is None  # a chat completion runs to the context
+    assert parse(completion).params.max_tokens == 16  # a completion stops at 16, as OpenAI's
+    job = RowParser(SamplingParams(max_tokens=4, temperature=0.5))
+    assert (parse(chat, job).params.max_tokens, parse(chat, job).params.temperature) == (4, 0.5)
+    mine = openai_line(CHAT_URL, {"messages": MSGS, "max_completion_tokens": 9, "temperature": 1})
+    assert (parse(mine, job).params.max_tokens, parse(mine, job).params.temperature) == (9, 1)
+
+
+def test_openai_chat_message_parts_are_handled_as_the_server_does():
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    call = {"id": "t", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = [
+        {"role": "user", "content": parts},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "2", "tool_call_id": "t"},
+    ]
+    row = parse(openai_line(CHAT_URL, {"messages": messages}))
+    assert row.error is None, row.error
+    assert row.messages[0] == {"role": "user", "content": "ab"}
+    assert row.messages[1]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+    assert row.messages[2] == {"role": "tool", "content": "2", "tool_call_id": "t"}
 
 
 @pytest.mark.parametrize(
     "line, words",
     [
+        (openai_line(CHAT_URL, {"messages": MSGS, "max_tokens": "5"}), "must be an integer"),
+        (openai_line(CHAT_URL, {"messages": MSGS, "logprobs": 2}), "must be true or false"),
+        (openai_line(CHAT_URL, {"messages": MSGS, "n": 1000}), "n must be in [1, 128]"),
         (openai_line("/v1/embeddings", {"input": "x"}), "url must be one of"),
         (openai_line("/v1/completions", {"prompt": "x", "tools": []}), "'tools' is not supported"),
         (openai_line("/v1/completions", {"prompt": "x", "temperature": -1}), "temperature must be"),
@@ -169,7 +223,14 @@ def test_overrides_the_engine_would_crash_on_are_error_rows(sampling, words):
     assert parse({"prompt": "x", "sampling": {"logprobs": 20, "seed": 3}}).error is None
 
 
-def test_a_row_that_trips_an_unexpected_exception_is_an_error_row_not_a_crash():
-    parts = [{"type": "text", "text": 5}]  # "".join fails with TypeError
+def test_a_row_that_trips_an_unexpected_exception_is_an_error_row_not_a_crash(monkeypatch):
+    parts = [{"type": "text", "text": 5}]  # the server's message handling refuses it too
     row = parse({"messages": [{"role": "user", "content": parts}]})
-    assert row.error_type == "invalid_row" and "TypeError" in row.error
+    assert row.error_type == "invalid_messages" and "only text parts" in row.error
+
+    def broken(value, column):
+        raise TypeError("a bug in the parser")
+
+    monkeypatch.setattr("tokenmill.io.parse._check_prompt", broken)
+    row = parse({"prompt": "x"})
+    assert row.error_type == "invalid_row" and "TypeError: a bug in the parser" in row.error

@@ -31,15 +31,15 @@ class PickyEngine(FakeEngine):
         super().__init__()
         self.tokenizer = PickyTokenizer()
 
-    def encode_chat(self, messages):
+    def encode_chat(self, messages, add_generation_prompt=True, **template_kwargs):
         if any(m["role"] == "tool" for m in messages):
             raise KeyError("the chat template has no 'tool' role")
         return super().encode_chat(messages)
 
-    def add_request(self, request_id, prompt, params):
+    def add_request(self, request_id, prompt, params=None, stream=True):
         if self.tokenizer("crash")["input_ids"][0] in prompt:
             raise TypeError("'NoneType' object is not subscriptable")
-        super().add_request(request_id, prompt, params)
+        super().add_request(request_id, prompt, params, stream)
 
     def step(self):
         outs = super().step()

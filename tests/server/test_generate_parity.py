@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import openai
-import pytest
 from typer.testing import CliRunner
 
 from tokenmill.cli.app import app
@@ -19,6 +18,7 @@ def _generate(model_dir, tmp_path, body: dict) -> dict:
     line = {"custom_id": "c0", "method": "POST", "url": "/v1/chat/completions", "body": body}
     inp.write_text(json.dumps(line) + "\n")
     argv = ["generate", str(inp), "-o", str(out), "--model", str(model_dir), "--quiet"]
+    argv.append("--overwrite")  # one output file per test, written more than once
     result = CliRunner().invoke(app, argv, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (row,) = [json.loads(x) for x in out.read_text().splitlines()]
@@ -46,11 +46,10 @@ def test_same_chat_body_same_tokens(server, tiny_model_dir, tmp_path):
     _same(server, tiny_model_dir, tmp_path, {"temperature": 0, "max_tokens": 24})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generate's OpenAI rows do not use engine/openai_params.chat_params yet: a chat "
-    "line without max_tokens stops at 16 tokens there and runs to the context under serve. "
-    "Remove this mark once io/parse.py maps bodies through chat_params / completion_params.",
-)
 def test_same_chat_body_same_default_length(server, tiny_model_dir, tmp_path):
+    # No max_tokens: both run to the end of the context (OpenAI's chat default), not to 16.
     _same(server, tiny_model_dir, tmp_path, {"temperature": 0, "ignore_eos": True})
+    batch = _generate(tiny_model_dir, tmp_path, {"messages": MESSAGES, "ignore_eos": True})
+    assert batch["usage"]["prompt_tokens"] + batch["usage"]["completion_tokens"] == (
+        server.max_model_len
+    )

@@ -20,3 +20,39 @@ def test_an_event_is_one_line_and_round_trips(text):
     lines = event[:-2].splitlines()
     assert len(lines) == 1 and lines[0].startswith("data: ")
     assert json.loads(lines[0][len("data: ") :])["choices"][0]["text"] == text
+
+
+@pytest.mark.parametrize(
+    "finish_reason, stop_reason", [(None, None), ("stop", None), ("stop", 7), ("stop", "END")]
+)
+@pytest.mark.parametrize("text", ["", " tok", "é\u2028"])
+def test_the_fast_stream_chunks_equal_the_pydantic_ones(text, finish_reason, stop_reason):
+    # Streamed chunks skip pydantic (the per-token path); they must not change a byte of meaning.
+    from types import SimpleNamespace
+
+    from tokenmill.server.chat import ChatStream
+    from tokenmill.server.completions import CompletionStream
+    from tokenmill.server.protocol import (
+        ChatCompletionChunk,
+        ChatStreamChoice,
+        CompletionChoice,
+        CompletionResponse,
+        DeltaMessage,
+    )
+
+    def body(event: str) -> dict:
+        data = json.loads(event.removeprefix("data: "))
+        data.pop("created")
+        return data
+
+    kw = dict(index=1, finish_reason=finish_reason, stop_reason=stop_reason)
+    choice = CompletionChoice(text=text, **kw)
+    fmt = SimpleNamespace(id="cmpl-1", model="m")
+    fast = sse(CompletionStream.chunk(fmt, [choice]))
+    slow = CompletionResponse(id="cmpl-1", model="m", choices=[choice])
+    assert body(fast) == body(sse(slow.model_dump(exclude_none=True)))
+    for delta in (DeltaMessage(content=text), DeltaMessage(role="assistant", content=text)):
+        choice = ChatStreamChoice(delta=delta, **kw)
+        slow = ChatCompletionChunk(id="c-1", model="m", choices=[choice])
+        fast = ChatStream._chunk(SimpleNamespace(id="c-1", model="m"), [choice])
+        assert body(fast) == body(sse(slow.model_dump(exclude_none=True)))

@@ -42,6 +42,7 @@ def _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
 
 
 @bench_app.command("throughput")
+@o.with_engine_options()
 def throughput(
     workload: WorkloadOpt = "nano",
     dataset: Annotated[Path | None, typer.Option(help="Any input `generate` accepts.")] = None,
@@ -83,19 +84,7 @@ def throughput(
         typer.Option(help="Also run a peer in the same process: hf (transformers generate_batch)."),
     ] = None,
     output_json: Annotated[Path | None, typer.Option(help="Write the figures here.")] = None,
-    model: o.Model = None,
-    dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
-    device: o.Device = o.ENGINE_DEFAULTS["device"],
-    max_model_len: o.MaxModelLen = None,
-    max_num_seqs: o.MaxNumSeqs = o.ENGINE_DEFAULTS["max_num_seqs"],
-    max_num_batched_tokens: o.MaxNumBatchedTokens = o.ENGINE_DEFAULTS["max_num_batched_tokens"],
-    kv_cache_memory: o.KvCacheMemory = None,
-    gpu_memory_utilization: o.GpuMemoryUtilization = o.ENGINE_DEFAULTS["gpu_memory_utilization"],
-    block_size: o.BlockSize = o.ENGINE_DEFAULTS["block_size"],
-    enable_prefix_caching: o.EnablePrefixCaching = o.ENGINE_DEFAULTS["enable_prefix_caching"],
-    enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
-    seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
-    attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
+    engine_options: o.EngineOptions = None,
     threads: o.Threads = None,
 ) -> None:
     """Offline throughput of LLM.generate over a workload (warm-up excluded)."""
@@ -108,21 +97,22 @@ def throughput(
 
     console = Console()
     cpu_threads.configure(threads)
+    e = engine_options
     if dummy_weights:
-        if model is not None:
+        if e["model"] is not None:
             raise typer.BadParameter("--dummy-weights and --model exclude each other")
         # Only the transformers peer reads weights from disk; the engine makes its own.
-        model = str(
-            make_dummy_checkpoint(arch, dtype=dtype, device=device, seed=seed, weights=peer == "hf")
+        e["model"] = str(
+            make_dummy_checkpoint(
+                arch, dtype=e["dtype"], device=e["device"], seed=e["seed"], weights=peer == "hf"
+            )
         )
     load_format = "dummy" if dummy_weights and peer != "hf" else "auto"
-    config = o.engine_config_from(
-        locals(), skip_tokenizer_init=dummy_weights, load_format=load_format
-    )
-    if workload == "nano" and dataset is None and num_prompts is None and _on_cpu(device):
+    config = o.engine_config(**e, skip_tokenizer_init=dummy_weights, load_format=load_format)
+    if workload == "nano" and dataset is None and num_prompts is None and _on_cpu(e["device"]):
         typer.echo(CPU_HINT, err=True)
     llm = LLM.from_config(config)
-    vocab_size = min(10_000, llm.hf_config.vocab_size)
+    vocab_size = min(10_000, llm.model_info()["vocab_size"])
     wl = _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
     wl.top_p, wl.top_k = top_p, top_k
     if temperature is not None:

@@ -16,6 +16,7 @@ _J = "Job"
 _R = "Ray (see README: Scaling out)"
 
 
+@o.with_engine_options()
 def generate(
     input: Annotated[
         str,
@@ -177,22 +178,7 @@ def generate(
         int,
         typer.Option(min=1, help="Rows per Ray batch sent to a worker.", rich_help_panel=_R),
     ] = DEFAULT_RAY_BATCH_SIZE,
-    # Engine
-    model: o.Model = o.ENGINE_DEFAULTS["model"],
-    revision: o.Revision = o.ENGINE_DEFAULTS["revision"],
-    download_dir: o.DownloadDir = o.ENGINE_DEFAULTS["download_dir"],
-    dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
-    device: o.Device = o.ENGINE_DEFAULTS["device"],
-    max_model_len: o.MaxModelLen = o.ENGINE_DEFAULTS["max_model_len"],
-    max_num_seqs: o.MaxNumSeqs = o.ENGINE_DEFAULTS["max_num_seqs"],
-    max_num_batched_tokens: o.MaxNumBatchedTokens = o.ENGINE_DEFAULTS["max_num_batched_tokens"],
-    kv_cache_memory: o.KvCacheMemory = o.ENGINE_DEFAULTS["kv_cache_memory"],
-    gpu_memory_utilization: o.GpuMemoryUtilization = o.ENGINE_DEFAULTS["gpu_memory_utilization"],
-    block_size: o.BlockSize = o.ENGINE_DEFAULTS["block_size"],
-    enable_prefix_caching: o.EnablePrefixCaching = o.ENGINE_DEFAULTS["enable_prefix_caching"],
-    enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
-    seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
-    attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
+    engine_options: o.EngineOptions = None,  # every engine option (cli/options.py)
     threads: o.Threads = None,
     # Sampling
     n: o.N = o.SAMPLING_DEFAULTS["n"],
@@ -229,8 +215,7 @@ def generate(
     from tokenmill.io.shard import parse_shard
 
     values = locals()
-    # An engine option added to options.py but not yet here keeps its default.
-    engine = o.engine_config_from(values)
+    engine = o.engine_config(**engine_options)
     sampling = o.sampling_params(
         sampling_seed=sampling_seed,
         structured_outputs=o.structured_outputs(json_schema, regex, choice),

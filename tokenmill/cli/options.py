@@ -1,15 +1,20 @@
 """Typer options shared by the subcommands, built from the config dataclasses.
 
 Defaults and help text come from EngineConfig / SamplingParams fields, never written here.
-A command declares `**engine options` by listing these Annotated aliases, then calls
-`engine_config(...)` / `sampling_params(...)` with the values it received.
+The engine options are declared once, in ENGINE_OPTIONS; a command gets all of them with
+`@with_engine_options()` and one `engine_options: EngineOptions = None` parameter where they
+belong in its signature, and builds its EngineConfig with `engine_config(**engine_options)`.
+Sampling options are the Annotated aliases below, passed to `sampling_params(...)`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -72,6 +77,72 @@ _SET_BY_COMMANDS = ("skip_tokenizer_init", "load_format")
 ENGINE_DEFAULTS = {
     f.name: f.default for f in fields(EngineConfig) if f.name not in _SET_BY_COMMANDS
 }
+# EngineConfig field -> its option, in --help order. A new engine field gets its option here
+# (an alias above) and so on every command at once.
+ENGINE_OPTIONS: dict[str, Any] = {
+    "model": Model,
+    "revision": Revision,
+    "download_dir": DownloadDir,
+    "dtype": Dtype,
+    "device": Device,
+    "max_model_len": MaxModelLen,
+    "max_num_seqs": MaxNumSeqs,
+    "max_num_batched_tokens": MaxNumBatchedTokens,
+    "kv_cache_memory": KvCacheMemory,
+    "gpu_memory_utilization": GpuMemoryUtilization,
+    "block_size": BlockSize,
+    "enable_prefix_caching": EnablePrefixCaching,
+    "enforce_eager": EnforceEager,
+    "seed": Seed,
+    "attention_backend": AttentionBackend,
+}
+ENGINE_PARAM = "engine_options"
+# What a command's `engine_options` parameter receives: EngineConfig field -> value.
+EngineOptions = dict[str, Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_engine_options(**defaults: Any) -> Callable[[F], F]:
+    """Give a Typer command every engine option of ENGINE_OPTIONS.
+
+    The command declares `engine_options: EngineOptions = None` where the options go (its
+    --help lists them there, in the Engine panel) and receives their values in that dict. An
+    engine option the command declares itself (its own help or default) stays its own and is
+    in the dict too. `defaults` changes an option's default for this command only.
+    """
+
+    def wrap(command: F) -> F:
+        sig = inspect.signature(command, eval_str=True)
+        if ENGINE_PARAM not in sig.parameters:
+            raise TypeError(f"{command.__name__} needs an `{ENGINE_PARAM}` parameter")
+        own = set(sig.parameters)
+        added = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=defaults.get(name, ENGINE_DEFAULTS[name]),
+                annotation=alias,
+            )
+            for name, alias in ENGINE_OPTIONS.items()
+            if name not in own
+        ]
+        params: list[inspect.Parameter] = []
+        for p in sig.parameters.values():
+            params.extend(added if p.name == ENGINE_PARAM else [p])
+        names = {p.name for p in added}
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            engine = {k: values[k] for k in ENGINE_DEFAULTS if k in values}
+            mine = {k: v for k, v in values.items() if k not in names}
+            return command(**mine, **{ENGINE_PARAM: engine})
+
+        run.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run  # type: ignore[return-value]
+
+    return wrap
+
 
 # Sampling options -------------------------------------------------------------------------------
 N = Annotated[int, _sopt("n", "--n")]
@@ -166,11 +237,6 @@ def structured_outputs(
         return StructuredOutputsParams(choice=choices)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint=given[0]) from e
-
-
-def engine_config_from(values: dict, **extra) -> EngineConfig:
-    """EngineConfig from a command's locals(): every engine option it declares, plus extra."""
-    return engine_config(**{k: values[k] for k in ENGINE_DEFAULTS if k in values}, **extra)
 
 
 def engine_config(**values) -> EngineConfig:

@@ -20,10 +20,9 @@ def _limit_help(name: str) -> str:
     return field_help(ServerLimits, name)
 
 
+@o.with_engine_options()
 def serve(
-    model: o.Model = o.ENGINE_DEFAULTS["model"],
-    revision: o.Revision = o.ENGINE_DEFAULTS["revision"],
-    download_dir: o.DownloadDir = o.ENGINE_DEFAULTS["download_dir"],
+    engine_options: o.EngineOptions = None,  # every engine option (cli/options.py), listed first
     host: Annotated[
         str,
         typer.Option(
@@ -71,21 +70,9 @@ def serve(
             "Hermes) or llama3_json (Llama 3.1+). Without it, such requests are refused.",
         ),
     ] = None,
-    dtype: o.Dtype = o.ENGINE_DEFAULTS["dtype"],
-    device: o.Device = o.ENGINE_DEFAULTS["device"],
-    max_model_len: o.MaxModelLen = o.ENGINE_DEFAULTS["max_model_len"],
-    max_num_seqs: o.MaxNumSeqs = o.ENGINE_DEFAULTS["max_num_seqs"],
-    max_num_batched_tokens: o.MaxNumBatchedTokens = o.ENGINE_DEFAULTS["max_num_batched_tokens"],
-    kv_cache_memory: o.KvCacheMemory = o.ENGINE_DEFAULTS["kv_cache_memory"],
-    gpu_memory_utilization: o.GpuMemoryUtilization = o.ENGINE_DEFAULTS["gpu_memory_utilization"],
-    block_size: o.BlockSize = o.ENGINE_DEFAULTS["block_size"],
-    enable_prefix_caching: o.EnablePrefixCaching = o.ENGINE_DEFAULTS["enable_prefix_caching"],
-    enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
-    seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
-    attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
 ) -> None:
     """Serve a model over HTTP with OpenAI's API (completions, chat, models) plus /metrics."""
-    config = o.engine_config_from(locals())
+    config = o.engine_config(**engine_options)
     from tokenmill.server.tools import TOOL_CALL_PARSERS
 
     if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
@@ -123,7 +110,7 @@ def serve(
         engine = AsyncEngine.in_thread(LLM.from_config(config), max_prompt_bytes=max_prompt_bytes)
     app = build_app(
         engine,
-        served_model_name=served_model_name or model,
+        served_model_name=served_model_name or config.model,
         api_key=api_key,
         limits=limits,
         tool_call_parser=tool_call_parser,

@@ -165,11 +165,12 @@ def run_core(
 
 
 def core_info(llm: Any) -> CoreInfo:
+    info = llm.model_info()
     return CoreInfo(
         limits=ModelLimits.of(llm),
-        model_info=llm.model_info(),
-        model_dir=str(llm.model_dir),
-        model_name=str(llm.model_name),
+        model_info=info,
+        model_dir=str(info["model_dir"]),
+        model_name=str(info["model"]),
         stats=EngineCore(llm).stats(),
     )
 
@@ -260,6 +261,12 @@ def _proc_main(config: EngineConfig, conn: Any) -> None:
         conn.send(CoreInfo(error=f"{type(e).__name__}: {e}"))
         return
     conn.send(core_info(llm))
+    run_core_over_pipe(llm, conn)
+
+
+def run_core_over_pipe(llm: Any, conn: Any) -> None:
+    """The engine process's loop: CoreRequests in from `conn`, CoreOutputs out through a
+    PipeSender. Returns on shutdown or when the front end is gone."""
 
     def receive(block: bool) -> list[CoreRequest]:
         msgs = []
@@ -269,10 +276,73 @@ def _proc_main(config: EngineConfig, conn: Any) -> None:
             msgs.append(conn.recv())  # EOFError: the front end is gone; the process ends
         return msgs
 
+    sender = PipeSender(conn)
     try:
-        run_core(llm, receive, conn.send)
+        run_core(llm, receive, sender.send)
     except (EOFError, BrokenPipeError):
         pass  # the front end is gone: nobody is left to serve
+    finally:
+        sender.close()
+
+
+class PipeSender:
+    """Sends the engine loop's CoreOutputs on a thread of its own, so a step never waits for
+    the front end to read.
+
+    NOTE: the front end reads the pipe on a thread that shares a GIL with its event loop; under
+    load it drains the pipe late, and a blocking `conn.send` of a step's outputs (tens of KB,
+    more than the pipe holds) stalled the engine loop for up to hundreds of ms at a time. Here
+    the loop only queues; outputs that pile up while a send blocks go out as one message
+    (their deltas in order, the latest stats), so the front end catches up in fewer reads.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._pending: list[CoreOutput] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tokenmill-core-sender", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: CoreOutput) -> None:
+        """Queue `msg`; BrokenPipeError once the front end is gone."""
+        if self._error is not None:
+            raise BrokenPipeError(f"the front end is gone ({self._error!r})")
+        with self._cv:
+            self._pending.append(msg)
+            self._cv.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, then stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            try:
+                self._conn.send(merge_outputs(batch))
+            except (OSError, ValueError) as e:  # a broken or closed pipe
+                self._error = e
+                return
+
+
+def merge_outputs(msgs: list[CoreOutput]) -> CoreOutput:
+    """Consecutive CoreOutputs as one: every delta in order, every rejection, the last stats."""
+    if len(msgs) == 1:
+        return msgs[0]
+    rejected: dict[str, str] = {}
+    for m in msgs:
+        rejected.update(m.rejected)
+    return CoreOutput([d for m in msgs for d in m.outputs], rejected, msgs[-1].stats)
 
 
 class ProcCore(_Core):

@@ -50,11 +50,13 @@ class ModelLimits:
 
     @classmethod
     def of(cls, llm: Any) -> ModelLimits:
-        """The limits of an `LLM`."""
+        """The limits of an engine, from its `model_info()` (engine/client.py)."""
+        info = llm.model_info()
+        blocks, block_size = info.get("num_kv_blocks"), info.get("block_size")
         return cls(
             max_model_len=int(llm.max_model_len),
-            vocab_size=int(llm.hf_config.vocab_size),
-            max_kv_tokens=int(llm.num_kv_blocks) * int(llm.config.block_size),
+            vocab_size=int(info["vocab_size"]),
+            max_kv_tokens=None if blocks is None else int(blocks) * int(block_size),
         )
 
 

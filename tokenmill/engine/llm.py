@@ -144,14 +144,20 @@ class LLM:
 
     # ---- information -----------------------------------------------------------------------
     def model_info(self) -> dict:
+        """What this engine runs (the keys of engine/client.py's MODEL_INFO_KEYS)."""
         return {
             "model": self.model_name,
+            "model_dir": str(self.model_dir),
             "architecture": (getattr(self.hf_config, "architectures", None) or ["?"])[0],
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "device": str(self.runner.device),
             "max_model_len": self.max_model_len,
+            "vocab_size": int(self.hf_config.vocab_size),
             "num_kv_blocks": self.runner.num_blocks,
             "block_size": self.config.block_size,
+            "max_num_seqs": self.config.max_num_seqs,
+            "max_num_batched_tokens": self.config.max_num_batched_tokens,
+            "has_chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
         }
 
     @property
@@ -175,12 +181,24 @@ class LLM:
 
     # ---- tokens ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        self._need_tokenizer()
+        return self.tokenizer(text).input_ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text in one tokenizer call (the fast tokenizer's threads)."""
+        self._need_tokenizer()
+        return [list(ids) for ids in self.tokenizer(texts).input_ids]
+
+    def decode(self, token_ids: list[int]) -> str:
+        self._need_tokenizer()
+        return self.tokenizer.decode(token_ids)
+
+    def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise ValueError(
                 "this engine runs without a tokenizer (skip_tokenizer_init); "
                 "pass prompts as token ids"
             )
-        return self.tokenizer(text).input_ids
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any

@@ -1,14 +1,17 @@
-"""OpenAI request bodies -> SamplingParams: one mapping, one set of defaults, for every front end.
+"""OpenAI request bodies -> SamplingParams and chat-template messages: one mapping, one set of
+defaults, for every front end.
 
 `tokenmill serve` (after pydantic checked the types) and the batch job's OpenAI-batch rows
-both call `completion_params(body)` / `chat_params(body)`, so the same body decodes the same
-way under `serve` and `generate`. Defaults are OpenAI's: a completion stops after 16 tokens
-(SamplingParams' default), a chat completion may run to the end of the context. Errors are
-InputErrors naming the field (`param`).
+(io/parse.py) both call `completion_params(body)` / `chat_params(body)` and
+`template_message(message)`, so the same body decodes the same way under `serve` and
+`generate`. Defaults are OpenAI's: a completion stops after 16 tokens (SamplingParams'
+default), a chat completion may run to the end of the context. Errors are InputErrors naming
+the field (`param`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tokenmill.engine.input_processor import InputError, sampling_params
@@ -103,3 +106,53 @@ def chat_params(body: dict[str, Any]) -> SamplingParams:
     if body.get("logprobs"):
         values["logprobs"] = top or 0
     return sampling_params(values)
+
+
+def template_message(message: dict[str, Any], param: str = "messages[0]") -> dict[str, Any]:
+    """One OpenAI chat message -> the dict a chat template reads.
+
+    Content is a string, None (an assistant turn that only called tools) or OpenAI's list of
+    content parts, of which only text parts ({"type": "text", "text": str}) are supported;
+    they are joined. `tool_calls` arguments arrive as JSON text and are handed to the template
+    as objects (Qwen's and Llama's templates read them so). `param` names the message in
+    errors ("messages[3]").
+    """
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            is_dict = isinstance(part, dict)
+            text = part.get("text") if is_dict else None
+            if not is_dict or part.get("type") != "text" or not isinstance(text, str):
+                kind = part.get("type") if is_dict else type(part).__name__
+                raise InputError(
+                    f"{param}: message content part of type {kind!r} is not supported; only "
+                    'text parts ({"type": "text", "text": str}) are',
+                    f"{param}.content",
+                )
+            texts.append(text)
+        content = "".join(texts)
+    elif content is not None and not isinstance(content, str):
+        raise InputError(
+            f"{param}.content must be a string or a list of text parts "
+            f"(got {type(content).__name__})",
+            f"{param}.content",
+        )
+    out: dict[str, Any] = {"role": message.get("role"), "content": content or ""}
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None:
+            out[key] = message[key]
+    if message.get("tool_calls"):
+        out["tool_calls"] = [_template_tool_call(c) for c in message["tool_calls"]]
+    return out
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """Templates (Qwen's, Llama's) read arguments as an object; OpenAI sends JSON text."""
+    fn = dict(call.get("function") or {})
+    if isinstance(fn.get("arguments"), str):
+        try:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": fn}

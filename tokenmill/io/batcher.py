@@ -14,12 +14,13 @@ windows of rows are held at once.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.engine.client import EngineClient
+from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io.ordering import order_window
 from tokenmill.io.parse import RowError, RowParser
 from tokenmill.io.rows import RawRecord, Row, RowResult
@@ -40,7 +41,7 @@ class Prepared:
     position: int
     row: Row
     token_ids: list[int]
-    params: Any  # SamplingParams
+    params: SamplingParams
 
 
 class Batcher:
@@ -57,7 +58,7 @@ class Batcher:
 
     def __init__(
         self,
-        llm,
+        llm: EngineClient,
         parser: RowParser,
         window_rows: int,
         sort: bool = True,
@@ -69,14 +70,11 @@ class Batcher:
         self.parser = parser
         self.window_rows = window_rows
         self.sort = sort
-        engine_config = getattr(llm, "config", None)
-        max_num_seqs = getattr(engine_config, "max_num_seqs", 256)
-        self.step_tokens = getattr(engine_config, "max_num_batched_tokens", 8192)
+        info = llm.model_info()
+        max_num_seqs = info.get("max_num_seqs") or 256
+        self.step_tokens = info.get("max_num_batched_tokens") or 8192
         self.refill_below = refill_below if refill_below is not None else max_num_seqs
         self.max_model_len = llm.max_model_len
-        # Only finished rows are used: skip incremental detokenizing where the engine allows.
-        add_params = inspect.signature(llm.add_request).parameters
-        self._add_kwargs = {"stream": False} if "stream" in add_params else {}
         self._ready: dict[int, Any] = {}  # position -> finished row, not yet released
         self._pending: dict[str, _Pending] = {}  # request id -> what it belongs to
 
@@ -169,7 +167,8 @@ class Batcher:
         for p in prepared:
             request_id = str(p.position)
             try:
-                self.llm.add_request(request_id, p.token_ids, p.params, **self._add_kwargs)
+                # Only finished rows are used: no incremental detokenizing (stream=False).
+                self.llm.add_request(request_id, p.token_ids, p.params, stream=False)
             except Exception as e:  # noqa: BLE001 - the engine refusing one row's request
                 self._done(
                     p.position, RowResult(p.row, error=f"{_where(p.row)}{e}", error_type="rejected")
@@ -200,21 +199,15 @@ class Batcher:
     def _encode_texts(self, texts: list[str]) -> list[list[int] | Exception]:
         """Token ids per text; a text the tokenizer refuses gets its exception instead."""
         try:
-            return self._encode_batch(texts)  # one call: the fast tokenizer's threads
+            return self.llm.encode_batch(texts)  # one call: the fast tokenizer's threads
         except Exception:  # noqa: BLE001 - one bad text fails the whole call: find it
             return [self._encode_one(text) for text in texts]
 
     def _encode_one(self, text: str) -> list[int] | Exception:
         try:
-            return self._encode_batch([text])[0]
+            return self.llm.encode_batch([text])[0]
         except Exception as e:  # noqa: BLE001 - becomes this row's tokenize_error
             return e
-
-    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        encode_batch = getattr(self.llm, "encode_batch", None)
-        if encode_batch is not None:
-            return encode_batch(texts)
-        return self.llm.tokenizer(texts)["input_ids"]
 
     def _check_length(self, row: Row, ids: list[int], params) -> None:
         if not ids:
@@ -256,7 +249,7 @@ class Batcher:
         }
 
     def _token_text(self, token_id: int, decoded: str | None) -> str:
-        return decoded if decoded is not None else self.llm.tokenizer.decode([token_id])
+        return decoded if decoded is not None else self.llm.decode([token_id])
 
 
 def _take(records: Iterator[tuple[int, RawRecord]], num: int) -> list[tuple[int, RawRecord]]:

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenmill.engine.client import EngineClient
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io import exit_codes
@@ -103,7 +104,9 @@ def default_output(spec: str, shard: Shard) -> Path:
     return Path(f"{base}{tag}.results.jsonl")
 
 
-def run_job(config: JobConfig, make_llm: Callable[[EngineConfig], Any] | None = None) -> int:
+def run_job(
+    config: JobConfig, make_llm: Callable[[EngineConfig], EngineClient] | None = None
+) -> int:
     """Run the job; returns an exit code from tokenmill.io.exit_codes."""
     try:
         return _Job(config, make_llm or _default_llm).run()
@@ -120,14 +123,14 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _default_llm(engine_config: EngineConfig):
+def _default_llm(engine_config: EngineConfig) -> EngineClient:
     from tokenmill import LLM
 
     return LLM.from_config(engine_config)
 
 
 class _Job:
-    def __init__(self, config: JobConfig, make_llm):
+    def __init__(self, config: JobConfig, make_llm: Callable[[EngineConfig], EngineClient]):
         self.config = config
         self.make_llm = make_llm
         self.stop_reason: str | None = None
@@ -226,7 +229,7 @@ class _Job:
 
     def _loop(
         self,
-        llm,
+        llm: EngineClient,
         source: InputSource,
         state: JournalState,
         writer,

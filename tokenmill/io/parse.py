@@ -15,11 +15,15 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from tokenmill.engine.sampling_params import (
-    OPENAI_STRUCTURED_FIELDS,
-    SamplingParams,
-    structured_outputs_from_openai,
+from tokenmill.engine.client import EngineClient
+from tokenmill.engine.input_processor import InputError
+from tokenmill.engine.openai_params import (
+    SAMPLING_FIELDS,
+    chat_params,
+    completion_params,
+    template_message,
 )
+from tokenmill.engine.sampling_params import OPENAI_STRUCTURED_FIELDS, SamplingParams
 from tokenmill.io.rows import CHAT, OPENAI_CHAT, OPENAI_COMPLETION, PROMPT, RawRecord, Row
 from tokenmill.io.text import unencodable_field, writable
 
@@ -28,28 +32,23 @@ MESSAGES_COLUMN = "messages"
 SAMPLING_COLUMN = "sampling"
 OPENAI_URLS = {"/v1/completions": OPENAI_COMPLETION, "/v1/chat/completions": OPENAI_CHAT}
 
-# OpenAI body fields that map 1:1 onto SamplingParams (vLLM's extras included).
-_BODY_SAMPLING = (
-    "n",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-    "max_tokens",
-    "min_tokens",
-    "skip_special_tokens",
-    "include_stop_str_in_output",
-    "logit_bias",
-)
+# OpenAI body fields the engine's OpenAI adapter maps onto SamplingParams, beside the prompt
+# (or messages); anything else in a body is an error row naming it.
+_BODY_COMMON = (*SAMPLING_FIELDS, "logit_bias", *OPENAI_STRUCTURED_FIELDS)
+_BODY_FIELDS = {
+    OPENAI_COMPLETION: ("prompt", "logprobs", *_BODY_COMMON),
+    OPENAI_CHAT: ("messages", "max_completion_tokens", "logprobs", "top_logprobs", *_BODY_COMMON),
+}
 # Fields that do not change what is generated here.
 _BODY_IGNORED = ("model", "user", "metadata", "store", "service_tier", "stream_options")
+# SamplingParams fields a body sets under other names: a job-level value (a command-line flag)
+# fills in for a line only where its body leaves every one of them out.
+_BODY_NAMES = {
+    "max_tokens": ("max_tokens", "max_completion_tokens"),
+    "logprobs": ("logprobs", "top_logprobs"),
+    "structured_outputs": OPENAI_STRUCTURED_FIELDS,
+}
+_DEFAULTS = SamplingParams()
 # Top logprobs per token a row may ask for: the server's bound (server/protocol.py).
 MAX_LOGPROBS = 20
 MAX_SEED = 2**62  # per-completion seeds are seed + i, and torch takes a signed 64-bit seed
@@ -63,11 +62,11 @@ class RowError(ValueError):
         self.error_type = error_type
 
 
-def resolve_as_chat(as_chat: bool | None, llm) -> bool:
+def resolve_as_chat(as_chat: bool | None, llm: EngineClient) -> bool:
     """--chat / --no-chat, or by default (None): whether the model has a chat template."""
     if as_chat is not None:
         return as_chat
-    return bool(getattr(getattr(llm, "tokenizer", None), "chat_template", None))
+    return bool(llm.model_info().get("has_chat_template"))
 
 
 class RowParser:
@@ -114,7 +113,10 @@ class RowParser:
         return row
 
     def params(self, row: Row) -> SamplingParams:
-        """The row's SamplingParams: the job's, with the row's overrides applied."""
+        """The row's SamplingParams: an OpenAI line's own, else the job's with the row's
+        overrides applied."""
+        if row.params is not None:
+            return row.params
         if not row.overrides:
             return self.base_params
         _check_override_types(row.overrides)
@@ -200,7 +202,27 @@ class RowParser:
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             row.prompt = _check_prompt(prompt, "body.prompt")
-        row.overrides = _body_overrides(body, row)
+        _check_body_fields(body, row.kind)
+        row.params = self._body_params(body, row.kind)
+
+    def _body_params(self, body: dict[str, Any], kind: str) -> SamplingParams:
+        """The body through the engine's OpenAI adapter (serve's mapping and defaults), with
+        the job's non-default settings (command-line flags) where the body leaves them out."""
+        adapter = chat_params if kind == OPENAI_CHAT else completion_params
+        try:
+            params = adapter(body)
+            job = {
+                f.name: getattr(self.base_params, f.name)
+                for f in fields(SamplingParams)
+                if getattr(self.base_params, f.name) != getattr(_DEFAULTS, f.name)
+                and all(body.get(k) is None for k in _BODY_NAMES.get(f.name, (f.name,)))
+            }
+            return params.replace(**job) if job else params
+        except InputError as e:
+            what = "output constraint" if e.param in OPENAI_STRUCTURED_FIELDS else "sampling option"
+            raise RowError(f"invalid {what}: {e}", "invalid_sampling") from e
+        except (ValueError, TypeError, OverflowError) as e:
+            raise RowError(f"invalid sampling option: {e}", "invalid_sampling") from e
 
 
 def _where(record: RawRecord) -> str:
@@ -239,68 +261,64 @@ def _check_prompt(value: Any, column: str) -> str | list[int]:
 
 
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI messages -> the chat template's dicts, through the engine's OpenAI adapter (the
+    server's message handling: text parts joined, tool-call arguments as objects)."""
     if not isinstance(messages, list) or not messages:
         raise RowError(
             'messages must be a non-empty list of {"role": ..., "content": ...}', "invalid_messages"
         )
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or ("content" not in m and not m.get("tool_calls"))
+        ):
             raise RowError(f"messages[{i}] needs a role and a content", "invalid_messages")
-        content = m["content"]
-        if isinstance(content, list):  # OpenAI content parts: text only
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise RowError(
-                    f"messages[{i}]: only text content parts are supported", "invalid_messages"
-                )
-            content = "".join(p.get("text", "") for p in content)
-        if not isinstance(content, str):
-            raise RowError(f"messages[{i}].content must be a string", "invalid_messages")
-        out.append({**m, "content": content})
-    if not any(m["content"].strip() for m in out):
+        try:
+            out.append(template_message(m, f"messages[{i}]"))
+        except InputError as e:
+            raise RowError(str(e), "invalid_messages") from None
+    if not any(m["content"].strip() or m.get("tool_calls") for m in out):
         raise RowError("every message is empty; give the conversation some text", "empty_prompt")
     return out
 
 
-def _body_overrides(body: dict[str, Any], row: Row) -> dict[str, Any]:
-    """OpenAI body fields -> SamplingParams overrides; unsupported fields raise RowError."""
-    prompt_key = "messages" if row.kind == OPENAI_CHAT else "prompt"
-    overrides: dict[str, Any] = {}
+def _check_body_fields(body: dict[str, Any], kind: str) -> None:
+    """Refuse body fields tokenmill does not run (rather than silently ignore them), and check
+    the types the server's pydantic models would (strict: no "5" for an int)."""
     for key, value in body.items():
-        if key in (prompt_key, *_BODY_IGNORED) or value is None:
+        if key in _BODY_FIELDS[kind] or key in _BODY_IGNORED or value is None:
             continue
-        if key in _BODY_SAMPLING:
-            overrides[key] = value
-        elif key == "max_completion_tokens" and row.kind == OPENAI_CHAT:
-            overrides["max_tokens"] = value
-        elif key == "stream":
+        if key == "stream":
             if value:
                 raise RowError("stream must be false in a batch file", "invalid_request")
-        elif key == "logprobs" and row.kind == OPENAI_COMPLETION:
-            overrides["logprobs"] = value
-        elif key == "logprobs" and row.kind == OPENAI_CHAT:
-            if value:
-                overrides.setdefault("logprobs", 0)
-                row.logprobs_format = "chat"
-        elif key == "top_logprobs" and row.kind == OPENAI_CHAT:
-            overrides["logprobs"] = value
-        elif key == "echo" and not value:
+        elif key == "echo" and kind == OPENAI_COMPLETION and not value:
             continue
-        elif key in OPENAI_STRUCTURED_FIELDS:
-            continue  # below: one constraint from all of them
         else:
             raise RowError(
                 f"body field {key!r} is not supported by tokenmill; remove it", "unsupported_field"
             )
-    if row.kind == OPENAI_CHAT and "logprobs" in overrides and not body.get("logprobs"):
-        overrides.pop("logprobs")  # top_logprobs without logprobs=true: OpenAI ignores it
-    try:
-        constraint = structured_outputs_from_openai(body)
-    except (ValueError, TypeError) as e:
-        raise RowError(f"invalid output constraint: {e}", "invalid_sampling") from e
-    if constraint is not None:
-        overrides["structured_outputs"] = constraint
-    return overrides
+    checked = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    if kind == OPENAI_COMPLETION and body.get("logprobs") is not None:
+        checked["logprobs"] = body["logprobs"]
+    if kind == OPENAI_CHAT:
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise RowError(
+                f"invalid sampling option: logprobs must be true or false (got {logprobs!r})",
+                "invalid_sampling",
+            )
+        if body.get("top_logprobs") is not None:
+            checked["logprobs"] = body["top_logprobs"]
+    for key in ("n", "max_tokens", "max_completion_tokens", "min_tokens", "top_k"):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise RowError(
+                f"invalid sampling option: {key} must be an integer (got {value!r})",
+                "invalid_sampling",
+            )
+    _check_override_types(checked)
 
 
 def _check_text(data: dict[str, Any], columns: list[str]) -> None:

@@ -44,9 +44,11 @@ class Row:
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    # An OpenAI line's whole SamplingParams (its body through the engine's OpenAI adapter);
+    # None for other rows: theirs are the job's with `overrides` applied.
+    params: Any = None
     kept: dict[str, Any] = field(default_factory=dict)
     custom_id: str | None = None
-    logprobs_format: str | None = None  # OpenAI chat asks for logprobs differently
     error: str | None = None
     error_type: str | None = None
 

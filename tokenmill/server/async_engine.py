@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.core_messages import CoreOutput, CoreRequest, EngineRequest
@@ -30,6 +30,9 @@ from tokenmill.engine.input_processor import InputError, InputProcessor
 from tokenmill.engine.output_assembler import OutputAssembler
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.stats import EngineStats
+
+if TYPE_CHECKING:
+    from tokenmill.engine.llm import LLM
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +72,9 @@ class AsyncEngine:
         return cls(ProcCore(config), **kw)
 
     @classmethod
-    def in_thread(cls, llm: Any, **kw: Any) -> AsyncEngine:
-        """The engine core on a thread of this process, over `llm`."""
+    def in_thread(cls, llm: LLM, **kw: Any) -> AsyncEngine:
+        """The engine core on a thread of this process, over `llm`. NOTE: an LLM, not any
+        EngineClient: the core reads token-only streams from the LLM's request records."""
         return cls(ThreadCore(llm), **kw)
 
     # Lifecycle --------------------------------------------------------------------------------

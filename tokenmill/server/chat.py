@@ -13,7 +13,6 @@ from typing import Any
 
 from tokenmill.engine.outputs import Logprob, RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
-from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -29,7 +28,14 @@ from tokenmill.server.protocol import (
     random_id,
     usage,
 )
-from tokenmill.server.serving import DeltaTracker, RequestTimer, sse, token_text
+from tokenmill.server.serving import (
+    DeltaTracker,
+    RequestTimer,
+    plain_choice,
+    sse,
+    stream_chunk,
+    token_text,
+)
 from tokenmill.server.tools import ToolPlan
 
 
@@ -100,6 +106,11 @@ class ChatStream:
         return content, [c.to_openai(i) for i, c in enumerate(calls)], reason
 
     def _chunk(self, choices: list[ChatStreamChoice]) -> str:
+        if all(c.logprobs is None and c.delta.tool_calls is None for c in choices):
+            # NOTE: the per-token path: a plain dict, as model_dump(exclude_none=True) would
+            # give it, costs a tenth of building and dumping the pydantic chunk.
+            plain = [plain_choice(c, delta=_plain_delta(c.delta)) for c in choices]
+            return sse(stream_chunk(self.id, "chat.completion.chunk", self.model, plain))
         chunk = ChatCompletionChunk(id=self.id, model=self.model, choices=choices)
         return sse(chunk.model_dump(exclude_none=True))
 
@@ -173,9 +184,16 @@ class ChatStream:
         return body
 
 
+def _plain_delta(delta: DeltaMessage) -> dict:
+    out = {}
+    if delta.role is not None:
+        out["role"] = delta.role
+    if delta.content is not None:
+        out["content"] = delta.content
+    return out
+
+
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Pydantic messages -> the chat template's dicts; an unsupported part is a 400."""
-    try:
-        return [m.to_template_dict() for m in messages]
-    except ValueError as e:
-        raise APIError(400, f"messages: {e}", "messages") from e
+    """Pydantic messages -> the chat template's dicts (the engine's OpenAI adapter, as the batch
+    job's rows); an unsupported part is an InputError, a 400 naming the message."""
+    return [m.to_template_dict(f"messages[{i}]") for i, m in enumerate(messages)]

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tokenmill.engine.openai_params import chat_params, completion_params
+from tokenmill.engine.openai_params import chat_params, completion_params, template_message
 from tokenmill.engine.sampling_params import SamplingParams
 
 MAX_PROMPTS = 4096  # prompts in one /v1/completions request
@@ -49,19 +49,38 @@ def check_unicode(value: Any, where: str = "") -> None:
     """Raise InvalidText for a string anywhere in `value` that UTF-8 cannot encode.
 
     NOTE: not a ValueError on purpose: pydantic would fold it into a validation error without
-    the field's name; the app's handler turns it into a 400 naming `param`."""
+    the field's name; the app's handler turns it into a 400 naming `param`.
+    NOTE: runs on every request body: numbers are skipped without a call (a prompt of token ids
+    holds thousands), and the path is built only for the bad string."""
+    path = _bad_text_path(value)
+    if path is not None:
+        raise InvalidText(f"{where}{path}" if where else (path.lstrip(".") or "body"))
+
+
+def _bad_text_path(value: Any) -> str | None:
+    """ "" if `value` is a string UTF-8 cannot encode; ".k[3]"-style path of one inside it;
+    None if there is none."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidText(where or "body") from None
-    elif isinstance(value, dict):
+            return ""
+        return None
+    if isinstance(value, dict):
         for k, v in value.items():
-            check_unicode(k, where or "body")
-            check_unicode(v, f"{where}.{k}" if where else str(k))
+            if isinstance(k, str) and _bad_text_path(k) is not None:
+                return ""  # a bad key: the object holding it
+            if isinstance(v, (str, dict, list)):
+                path = _bad_text_path(v)
+                if path is not None:
+                    return f".{k}{path}"
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_unicode(v, f"{where}[{i}]")
+            if isinstance(v, (str, dict, list)):
+                path = _bad_text_path(v)
+                if path is not None:
+                    return f"[{i}]{path}"
+    return None
 
 
 class _Base(BaseModel):
@@ -158,40 +177,10 @@ class ChatMessage(_Base):
     tool_calls: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
     tool_call_id: str | None = None  # a tool turn: which call it answers
 
-    def to_template_dict(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                text = part.get("text")
-                if part.get("type") != "text" or not isinstance(text, str):
-                    raise ValueError(
-                        f"message content part of type {part.get('type')!r} is not "
-                        'supported; only text parts ({"type": "text", "text": str}) are'
-                    )
-                parts.append(text)
-            content = "".join(parts)
-        out: dict[str, Any] = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_calls:
-            out["tool_calls"] = [_template_tool_call(c) for c in self.tool_calls]
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        return out
-
-
-def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
-    """Templates (Qwen's, Llama's) read arguments as an object; OpenAI sends JSON text."""
-    import json
-
-    fn = dict(call.get("function") or {})
-    if isinstance(fn.get("arguments"), str):
-        try:
-            fn["arguments"] = json.loads(fn["arguments"])
-        except ValueError:
-            pass
-    return {**call, "function": fn}
+    def to_template_dict(self, param: str = "messages[0]") -> dict[str, Any]:
+        """The chat template's dict, through the engine's one OpenAI adapter (InputError for
+        an unsupported content part)."""
+        return template_message(self.model_dump(exclude_none=True), param)
 
 
 class ChatCompletionRequest(_SamplingRequest):

@@ -79,6 +79,28 @@ class RequestTimer:
         )
 
 
+def stream_chunk(chunk_id: str, obj: str, model: str, choices: list[dict]) -> dict:
+    """A streamed chunk as a plain dict: the pydantic chunk's model_dump(exclude_none=True)."""
+    return {
+        "id": chunk_id,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+
+
+def plain_choice(choice: Any, **fields: Any) -> dict:
+    """A stream choice without logprobs as a plain dict (None fields left out, as pydantic's
+    exclude_none): `index`, then `fields`, then finish_reason / stop_reason when set."""
+    out = {"index": choice.index, **fields}
+    if choice.finish_reason is not None:
+        out["finish_reason"] = choice.finish_reason
+    if choice.stop_reason is not None:
+        out["stop_reason"] = choice.stop_reason
+    return out
+
+
 # JSON leaves these unescaped, but line readers that follow str.splitlines() (httpx's
 # aiter_lines among them) end a line at each: one model-generated U+2028 cut an event in two.
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
