@@ -171,6 +171,7 @@ def core_info(llm: Any) -> CoreInfo:
         model_dir=str(llm.model_dir),
         model_name=str(llm.model_name),
         stats=EngineCore(llm).stats(),
+        config=getattr(llm, "config", None),
     )
 
 
@@ -242,17 +243,34 @@ class ThreadCore(_Core):
             self._thread.join(timeout)
 
 
-def _proc_main(config: EngineConfig, conn: Any) -> None:
+def _proc_main(
+    config: EngineConfig,
+    conn: Any,
+    env: dict[str, str] | None = None,
+    num_threads: int | None = None,
+) -> None:
     """The engine-core process: load the model, then loop until shutdown or a closed pipe.
 
     It ignores SIGINT / SIGTERM: a Ctrl-C (sent to the whole process group) or a service
-    manager's SIGTERM is the front end's to handle; it stops this process through the pipe."""
+    manager's SIGTERM is the front end's to handle; it stops this process through the pipe.
+    `env` is applied before the model loads (CUDA_VISIBLE_DEVICES pins a data-parallel replica
+    to its GPU: torch is imported by then, but CUDA reads it at its first use); `num_threads`
+    sets torch's CPU threads."""
+    import os
     import signal
+
+    import torch
 
     from tokenmill.engine.llm import LLM
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if env and "CUDA_VISIBLE_DEVICES" in env and torch.cuda.is_initialized():
+        conn.send(CoreInfo(error="CUDA was initialized before CUDA_VISIBLE_DEVICES was set"))
+        return
+    os.environ.update(env or {})
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
 
     try:
         llm = LLM.from_config(config)
@@ -276,14 +294,23 @@ def _proc_main(config: EngineConfig, conn: Any) -> None:
 
 
 class ProcCore(_Core):
-    """The core loop in a child process that builds its own LLM from `config`."""
+    """The core loop in a child process that builds its own LLM from `config`, with `env` set
+    in its environment and `num_threads` torch CPU threads (see _proc_main)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        env: dict[str, str] | None = None,
+        num_threads: int | None = None,
+    ) -> None:
         super().__init__()
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
-            target=_proc_main, args=(config, child_conn), name="tokenmill-engine-core", daemon=True
+            target=_proc_main,
+            args=(config, child_conn, env, num_threads),
+            name="tokenmill-engine-core",
+            daemon=True,
         )
         self.process.start()
         child_conn.close()  # else our copy keeps the pipe open and hides the child's death

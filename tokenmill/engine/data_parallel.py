@@ -1,0 +1,483 @@
+"""Data parallelism on one node: N engine replicas, each an engine-core process (ProcCore) on its
+own GPU, behind the surface the batch job uses from `LLM`.
+
+    batch job                 DataParallelLLM (this process)                 replicas
+    ---------                 ------------------------------                 --------
+    add_request(id, ids) ---> front queue --dispatch--> CoreRequest(adds) --> ProcCore 0 (GPU 0)
+                                                                         --> ProcCore 1 (GPU 1)
+    step() <-- finished RequestOutputs <-- OutputAssembler <-- CoreOutput, one per replica step
+
+Dispatch rule: a request waits in the front queue, in the order the job added it, until some
+replica has fewer than `max_queued` requests outstanding (twice its max_num_seqs: a full batch
+running and as many waiting), then goes to the replica with the fewest outstanding tokens
+(prompt + max_tokens of its unfinished requests). Rows are held here rather than dealt out up
+front, so a replica whose rows finish early (short outputs) takes the next ones: a long-tailed
+dataset keeps every replica busy to its end.
+
+Sampling: rows without a seed get one here, drawn from the engine seed in the order the job
+adds them, so a sampled run is reproducible whichever replica runs a row (its samples differ from
+a one-engine run's, whose seeds come from that engine's own generator).
+
+A replica that dies (a crash, the OOM killer, a kill -9) fails the next `step()` with
+ReplicaDiedError naming it; the other replicas are stopped. NOTE: every replica keeps its own
+prefix cache, so a prefix shared by rows that land on different replicas is computed once per
+replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import random
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.core_messages import CoreOutput, CoreRequest, EngineRequest
+from tokenmill.engine.input_processor import InputProcessor
+from tokenmill.engine.output_assembler import OutputAssembler
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.stats import EngineStats
+
+# The auto choice runs one replica per GPU only when the checkpoint's weights take at most this
+# share of the memory the engine may use on one GPU: the rest holds the KV cache.
+MAX_WEIGHT_SHARE = 0.8
+POLL_S = 1.0  # step() re-checks the replicas' health this often while it waits
+
+
+class ReplicaDiedError(RuntimeError):
+    """A data-parallel replica stopped while the job needed it; the message names it."""
+
+
+# ---- how many replicas, and where ------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """How many replicas to start and what each gets (decided before any starts)."""
+
+    size: int
+    reason: str  # why this size, for the line the job prints
+    envs: list[dict[str, str]]  # per replica: CUDA_VISIBLE_DEVICES on GPUs, {} on CPU
+    num_threads: int  # torch CPU threads per replica: this process's threads split N ways
+    announce: bool = False  # a choice worth a line: several replicas, or one despite many GPUs
+
+
+def plan_replicas(
+    requested: int | None,
+    *,
+    on_cuda: bool,
+    gpu_ids: Sequence[str],
+    cpu_threads: int,
+    tensor_parallel_size: int = 1,
+    weight_bytes: int | None = None,
+    gpu_memory: int | None = None,
+    gpu_memory_utilization: float = 0.9,
+) -> ReplicaPlan:
+    """The replica count for `--data-parallel-size` (None: auto) and each replica's GPUs.
+
+    Auto: on CUDA, one replica per `tensor_parallel_size` visible GPUs when the weights fit one
+    replica's GPUs (at most MAX_WEIGHT_SHARE of the memory it may use); else 1. On CPU, 1.
+    Replica i is pinned with CUDA_VISIBLE_DEVICES to gpu_ids[i * tp : (i + 1) * tp].
+    """
+    tp = max(1, tensor_parallel_size)
+    if requested is not None and requested < 1:
+        raise ValueError(f"data_parallel_size must be >= 1 (got {requested})")
+    if not on_cuda:
+        size = requested or 1
+        reason = f"{size} engine processes on the CPU" if size > 1 else "one engine on the CPU"
+        envs = [{} for _ in range(size)]
+        return ReplicaPlan(size, reason, envs, max(1, cpu_threads // size), size > 1)
+    num_groups = len(gpu_ids) // tp
+    announce = False
+    if requested is not None:
+        if requested * tp > len(gpu_ids):
+            raise ValueError(
+                f"--data-parallel-size {requested} needs {requested * tp} GPUs but "
+                f"{len(gpu_ids)} are visible; lower it or make more GPUs visible "
+                "(CUDA_VISIBLE_DEVICES)"
+            )
+        size, reason = requested, f"--data-parallel-size {requested}"
+    elif num_groups <= 1:
+        size, reason = 1, "one engine: one GPU visible"
+    elif _too_big(weight_bytes, tp, gpu_memory, gpu_memory_utilization):
+        size, announce = 1, True
+        reason = (
+            f"one engine: the model's {weight_bytes / 2**30:.1f} GiB of weights leave too little "
+            "of one GPU for a KV cache (--tensor-parallel-size splits it over GPUs)"
+        )
+    else:
+        size = num_groups
+        reason = (
+            f"one engine per {'GPU' if tp == 1 else f'{tp} GPUs'} of the {len(gpu_ids)} visible "
+            "(--data-parallel-size 1 for one engine)"
+        )
+    envs = [{"CUDA_VISIBLE_DEVICES": ",".join(gpu_ids[i * tp : (i + 1) * tp])} for i in range(size)]
+    return ReplicaPlan(size, reason, envs, max(1, cpu_threads // size), announce or size > 1)
+
+
+def _too_big(weight_bytes, tp, gpu_memory, gpu_memory_utilization) -> bool:
+    if not weight_bytes or not gpu_memory:
+        return False  # unknown: assume it fits (a model that does not fails to load anyway)
+    return weight_bytes / tp > MAX_WEIGHT_SHARE * gpu_memory_utilization * gpu_memory
+
+
+def plan_for(config: EngineConfig, requested: int | None) -> ReplicaPlan:
+    """plan_replicas with this machine's facts: visible GPUs, torch threads, weight size."""
+    import torch
+
+    tp = int(getattr(config, "tensor_parallel_size", 1) or 1)
+    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    gpu_ids: list[str] = []
+    weight_bytes = gpu_memory = None
+    if on_cuda:
+        num = torch.cuda.device_count()  # NOTE: neither of these creates a CUDA context here
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpu_ids = [d.strip() for d in listed.split(",")][:num] if listed else []
+        gpu_ids = gpu_ids if len(gpu_ids) == num else [str(i) for i in range(num)]
+        if requested is None and len(gpu_ids) // tp > 1:
+            gpu_memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(num))
+            weight_bytes = checkpoint_bytes(config)
+    return plan_replicas(
+        requested,
+        on_cuda=on_cuda,
+        gpu_ids=gpu_ids,
+        cpu_threads=torch.get_num_threads(),
+        tensor_parallel_size=tp,
+        weight_bytes=weight_bytes,
+        gpu_memory=gpu_memory,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+    )
+
+
+def checkpoint_bytes(config: EngineConfig) -> int:
+    """Bytes of the checkpoint's weight files (resolving the model: a hub download happens here,
+    once, before the replicas start)."""
+    from tokenmill.engine.model_source import resolve_model
+
+    model_dir, _ = resolve_model(config.model, config.revision, config.download_dir)
+    suffixes = (".safetensors", ".bin", ".pt", ".gguf")
+    return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.suffix in suffixes)
+
+
+def make_llm(
+    config: EngineConfig,
+    data_parallel_size: int | None = None,
+    announce: Callable[[str], None] = lambda line: None,
+) -> Any:
+    """An `LLM`, or a DataParallelLLM when the plan has several replicas; `announce` gets one
+    line naming the choice whenever there was one to make (more than one GPU or replica)."""
+    plan = plan_for(config, data_parallel_size)
+    if plan.announce:
+        announce(f"data parallel: {plan.reason}")
+    if plan.size == 1:
+        from tokenmill.engine.llm import LLM
+
+        return LLM.from_config(config)
+    return DataParallelLLM(config, plan.size, plan.envs, plan.num_threads)
+
+
+# ---- dealing requests out ----------------------------------------------------------------------
+class Dispatcher:
+    """Which replica takes the next request: plain ints, no processes (see the module doc)."""
+
+    def __init__(self, num_replicas: int, max_queued: int) -> None:
+        self.max_queued = max_queued
+        self.num_requests = [0] * num_replicas  # outstanding requests per replica
+        self.num_tokens = [0] * num_replicas  # their prompt + max_tokens, summed
+
+    def pick(self) -> int | None:
+        """The replica with room and the fewest outstanding tokens; None when all are full."""
+        best = None
+        for i, num in enumerate(self.num_requests):
+            if num < self.max_queued and (
+                best is None or self.num_tokens[i] < self.num_tokens[best]
+            ):
+                best = i
+        return best
+
+    def assign(self, replica: int, num_tokens: int) -> None:
+        self.num_requests[replica] += 1
+        self.num_tokens[replica] += num_tokens
+
+    def release(self, replica: int, num_tokens: int) -> None:
+        self.num_requests[replica] -= 1
+        self.num_tokens[replica] -= num_tokens
+
+
+@dataclass
+class _Queued:
+    req: EngineRequest
+    num_tokens: int  # (prompt + max_tokens) * n: the dispatcher's load measure
+
+
+# ---- the engine --------------------------------------------------------------------------------
+class DataParallelLLM:
+    """N engine replicas behind the batch job's view of `LLM`: add_request / step /
+    abort_request / has_unfinished_requests, tokenizer, encode / encode_chat, max_model_len,
+    model_info, stats, config.
+
+    `envs[i]` / `num_threads` go to replica i's process (see ProcCore). `make_core(i)` replaces
+    the process for tests (a ThreadCore over an in-process LLM). Not thread-safe: one thread
+    drives it, as with LLM. `shutdown()` (or leaving a `with` block, or garbage collection)
+    stops the replicas.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        size: int,
+        envs: Sequence[dict[str, str]] | None = None,
+        num_threads: int | None = None,
+        make_core: Callable[[int], Any] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1 (got {size})")
+        envs = list(envs) if envs is not None else [{} for _ in range(size)]
+        if make_core is None:
+            from tokenmill.engine.core_proc import ProcCore
+
+            def make_core(i: int) -> Any:
+                return ProcCore(config, env=envs[i], num_threads=num_threads)
+
+        self.size = size
+        self._cores = _start_all(make_core, size)
+        self._finalizer = weakref.finalize(self, _shutdown_all, self._cores)
+        self._inbox: queue.Queue[tuple[int, CoreOutput | None, str | None]] = queue.Queue()
+        for i, core in enumerate(self._cores):
+            # Callbacks hold the inbox, not self: the reader threads must not keep self alive.
+            core.on_output = lambda msg, i=i, inbox=self._inbox: inbox.put((i, msg, None))
+            core.on_dead = lambda why, i=i, inbox=self._inbox: inbox.put((i, None, why))
+            core.start()
+        info = self._cores[0].info
+        self.info = info
+        self.model_dir, self.model_name = Path(info.model_dir), info.model_name
+        self.max_model_len = info.limits.max_model_len
+        replica_config = info.config or config
+        # The whole engine runs size x max_num_seqs sequences at once (what the job keeps queued).
+        self.config = dataclasses.replace(
+            replica_config, max_num_seqs=(replica_config.max_num_seqs or 1) * size
+        )
+        self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(self.model_dir)
+        self._processor = InputProcessor(self.tokenizer, info.limits)
+        self._assembler = OutputAssembler(self.tokenizer)
+        self._dispatcher = Dispatcher(size, 2 * (replica_config.max_num_seqs or 1))
+        self._rng = random.Random(config.seed)
+        self._stats = [core.info.stats for core in self._cores]
+        self._queue: deque[str] = deque()  # request ids in the order added
+        self._queued: dict[str, _Queued] = {}  # not dispatched yet (aborts remove them here)
+        self._owner: dict[str, tuple[int, int]] = {}  # dispatched: id -> (replica, num_tokens)
+        self._failure: str | None = None
+
+    # ---- information ---------------------------------------------------------------------------
+    def model_info(self) -> dict:
+        info = dict(self.info.model_info)
+        device = str(info.get("device", "?")).split(":")[0]
+        info["device"] = f"{device} x{self.size}"
+        info["data_parallel_size"] = self.size
+        info["num_kv_blocks"] = sum(c.info.model_info.get("num_kv_blocks", 0) for c in self._cores)
+        return info
+
+    @property
+    def stats(self) -> EngineStats:
+        """The replicas' counters summed (as of their last step)."""
+        return sum_stats(self._stats)
+
+    @property
+    def replica_pids(self) -> list[int | None]:
+        return [getattr(getattr(c, "process", None), "pid", None) for c in self._cores]
+
+    # ---- tokens --------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(
+                "this engine runs without a tokenizer (skip_tokenizer_init); "
+                "pass prompts as token ids"
+            )
+        return self.tokenizer(text).input_ids
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template (as LLM's)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.model_name} has no chat template; send plain prompts")
+        text = self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    # ---- the incremental interface -------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        stream: bool = True,
+    ) -> None:
+        """Queue a request for the next free replica; checks it here, so a bad prompt raises
+        now (ValueError), as LLM.add_request does."""
+        self._raise_if_failed()
+        params = params or SamplingParams()
+        if request_id in self._queued or request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = self._processor.check_prompt(ids, params, "prompt")
+        if params.seed is None:
+            params = dataclasses.replace(params, seed=self._rng.getrandbits(62))
+        req = EngineRequest(request_id, ids, params, stream=stream, detokenize=True)
+        self._queued[request_id] = _Queued(req, (len(ids) + max_tokens) * params.n)
+        self._queue.append(request_id)
+        self._assembler.add(request_id, ids, params)
+
+    def step(self) -> list[RequestOutput]:
+        """The outputs every replica produced since the last call (finished requests, and the
+        moving ones added with stream=True). Blocks until a replica reports while any request
+        is in flight; raises ReplicaDiedError when a replica stopped."""
+        self._raise_if_failed()
+        self._dispatch()
+        if not self._owner:
+            return []
+        outputs = []
+        for replica, msg, died in self._receive():
+            if died is not None:
+                self._fail(replica, died)
+                continue
+            self._stats[replica] = msg.stats
+            for rid, why in msg.rejected.items():
+                self._fail(replica, f"it refused request {rid!r}: {why}")
+            for delta in msg.outputs:
+                out = self._assembler.apply(delta)
+                if out is None:
+                    continue  # aborted meanwhile
+                if delta.finished:
+                    self._release(delta.request_id)
+                outputs.append(out)
+        self._raise_if_failed()
+        self._dispatch()  # refill the replicas that freed room before the caller comes back
+        return outputs
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request, queued or running. Unknown or finished ids are ignored."""
+        self._assembler.discard(request_id)
+        if self._queued.pop(request_id, None) is not None:
+            return  # its id stays in self._queue; _dispatch skips it
+        owner = self._owner.get(request_id)
+        if owner is not None:
+            self._release(request_id)
+            self._cores[owner[0]].send(CoreRequest(aborts=[request_id]))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._queued or self._owner)
+
+    def shutdown(self) -> None:
+        """Stop every replica (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> DataParallelLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        adds: dict[int, list[EngineRequest]] = {}
+        while self._queue:
+            replica = self._dispatcher.pick()
+            if replica is None:
+                break
+            queued = self._queued.pop(self._queue.popleft(), None)
+            if queued is None:
+                continue  # aborted while queued
+            self._dispatcher.assign(replica, queued.num_tokens)
+            self._owner[queued.req.request_id] = (replica, queued.num_tokens)
+            adds.setdefault(replica, []).append(queued.req)
+        for replica, reqs in adds.items():
+            self._cores[replica].send(CoreRequest(adds=reqs))
+
+    def _release(self, request_id: str) -> None:
+        replica, num_tokens = self._owner.pop(request_id)
+        self._dispatcher.release(replica, num_tokens)
+
+    def _receive(self) -> list[tuple[int, CoreOutput | None, str | None]]:
+        """Wait for the first message from any replica, then take all that are waiting."""
+        items = []
+        while not items:
+            try:
+                items.append(self._inbox.get(timeout=POLL_S))
+            except queue.Empty:
+                dead = [i for i, core in enumerate(self._cores) if not core.is_alive]
+                if dead:  # its on_dead message (which names the cause) should be here by now
+                    time.sleep(0.1)
+                    return self._drain() + [(i, None, "it stopped") for i in dead]
+        return items + self._drain()
+
+    def _drain(self) -> list[tuple[int, CoreOutput | None, str | None]]:
+        items = []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _fail(self, replica: int, why: str) -> None:
+        if self._failure is None:
+            pid = self.replica_pids[replica]
+            where = f" (pid {pid})" if pid is not None else ""
+            self._failure = f"data-parallel replica {replica} of {self.size}{where} stopped: {why}"
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            self.shutdown()  # free the other replicas' GPUs now
+            raise ReplicaDiedError(self._failure)
+
+
+def sum_stats(stats: Sequence[EngineStats]) -> EngineStats:
+    """Counters and gauges summed over replicas; KV-cache usage over all their blocks."""
+    total = EngineStats()
+    for f in dataclasses.fields(EngineStats):
+        if f.name != "kv_cache_usage":
+            setattr(total, f.name, sum(getattr(s, f.name) for s in stats))
+    if total.num_kv_blocks:
+        total.kv_cache_usage = 1.0 - total.num_free_blocks / total.num_kv_blocks
+    return total
+
+
+def _start_all(make_core: Callable[[int], Any], size: int) -> list[Any]:
+    """Start the replicas at once (each loads its model); if any fails, stop the rest."""
+    with ThreadPoolExecutor(size, thread_name_prefix="tokenmill-dp-start") as pool:
+        futures = [pool.submit(make_core, i) for i in range(size)]
+    cores, errors = [], []
+    for i, future in enumerate(futures):
+        try:
+            cores.append(future.result())
+        except Exception as e:  # noqa: BLE001 - reported below, with the replica's number
+            errors.append(f"replica {i}: {e}")
+    if errors:
+        _shutdown_all(cores)
+        raise RuntimeError(f"data-parallel replicas could not start: {'; '.join(errors)}")
+    return cores
+
+
+def _shutdown_all(cores: list[Any], timeout: float = 10.0) -> None:
+    for core in cores:  # ask all first, so they stop together
+        core.stopping = True
+        core.send(CoreRequest(shutdown=True))
+    for core in cores:
+        core.shutdown(timeout)
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
