@@ -94,7 +94,8 @@ import json, sys
 from pathlib import Path
 
 out, same, sizes = Path(sys.argv[1]), sys.argv[2], [int(s) for s in sys.argv[3:]]
-print(f"greedy rows, --data-parallel-size 2 vs 1 (200 rows): {same}")
+num_checked = (out / "check.jsonl").read_text().count("\n")
+print(f"greedy rows, --data-parallel-size 2 vs 1 ({num_checked} rows): {same}")
 print("| replicas | device | rows | s (w/o load) | s (with load) | rows/s | out tok/s | x one | efficiency |")
 print("|---|---|---|---|---|---|---|---|---|")
 base = None

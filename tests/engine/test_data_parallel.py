@@ -273,3 +273,34 @@ def test_a_dead_replica_fails_step_naming_it(tiny_model_dir):
     with pytest.raises(ReplicaDiedError):  # and it stays failed
         llm.add_request("later", [1, 2], params)
     assert not any(c.is_alive for c in llm._cores)  # the healthy replica was stopped too
+
+
+@pytest.mark.slow
+def test_replica_processes_are_born_with_their_environment(tiny_model_dir):
+    """Real engine processes: each is born with its env (CUDA_VISIBLE_DEVICES on GPUs; a marker
+    here), runs one engine's greedy rows, and stops with the engine; this process's environment
+    is left as it was."""
+    import os
+
+    import psutil
+
+    config = EngineConfig(
+        model=str(tiny_model_dir), device="cpu", dtype="float32", kv_cache_memory="8MiB"
+    )
+    envs = [{"TOKENMILL_TEST_REPLICA": str(i)} for i in range(2)]
+    with DataParallelLLM(config, 2, envs, num_threads=1) as llm:
+        pids = llm.replica_pids
+        assert [psutil.Process(p).environ().get("TOKENMILL_TEST_REPLICA") for p in pids] == [
+            "0",
+            "1",
+        ]
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        prompts = [llm.encode(t) for t in PROMPT_TEXTS]
+        outs = _run(llm, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
+    one = make_llm(tiny_model_dir, kv_cache_memory="8MiB")
+    expected = one.generate(prompts, params, use_tqdm=False)
+    assert [outs[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))] == [
+        e.outputs[0].token_ids for e in expected
+    ]
+    assert "TOKENMILL_TEST_REPLICA" not in os.environ
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)

@@ -18,9 +18,11 @@ crash or a kill -9). Set `on_output` / `on_dead` before `start()`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -243,33 +245,21 @@ class ThreadCore(_Core):
             self._thread.join(timeout)
 
 
-def _proc_main(
-    config: EngineConfig,
-    conn: Any,
-    env: dict[str, str] | None = None,
-    num_threads: int | None = None,
-) -> None:
+def _proc_main(config: EngineConfig, conn: Any, num_threads: int | None = None) -> None:
     """The engine-core process: load the model, then loop until shutdown or a closed pipe.
 
     It ignores SIGINT / SIGTERM: a Ctrl-C (sent to the whole process group) or a service
     manager's SIGTERM is the front end's to handle; it stops this process through the pipe.
-    `env` is applied before the model loads (CUDA_VISIBLE_DEVICES pins a data-parallel replica
-    to its GPU: torch is imported by then, but CUDA reads it at its first use); `num_threads`
-    sets torch's CPU threads."""
-    import os
+    `num_threads` sets torch's CPU threads."""
     import signal
-
-    import torch
 
     from tokenmill.engine.llm import LLM
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if env and "CUDA_VISIBLE_DEVICES" in env and torch.cuda.is_initialized():
-        conn.send(CoreInfo(error="CUDA was initialized before CUDA_VISIBLE_DEVICES was set"))
-        return
-    os.environ.update(env or {})
     if num_threads is not None:
+        import torch
+
         torch.set_num_threads(num_threads)
 
     try:
@@ -293,9 +283,30 @@ def _proc_main(
         pass  # the front end is gone: nobody is left to serve
 
 
+_SPAWN_LOCK = threading.Lock()  # one child at a time sees os.environ changed by _environ
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """os.environ with `env` set, restored after: a spawned child inherits it from birth."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class ProcCore(_Core):
-    """The core loop in a child process that builds its own LLM from `config`, with `env` set
-    in its environment and `num_threads` torch CPU threads (see _proc_main)."""
+    """The core loop in a child process that builds its own LLM from `config`.
+
+    `env` is the child's environment on top of ours, there from its first instruction (so
+    CUDA_VISIBLE_DEVICES pins a data-parallel replica to its GPU before anything can start
+    CUDA); `num_threads` sets its torch CPU threads."""
 
     def __init__(
         self,
@@ -308,11 +319,12 @@ class ProcCore(_Core):
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
             target=_proc_main,
-            args=(config, child_conn, env, num_threads),
+            args=(config, child_conn, num_threads),
             name="tokenmill-engine-core",
             daemon=True,
         )
-        self.process.start()
+        with _SPAWN_LOCK, _environ(env or {}):
+            self.process.start()
         child_conn.close()  # else our copy keeps the pipe open and hides the child's death
         try:
             self.info = self._conn.recv()
