@@ -213,11 +213,42 @@ def test_surface_the_batch_job_reads(dp, tiny_model_dir):
     one = make_llm(tiny_model_dir, max_num_seqs=2, kv_cache_memory="8MiB")
     info = dp.model_info()
     assert info["data_parallel_size"] == 2 and info["device"] == "cpu x2"
-    assert dp.config.max_num_seqs == 4  # two replicas of 2
+    assert dp.config.max_num_seqs == info["max_num_seqs"] == 4  # two replicas of 2
+    assert info["max_num_batched_tokens"] == one.model_info().get(
+        "max_num_batched_tokens", one.config.max_num_batched_tokens
+    )
+    assert info["has_chat_template"] and info["vocab_size"] == one.hf_config.vocab_size
+    assert dp.encode_batch(["a b", "c"]) == [one.encode("a b"), one.encode("c")]
+    assert dp.decode(dp.encode("The quick brown fox")) == "The quick brown fox"
     assert dp.max_model_len > 0 and dp.tokenizer is not None
     messages = [{"role": "user", "content": "hi"}]
     assert dp.encode_chat(messages) == one.encode_chat(messages)
     assert info["num_kv_blocks"] == 2 * one.num_kv_blocks
+
+
+def test_offers_the_members_of_llm_the_batch_job_calls_with_the_same_signatures():
+    import inspect
+
+    from tokenmill import LLM
+
+    names = [
+        "add_request",
+        "step",
+        "abort_request",
+        "has_unfinished_requests",
+        "encode",
+        "encode_batch",
+        "encode_chat",
+        "decode",
+        "model_info",
+    ]
+
+    def params(fn):  # names, kinds and defaults (annotations are strings, spelled freely)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    for name in [n for n in names if hasattr(LLM, n)]:
+        assert params(getattr(DataParallelLLM, name)) == params(getattr(LLM, name)), name
+    assert isinstance(DataParallelLLM.stats, property)
 
 
 def test_aborts_of_queued_and_running_requests(dp):

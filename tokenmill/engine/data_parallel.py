@@ -220,8 +220,8 @@ class _Queued:
 # ---- the engine --------------------------------------------------------------------------------
 class DataParallelLLM:
     """N engine replicas behind the batch job's view of `LLM`: add_request / step /
-    abort_request / has_unfinished_requests, tokenizer, encode / encode_chat, max_model_len,
-    model_info, stats, config.
+    abort_request / has_unfinished_requests, tokenizer, encode / encode_batch / encode_chat /
+    decode, max_model_len, model_info, stats, config (the same signatures as LLM's).
 
     `envs[i]` / `num_threads` go to replica i's process (see ProcCore). `make_core(i)` replaces
     the process for tests (a ThreadCore over an in-process LLM). Not thread-safe: one thread
@@ -277,11 +277,21 @@ class DataParallelLLM:
 
     # ---- information ---------------------------------------------------------------------------
     def model_info(self) -> dict:
+        """Replica 0's model_info, for the whole group: its device, KV blocks and sequences
+        per step summed over the replicas (max_num_seqs: what the batch job keeps queued);
+        max_num_batched_tokens stays one replica's step budget."""
         info = dict(self.info.model_info)
         device = str(info.get("device", "?")).split(":")[0]
-        info["device"] = f"{device} x{self.size}"
-        info["data_parallel_size"] = self.size
-        info["num_kv_blocks"] = sum(c.info.model_info.get("num_kv_blocks", 0) for c in self._cores)
+        info.update(
+            model_dir=str(self.model_dir),
+            device=f"{device} x{self.size}",
+            data_parallel_size=self.size,
+            vocab_size=self._processor.limits.vocab_size,
+            num_kv_blocks=sum(c.info.model_info.get("num_kv_blocks", 0) for c in self._cores),
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+        )
         return info
 
     @property
@@ -295,12 +305,24 @@ class DataParallelLLM:
 
     # ---- tokens --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        self._need_tokenizer()
+        return self.tokenizer(text).input_ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text in one tokenizer call (the fast tokenizer's threads)."""
+        self._need_tokenizer()
+        return [list(ids) for ids in self.tokenizer(texts).input_ids]
+
+    def decode(self, token_ids: list[int]) -> str:
+        self._need_tokenizer()
+        return self.tokenizer.decode(token_ids)
+
+    def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise ValueError(
                 "this engine runs without a tokenizer (skip_tokenizer_init); "
                 "pass prompts as token ids"
             )
-        return self.tokenizer(text).input_ids
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
