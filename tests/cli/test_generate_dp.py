@@ -147,3 +147,11 @@ def test_a_killed_replica_fails_the_job_naming_it_and_a_rerun_finishes(job, tmp_
     done = subprocess.run(command(model, inp, out, size=1), cwd=ROOT, capture_output=True)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_ray_jobs_refuse_the_flag_and_say_what_sets_their_engines(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "hi"}\n')
+    result = CliRunner().invoke(app, ["generate", str(inp), "--ray", "--data-parallel-size", "2"])
+    assert result.exit_code == exit_codes.USAGE
+    assert "--ray-workers" in result.output

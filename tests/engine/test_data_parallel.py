@@ -335,3 +335,28 @@ def test_replica_processes_are_born_with_their_environment(tiny_model_dir):
     ]
     assert "TOKENMILL_TEST_REPLICA" not in os.environ
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def _watch_then_sleep(parent_pid: int) -> None:
+    from tokenmill.engine.core_proc import exit_with_parent
+
+    exit_with_parent(parent_pid, poll_s=0.05)
+    time.sleep(60)
+
+
+def test_an_engine_process_ends_when_its_parent_is_gone():
+    """A kill -9 of the job while a replica still loads its model: the pipe is not read yet,
+    so the replica watches its parent pid (here: a pid that is not its parent)."""
+    import multiprocessing as mp
+    import os
+
+    ctx = mp.get_context("fork")  # cheap here: the child runs only the watch
+    orphan = ctx.Process(target=_watch_then_sleep, args=(os.getpid() + 10**6,))
+    kept = ctx.Process(target=_watch_then_sleep, args=(os.getpid(),))
+    orphan.start()
+    kept.start()
+    orphan.join(10)
+    assert orphan.exitcode == 0
+    assert kept.is_alive()  # its parent is there: it stays
+    kept.kill()
+    kept.join()

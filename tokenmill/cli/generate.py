@@ -275,6 +275,11 @@ def generate(
     )
     cpu_threads.configure(threads)
     if ray or ray_address:
+        if data_parallel_size is not None:
+            raise typer.BadParameter(
+                "is for a job on one node; with --ray, --ray-workers sets the number of engines",
+                param_hint="--data-parallel-size",
+            )
         from tokenmill.ray.job import RayOptions, run_ray_job
 
         options = RayOptions(ray_address, ray_workers, ray_batch_size)

@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -245,18 +246,34 @@ class ThreadCore(_Core):
             self._thread.join(timeout)
 
 
-def _proc_main(config: EngineConfig, conn: Any, num_threads: int | None = None) -> None:
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """End this process (a daemon thread watches) once `parent_pid` is no longer its parent:
+    a kill -9 of the front end while the model loads, when no pipe read would notice."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tokenmill-parent-watch", daemon=True).start()
+
+
+def _proc_main(
+    config: EngineConfig, conn: Any, num_threads: int | None = None, parent_pid: int | None = None
+) -> None:
     """The engine-core process: load the model, then loop until shutdown or a closed pipe.
 
     It ignores SIGINT / SIGTERM: a Ctrl-C (sent to the whole process group) or a service
     manager's SIGTERM is the front end's to handle; it stops this process through the pipe.
-    `num_threads` sets torch's CPU threads."""
+    It ends with its parent, however that dies. `num_threads` sets torch's CPU threads."""
     import signal
 
     from tokenmill.engine.llm import LLM
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     if num_threads is not None:
         import torch
 
@@ -319,7 +336,7 @@ class ProcCore(_Core):
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
             target=_proc_main,
-            args=(config, child_conn, num_threads),
+            args=(config, child_conn, num_threads, os.getpid()),
             name="tokenmill-engine-core",
             daemon=True,
         )
