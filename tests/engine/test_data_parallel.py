@@ -16,12 +16,8 @@ from engine_utils import PROMPT_TEXTS, make_llm
 from tokenmill import SamplingParams
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.core_proc import ThreadCore
-from tokenmill.engine.data_parallel import (
-    DataParallelLLM,
-    Dispatcher,
-    ReplicaDiedError,
-    plan_replicas,
-)
+from tokenmill.engine.data_parallel import DataParallelLLM, Dispatcher, ReplicaDiedError
+from tokenmill.engine.replica_plan import plan_replicas
 
 GIB = 2**30
 

@@ -7,6 +7,8 @@ own GPU, behind the surface the batch job uses from `LLM`.
                                                                          --> ProcCore 1 (GPU 1)
     step() <-- finished RequestOutputs <-- OutputAssembler <-- CoreOutput, one per replica step
 
+How many replicas and on which GPUs: replica_plan.py. `make_llm` turns that plan into an engine.
+
 Dispatch rule: a request waits in the front queue, in the order the job added it, until some
 replica has fewer than `max_queued` requests outstanding (twice its max_num_seqs: a full batch
 running and as many waiting), then goes to the replica with the fewest outstanding tokens
@@ -27,7 +29,6 @@ replica.
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
 import random
 import time
@@ -44,126 +45,15 @@ from tokenmill.engine.core_messages import CoreOutput, CoreRequest, EngineReques
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.output_assembler import OutputAssembler
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.replica_plan import plan_for
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.stats import EngineStats
 
-# The auto choice runs one replica per GPU only when the checkpoint's weights take at most this
-# share of the memory the engine may use on one GPU: the rest holds the KV cache.
-MAX_WEIGHT_SHARE = 0.8
 POLL_S = 1.0  # step() re-checks the replicas' health this often while it waits
 
 
 class ReplicaDiedError(RuntimeError):
     """A data-parallel replica stopped while the job needed it; the message names it."""
-
-
-# ---- how many replicas, and where ------------------------------------------------------------
-@dataclass(frozen=True)
-class ReplicaPlan:
-    """How many replicas to start and what each gets (decided before any starts)."""
-
-    size: int
-    reason: str  # why this size, for the line the job prints
-    envs: list[dict[str, str]]  # per replica: CUDA_VISIBLE_DEVICES on GPUs, {} on CPU
-    num_threads: int  # torch CPU threads per replica: this process's threads split N ways
-    announce: bool = False  # a choice worth a line: several replicas, or one despite many GPUs
-
-
-def plan_replicas(
-    requested: int | None,
-    *,
-    on_cuda: bool,
-    gpu_ids: Sequence[str],
-    cpu_threads: int,
-    tensor_parallel_size: int = 1,
-    weight_bytes: int | None = None,
-    gpu_memory: int | None = None,
-    gpu_memory_utilization: float = 0.9,
-) -> ReplicaPlan:
-    """The replica count for `--data-parallel-size` (None: auto) and each replica's GPUs.
-
-    Auto: on CUDA, one replica per `tensor_parallel_size` visible GPUs when the weights fit one
-    replica's GPUs (at most MAX_WEIGHT_SHARE of the memory it may use); else 1. On CPU, 1.
-    Replica i is pinned with CUDA_VISIBLE_DEVICES to gpu_ids[i * tp : (i + 1) * tp].
-    """
-    tp = max(1, tensor_parallel_size)
-    if requested is not None and requested < 1:
-        raise ValueError(f"data_parallel_size must be >= 1 (got {requested})")
-    if not on_cuda:
-        size = requested or 1
-        reason = f"{size} engine processes on the CPU" if size > 1 else "one engine on the CPU"
-        envs = [{} for _ in range(size)]
-        return ReplicaPlan(size, reason, envs, max(1, cpu_threads // size), size > 1)
-    num_groups = len(gpu_ids) // tp
-    announce = False
-    if requested is not None:
-        if requested * tp > len(gpu_ids):
-            raise ValueError(
-                f"--data-parallel-size {requested} needs {requested * tp} GPUs but "
-                f"{len(gpu_ids)} are visible; lower it or make more GPUs visible "
-                "(CUDA_VISIBLE_DEVICES)"
-            )
-        size, reason = requested, f"--data-parallel-size {requested}"
-    elif num_groups <= 1:
-        size, reason = 1, "one engine: one GPU visible"
-    elif _too_big(weight_bytes, tp, gpu_memory, gpu_memory_utilization):
-        size, announce = 1, True
-        reason = (
-            f"one engine: the model's {weight_bytes / 2**30:.1f} GiB of weights leave too little "
-            "of one GPU for a KV cache (--tensor-parallel-size splits it over GPUs)"
-        )
-    else:
-        size = num_groups
-        reason = (
-            f"one engine per {'GPU' if tp == 1 else f'{tp} GPUs'} of the {len(gpu_ids)} visible "
-            "(--data-parallel-size 1 for one engine)"
-        )
-    envs = [{"CUDA_VISIBLE_DEVICES": ",".join(gpu_ids[i * tp : (i + 1) * tp])} for i in range(size)]
-    return ReplicaPlan(size, reason, envs, max(1, cpu_threads // size), announce or size > 1)
-
-
-def _too_big(weight_bytes, tp, gpu_memory, gpu_memory_utilization) -> bool:
-    if not weight_bytes or not gpu_memory:
-        return False  # unknown: assume it fits (a model that does not fails to load anyway)
-    return weight_bytes / tp > MAX_WEIGHT_SHARE * gpu_memory_utilization * gpu_memory
-
-
-def plan_for(config: EngineConfig, requested: int | None) -> ReplicaPlan:
-    """plan_replicas with this machine's facts: visible GPUs, torch threads, weight size."""
-    import torch
-
-    tp = int(getattr(config, "tensor_parallel_size", 1) or 1)
-    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    gpu_ids: list[str] = []
-    weight_bytes = gpu_memory = None
-    if on_cuda:
-        num = torch.cuda.device_count()  # NOTE: neither of these creates a CUDA context here
-        listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpu_ids = [d.strip() for d in listed.split(",")][:num] if listed else []
-        gpu_ids = gpu_ids if len(gpu_ids) == num else [str(i) for i in range(num)]
-        if requested is None and len(gpu_ids) // tp > 1:
-            gpu_memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(num))
-            weight_bytes = checkpoint_bytes(config)
-    return plan_replicas(
-        requested,
-        on_cuda=on_cuda,
-        gpu_ids=gpu_ids,
-        cpu_threads=torch.get_num_threads(),
-        tensor_parallel_size=tp,
-        weight_bytes=weight_bytes,
-        gpu_memory=gpu_memory,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-    )
-
-
-def checkpoint_bytes(config: EngineConfig) -> int:
-    """Bytes of the checkpoint's weight files (resolving the model: a hub download happens here,
-    once, before the replicas start)."""
-    from tokenmill.engine.model_source import resolve_model
-
-    model_dir, _ = resolve_model(config.model, config.revision, config.download_dir)
-    suffixes = (".safetensors", ".bin", ".pt", ".gguf")
-    return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.suffix in suffixes)
 
 
 def make_llm(
