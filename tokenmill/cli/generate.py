@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from tokenmill.cli import options as o
-from tokenmill.io.job import DEFAULT_WINDOW_ROWS
+from tokenmill.engine.config import field_help
+from tokenmill.io.job import DEFAULT_WINDOW_ROWS, JobConfig
 from tokenmill.ray.job import DEFAULT_BATCH_SIZE as DEFAULT_RAY_BATCH_SIZE  # does not import ray
 
 _J = "Job"
@@ -138,6 +139,15 @@ def generate(
             rich_help_panel=_J,
         ),
     ] = 5.0,
+    data_parallel_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=field_help(JobConfig, "data_parallel_size"),
+            rich_help_panel=_J,
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[
         bool,
         typer.Option(
@@ -211,7 +221,7 @@ def generate(
     command to resume).
     """
     from tokenmill.cli import threads as cpu_threads
-    from tokenmill.io.job import JobConfig, run_job
+    from tokenmill.io.job import run_job
     from tokenmill.io.shard import parse_shard
 
     values = locals()
@@ -245,10 +255,16 @@ def generate(
         progress_interval_s=progress_interval,
         commit_s=commit_seconds,
         quiet=quiet,
+        data_parallel_size=data_parallel_size,
         command_line=shlex.join(["tokenmill", *sys.argv[1:]]),
     )
     cpu_threads.configure(threads)
     if ray or ray_address:
+        if data_parallel_size is not None:
+            raise typer.BadParameter(
+                "is for a job on one node; with --ray, --ray-workers sets the number of engines",
+                param_hint="--data-parallel-size",
+            )
         from tokenmill.ray.job import RayOptions, run_ray_job
 
         options = RayOptions(ray_address, ray_workers, ray_batch_size)

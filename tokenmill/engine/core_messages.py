@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.input_processor import ModelLimits
 from tokenmill.engine.outputs import Logprob
 from tokenmill.engine.sampling_params import SamplingParams
@@ -90,3 +91,5 @@ class CoreInfo:
     model_name: str = ""
     stats: EngineStats = field(default_factory=EngineStats)  # before the first step
     error: str | None = None
+    # The engine's config as it runs: batch limits filled in for the card (with_card_defaults)
+    config: EngineConfig | None = None

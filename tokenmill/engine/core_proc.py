@@ -18,11 +18,14 @@ crash or a kill -9). Set `on_output` / `on_dead` before `start()`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -172,6 +175,7 @@ def core_info(llm: Any) -> CoreInfo:
         model_dir=str(info["model_dir"]),
         model_name=str(info["model"]),
         stats=EngineCore(llm).stats(),
+        config=getattr(llm, "config", None),
     )
 
 
@@ -243,17 +247,38 @@ class ThreadCore(_Core):
             self._thread.join(timeout)
 
 
-def _proc_main(config: EngineConfig, conn: Any) -> None:
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """End this process (a daemon thread watches) once `parent_pid` is no longer its parent:
+    a kill -9 of the front end while the model loads, when no pipe read would notice."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tokenmill-parent-watch", daemon=True).start()
+
+
+def _proc_main(
+    config: EngineConfig, conn: Any, num_threads: int | None = None, parent_pid: int | None = None
+) -> None:
     """The engine-core process: load the model, then loop until shutdown or a closed pipe.
 
     It ignores SIGINT / SIGTERM: a Ctrl-C (sent to the whole process group) or a service
-    manager's SIGTERM is the front end's to handle; it stops this process through the pipe."""
+    manager's SIGTERM is the front end's to handle; it stops this process through the pipe.
+    It ends with its parent, however that dies. `num_threads` sets torch's CPU threads."""
     import signal
 
     from tokenmill.engine.llm import LLM
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
+    if num_threads is not None:
+        import torch
+
+        torch.set_num_threads(num_threads)
 
     try:
         llm = LLM.from_config(config)
@@ -345,17 +370,48 @@ def merge_outputs(msgs: list[CoreOutput]) -> CoreOutput:
     return CoreOutput([d for m in msgs for d in m.outputs], rejected, msgs[-1].stats)
 
 
-class ProcCore(_Core):
-    """The core loop in a child process that builds its own LLM from `config`."""
+_SPAWN_LOCK = threading.Lock()  # one child at a time sees os.environ changed by _environ
 
-    def __init__(self, config: EngineConfig) -> None:
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """os.environ with `env` set, restored after: a spawned child inherits it from birth."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class ProcCore(_Core):
+    """The core loop in a child process that builds its own LLM from `config`.
+
+    `env` is the child's environment on top of ours, there from its first instruction (so
+    CUDA_VISIBLE_DEVICES pins a data-parallel replica to its GPU before anything can start
+    CUDA); `num_threads` sets its torch CPU threads."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        env: dict[str, str] | None = None,
+        num_threads: int | None = None,
+    ) -> None:
         super().__init__()
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
-            target=_proc_main, args=(config, child_conn), name="tokenmill-engine-core", daemon=True
+            target=_proc_main,
+            args=(config, child_conn, num_threads, os.getpid()),
+            name="tokenmill-engine-core",
+            daemon=True,
         )
-        self.process.start()
+        with _SPAWN_LOCK, _environ(env or {}):
+            self.process.start()
         child_conn.close()  # else our copy keeps the pipe open and hides the child's death
         try:
             self.info = self._conn.recv()

@@ -28,6 +28,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,13 @@ class JobConfig:
     rich_progress: bool | None = None  # None: when stdout is a terminal
     quiet: bool = False
     command_line: str = ""
+    data_parallel_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Engine replicas, one process per GPU, sharing the rows (default: every "
+            "visible GPU when the model fits one, 1 on CPU)."
+        },
+    )
 
 
 class CannotRun(Exception):
@@ -109,7 +117,8 @@ def run_job(
 ) -> int:
     """Run the job; returns an exit code from tokenmill.io.exit_codes."""
     try:
-        return _Job(config, make_llm or _default_llm).run()
+        default = partial(_default_llm, data_parallel_size=config.data_parallel_size)
+        return _Job(config, make_llm or default).run()
     except OutputLocked as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.LOCKED
@@ -123,10 +132,12 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _default_llm(engine_config: EngineConfig) -> EngineClient:
-    from tokenmill import LLM
+def _default_llm(
+    engine_config: EngineConfig, data_parallel_size: int | None = None
+) -> EngineClient:
+    from tokenmill.engine.data_parallel import make_llm
 
-    return LLM.from_config(engine_config)
+    return make_llm(engine_config, data_parallel_size, lambda line: print(line, file=sys.stderr))
 
 
 class _Job:

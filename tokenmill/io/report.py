@@ -98,6 +98,7 @@ def build_report(
         "model": info.get("model"),
         "dtype": info.get("dtype"),
         "device": info.get("device"),
+        "data_parallel_size": info.get("data_parallel_size", 1),
         "cpu_threads": _torch_threads(),
         "sampling": config.sampling.to_dict(),
         "window_rows": config.window_rows,
