@@ -12,6 +12,7 @@ import pytest
 from engine_utils import make_llm
 
 from tokenmill.engine.client import MODEL_INFO_KEYS, EngineClient
+from tokenmill.engine.data_parallel import DataParallelLLM
 from tokenmill.engine.llm import LLM
 from tokenmill.engine.sampling_params import SamplingParams
 
@@ -63,7 +64,7 @@ def test_protocol_names_what_the_front_ends_call():
     assert PROPERTIES == ["stats"] and ATTRIBUTES == ["max_model_len"]
 
 
-@pytest.mark.parametrize("cls", [LLM, FakeEngine])
+@pytest.mark.parametrize("cls", [LLM, DataParallelLLM, FakeEngine])
 def test_signatures_match_the_protocol(cls):
     assert signature_gaps(cls) == []
 
