@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from io_fakes import FakeEngine  # noqa: E402
 
 from tokenmill.engine.sampling_params import SamplingParams  # noqa: E402
-from tokenmill.io import job, writers  # noqa: E402
+from tokenmill.io import target, writers  # noqa: E402
 from tokenmill.io.job import JobConfig, run_job  # noqa: E402
 
 STAT_COUNTERS = (
@@ -63,7 +63,7 @@ def hit(point: str, args) -> None:
 
 
 def patch_finalize(args) -> None:
-    join, rmtree, save = writers.join_parquet, writers.shutil.rmtree, job.save_journal
+    join, rmtree, save = writers.join_parquet, writers.shutil.rmtree, target.save_journal
 
     def join_parquet(parts, path):
         if args.die_at == "mid_join":
@@ -91,7 +91,7 @@ def patch_finalize(args) -> None:
 
     writers.join_parquet = join_parquet
     writers.shutil.rmtree = rmtree_half
-    job.save_journal = save_journal
+    target.save_journal = save_journal
 
 
 class ScriptedEngine(FakeEngine):
