@@ -33,6 +33,7 @@ import socket
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,23 @@ class _ErrorRows:
 
     def close(self, remove_if_empty: bool) -> None:
         pass
+
+
+def iter_committed_rows(url: str) -> Iterator[dict[str, Any]]:
+    """Rows of the parts the manifest of the store output `url` lists, in order: the output
+    as committed, before (or without) the join. FileNotFoundError without a manifest."""
+    fs, path = url_fs(url)
+    state = journal_from_json(fs.cat_file(path + ".resume.json"))
+    writer = PartsWriter(fs, path, output_format(Path(path)), state.output, errors_url(url))
+    for i in range(writer.num_parts):
+        data = fs.cat_file(writer.part(i))
+        if writer.fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            yield from pq.read_table(pa.BufferReader(data)).to_pylist()
+        else:
+            yield from (json.loads(line) for line in data.splitlines() if line.strip())
 
 
 class StoreLock:

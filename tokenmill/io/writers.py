@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tokenmill.io.fs import is_url, local_spec, url_fs
+
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 _CHUNK = 1 << 20
 _JOIN_ROWS = 64 * 1024
@@ -316,18 +318,29 @@ def open_writer(path: Path, state: dict[str, Any] | None = None):
     return writer_class(path)(path, state)
 
 
-def iter_output_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a finished output file (either format), streamed."""
-    if output_format(path) == "parquet":
+def iter_output_rows(path: Path | str) -> Iterator[dict[str, Any]]:
+    """Rows of a finished output file (either format; a local path or a store URL), streamed."""
+    spec = str(path)
+    if is_url(spec):
+        fs, where = url_fs(spec)
+        with fs.open(where, "rb") as f:
+            yield from _iter_rows(f, output_format(Path(where)))
+        return
+    path = Path(local_spec(spec))
+    with open(path, "rb") as f:
+        yield from _iter_rows(f, output_format(path))
+
+
+def _iter_rows(f, fmt: str) -> Iterator[dict[str, Any]]:
+    if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
         return
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    for line in f:
+        if line.strip():
+            yield json.loads(line)
 
 
 def parquet_table(flat_rows: list[dict[str, Any]]):
