@@ -9,6 +9,8 @@ second), so durability tests can kill it, fill its disk or break it at chosen po
     --die-at-step K       SIGKILL itself at the start of engine step K
     --die-at POINT        SIGKILL itself at a point of the Parquet finalize (see DIE_POINTS)
     --signal-at POINT     send itself SIGTERM twice at that point, then carry on
+    --die-after-part K    SIGKILL itself right after a store output's K-th part is written,
+                          before the manifest lists it (store.py)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from io_fakes import FakeEngine  # noqa: E402
 
 from tokenmill.engine.sampling_params import SamplingParams  # noqa: E402
-from tokenmill.io import target, writers  # noqa: E402
+from tokenmill.io import store, target, writers  # noqa: E402
 from tokenmill.io.job import JobConfig, run_job  # noqa: E402
 
 STAT_COUNTERS = (
@@ -94,6 +96,18 @@ def patch_finalize(args) -> None:
     target.save_journal = save_journal
 
 
+def patch_parts(args) -> None:
+    commit = store.PartsWriter.commit
+
+    def commit_then_die(self):
+        state = commit(self)
+        if self.num_parts == args.die_after_part:
+            die()
+        return state
+
+    store.PartsWriter.commit = commit_then_die
+
+
 class ScriptedEngine(FakeEngine):
     def __init__(self, args):
         # EngineStats' counters without importing the engine (torch): start-up stays ~0.4 s.
@@ -131,8 +145,10 @@ def main() -> int:
     parser.add_argument("--die-at-step", type=int, default=0)
     parser.add_argument("--die-at", choices=DIE_POINTS)
     parser.add_argument("--signal-at", choices=DIE_POINTS)
+    parser.add_argument("--die-after-part", type=int, default=0)
     args = parser.parse_args()
     patch_finalize(args)
+    patch_parts(args)
     config = json.loads(args.config)
     config["sampling"] = SamplingParams(temperature=0, max_tokens=3)
     config.setdefault("quiet", True)
