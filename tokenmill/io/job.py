@@ -36,7 +36,7 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io import exit_codes
 from tokenmill.io.batcher import Batcher
 from tokenmill.io.format import format_result
-from tokenmill.io.fs import StoreError, store_error
+from tokenmill.io.fs import StoreError, is_url, store_error
 from tokenmill.io.journal import JournalState, Totals
 from tokenmill.io.lock import OutputLocked
 from tokenmill.io.parse import RowParser, resolve_as_chat
@@ -99,7 +99,9 @@ def run_job(config: JobConfig, make_llm: Callable[[EngineConfig], Any] | None = 
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.CANNOT_RUN
     except OSError as e:  # reading the journal or the lock: a store out of reach, a permission
-        print(f"error: {_one_line(store_error(e, config.output or '', 'use'))}", file=sys.stderr)
+        if config.output and is_url(config.output):
+            e = store_error(e, config.output, "use")
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.CANNOT_RUN
 
 
