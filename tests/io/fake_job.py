@@ -11,6 +11,7 @@ second), so durability tests can kill it, fill its disk or break it at chosen po
     --signal-at POINT     send itself SIGTERM twice at that point, then carry on
     --die-after-part K    SIGKILL itself right after a store output's K-th part is written,
                           before the manifest lists it (store.py)
+    --die-at-store POINT  SIGKILL itself at a point of a store output's end (STORE_DIE_POINTS)
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ DIE_POINTS = (
     "mid_cleanup",  # half of the parts deleted
     "cleaned_before_journal",  # parts gone, journal still at "joined"
     "cleaned",  # journal at "cleaned", not yet marked finished
+)
+
+# Points of a store output's end, in order.
+STORE_DIE_POINTS = (
+    "joined_before_manifest",  # OUTPUT (and the errors file) uploaded, manifest not at "joined"
+    "joined",  # manifest at "joined", parts not yet deleted
+    "cleaned",  # parts deleted, manifest at "cleaned", not yet finished
 )
 
 
@@ -106,6 +114,24 @@ def patch_parts(args) -> None:
         return state
 
     store.PartsWriter.commit = commit_then_die
+    join_errors, save = store.PartsWriter._join_errors, store.StoreTarget.save_journal
+
+    def join_errors_then_die(self):
+        join_errors(self)
+        if args.die_at_store == "joined_before_manifest":
+            die()
+
+    def save_then_die(self, state):
+        save(self, state)
+        if (
+            args.die_at_store
+            and args.die_at_store == state.output.get("stage")
+            and not state.finished
+        ):
+            die()
+
+    store.PartsWriter._join_errors = join_errors_then_die
+    store.StoreTarget.save_journal = save_then_die
 
 
 class ScriptedEngine(FakeEngine):
@@ -146,6 +172,7 @@ def main() -> int:
     parser.add_argument("--die-at", choices=DIE_POINTS)
     parser.add_argument("--signal-at", choices=DIE_POINTS)
     parser.add_argument("--die-after-part", type=int, default=0)
+    parser.add_argument("--die-at-store", choices=STORE_DIE_POINTS)
     args = parser.parse_args()
     patch_finalize(args)
     patch_parts(args)

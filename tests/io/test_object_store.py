@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fake_job import STORE_DIE_POINTS
 from io_fakes import FakeEngine
 from test_io_durable import fake_job, one_line_error
 from test_io_job import GREEDY, make_prompts
@@ -85,7 +86,7 @@ def keys(s3, prefix=""):
 
 def bad_rows_input(path: Path) -> Path:
     """Prompts with a broken line and an OpenAI batch line among them."""
-    make_prompts(path, 60)
+    make_prompts(path, 30)
     lines = path.read_text().splitlines()
     lines[7] = '{"prompt": "broken'
     lines[12] = json.dumps(
@@ -107,6 +108,15 @@ def timeless(data: bytes) -> list[dict]:
         if row.get("response"):
             row["response"]["body"].pop("created")
     return rows
+
+
+def timeless_row(row: dict) -> dict:
+    """A Parquet row without the OpenAI line's `created` time (its response is a JSON string)."""
+    if row.get("response"):
+        response = json.loads(row["response"])
+        response["body"].pop("created")
+        row = {**row, "response": response}
+    return row
 
 
 # Round trips ------------------------------------------------------------------------------------
@@ -133,7 +143,7 @@ def test_s3_jsonl_in_and_out_equal_the_local_job_byte_for_byte(s3, tmp_path):
     report = json.loads(cat(s3, url + ".report.json"))
     local_report = json.loads(Path(str(local) + ".report.json").read_text())
     assert (
-        report["rows"] == local_report["rows"] == {"ok": 59, "failed": 1, "skipped": 0, "total": 60}
+        report["rows"] == local_report["rows"] == {"ok": 29, "failed": 1, "skipped": 0, "total": 30}
     )
     assert report["errors_file"] == f"{s3.url}/results/out.errors.jsonl"
     manifest = json.loads(cat(s3, url + ".resume.json"))
@@ -155,9 +165,9 @@ def test_s3_parquet_folder_in_and_parquet_out_equal_the_local_job(s3, tmp_path):
         pq.write_table(pa.Table.from_pylist(rows), folder / f"part-{k}.parquet")
         s3.fs.put_file(str(folder / f"part-{k}.parquet"), f"{s3.bucket}/in/part-{k}.parquet")
     local = tmp_path / "out.parquet"
-    assert run(folder, local, window_rows=8, commit_s=0) == exit_codes.OK
+    assert run(folder, local, window_rows=8, commit_s=0.5) == exit_codes.OK
     url = f"{s3.url}/out/results.parquet"
-    assert run(f"{s3.url}/in/", url, window_rows=8, commit_s=0) == exit_codes.OK
+    assert run(f"{s3.url}/in/", url, window_rows=8, commit_s=0.5) == exit_codes.OK
     rows = list(iter_output_rows(url))
     assert rows == list(iter_output_rows(local))
     assert [r["id"] for r in rows] == [f"r{k}-{i}" for k in range(2) for i in range(25)]
@@ -192,11 +202,11 @@ def test_default_output_of_a_url_input_is_beside_it(s3, tmp_path):
 # Exactly once through kills -------------------------------------------------------------------
 def test_a_kill_between_a_part_and_the_manifest_neither_loses_nor_repeats_rows(s3, tmp_path):
     """SIGKILL right after part N is PUT, before the manifest lists it, twice; then finish."""
-    inp = make_prompts(tmp_path / "in.jsonl", 90)
+    inp = make_prompts(tmp_path / "in.jsonl", 40)
     local = tmp_path / "ref.jsonl"
-    assert run(inp, local, window_rows=30, commit_s=0) == exit_codes.OK
+    assert run(inp, local, window_rows=10, commit_s=0) == exit_codes.OK
     url = f"{s3.url}/o/out.jsonl"
-    config = {"input": str(inp), "output": url, "window_rows": 30, "commit_s": 0}
+    config = {"input": str(inp), "output": url, "window_rows": 10, "commit_s": 0}
     for part in (3, 7):
         killed = fake_job(config, "--die-after-part", part)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -215,6 +225,31 @@ def test_a_kill_between_a_part_and_the_manifest_neither_loses_nor_repeats_rows(s
     assert "resuming" in done.stderr
     assert cat(s3, url) == local.read_bytes()
     assert keys(s3, "o") == ["o/out.jsonl", "o/out.jsonl.report.json", "o/out.jsonl.resume.json"]
+
+
+@pytest.mark.parametrize("point", STORE_DIE_POINTS)
+def test_a_kill_at_any_point_of_the_end_replays_to_the_complete_output(s3, tmp_path, point):
+    inp = bad_rows_input(tmp_path / "in.jsonl")
+    local = tmp_path / "ref.parquet"
+    assert run(inp, local, window_rows=10) == exit_codes.ROW_ERRORS
+    url = f"{s3.url}/o/out.parquet"
+    config = {"input": str(inp), "output": url, "window_rows": 10, "commit_s": 0.5}
+    killed = fake_job(config, "--die-at-store", point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    manifest = json.loads(cat(s3, url + ".resume.json"))
+    assert manifest["rows_done"] == 30 and not manifest["finished"]
+    done = fake_job(config)
+    assert done.returncode == exit_codes.ROW_ERRORS, done.stderr
+    assert [timeless_row(r) for r in iter_output_rows(url)] == [
+        timeless_row(r) for r in iter_output_rows(local)
+    ]
+    assert cat(s3, f"{url}.errors.jsonl").count(b"\n") == 1
+    assert keys(s3, "o") == [
+        "o/out.parquet",
+        "o/out.parquet.errors.jsonl",
+        "o/out.parquet.report.json",
+        "o/out.parquet.resume.json",
+    ]
 
 
 def generate_cmd(model: Path, inp: str, out: str) -> list[str]:
@@ -358,7 +393,7 @@ def test_merge_joins_store_shards_and_reads_an_unjoined_output_from_its_parts(s3
     assert run(inp, local) == exit_codes.OK
     shards = [f"{s3.url}/shards/s{i}.jsonl" for i in range(2)]
     for i, url in enumerate(shards):
-        assert run(inp, url, shard=parse_shard(f"{i}/2"), commit_s=0) == exit_codes.OK
+        assert run(inp, url, shard=parse_shard(f"{i}/2")) == exit_codes.OK
     merged = f"{s3.url}/merged.jsonl"
     result = merge_outputs(list(reversed(shards)), merged)
     assert result.rows == 40

@@ -364,6 +364,7 @@ class StoreLock:
         self.command_line = command_line
         self.token = uuid.uuid4().hex
         self._held = False
+        self._renewed = 0.0
 
     def acquire(self) -> None:
         info = self._read()
@@ -377,7 +378,8 @@ class StoreLock:
         self._held = True
 
     def renew(self) -> None:
-        """Raise OutputLocked if another run took the lock over; else renew the lease."""
+        """Raise OutputLocked if another run took the lock over; else renew the lease (a PUT at
+        most every LEASE_S / 10 seconds: one GET per commit otherwise)."""
         info = self._read()
         if info is not None and info.get("token") != self.token:
             self._held = False
@@ -385,7 +387,8 @@ class StoreLock:
                 f"another tokenmill run took {self.url} over ({_holder(info)}); this run stops "
                 "without committing more"
             )
-        self._write()
+        if info is None or time.time() - self._renewed > LEASE_S / 10:
+            self._write()
 
     def release(self) -> None:
         if not self._held:
@@ -404,6 +407,7 @@ class StoreLock:
             return {}
 
     def _write(self) -> None:
+        self._renewed = time.time()
         info = {
             "token": self.token,
             "pid": os.getpid(),
