@@ -283,8 +283,9 @@ class PartsWriter:
             if self.fmt == "parquet":
                 import pyarrow as pa
 
-                schemas = (self.fs.open(self.part(i), "rb") for i in range(self.num_parts))
-                join_parquet_sources(schemas, (pa.BufferReader(d) for d in data_parts()), dst)
+                join_parquet_sources(
+                    self._part_files(), (pa.BufferReader(d) for d in data_parts()), dst
+                )
             else:
                 for data in data_parts():
                     dst.write(data)
@@ -294,6 +295,12 @@ class PartsWriter:
                 f"the parts of {self.path} differ from what was written (their checksum does not "
                 "match the manifest: edited or replaced since); pass --overwrite to start afresh"
             )
+
+    def _part_files(self):
+        """Each listed part opened in turn (reading a schema reads only the footer)."""
+        for i in range(self.num_parts):
+            with self.fs.open(self.part(i), "rb") as f:
+                yield f
 
     def _join_errors(self) -> None:
         if not self.error_parts:
