@@ -29,8 +29,6 @@ import hashlib
 import io
 import json
 import os
-import socket
-import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ from typing import Any
 
 from tokenmill.io.fs import store_error, url_fs
 from tokenmill.io.journal import JournalState, journal_from_json, journal_to_json
-from tokenmill.io.lock import OutputLocked
+from tokenmill.io.lock import StoreLock
 from tokenmill.io.preflight import PreflightError
 from tokenmill.io.spill import Spill
 from tokenmill.io.writers import (
@@ -50,8 +48,6 @@ from tokenmill.io.writers import (
     output_format,
     parquet_table,
 )
-
-LEASE_S = float(os.environ.get("TOKENMILL_LOCK_LEASE_S", 600))
 
 
 def errors_url(url: str) -> str:
@@ -117,8 +113,8 @@ class StoreTarget:
 
     def remove_all(self, fingerprint: dict[str, Any]) -> None:
         for suffix in ("", ".resume.json", ".report.json"):
-            _rm(self.fs, self.path + suffix)
-        _rm(self.fs, url_fs(self.errors_name)[1])
+            remove_object(self.fs, self.path + suffix)
+        remove_object(self.fs, url_fs(self.errors_name)[1])
         if _ls(self.fs, self.path + ".parts"):
             self.fs.rm(self.path + ".parts", recursive=True)
         self.remove_spill(fingerprint)
@@ -290,7 +286,7 @@ class PartsWriter:
                 for data in data_parts():
                     dst.write(data)
         if crc != self.crc32:
-            _rm(self.fs, self.path)
+            remove_object(self.fs, self.path)
             raise OutputMismatch(
                 f"the parts of {self.path} differ from what was written (their checksum does not "
                 "match the manifest: edited or replaced since); pass --overwrite to start afresh"
@@ -355,93 +351,6 @@ def iter_committed_rows(url: str) -> Iterator[dict[str, Any]]:
             yield from (json.loads(line) for line in data.splitlines() if line.strip())
 
 
-class StoreLock:
-    """OUTPUT.lock on a store: an object naming its holder, renewed at every commit.
-
-    A store has no flock, and a PUT cannot say "only if absent" everywhere, so this is a lease,
-    not a mutex: a second run refuses (exit 6) while the lock names a live holder (the same host
-    and a running pid, or another host that renewed it within TOKENMILL_LOCK_LEASE_S, default
-    600 s); a killed run's lock is taken over at once from the same host, after the lease from
-    another. Two runs starting within the same instant can both pass; the loser finds out at its
-    next commit (the lock names the other run) and stops before writing its manifest.
-    """
-
-    def __init__(self, fs, path: str, url: str, command_line: str = ""):
-        self.fs, self.path, self.url = fs, path, url
-        self.command_line = command_line
-        self.token = uuid.uuid4().hex
-        self._held = False
-        self._renewed = 0.0
-
-    def acquire(self) -> None:
-        info = self._read()
-        if info is not None and _alive(info):
-            raise OutputLocked(
-                f"{self.url} is being written by another tokenmill run ({_holder(info)}); wait "
-                "for it to finish or stop it, then rerun (a killed run's lock is taken over at "
-                f"once on the same host, after {LEASE_S:.0f} s from another)"
-            )
-        self._write()
-        self._held = True
-
-    def renew(self) -> None:
-        """Raise OutputLocked if another run took the lock over; else renew the lease (a PUT at
-        most every LEASE_S / 10 seconds: one GET per commit otherwise)."""
-        info = self._read()
-        if info is not None and info.get("token") != self.token:
-            self._held = False
-            raise OutputLocked(
-                f"another tokenmill run took {self.url} over ({_holder(info)}); this run stops "
-                "without committing more"
-            )
-        if info is None or time.time() - self._renewed > LEASE_S / 10:
-            self._write()
-
-    def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        info = self._read()
-        if info is None or info.get("token") == self.token:
-            _rm(self.fs, self.path)
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.fs.cat_file(self.path) or b"{}")
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
-
-    def _write(self) -> None:
-        self._renewed = time.time()
-        info = {
-            "token": self.token,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "renewed": time.time(),
-            "command": self.command_line,
-        }
-        self.fs.pipe_file(self.path, (json.dumps(info) + "\n").encode())
-
-
-def _alive(info: dict[str, Any]) -> bool:
-    if info.get("host") == socket.gethostname() and info.get("pid"):
-        try:
-            os.kill(int(info["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return time.time() - float(info.get("renewed", 0)) < LEASE_S
-
-
-def _holder(info: dict[str, Any]) -> str:
-    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')}"
-
-
 def _ls(fs, path: str, detail: bool = False) -> list:
     try:
         return fs.ls(path, detail=detail, refresh=True)
@@ -454,7 +363,7 @@ def _ls(fs, path: str, detail: bool = False) -> list:
             return []
 
 
-def _rm(fs, path: str) -> None:
+def remove_object(fs, path: str) -> None:
     try:
         fs.rm_file(path)
     except FileNotFoundError:
