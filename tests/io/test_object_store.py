@@ -21,7 +21,9 @@ from fake_job import STORE_DIE_POINTS
 from io_fakes import FakeEngine
 from test_io_durable import fake_job, one_line_error
 from test_io_job import GREEDY, make_prompts
+from typer.testing import CliRunner
 
+from tokenmill.cli.app import app
 from tokenmill.io import exit_codes
 from tokenmill.io.job import JobConfig, run_job
 from tokenmill.io.merge import merge_outputs
@@ -347,6 +349,9 @@ def test_a_missing_bucket_says_so_before_the_model_loads(s3, tmp_path, capsys):
         line = one_line_error(capsys.readouterr().err)
         assert "s3://no-such-bucket-tm/" in line
         assert "the bucket does not exist: create it or fix the bucket name" in line
+    config = JobConfig(input=f"{s3.url}/typo.jsonl", output=str(tmp_path / "o.jsonl"), quiet=True)
+    assert run_job(config, make_llm) == exit_codes.CANNOT_RUN
+    assert f"input {s3.url}/typo.jsonl does not exist" in one_line_error(capsys.readouterr().err)
     assert built == []
 
 
@@ -387,6 +392,34 @@ def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(s3, tmp_path, capsys)
     assert "out.jsonl.lock" not in keys(s3)
 
 
+class TakenOverEngine(FakeEngine):
+    """At step 5 another run's lock object replaces this run's (a lease taken over)."""
+
+    def __init__(self, fs, lock_key):
+        super().__init__()
+        self.fs, self.lock_key, self.steps = fs, lock_key, 0
+
+    def step(self):
+        self.steps += 1
+        if self.steps == 5:
+            other = {"token": "other", "pid": 1, "host": "elsewhere", "since": "now"}
+            self.fs.pipe_file(self.lock_key, json.dumps(other).encode())
+        return super().step()
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_its_next_part(s3, tmp_path, capsys):
+    inp = make_prompts(tmp_path / "in.jsonl", 60)
+    url = f"{s3.url}/out.jsonl"
+    engine = TakenOverEngine(s3.fs, f"{s3.bucket}/out.jsonl.lock")
+    assert run(inp, url, engine, window_rows=10, commit_s=0) == exit_codes.CANNOT_RUN
+    err = capsys.readouterr().err
+    assert "another tokenmill run took" in err and "pid 1 on elsewhere" in err
+    manifest = json.loads(cat(s3, url + ".resume.json"))
+    parts = [k for k in keys(s3) if k.startswith("out.jsonl.parts/")]
+    assert len(parts) == manifest["output"]["parts"] < 60  # no part after the takeover
+    assert json.loads(cat(s3, url + ".lock"))["token"] == "other"  # not removed by the loser
+
+
 def test_merge_joins_store_shards_and_reads_an_unjoined_output_from_its_parts(s3, tmp_path):
     inp = make_prompts(tmp_path / "in.jsonl", 40)
     local = tmp_path / "all.jsonl"
@@ -395,9 +428,12 @@ def test_merge_joins_store_shards_and_reads_an_unjoined_output_from_its_parts(s3
     for i, url in enumerate(shards):
         assert run(inp, url, shard=parse_shard(f"{i}/2")) == exit_codes.OK
     merged = f"{s3.url}/merged.jsonl"
-    result = merge_outputs(list(reversed(shards)), merged)
-    assert result.rows == 40
+    done = CliRunner().invoke(app, ["merge", *reversed(shards), "-o", merged])
+    assert done.exit_code == 0, done.output
     assert cat(s3, merged) == local.read_bytes()
+    missing = CliRunner().invoke(app, ["merge", shards[0], f"{s3.url}/nope.jsonl", "-o", merged])
+    assert missing.exit_code == exit_codes.CANNOT_RUN
+    assert f"{s3.url}/nope.jsonl does not exist" in missing.output
     # A store output killed before its join: merge reads the parts its manifest lists.
     url = f"{s3.url}/killed/out.jsonl"
     config = {"input": str(inp), "output": url, "window_rows": 10, "commit_s": 0}

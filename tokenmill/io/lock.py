@@ -107,7 +107,7 @@ class StoreLock:
     and a running pid, or another host that renewed it within TOKENMILL_LOCK_LEASE_S, default
     600 s); a killed run's lock is taken over at once from the same host, after the lease from
     another. Two runs starting within the same instant can both pass; the loser finds out at its
-    next commit (the lock names the other run) and stops before writing its manifest.
+    next commit (the lock names the other run) and stops before writing another part or manifest.
     """
 
     def __init__(self, fs, path: str, url: str, command_line: str = ""):

@@ -133,7 +133,8 @@ class StoreTarget:
         return "the local spill file (under $TOKENMILL_SPILL_DIR)"
 
     def open_writer(self, state: dict[str, Any]) -> PartsWriter:
-        return PartsWriter(self.fs, self.path, self.format(), state, self.errors_name)
+        check = self._lock.renew if self._lock is not None else None
+        return PartsWriter(self.fs, self.path, self.format(), state, self.errors_name, check)
 
     def open_errors(self, errors_bytes: int, writer: PartsWriter) -> _ErrorRows:
         return writer.errors
@@ -156,8 +157,17 @@ class PartsWriter:
     "output_bytes"} once the end has begun.
     """
 
-    def __init__(self, fs, path: str, fmt: str, state: dict[str, Any] | None, errors_url: str):
+    def __init__(
+        self,
+        fs,
+        path: str,
+        fmt: str,
+        state: dict[str, Any] | None,
+        errors_url: str,
+        check_lock=None,
+    ):
         state = state or {}
+        self.check_lock = check_lock or (lambda: None)  # raises when another run took over
         self.fs, self.path, self.fmt = fs, path, fmt
         self.errors_path = url_fs(errors_url)[1]
         self.num_parts = int(state.get("parts", 0))
@@ -220,6 +230,7 @@ class PartsWriter:
         """PUT the rows written since the last commit as the next part (errors part first)."""
         if self._rows:
             data = self._encode(self._rows)
+            self.check_lock()  # a run that lost its lock writes no part
             if self._error_rows:
                 self.fs.pipe_file(self.errors_part(self.num_parts), b"".join(self._error_rows))
             self.fs.pipe_file(self.part(self.num_parts), data)
