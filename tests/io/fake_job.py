@@ -9,6 +9,9 @@ second), so durability tests can kill it, fill its disk or break it at chosen po
     --die-at-step K       SIGKILL itself at the start of engine step K
     --die-at POINT        SIGKILL itself at a point of the Parquet finalize (see DIE_POINTS)
     --signal-at POINT     send itself SIGTERM twice at that point, then carry on
+    --die-after-part K    SIGKILL itself right after a store output's K-th part is written,
+                          before the manifest lists it (store.py)
+    --die-at-store POINT  SIGKILL itself at a point of a store output's end (STORE_DIE_POINTS)
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from io_fakes import FakeEngine  # noqa: E402
 
 from tokenmill.engine.sampling_params import SamplingParams  # noqa: E402
-from tokenmill.io import job, writers  # noqa: E402
+from tokenmill.io import store, target, writers  # noqa: E402
 from tokenmill.io.job import JobConfig, run_job  # noqa: E402
 
 STAT_COUNTERS = (
@@ -49,6 +52,13 @@ DIE_POINTS = (
     "cleaned",  # journal at "cleaned", not yet marked finished
 )
 
+# Points of a store output's end, in order.
+STORE_DIE_POINTS = (
+    "joined_before_manifest",  # OUTPUT (and the errors file) uploaded, manifest not at "joined"
+    "joined",  # manifest at "joined", parts not yet deleted
+    "cleaned",  # parts deleted, manifest at "cleaned", not yet finished
+)
+
 
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
@@ -63,7 +73,7 @@ def hit(point: str, args) -> None:
 
 
 def patch_finalize(args) -> None:
-    join, rmtree, save = writers.join_parquet, writers.shutil.rmtree, job.save_journal
+    join, rmtree, save = writers.join_parquet, writers.shutil.rmtree, target.save_journal
 
     def join_parquet(parts, path):
         if args.die_at == "mid_join":
@@ -91,7 +101,37 @@ def patch_finalize(args) -> None:
 
     writers.join_parquet = join_parquet
     writers.shutil.rmtree = rmtree_half
-    job.save_journal = save_journal
+    target.save_journal = save_journal
+
+
+def patch_parts(args) -> None:
+    commit = store.PartsWriter.commit
+
+    def commit_then_die(self):
+        state = commit(self)
+        if self.num_parts == args.die_after_part:
+            die()
+        return state
+
+    store.PartsWriter.commit = commit_then_die
+    join_errors, save = store.PartsWriter._join_errors, store.StoreTarget.save_journal
+
+    def join_errors_then_die(self):
+        join_errors(self)
+        if args.die_at_store == "joined_before_manifest":
+            die()
+
+    def save_then_die(self, state):
+        save(self, state)
+        if (
+            args.die_at_store
+            and args.die_at_store == state.output.get("stage")
+            and not state.finished
+        ):
+            die()
+
+    store.PartsWriter._join_errors = join_errors_then_die
+    store.StoreTarget.save_journal = save_then_die
 
 
 class ScriptedEngine(FakeEngine):
@@ -128,8 +168,11 @@ def main() -> int:
     parser.add_argument("--die-at-step", type=int, default=0)
     parser.add_argument("--die-at", choices=DIE_POINTS)
     parser.add_argument("--signal-at", choices=DIE_POINTS)
+    parser.add_argument("--die-after-part", type=int, default=0)
+    parser.add_argument("--die-at-store", choices=STORE_DIE_POINTS)
     args = parser.parse_args()
     patch_finalize(args)
+    patch_parts(args)
     config = json.loads(args.config)
     config["sampling"] = SamplingParams(temperature=0, max_tokens=3)
     config.setdefault("quiet", True)

@@ -24,7 +24,8 @@ def generate(
         typer.Argument(
             help="JSONL/JSON Lines file, Parquet file or directory, "
             "saved or loadable Hugging Face dataset, hub dataset "
-            "name, or - for stdin.",
+            "name, - for stdin, or a URL (s3://, gs://, hf://, file://) of a JSON Lines or "
+            "Parquet file or a folder of Parquet files.",
             show_default=False,
             metavar="INPUT",
         ),
@@ -34,8 +35,8 @@ def generate(
         typer.Option(
             "--output",
             "-o",
-            help="Result file, .jsonl or .parquet (default: INPUT-stem.results"
-            ".jsonl beside the input).",
+            help="Result file, .jsonl or .parquet, a path or a URL such as s3://bucket/out.jsonl "
+            "(default: INPUT-stem.results.jsonl beside the input).",
             rich_help_panel=_J,
         ),
     ] = None,

@@ -23,10 +23,13 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "tokenmill generate prompts.jsonl --no-chat  # raw text, no chat template",
         "tokenmill generate big.jsonl --shard 0/8 -o part0.jsonl  # then: tokenmill merge",
         "cat prompts.jsonl | tokenmill generate - -o results.jsonl",
+        "tokenmill generate s3://bucket/prompts.jsonl -o s3://bucket/out/results.parquet",
     ),
     "merge": (
         "tokenmill merge part0.jsonl part1.jsonl part2.jsonl -o results.jsonl",
         "tokenmill merge out/*.shard-*.results.jsonl -o results.parquet",
+        "tokenmill merge s3://bucket/out/part0.jsonl s3://bucket/out/part1.jsonl -o "
+        "s3://bucket/results.jsonl",
     ),
     "serve": (
         "tokenmill serve  # the default model on http://127.0.0.1:8000/v1",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,16 +10,22 @@ import typer
 
 def merge(
     outputs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="Shard outputs of tokenmill generate (.jsonl or .parquet), in any order.",
+            help="Shard outputs of tokenmill generate (.jsonl or .parquet; paths or URLs such as "
+            "s3://bucket/out.jsonl), in any order.",
             show_default=False,
             metavar="OUTPUTS",
         ),
     ],
     output: Annotated[
-        Path,
-        typer.Option("--output", "-o", help="Merged file, .jsonl or .parquet.", show_default=False),
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Merged file, .jsonl or .parquet (a path or URL).",
+            show_default=False,
+        ),
     ],
 ) -> None:
     """Join shard outputs in input order; refuse (exit 5) if a row is missing or duplicated."""
@@ -32,7 +37,7 @@ def merge(
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(exit_codes.MERGE_MISMATCH) from None
-    except ValueError as e:  # bad extension, unreadable row
+    except (ValueError, OSError) as e:  # bad extension, unreadable row, a store's refusal
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(exit_codes.CANNOT_RUN) from None
     print(

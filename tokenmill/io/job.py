@@ -38,26 +38,24 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io import exit_codes
 from tokenmill.io.batcher import Batcher
 from tokenmill.io.format import format_result
-from tokenmill.io.journal import JournalState, Totals, load_journal, save_journal
-from tokenmill.io.lock import OutputLock, OutputLocked
+from tokenmill.io.fs import StoreError, is_url, store_error
+from tokenmill.io.journal import JournalState, Totals
+from tokenmill.io.lock import OutputLocked
 from tokenmill.io.parse import RowParser, resolve_as_chat
-from tokenmill.io.preflight import PreflightError, check_model_dir, check_output, check_rows
+from tokenmill.io.preflight import PreflightError, check_model_dir, check_rows
 from tokenmill.io.progress import Progress
 from tokenmill.io.readers import InputError, InputSource, open_input
-from tokenmill.io.report import (
-    build_report,
-    print_report,
-    report_path,
-    report_warnings,
-    stats_snapshot,
-    write_report,
-)
+from tokenmill.io.report import build_report, print_report, report_warnings, stats_snapshot
 from tokenmill.io.resume import ResumeRefused, errors_path, resume_state
 from tokenmill.io.rows import RawRecord, RowResult
 from tokenmill.io.shard import Shard
-from tokenmill.io.spill import FinishedRow, Spill, spill_path
+from tokenmill.io.spill import FinishedRow, Spill
+from tokenmill.io.store import StoreTarget
+from tokenmill.io.target import LocalTarget, default_output, open_target
 from tokenmill.io.text import unencodable_field, writable
-from tokenmill.io.writers import ErrorsFile, OutputError, open_writer, output_format
+from tokenmill.io.writers import OutputError
+
+Target = LocalTarget | StoreTarget
 
 DEFAULT_WINDOW_ROWS = 20_000
 
@@ -99,19 +97,6 @@ class CannotRun(Exception):
     """The job cannot start (exit code CANNOT_RUN); the message says what to do."""
 
 
-def default_output(spec: str, shard: Shard) -> Path:
-    """INPUT-stem.results.jsonl beside the input (cwd for stdin and hub names)."""
-    if spec == "-":
-        base = Path("stdin")
-    elif Path(spec).exists():
-        p = Path(spec.rstrip("/"))
-        base = p.parent / (p.stem if p.is_file() else p.name)
-    else:
-        base = Path(spec.replace("/", "__"))
-    tag = "" if shard.is_whole else f".shard-{shard.index}-of-{shard.count}"
-    return Path(f"{base}{tag}.results.jsonl")
-
-
 def run_job(
     config: JobConfig, make_llm: Callable[[EngineConfig], EngineClient] | None = None
 ) -> int:
@@ -122,7 +107,12 @@ def run_job(
     except OutputLocked as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.LOCKED
-    except (CannotRun, InputError, PreflightError, ResumeRefused) as e:
+    except (CannotRun, InputError, PreflightError, ResumeRefused, StoreError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return exit_codes.CANNOT_RUN
+    except OSError as e:  # reading the journal or the lock: a store out of reach, a permission
+        if config.output and is_url(config.output):
+            e = store_error(e, config.output, "use")
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return exit_codes.CANNOT_RUN
 
@@ -154,21 +144,21 @@ class _Job:
     def run(self) -> int:
         cfg = self.config
         source = open_input(cfg.input, split=cfg.split, limit=cfg.limit)
-        output = Path(cfg.output) if cfg.output else default_output(cfg.input, cfg.shard)
-        self._check_output_path(output, source)
+        output = open_target(cfg.output or default_output(cfg.input, cfg.shard))
+        output.check(source)
         check_rows(self._shard_total(source), source.description)
         check_model_dir(cfg.engine.model)
-        lock = OutputLock(output, cfg.command_line)
+        lock = output.lock(cfg.command_line)
         try:
             lock.acquire()
         except OSError as e:
-            raise CannotRun(f"cannot create the lock file beside {output}: {e}") from e
+            raise CannotRun(f"cannot create the lock file beside {output.name}: {e}") from e
         try:
             return self._run_locked(source, output)
         finally:
-            lock.release()
+            self._try(lock.release)
 
-    def _run_locked(self, source: InputSource, output: Path) -> int:
+    def _run_locked(self, source: InputSource, output: Target) -> int:
         cfg = self.config
         state = resume_state(output, self._fingerprint(source, output), cfg.overwrite)
         if state.finished:
@@ -181,14 +171,14 @@ class _Job:
             ) from e
         state.runs += 1
         try:
-            save_journal(output, state)  # before the output exists: a crash from here resumes
-            self.spill = Spill(output)
+            output.save_journal(state)  # before the output exists: a crash from here resumes
+            self.spill = output.spill(state.fingerprint)
             replayed = self.spill.open(state.rows_done)
-            writer = open_writer(output, state.output)
-            errors = ErrorsFile(errors_path(output), state.errors_bytes)
+            writer = output.open_writer(state.output)
+            errors = output.open_errors(state.errors_bytes, writer)
         except (OSError, OutputError) as e:
             raise CannotRun(
-                f"cannot write beside {output} ({' '.join(f'{type(e).__name__}: {e}'.split())}); "
+                f"cannot write beside {output.name} ({_one_line(f'{type(e).__name__}: {e}')}); "
                 "fix the cause and rerun the same command"
             ) from e
         t0, skipped = time.monotonic(), state.rows_done
@@ -216,7 +206,7 @@ class _Job:
                 if not isinstance(e, (OSError, OutputError)):  # the output itself is fine
                     self._try(lambda: self._commit(output, state, writer, errors))
                 else:  # writing failed: what is done is what the last commit recorded
-                    state = load_journal(output) or state
+                    state = self._try(output.load_journal) or state
             except KeyboardInterrupt:  # a second Ctrl-C: the journal is consistent as it is
                 failure = KeyboardInterrupt()
         self._try(writer.close)
@@ -234,7 +224,7 @@ class _Job:
             print(_failure_line(failure, output, state.rows_done), file=sys.stderr)
             return exit_codes.CANNOT_RUN
         if report is None:
-            print(f"error: could not write {report_path(output)} (see above)", file=sys.stderr)
+            print(f"error: could not write {output.report_name} (see above)", file=sys.stderr)
             return exit_codes.CANNOT_RUN
         return self._exit_code(state, output)
 
@@ -245,7 +235,7 @@ class _Job:
         state: JournalState,
         writer,
         errors,
-        output: Path,
+        output: Target,
         progress: Progress,
         replayed: dict[int, FinishedRow],
     ) -> None:
@@ -324,17 +314,17 @@ class _Job:
         self.spill.add(row)
         return row
 
-    def _finalize(self, output: Path, state: JournalState, writer) -> None:
+    def _finalize(self, output: Target, state: JournalState, writer) -> None:
         """Join the output (Parquet) and mark the journal finished; signals wait till the end."""
 
         def on_stage(writer_state: dict[str, Any]) -> None:
             state.output = writer_state
-            save_journal(output, state)
+            output.save_journal(state)
 
         self.finalizing = True
         state.output = writer.finalize(on_stage)
         state.finished = True
-        save_journal(output, state)
+        output.save_journal(state)
 
     def _records(self, source: InputSource, skip: int) -> Iterator[tuple[int, RawRecord]]:
         """(position within this shard, record) for the shard's rows not done yet."""
@@ -348,7 +338,7 @@ class _Job:
             position += 1
 
     # Resume ---------------------------------------------------------------------------------
-    def _fingerprint(self, source: InputSource, output: Path) -> dict[str, Any]:
+    def _fingerprint(self, source: InputSource, output: Target) -> dict[str, Any]:
         cfg = self.config
         eng = cfg.engine
         return {
@@ -358,7 +348,7 @@ class _Job:
             "engine_seed": eng.seed,
             "sampling": cfg.sampling.to_dict(),
             "input": cfg.input if source.path is None else str(source.path.resolve()),
-            "input_bytes": _size(source.path),
+            "input_bytes": source.num_bytes if source.path is None else _size(source.path),
             "split": cfg.split,
             "limit": cfg.limit,
             "shard": str(cfg.shard),
@@ -366,14 +356,14 @@ class _Job:
             "as_chat": cfg.as_chat,
             "id_column": cfg.id_column,
             "keep_columns": list(cfg.keep_columns),
-            "output_format": output_format(output),
+            "output_format": output.format(),
         }
 
-    def _commit(self, output: Path, state: JournalState, writer, errors) -> None:
+    def _commit(self, output: Target, state: JournalState, writer, errors) -> None:
         state.output = writer.commit()
         state.errors_bytes = errors.commit()
         self.spill.commit()
-        save_journal(output, state)
+        output.save_journal(state)
         self.spill.forget_below(state.rows_done)
 
     @staticmethod
@@ -420,13 +410,13 @@ class _Job:
 
     # Report ---------------------------------------------------------------------------------
     def _report(self, output, llm, state, skipped, wall_s, stats0, totals0) -> dict[str, Any]:
-        errors_file = str(errors_path(output)) if state.totals.rows_failed else None
+        errors_file = output.errors_name if state.totals.rows_failed else None
         # this_run counts what this process computed: rows replayed from the spill are not.
         replayed = asdict(self.replayed)
         totals0 = {k: v + replayed[k] for k, v in totals0.items()}
         report = build_report(
             self.config,
-            output,
+            output.name,
             llm,
             state,
             skipped,
@@ -438,22 +428,23 @@ class _Job:
         )
         # Rows an earlier, killed run had finished: written from the spill, not recomputed.
         report["this_run"]["rows_replayed"] = self.replayed.rows_ok + self.replayed.rows_failed
-        write_report(report_path(output), report)
+        output.write_report(report)
         if not self.config.quiet:
             print_report(report)
         for warning in report_warnings(report):
             print(f"warning: {warning}", file=sys.stderr)
         return report
 
-    def _already_done(self, output: Path, state: JournalState) -> int:
-        Spill(output).close(remove=True)  # left by a kill after the journal said finished
+    def _already_done(self, output: Target, state: JournalState) -> int:
+        output.remove_spill(state.fingerprint)  # left by a kill after the journal said finished
         print(
-            f"{output} is already complete ({state.rows_done} rows); pass --overwrite to run again",
+            f"{output.name} is already complete ({state.rows_done} rows); pass --overwrite to run "
+            "again",
             file=sys.stderr,
         )
         return self._exit_code(state, output)
 
-    def _exit_code(self, state: JournalState, output: Path) -> int:
+    def _exit_code(self, state: JournalState, output: Target) -> int:
         if self.stop_reason == "fail-fast":
             return exit_codes.FAIL_FAST
         if self.stop_reason is not None:
@@ -461,15 +452,6 @@ class _Job:
         return exit_codes.ROW_ERRORS if state.totals.rows_failed else exit_codes.OK
 
     # Small helpers --------------------------------------------------------------------------
-    def _check_output_path(self, output: Path, source: InputSource) -> None:
-        try:
-            output_format(output)
-        except ValueError as e:
-            raise CannotRun(str(e)) from e
-        if source.path is not None and output.resolve() == source.path.resolve():
-            raise CannotRun(f"--output {output} is the input itself; choose another path")
-        check_output(output)
-
     def _shard_total(self, source: InputSource) -> int | None:
         if source.num_rows is None:
             return None
@@ -512,7 +494,7 @@ def _size(path: Path | None) -> int | None:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _failure_line(e: BaseException, output: Path, rows_done: int) -> str:
+def _failure_line(e: BaseException, output: Target, rows_done: int) -> str:
     """One line naming what failed; the traceback only with TOKENMILL_TRACEBACK=1."""
     if os.environ.get("TOKENMILL_TRACEBACK"):
         traceback.print_exception(e)
@@ -521,7 +503,7 @@ def _failure_line(e: BaseException, output: Path, rows_done: int) -> str:
     what = "writing the output failed" if full or isinstance(e, OutputError) else "the job failed"
     return (
         f"error: {what} after {rows_done} rows ({cause}); the rows committed so far are saved, "
-        f"and finished rows are kept in {spill_path(output).name}: fix the cause and rerun the "
+        f"and finished rows are kept in {output.spill_name}: fix the cause and rerun the "
         "same command to resume"
     )
 

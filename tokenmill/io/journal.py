@@ -49,20 +49,29 @@ def load_journal(output: Path) -> JournalState | None:
     path = journal_path(output)
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    data["totals"] = Totals(**data.get("totals", {}))
-    return JournalState(**data)
+    return journal_from_json(path.read_text())
 
 
 def save_journal(output: Path, state: JournalState) -> None:
     path = journal_path(output)
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(asdict(state), f, indent=1, sort_keys=True)
+        f.write(journal_to_json(state))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def journal_to_json(state: JournalState) -> str:
+    return json.dumps(asdict(state), indent=1, sort_keys=True)
+
+
+def journal_from_json(text: str | bytes) -> JournalState:
+    """Raises ValueError / TypeError for text that is not a journal."""
+    data = json.loads(text)
+    data["totals"] = Totals(**data.get("totals", {}))
+    return JournalState(**data)
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

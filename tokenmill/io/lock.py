@@ -1,4 +1,4 @@
-"""OUTPUT.lock: one run per output at a time.
+"""OUTPUT.lock: one run per output at a time (an flock locally; a lease on a store: StoreLock).
 
 Two runs resuming the same output (a SLURM requeue racing a manual rerun) would both append the
 same rows. The lock is an flock(2) on OUTPUT.lock, held from before the journal is read until the
@@ -17,7 +17,11 @@ import json
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
+from typing import Any
+
+LEASE_S = float(os.environ.get("TOKENMILL_LOCK_LEASE_S", 600))
 
 
 class OutputLocked(Exception):
@@ -93,3 +97,95 @@ def _holder(fd: int) -> str:
     if not info.get("pid"):
         return "pid unknown: it is just starting"
     return f"pid {info['pid']} on {info.get('host', '?')}, since {info.get('since', '?')}"
+
+
+class StoreLock:
+    """OUTPUT.lock on a store: an object naming its holder, renewed at every commit.
+
+    A store has no flock, and a PUT cannot say "only if absent" everywhere, so this is a lease,
+    not a mutex: a second run refuses (exit 6) while the lock names a live holder (the same host
+    and a running pid, or another host that renewed it within TOKENMILL_LOCK_LEASE_S, default
+    600 s); a killed run's lock is taken over at once from the same host, after the lease from
+    another. Two runs starting within the same instant can both pass; the loser finds out at its
+    next commit (the lock names the other run) and stops before writing another part or manifest.
+    """
+
+    def __init__(self, fs, path: str, url: str, command_line: str = ""):
+        self.fs, self.path, self.url = fs, path, url
+        self.command_line = command_line
+        self.token = uuid.uuid4().hex
+        self._held = False
+        self._renewed = 0.0
+
+    def acquire(self) -> None:
+        info = self._read()
+        if info is not None and _alive(info):
+            holder = _lease_holder(info)
+            raise OutputLocked(
+                f"{self.url} is being written by another tokenmill run ({holder}); wait "
+                "for it to finish or stop it, then rerun (a killed run's lock is taken over at "
+                f"once on the same host, after {LEASE_S:.0f} s from another)"
+            )
+        self._write()
+        self._held = True
+
+    def renew(self) -> None:
+        """Raise OutputLocked if another run took the lock over; else renew the lease (a PUT at
+        most every LEASE_S / 10 seconds: one GET per commit otherwise)."""
+        info = self._read()
+        if info is not None and info.get("token") != self.token:
+            self._held = False
+            holder = _lease_holder(info)
+            raise OutputLocked(
+                f"another tokenmill run took {self.url} over ({holder}); this run stops "
+                "without committing more"
+            )
+        if info is None or time.time() - self._renewed > LEASE_S / 10:
+            self._write()
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        info = self._read()
+        if info is None or info.get("token") == self.token:
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path) or b"{}")
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+
+    def _write(self) -> None:
+        self._renewed = time.time()
+        info = {
+            "token": self.token,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "renewed": time.time(),
+            "command": self.command_line,
+        }
+        self.fs.pipe_file(self.path, (json.dumps(info) + "\n").encode())
+
+
+def _alive(info: dict[str, Any]) -> bool:
+    if info.get("host") == socket.gethostname() and info.get("pid"):
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - float(info.get("renewed", 0)) < LEASE_S
+
+
+def _lease_holder(info: dict[str, Any]) -> str:
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')}"

@@ -4,6 +4,9 @@ Each shard output is already in input order, so a k-way merge on the row index r
 order of the whole input while streaming. The merged rows must be exactly 0, 1, 2, ... with no
 gap and no repeat; when the shards' reports are beside them, each must be a finished run and
 together they must account for every row (so a missing trailing row is caught too).
+
+Shards and the merged file may be store URLs (s3://...): the shards are streamed from the store,
+the merged file is written locally (in the temp folder) and uploaded once it is checked.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenmill.io.format import row_index
+from tokenmill.io.fs import StoreError, is_url, local_spec, store_error, url_fs
 from tokenmill.io.report import report_path
-from tokenmill.io.writers import iter_output_rows, open_writer
+from tokenmill.io.writers import iter_output_rows, open_writer, output_format
 
 _MAX_LISTED = 10
 
@@ -34,17 +39,37 @@ class MergeResult:
     shards: list[str] = field(default_factory=list)
 
 
-def merge_outputs(inputs: list[Path], output: Path) -> MergeResult:
-    """Write the rows of `inputs` to `output` in input order.
+def merge_outputs(inputs: list[Path | str], output: Path | str) -> MergeResult:
+    """Write the rows of `inputs` to `output` in input order (local paths or store URLs).
 
     Raises MergeError when rows are missing or repeated, ValueError for unusable paths.
     """
-    if output.resolve() in {p.resolve() for p in inputs}:
+    inputs = [_spec(p) for p in inputs]
+    output = _spec(output)
+    if _identity(output) in {_identity(p) for p in inputs}:
         raise ValueError(f"-o {output} is one of the inputs; choose another path")
-    for p in inputs:
-        if not p.exists():
-            raise ValueError(f"{p} does not exist")
-    expected = _expected_rows(inputs)
+    try:
+        output_format(Path(str(output)))
+        for p in inputs:
+            if not _exists(p):
+                raise ValueError(f"{p} does not exist")
+        expected = _expected_rows(inputs)
+    except StoreError as e:
+        raise ValueError(str(e)) from e
+    if isinstance(output, str):  # a URL: merge locally, upload the checked file
+        with tempfile.TemporaryDirectory(prefix="tokenmill-merge-") as tmp_dir:
+            local = Path(tmp_dir) / Path(output).name
+            result = _merge(inputs, local, expected)
+            fs, path = url_fs(output)
+            try:
+                fs.put_file(str(local), path)
+            except Exception as e:  # noqa: BLE001 - each store raises its own types
+                raise ValueError(str(store_error(e, output, "write"))) from e
+        return result
+    return _merge(inputs, output, expected)
+
+
+def _merge(inputs: list[Path | str], output: Path, expected: int | None) -> MergeResult:
     tmp = output.with_name(output.name + ".merging" + output.suffix)
     writer = open_writer(tmp)
     result = MergeResult(shards=[str(p) for p in inputs])
@@ -80,9 +105,51 @@ def merge_outputs(inputs: list[Path], output: Path) -> MergeResult:
     return result
 
 
-def _indexed(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _spec(p: Path | str) -> Path | str:
+    """A store URL stays a str; a local path (file:// too) becomes a Path."""
+    return str(p) if is_url(str(p)) else Path(local_spec(str(p)))
+
+
+def _identity(p: Path | str) -> str:
+    return p if isinstance(p, str) else str(p.resolve())
+
+
+def _exists(p: Path | str) -> bool:
+    if isinstance(p, Path):
+        return p.exists()
+    fs, path = url_fs(p)
+    try:
+        return fs.exists(path) or fs.exists(path + ".resume.json")
+    except Exception as e:  # noqa: BLE001 - each store raises its own types
+        raise StoreError(str(store_error(e, p, "read"))) from e
+
+
+def _read_report(p: Path | str) -> dict[str, Any] | None:
+    """The shard's report beside it, None when it has none."""
+    if isinstance(p, Path):
+        rp = report_path(p)
+        return json.loads(rp.read_text()) if rp.exists() else None
+    fs, path = url_fs(p)
+    try:
+        return json.loads(fs.cat_file(path + ".report.json"))
+    except FileNotFoundError:
+        return None
+
+
+def _rows(p: Path | str) -> Iterator[dict[str, Any]]:
+    """A shard's rows; a store output not joined yet (killed while joining): its listed parts."""
+    if isinstance(p, str):
+        fs, path = url_fs(p)
+        if not fs.exists(path):
+            from tokenmill.io.store import iter_committed_rows
+
+            return iter_committed_rows(p)
+    return iter_output_rows(p)
+
+
+def _indexed(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
     last = -1
-    for row in iter_output_rows(path):
+    for row in _rows(path):
         index = row_index(row)
         if index <= last:
             raise MergeError(
@@ -93,15 +160,14 @@ def _indexed(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield index, row
 
 
-def _expected_rows(inputs: list[Path]) -> int | None:
+def _expected_rows(inputs: list[Path | str]) -> int | None:
     """Total input rows according to the shards' reports, when every one has a report."""
-    reports = [report_path(p) for p in inputs]
-    if not all(r.exists() for r in reports):
+    reports = [_read_report(p) for p in inputs]
+    if not all(r is not None for r in reports):
         return None
     total, shards = 0, set()
     counts = set()
-    for path, rp in zip(inputs, reports, strict=True):
-        report = json.loads(rp.read_text())
+    for path, report in zip(inputs, reports, strict=True):
         if not report.get("finished"):
             raise MergeError(
                 f"{path} is unfinished (its report says so); rerun its generate "

@@ -9,6 +9,8 @@ Hugging Face datasets through their memory-mapped Arrow files or streaming mode.
     open_input("my_loader.py")         a local `datasets` loading script or data directory
     open_input("org/name")             a hub dataset (only where the hub is reachable)
     open_input("-")                    JSON Lines on stdin
+    open_input("s3://bucket/x.jsonl")  a URL (fs.py): a JSON Lines or Parquet object, or a
+                                       prefix of *.parquet objects, streamed through fsspec
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenmill.io.fs import StoreError, is_url, local_spec, store_error, url_fs
 from tokenmill.io.rows import RawRecord
 
 _BATCH_ROWS = 1024
@@ -37,7 +40,9 @@ class InputSource:
     description: str
     records: Iterator[RawRecord]
     num_rows: int | None = None
-    path: Path | None = None  # the local file or directory, None for stdin / hub
+    path: Path | None = None  # the local file or directory, None for stdin / hub / URLs
+    url: str | None = None  # the object-store URL it was read from
+    num_bytes: int | None = None  # of a URL input (a local one's size is read from `path`)
 
 
 def open_input(spec: str, split: str | None = None, limit: int | None = None) -> InputSource:
@@ -74,6 +79,9 @@ def is_saved_hf_dataset(path: Path) -> bool:
 def _open(spec: str, split: str | None) -> InputSource:
     if spec == "-":
         return InputSource("stdin", _jsonl_records(sys.stdin.buffer))
+    if is_url(spec):
+        return _url_source(spec)
+    spec = local_spec(spec)
     path = Path(spec)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -156,25 +164,79 @@ def _count_lines(path: Path) -> int | None:
 
 
 # Parquet -----------------------------------------------------------------------------------------
-def _parquet_source(files: list[Path], description: str, path: Path) -> InputSource:
+def _parquet_source(files: list, description: str, path: Path | None, fs=None) -> InputSource:
+    """Parquet files: local Paths, or paths within the fsspec filesystem `fs`."""
     import pyarrow.parquet as pq
 
     try:
-        num_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        num_rows = 0
+        for f in files:
+            with _open_binary(f, fs) as fh:
+                num_rows += pq.ParquetFile(fh).metadata.num_rows
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise InputError(f"cannot read parquet input {description}: {e}") from e
-    return InputSource(description, _parquet_records(files), num_rows, path)
+    return InputSource(description, _parquet_records(files, fs), num_rows, path)
 
 
-def _parquet_records(files: list[Path]) -> Iterator[RawRecord]:
+def _parquet_records(files: list, fs=None) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
     index = 0
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS):
-            for data in batch.to_pylist():
-                yield RawRecord(index, None, data=data)
-                index += 1
+        with _open_binary(f, fs) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=_BATCH_ROWS):
+                for data in batch.to_pylist():
+                    yield RawRecord(index, None, data=data)
+                    index += 1
+
+
+def _open_binary(f, fs):
+    return open(f, "rb") if fs is None else fs.open(f, "rb")
+
+
+# Object-store URLs -------------------------------------------------------------------------------
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def _url_source(url: str) -> InputSource:
+    """A JSON Lines or Parquet object, or a prefix ("folder") of Parquet objects, at a URL."""
+    try:
+        fs, path = url_fs(url)
+    except StoreError as e:
+        raise InputError(str(e)) from e
+    try:
+        info = fs.info(path)
+        if info["type"] == "directory":
+            files = sorted(
+                p for p in fs.find(path) if p.lower().endswith(".parquet")
+            )  # recursively, in name order, as a local folder
+        else:
+            files = [path]
+    except FileNotFoundError as e:
+        if "bucket" in str(e).lower():
+            raise InputError(str(store_error(e, url, "read"))) from e
+        raise InputError(f"input {url} does not exist; check the URL") from e
+    except Exception as e:  # noqa: BLE001 - each store raises its own types
+        raise InputError(str(store_error(e, url, "read"))) from e
+    suffix = Path(path).suffix.lower()
+    if info["type"] != "directory" and suffix in _JSONL_SUFFIXES:
+        return InputSource(url, _jsonl_url_records(fs, path), None, url=url, num_bytes=info["size"])
+    if files and all(f.lower().endswith(".parquet") for f in files):
+        description = url if len(files) == 1 else f"{url} ({len(files)} parquet files)"
+        source = _parquet_source(files, description, None, fs)
+        source.url = url
+        source.num_bytes = sum(fs.size(f) for f in files) if len(files) > 1 else info["size"]
+        return source
+    raise InputError(
+        f"cannot read {url}: a URL must name a .jsonl/.json/.ndjson (JSON Lines) or .parquet "
+        "object, or a folder of .parquet objects (a Hugging Face hub dataset: pass its name, "
+        "org/name)"
+    )
+
+
+def _jsonl_url_records(fs, path: str) -> Iterator[RawRecord]:
+    with fs.open(path, "rb") as f:
+        yield from _jsonl_records(f)
 
 
 # Hugging Face datasets ---------------------------------------------------------------------------

@@ -54,8 +54,8 @@ class Spill:
     reorder buffer or already written), so memory does not grow with the commit interval.
     """
 
-    def __init__(self, output: Path):
-        self.path = spill_path(output)
+    def __init__(self, output: Path, path: Path | None = None):
+        self.path = path if path is not None else spill_path(output)
         self._fd: int | None = None
         self._live: dict[int, tuple[int, int]] = {}  # position -> (offset, length) in the file
         self._live_bytes = 0

@@ -26,9 +26,11 @@ import json
 import os
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from tokenmill.io.fs import is_url, local_spec, url_fs
 
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 _CHUNK = 1 << 20
@@ -172,22 +174,15 @@ class ParquetWriter:
                 )
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        self._buffer.extend(_flat(r) for r in rows)
+        self._buffer.extend(flat_row(r) for r in rows)
 
     def commit(self) -> dict[str, Any]:
         if self._buffer:
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
             part = self.parts_dir / f"part-{self.num_parts:06d}.parquet"
             tmp = part.with_suffix(".tmp")
-            try:
-                table = pa.Table.from_pylist(self._buffer)
-            except (pa.ArrowException, ValueError, TypeError, OverflowError) as e:
-                raise OutputError(
-                    f"cannot make a Parquet table of the rows: {_arrow_hint(e)}"
-                ) from e
-            pq.write_table(table, tmp)
+            pq.write_table(parquet_table(self._buffer), tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
                 self.crc32 = zlib.crc32(f.read(), self.crc32)
@@ -249,7 +244,19 @@ class ParquetWriter:
 
 
 def join_parquet(parts: list[Path], path: Path) -> None:
-    """Concatenate parquet files (schemas unified: a column null in one part is fine).
+    """Concatenate parquet files into `path` (through path.tmp, fsynced, renamed)."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        join_parquet_sources(parts, parts, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def join_parquet_sources(schema_sources: Iterable, data_sources: Iterable, sink) -> None:
+    """Concatenate parquet files (schemas unified: a column null in one part is fine) into the
+    writable file `sink`. Each part is given twice, in the same order: once for its schema (only
+    the footer is read), once for its rows (local paths, or file objects of a store's parts).
 
     Small parts (one per commit) are gathered into row groups of about _JOIN_ROWS rows, so the
     joined file does not carry one row group, with its metadata, per commit.
@@ -257,12 +264,11 @@ def join_parquet(parts: list[Path], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schemas = [pq.read_schema(p) for p in parts]
+    schemas = [pq.read_schema(p) for p in schema_sources]
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-    tmp = Path(str(path) + ".tmp")
     pending: list[pa.Table] = []
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for part in parts:
+    with pq.ParquetWriter(sink, schema) as writer:
+        for part in data_sources:
             for batch in pq.ParquetFile(part).iter_batches():
                 table = pa.Table.from_batches([batch])
                 for name in schema.names:  # columns this part never had
@@ -276,9 +282,6 @@ def join_parquet(parts: list[Path], path: Path) -> None:
                     pending = []
         if pending:
             writer.write_table(pa.concat_tables(pending))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ErrorsFile:
@@ -315,21 +318,42 @@ def open_writer(path: Path, state: dict[str, Any] | None = None):
     return writer_class(path)(path, state)
 
 
-def iter_output_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a finished output file (either format), streamed."""
-    if output_format(path) == "parquet":
+def iter_output_rows(path: Path | str) -> Iterator[dict[str, Any]]:
+    """Rows of a finished output file (either format; a local path or a store URL), streamed."""
+    spec = str(path)
+    if is_url(spec):
+        fs, where = url_fs(spec)
+        with fs.open(where, "rb") as f:
+            yield from _iter_rows(f, output_format(Path(where)))
+        return
+    path = Path(local_spec(spec))
+    with open(path, "rb") as f:
+        yield from _iter_rows(f, output_format(path))
+
+
+def _iter_rows(f, fmt: str) -> Iterator[dict[str, Any]]:
+    if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
         return
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    for line in f:
+        if line.strip():
+            yield json.loads(line)
 
 
-def _flat(row: dict[str, Any]) -> dict[str, Any]:
+def parquet_table(flat_rows: list[dict[str, Any]]):
+    """A pyarrow Table of rows made by `flat_row` (OutputError when their types clash)."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pylist(flat_rows)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as e:
+        raise OutputError(f"cannot make a Parquet table of the rows: {_arrow_hint(e)}") from e
+
+
+def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     """Parquet columns need one type: nested values (n > 1 lists, logprobs, errors) become JSON."""
     return {
         k: json.dumps(v, ensure_ascii=False, default=str) if isinstance(v, (dict, list)) else v
