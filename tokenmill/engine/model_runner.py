@@ -329,7 +329,9 @@ class ModelRunner:
     def execute_async(self, sched: SchedulerOutput) -> PendingStep:
         """Launch one step; nothing waits for the device. `collect` reads the result."""
         ids, pos, meta, logits_indices = self.prepare(sched)
-        self.structured.prefetch([s.req for s in sched.seqs])  # grammars compile meanwhile
+        driver = self.tp.rank == 0
+        if driver:
+            self.structured.prefetch([s.req for s in sched.seqs])  # grammars compile meanwhile
         hidden = self._forward(ids, pos, meta)  # [num_tokens, hidden_size]
         pending = PendingStep(sched, [s for s in sched.seqs if s.sample])
         pending.prompt_logprobs = launch_prompt_logprobs(
@@ -340,10 +342,16 @@ class ModelRunner:
         idx = self._to_device(logits_indices, torch.long)
         logits = self.model.compute_logits(hidden[idx]).float()  # [num_samples, vocab_size]
         reqs = [s.req for s in pending.sampling]
-        self.structured.apply(logits, reqs)  # grammar masks, before any other logits processing
-        token_ids = self.sampler.sample(logits, reqs)  # [num_samples] on the device
+        if driver:
+            self.structured.apply(logits, reqs)  # grammar masks, before other logits processing
+            token_ids = self.sampler.sample(logits, reqs).long()  # [num_samples] on the device
+        else:  # a tensor-parallel worker: rank 0 samples
+            token_ids = torch.empty(len(reqs), dtype=torch.long, device=self.device)
+        self.tp.broadcast(token_ids)  # rank 0's tokens: every rank fills the same placeholders
         self._last_sampled = token_ids
         self._last_rows = {s.req_id: i for i, s in enumerate(pending.sampling)}
+        if not driver:
+            return pending
         if any(r.params.logprobs is not None for r in reqs):
             pending.logits = logits
         pending.token_ids_gpu = token_ids

@@ -99,7 +99,9 @@ def make_store(rank: int, size: int, port: int, timeout_s: float):
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    return dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=timeout)
+    return dist.TCPStore(
+        "127.0.0.1", port, size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+    )
 
 
 def make_group(backend: str, store, rank: int, size: int, timeout_s: float):
