@@ -19,10 +19,10 @@ RuntimeError naming the rank rather than waiting on it.
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing as mp
 import os
 import traceback
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -253,7 +253,6 @@ def start_tensor_parallel(
         procs.append(proc)
         conns.append(conn)
     workers = Workers(procs, conns)
-    atexit.register(workers.close)
     try:
         workers.wait_for("started")
         group = make_group(_backend(device), store, 0, size, GROUP_TIMEOUT_S)
@@ -269,4 +268,5 @@ def start_tensor_parallel(
             raise err from e
         raise
     runner.store = store  # the rendezvous store must outlive the group
+    weakref.finalize(runner, workers.close)  # when the engine goes, or at exit
     return runner
