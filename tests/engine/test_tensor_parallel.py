@@ -93,3 +93,8 @@ def test_a_worker_killed_mid_step_fails_the_engine_clearly(tiny_model_factory, c
     workers.send = send
     with pytest.raises(RuntimeError, match=r"tensor-parallel worker rank 1 .*failed"):
         llm.generate(PROMPTS[:1], greedy(4), use_tqdm=False)  # and every step after it
+
+
+def test_heads_that_do_not_split_fail_before_any_step(tiny_model_factory):
+    with pytest.raises(ValueError, match=r"num_attention_heads \(3\) is not divisible by"):
+        tp_llm(tiny_model_factory("phi3"))  # 3 heads over 2 ranks

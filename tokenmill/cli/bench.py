@@ -98,6 +98,7 @@ def throughput(
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
     attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
+    tensor_parallel_size: o.TensorParallelSize = o.ENGINE_DEFAULTS["tensor_parallel_size"],
     threads: o.Threads = None,
 ) -> None:
     """Offline throughput of LLM.generate over a workload (warm-up excluded)."""

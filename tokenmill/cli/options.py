@@ -53,6 +53,7 @@ EnablePrefixCaching = Annotated[
 EnforceEager = Annotated[bool, _eopt("enforce_eager", "--enforce-eager")]
 Seed = Annotated[int, _eopt("seed", "--seed")]
 AttentionBackend = Annotated[str, _eopt("attention_backend", "--attention-backend")]
+TensorParallelSize = Annotated[int, _eopt("tensor_parallel_size", "--tensor-parallel-size")]
 
 # Not an engine field: torch's CPU threads belong to the process (see cli/threads.py).
 Threads = Annotated[

@@ -83,6 +83,7 @@ def serve(
     enforce_eager: o.EnforceEager = o.ENGINE_DEFAULTS["enforce_eager"],
     seed: o.Seed = o.ENGINE_DEFAULTS["seed"],
     attention_backend: o.AttentionBackend = o.ENGINE_DEFAULTS["attention_backend"],
+    tensor_parallel_size: o.TensorParallelSize = o.ENGINE_DEFAULTS["tensor_parallel_size"],
 ) -> None:
     """Serve a model over HTTP with OpenAI's API (completions, chat, models) plus /metrics."""
     config = o.engine_config_from(locals())

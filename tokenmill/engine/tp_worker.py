@@ -261,6 +261,9 @@ def start_tensor_parallel(
             config, hf_config, model_dir, max_model_len, tp, device, workers=workers
         )
         workers.wait_for("ready")
+    except ValueError:  # the model does not split (heads, vocab): every rank says the same
+        workers.close()
+        raise
     except BaseException as e:
         err = workers.failure()
         workers.close()
