@@ -19,6 +19,7 @@ RuntimeError naming the rank rather than waiting on it.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import traceback
@@ -271,5 +272,8 @@ def start_tensor_parallel(
             raise err from e
         raise
     runner.store = store  # the rendezvous store must outlive the group
-    weakref.finalize(runner, workers.close)  # when the engine goes, or at exit
+    # NOTE: atexit, registered after multiprocessing's own exit hook, runs before it: that
+    # hook joins non-daemonic children, which would wait forever on workers never told to stop.
+    atexit.register(workers.close)
+    weakref.finalize(runner, workers.close).atexit = False  # and when the engine goes
     return runner
