@@ -98,3 +98,13 @@ def test_a_worker_killed_mid_step_fails_the_engine_clearly(tiny_model_factory, c
 def test_heads_that_do_not_split_fail_before_any_step(tiny_model_factory):
     with pytest.raises(ValueError, match=r"num_attention_heads \(3\) is not divisible by"):
         tp_llm(tiny_model_factory("phi3"))  # 3 heads over 2 ranks
+
+
+def test_tp2_overlapped_steps_fill_placeholders_on_every_rank(tiny_model_factory, closing):
+    """With overlap (the GPU's default) a step's input token is still on the device: every
+    rank fills it from rank 0's broadcast sample, or the workers would compute garbage."""
+    model_dir = tiny_model_factory("llama")
+    expected = token_ids(make_llm(model_dir).generate(PROMPTS, greedy(8), use_tqdm=False))
+    llm = closing(tp_llm(model_dir))
+    llm.runner.can_overlap = True
+    assert token_ids(llm.generate(PROMPTS, greedy(8), use_tqdm=False)) == expected
