@@ -224,7 +224,7 @@ class DriverRunner(ModelRunner):
 def start_tensor_parallel(
     config: EngineConfig, hf_config, model_dir, max_model_len: int
 ) -> DriverRunner:
-    """Spawn ranks 1..N-1, join them in a process group, and return rank 0's runner."""
+    """Start ranks 1..N-1, join them in a process group, and return rank 0's runner."""
     size = config.tensor_parallel_size
     device = resolve_device(config.device)
     if device.type == "cuda" and torch.cuda.device_count() < size:
