@@ -8,6 +8,7 @@ the default model where its heads divide. Prints a table; exits non-zero on a mi
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,8 @@ PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 LIMITS = dict(max_num_seqs=8, max_num_batched_tokens=256, kv_cache_memory="256MiB")
 CASES = {arch: {} for arch in ARCHS}
 CASES["phi3"] = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+if os.environ.get("TP_PARITY_ARCHS"):  # e.g. llama,qwen2 (a quick run); "default" is always on
+    CASES = {a: CASES[a] for a in os.environ["TP_PARITY_ARCHS"].split(",")}
 
 
 def run(model: str | None, tp: int, dtype: str) -> tuple[list[list[int]], int]:
@@ -53,7 +56,11 @@ def main() -> int:
     models.append(("default (bf16)", None))
     for name, model in models:
         dtype = "float32" if model is not None else "bfloat16"
-        ref, _ = run(model, 1, dtype)
+        try:
+            ref, _ = run(model, 1, dtype)
+        except Exception as e:  # e.g. the default model's package is not installed
+            rows.append((name, 1, "error", "-", f"{type(e).__name__}: {e}"[:70]))
+            continue
         for tp in SIZES:
             try:
                 out, graphs = run(model, tp, dtype)
