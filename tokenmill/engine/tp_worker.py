@@ -51,6 +51,7 @@ class SeqMessage:
     sample: bool
     prompt_logprobs: int | None
     prompt_token_ids: list[int] | None
+    long_rope: bool = False  # Phi-3: positions turn by the long factors (Request.long_rope)
 
 
 StepMessage = list[SeqMessage]
@@ -61,7 +62,12 @@ def step_message(sched: SchedulerOutput) -> StepMessage:
     for s in sched.seqs:
         n = s.req.params.prompt_logprobs
         prompt = s.req.prompt_token_ids if n is not None else None
-        msg.append(SeqMessage(s.req_id, s.token_ids, s.start_pos, s.block_ids, s.sample, n, prompt))
+        long_rope = getattr(s.req, "long_rope", False)
+        msg.append(
+            SeqMessage(
+                s.req_id, s.token_ids, s.start_pos, s.block_ids, s.sample, n, prompt, long_rope
+            )
+        )
     return msg
 
 
@@ -71,6 +77,7 @@ def scheduler_output_of(msg: StepMessage) -> SchedulerOutput:
     for m in msg:
         params = SamplingParams(prompt_logprobs=m.prompt_logprobs)
         req = Request(m.req_id, m.prompt_token_ids or [], params, seed=0, max_tokens=1)
+        req.long_rope = m.long_rope  # the runner offsets such a request's positions
         seqs.append(ScheduledSeq(m.req_id, m.token_ids, m.start_pos, m.block_ids, m.sample, req))
     return SchedulerOutput(seqs)
 
