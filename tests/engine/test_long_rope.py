@@ -14,6 +14,7 @@ import torch
 from factories import make_tiny_config
 
 from tokenmill.engine.models.layers import make_rotary
+from tokenmill.engine.models.ops import ModelOps
 
 ORIGINAL = 16
 
@@ -33,7 +34,7 @@ def test_rows_before_and_after_the_original_context_match_transformers():
         },
         original_max_position_embeddings=ORIGINAL,
     )
-    ours = make_rotary(config, max_position=64)
+    ours = make_rotary(config, max_position=64, ops=ModelOps())
     hf = Phi3RotaryEmbedding(config)
     x = torch.zeros(1, dtype=torch.float32)
     # a sequence that fits the original context: short factors for every position

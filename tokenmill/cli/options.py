@@ -58,6 +58,7 @@ EnablePrefixCaching = Annotated[
 EnforceEager = Annotated[bool, _eopt("enforce_eager", "--enforce-eager")]
 Seed = Annotated[int, _eopt("seed", "--seed")]
 AttentionBackend = Annotated[str, _eopt("attention_backend", "--attention-backend")]
+TensorParallelSize = Annotated[int, _eopt("tensor_parallel_size", "--tensor-parallel-size")]
 
 # Not an engine field: torch's CPU threads belong to the process (see cli/threads.py).
 Threads = Annotated[
@@ -95,6 +96,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "enforce_eager": EnforceEager,
     "seed": Seed,
     "attention_backend": AttentionBackend,
+    "tensor_parallel_size": TensorParallelSize,
 }
 ENGINE_PARAM = "engine_options"
 # What a command's `engine_options` parameter receives: EngineConfig field -> value.

@@ -123,6 +123,14 @@ class EngineConfig:
         default="auto",
         metadata={"help": "auto (triton on GPU, torch on CPU), triton or torch."},
     )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Split the model over this many GPUs (one process each; NCCL) or, on CPU, "
+            "processes (gloo): attention heads, MLP features and the vocabulary are divided "
+            "between them."
+        },
+    )
     skip_tokenizer_init: bool = field(
         default=False,
         metadata={"help": "Load no tokenizer: prompts must be token ids, outputs have no text."},
@@ -158,6 +166,8 @@ class EngineConfig:
             )
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(
                 f"attention_backend must be auto, triton or torch (got {self.attention_backend!r})"

@@ -102,7 +102,14 @@ class LLM:
         )
         self.max_model_len = self._resolve_max_model_len(hf_config)
         self.eos_token_ids = self._eos_token_ids()
-        self.runner = ModelRunner(config, hf_config, self.model_dir, self.max_model_len)
+        if config.tensor_parallel_size > 1:
+            from tokenmill.engine.tp_worker import start_tensor_parallel
+
+            self.runner = start_tensor_parallel(
+                config, hf_config, self.model_dir, self.max_model_len
+            )
+        else:
+            self.runner = ModelRunner(config, hf_config, self.model_dir, self.max_model_len)
         self.config = config = self.runner.config  # batch limits sized to the card
         self.scheduler = Scheduler(
             config,

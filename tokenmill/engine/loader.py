@@ -4,6 +4,8 @@ Reads every `*.safetensors` file (the index file of a sharded checkpoint names t
 `pytorch_model*.bin` checkpoints when there are none), maps
 checkpoint names onto ours (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and casts to the run
 dtype. Tied embeddings need no lm_head tensor; an untied model without one is an error.
+Under tensor parallelism each tensor is sharded as it is read: a sharded parameter's
+`weight_loader` (models/linear.py) copies only this rank's part of it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from tokenmill.engine.models.linear import load_param
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -90,11 +94,5 @@ def _load_one(model, params, packed, name, tensor, loaded) -> None:
             return
     if name not in params:
         raise ValueError(f"checkpoint weight {name} has no place in {type(model).__name__}")
-    p = params[name]
-    if p.shape != tensor.shape:
-        raise ValueError(
-            f"weight {name} has shape {tuple(tensor.shape)}, model expects {tuple(p.shape)}"
-        )
-    with torch.no_grad():
-        p.copy_(tensor)
+    load_param(params[name], tensor, name)
     loaded.add(name)

@@ -23,8 +23,10 @@ from tokenmill.engine.attention import AttentionMetadata, get_attention_backend,
 from tokenmill.engine.config import MIN_KV_TOKENS_PER_SEQ, EngineConfig
 from tokenmill.engine.dummy_weights import init_dummy_weights
 from tokenmill.engine.loader import load_weights
+from tokenmill.engine.models.ops import ModelOps
 from tokenmill.engine.models.registry import model_class
 from tokenmill.engine.outputs import Logprob
+from tokenmill.engine.parallel import TensorParallel, kv_head_split
 from tokenmill.engine.prompt_logprobs import (
     PendingPromptLogprobs,
     collect_prompt_logprobs,
@@ -63,11 +65,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    """Runs the model on one device. Created by the engine after the config is resolved."""
+    """Runs the model on one device. Created by the engine after the config is resolved.
 
-    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int):
+    Under tensor parallelism (`tp.size` > 1) one runner per rank holds that rank's shard of
+    the weights and of the KV cache; every rank runs every step (engine/tp_worker.py), rank 0
+    samples and broadcasts the tokens."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        hf_config,
+        model_dir,
+        max_model_len: int,
+        tp: TensorParallel | None = None,
+        device: torch.device | None = None,
+    ):
         self.hf_config = hf_config
-        self.device = resolve_device(config.device)
+        self.tp = tp = tp or TensorParallel()
+        self.device = device or resolve_device(config.device)
         total_memory = (
             torch.cuda.get_device_properties(self.device).total_memory
             if self.device.type == "cuda"
@@ -82,12 +97,14 @@ class ModelRunner:
             torch.manual_seed(config.seed)
 
         self.backend = get_attention_backend(self._backend_name(), self.device)
+        use_triton = self.device.type == "cuda" and self.backend.name == "triton"
+        ops = ModelOps.triton(tp) if use_triton else ModelOps(tp=tp)
         cls = model_class(hf_config)
         prev_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = cls(hf_config, self.backend, max_position=max_model_len + 1)
+                self.model = cls(hf_config, self.backend, max_position=max_model_len + 1, ops=ops)
         finally:
             torch.set_default_dtype(prev_dtype)
         if config.load_format == "dummy":
@@ -95,10 +112,6 @@ class ModelRunner:
         elif model_dir is not None:
             load_weights(self.model, model_dir)
         self.model.eval()
-        use_triton = self.device.type == "cuda" and self.backend.name == "triton"
-        from tokenmill.engine.models.layers import use_triton_ops
-
-        use_triton_ops(use_triton)
         self.sampler = Sampler(use_triton=use_triton)
         self.structured = StructuredOutputManager(model_dir, hf_config.vocab_size)
         self.num_blocks = self._allocate_kv_cache()
@@ -161,10 +174,11 @@ class ModelRunner:
 
     # ---- KV cache ------------------------------------------------------------------------------
     def _kv_geometry(self) -> tuple[int, int, int]:
+        """(layers, this rank's kv heads, head_dim) of the KV cache."""
         c = self.hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # MHA: OPT
-        return c.num_hidden_layers, kv_heads, head_dim
+        return c.num_hidden_layers, kv_head_split(kv_heads, self.tp)[1], head_dim
 
     def block_bytes(self) -> int:
         layers, kv_heads, head_dim = self._kv_geometry()
@@ -178,6 +192,7 @@ class ModelRunner:
         num_blocks = budget // self.block_bytes()
         # More blocks than max_num_seqs full-length sequences can never be used.
         num_blocks = min(num_blocks, self.config.max_num_seqs * self.max_blocks_per_seq)
+        num_blocks = self.tp.min(num_blocks)  # one block table for all ranks
         if num_blocks < self.max_blocks_per_seq:
             need = self.max_blocks_per_seq * self.block_bytes()
             if num_blocks < 1:
@@ -321,7 +336,9 @@ class ModelRunner:
     def execute_async(self, sched: SchedulerOutput) -> PendingStep:
         """Launch one step; nothing waits for the device. `collect` reads the result."""
         ids, pos, meta, logits_indices = self.prepare(sched)
-        self.structured.prefetch([s.req for s in sched.seqs])  # grammars compile meanwhile
+        driver = self.tp.rank == 0
+        if driver:
+            self.structured.prefetch([s.req for s in sched.seqs])  # grammars compile meanwhile
         hidden = self._forward(ids, pos, meta)  # [num_tokens, hidden_size]
         pending = PendingStep(sched, [s for s in sched.seqs if s.sample])
         pending.prompt_logprobs = launch_prompt_logprobs(
@@ -332,10 +349,16 @@ class ModelRunner:
         idx = self._to_device(logits_indices, torch.long)
         logits = self.model.compute_logits(hidden[idx]).float()  # [num_samples, vocab_size]
         reqs = [s.req for s in pending.sampling]
-        self.structured.apply(logits, reqs)  # grammar masks, before any other logits processing
-        token_ids = self.sampler.sample(logits, reqs)  # [num_samples] on the device
+        if driver:
+            self.structured.apply(logits, reqs)  # grammar masks, before other logits processing
+            token_ids = self.sampler.sample(logits, reqs).long()  # [num_samples] on the device
+        else:  # a tensor-parallel worker: rank 0 samples
+            token_ids = torch.empty(len(reqs), dtype=torch.long, device=self.device)
+        self.tp.broadcast(token_ids)  # rank 0's tokens: every rank fills the same placeholders
         self._last_sampled = token_ids
         self._last_rows = {s.req_id: i for i, s in enumerate(pending.sampling)}
+        if not driver:
+            return pending
         if any(r.params.logprobs is not None for r in reqs):
             pending.logits = logits
         pending.token_ids_gpu = token_ids

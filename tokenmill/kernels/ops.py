@@ -1,11 +1,13 @@
-"""The fused ops as the model layers call them (tokenmill/engine/models/layers.py,
-`use_triton_ops`): thin adapters over the launchers, no logic of their own."""
+"""The fused ops as the model layers call them (handed to a model as
+tokenmill.engine.models.ops.ModelOps.triton()): thin adapters over the launchers, no logic of
+their own."""
 
 from __future__ import annotations
 
 import torch
 
 from tokenmill.kernels.activation import silu_and_mul
+from tokenmill.kernels.fused_moe import fused_moe
 from tokenmill.kernels.rmsnorm import fused_add_rms_norm
 from tokenmill.kernels.rmsnorm import rms_norm as _rms_norm
 from tokenmill.kernels.rotary import apply_rotary
@@ -35,4 +37,4 @@ def rotary(
     return q, k
 
 
-__all__ = ["rms_norm", "rotary", "silu_and_mul"]
+__all__ = ["fused_moe", "rms_norm", "rotary", "silu_and_mul"]

@@ -25,15 +25,20 @@ from tokenmill.engine.models.layers import (
     layer_window,
     make_rotary,
 )
+from tokenmill.engine.models.linear import ParallelLMHead, VocabParallelEmbedding, lm_logits
+from tokenmill.engine.models.ops import ModelOps
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config, backend: AttentionBackend, layer_idx: int, qk_norm: bool):
+    def __init__(
+        self, config, backend: AttentionBackend, ops: ModelOps, layer_idx: int, qk_norm: bool
+    ):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.self_attn = Attention(
             config,
             backend,
+            ops,
             qkv_bias=config.attention_bias,
             o_bias=config.attention_bias,
             qk_norm=GemmaRMSNorm if qk_norm else False,
@@ -42,7 +47,7 @@ class GemmaDecoderLayer(nn.Module):
             softcap=getattr(config, "attn_logit_softcapping", None),
         )
         self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, act=config.hidden_activation
+            config.hidden_size, config.intermediate_size, ops, act=config.hidden_activation
         )
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(h, eps)
@@ -60,21 +65,24 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
-    def __init__(self, config, backend: AttentionBackend, max_position: int, qk_norm: bool):
+    def __init__(
+        self, config, backend: AttentionBackend, ops: ModelOps, max_position: int, qk_norm: bool
+    ):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ops.tp)
         self.embed_scale = config.hidden_size**0.5
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, backend, i, qk_norm) for i in range(config.num_hidden_layers)
+            GemmaDecoderLayer(config, backend, ops, i, qk_norm)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         params = getattr(config, "rope_parameters", None) or {}
         if set(config.layer_types) <= set(params):  # Gemma 3: one rope per layer type
             self.rotary = nn.ModuleDict(
-                {t: make_rotary(config, max_position, t) for t in set(config.layer_types)}
+                {t: make_rotary(config, max_position, ops, t) for t in set(config.layer_types)}
             )
         else:
-            self.rotary = make_rotary(config, max_position)
+            self.rotary = make_rotary(config, max_position, ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
@@ -91,16 +99,23 @@ class GemmaModel(nn.Module):
 class Gemma2ForCausalLM(nn.Module):
     qk_norm = False
 
-    def __init__(self, config, backend: AttentionBackend, max_position: int):
+    def __init__(
+        self,
+        config,
+        backend: AttentionBackend,
+        max_position: int,
+        ops: ModelOps | None = None,
+    ):
         super().__init__()
         self.config = config
+        self.ops = ops = ops or ModelOps()
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("bidirectional Gemma variants (embedding models) cannot generate")
-        self.model = GemmaModel(config, backend, max_position, self.qk_norm)
+        self.model = GemmaModel(config, backend, ops, max_position, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         self.lm_head = None
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, ops.tp)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
 
     def forward(self, input_ids, positions):
@@ -108,7 +123,7 @@ class Gemma2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = nn.functional.linear(hidden, weight)  # [num_tokens, vocab_size]
+        logits = lm_logits(hidden, weight, self.ops.tp)  # [num_tokens, vocab_size]
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

@@ -18,13 +18,22 @@ from torch import nn
 
 from tokenmill.engine.attention import AttentionBackend
 from tokenmill.engine.models.layers import Attention, activation
+from tokenmill.engine.models.linear import (
+    MergedColumnLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    lm_logits,
+    load_param,
+)
+from tokenmill.engine.models.ops import ModelOps
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden_size: int, ffn_size: int, act: str, bias: bool):
+    def __init__(self, hidden_size: int, ffn_size: int, act: str, bias: bool, ops: ModelOps):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, ffn_size, bias=bias)
-        self.fc2 = nn.Linear(ffn_size, hidden_size, bias=bias)
+        self.fc1 = MergedColumnLinear.even(hidden_size, {"fc1": ffn_size}, bias, ops.tp)
+        self.fc2 = RowParallelLinear(ffn_size, hidden_size, bias, ops.tp)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,14 +41,14 @@ class DenseMLP(nn.Module):
 
 
 class GPTLayer(nn.Module):
-    def __init__(self, shape, backend: AttentionBackend, scale: float):
+    def __init__(self, shape, backend: AttentionBackend, ops: ModelOps, scale: float):
         super().__init__()
         self.pre_norm = shape.pre_norm
-        self.self_attn = Attention(shape, backend, shape.bias, shape.bias, scale=scale)
+        self.self_attn = Attention(shape, backend, ops, shape.bias, shape.bias, scale=scale)
         ln = dict(eps=shape.eps, elementwise_affine=shape.affine)
         self.input_layernorm = nn.LayerNorm(shape.hidden_size, **ln)
         self.post_attention_layernorm = nn.LayerNorm(shape.hidden_size, **ln)
-        self.mlp = DenseMLP(shape.hidden_size, shape.ffn_size, shape.act, shape.bias)
+        self.mlp = DenseMLP(shape.hidden_size, shape.ffn_size, shape.act, shape.bias, ops)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # NOTE: the residual adds are written out (no fused add+norm): LayerNorm has no kernel.
@@ -55,10 +64,10 @@ class GPTLayer(nn.Module):
 
 
 class GPTModel(nn.Module):
-    def __init__(self, shape, backend: AttentionBackend):
+    def __init__(self, shape, backend: AttentionBackend, ops: ModelOps):
         super().__init__()
         self.position_offset = shape.position_offset
-        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.embed_dim, ops.tp)
         self.embed_positions = nn.Embedding(
             shape.max_position_embeddings + shape.position_offset, shape.hidden_size
         )
@@ -67,7 +76,7 @@ class GPTModel(nn.Module):
             self.project_in = nn.Linear(shape.embed_dim, shape.hidden_size, bias=False)
             self.project_out = nn.Linear(shape.hidden_size, shape.embed_dim, bias=False)
         self.layers = nn.ModuleList(
-            GPTLayer(shape, backend, shape.scale(i)) for i in range(shape.num_hidden_layers)
+            GPTLayer(shape, backend, ops, shape.scale(i)) for i in range(shape.num_hidden_layers)
         )
         self.norm = None
         if shape.final_norm:
@@ -98,15 +107,22 @@ class GPTForCausalLM(nn.Module):
         "v_proj": ("qkv_proj", "v"),
     }
 
-    def __init__(self, config, backend: AttentionBackend, max_position: int):
+    def __init__(
+        self,
+        config,
+        backend: AttentionBackend,
+        max_position: int,
+        ops: ModelOps | None = None,
+    ):
         super().__init__()
         self.config = config
+        self.ops = ops = ops or ModelOps()
         shape = self.shape(config)
-        self.model = GPTModel(shape, backend)
+        self.model = GPTModel(shape, backend, ops)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         self.lm_head = None
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(shape.embed_dim, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(shape.embed_dim, config.vocab_size, ops.tp)
 
     @staticmethod
     def shape(config) -> SimpleNamespace:
@@ -117,7 +133,7 @@ class GPTForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight)  # [num_tokens, vocab_size]
+        return lm_logits(hidden, weight, self.ops.tp)  # [num_tokens, vocab_size]
 
 
 class OPTForCausalLM(GPTForCausalLM):
@@ -210,17 +226,11 @@ class GPT2LMHeadModel(GPTForCausalLM):
         return name
 
     def load_special(self, name: str, tensor: torch.Tensor, params: dict, loaded: set) -> bool:
-        """Conv1D weights are stored [in_features, out_features]: transpose them."""
+        """Conv1D weights are stored [in_features, out_features]: transpose them (then shard
+        them like any other weight)."""
         conv1d = (".qkv_proj.weight", ".o_proj.weight", ".fc1.weight", ".fc2.weight")
         if not name.endswith(conv1d):
             return False
-        p = params[name]
-        if p.shape != tensor.shape[::-1]:
-            raise ValueError(
-                f"weight {name} has shape {tuple(tensor.shape)}, model expects the transpose "
-                f"of {tuple(p.shape)}"
-            )
-        with torch.no_grad():
-            p.copy_(tensor.t())
+        load_param(params[name], tensor.t(), name)
         loaded.add(name)
         return True

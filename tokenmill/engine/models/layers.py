@@ -1,8 +1,9 @@
-"""Building blocks shared by the model families: norms, rotary, fused linears, MLP, attention.
+"""Building blocks shared by the model families: norms, rotary, MLP, attention.
 
 Each op has a torch implementation that reproduces transformers' numerics (the CPU path and
-the reference); on CUDA the fused Triton kernels of tokenmill.kernels replace them
-(`use_triton_ops`).
+the reference); on CUDA the fused Triton kernels of tokenmill.kernels replace them when the
+model is built with ModelOps.triton() (models/ops.py). The projections are tensor-parallel
+(models/linear.py): with tensor_parallel_size N a layer holds 1/N of the heads and features.
 """
 
 from __future__ import annotations
@@ -13,19 +14,9 @@ import torch
 from torch import nn
 
 from tokenmill.engine.attention import AttentionBackend, get_forward_context
-
-_triton_ops = None  # module tokenmill.kernels.ops when enabled
-
-
-def use_triton_ops(enabled: bool) -> None:
-    """Route RMSNorm, rotary and SiLU-and-mul through the Triton kernels (CUDA only)."""
-    global _triton_ops
-    if enabled:
-        from tokenmill.kernels import ops
-
-        _triton_ops = ops
-    else:
-        _triton_ops = None
+from tokenmill.engine.models.linear import MergedColumnLinear, RowParallelLinear
+from tokenmill.engine.models.ops import ModelOps
+from tokenmill.engine.parallel import kv_head_split, split
 
 
 class RMSNorm(nn.Module):
@@ -34,14 +25,15 @@ class RMSNorm(nn.Module):
     With `residual`, computes residual = x + residual first and returns (normed, residual).
     """
 
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, ops: ModelOps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = ops.fused
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if _triton_ops is not None and x.is_cuda:
-            return _triton_ops.rms_norm(x, self.weight, self.eps, residual)
+        if self.fused is not None:
+            return self.fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -90,10 +82,12 @@ class RotaryEmbedding(nn.Module):
         inv_freq: torch.Tensor,
         attention_scaling: float,
         max_position: int,
+        ops: ModelOps,
         long_inv_freq: torch.Tensor | None = None,
         long_from: int | None = None,
     ):
         super().__init__()
+        self.fused = ops.fused
         # NOTE: the table is computed on the CPU whatever the default device (the model is
         # built under `with torch.device(...)`, and rope_parameters' inv_freq is on the CPU:
         # mixing them crashed llama3 rope on the GPU), then moved to the default device.
@@ -113,8 +107,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [.., num_kv_heads, ..]
-        if _triton_ops is not None and q.is_cuda:
-            return _triton_ops.rotary(positions, q, k, self.cos, self.sin)
+        if self.fused is not None:
+            return self.fused.rotary(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].to(q.dtype)[:, None, :]  # [num_tokens, 1, rot_dim]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         rot = cos.shape[-1]  # partial rotary: only the first rot_dim dims turn
@@ -127,11 +121,13 @@ class RotaryEmbedding(nn.Module):
         return q, k
 
 
-def make_rotary(config, max_position: int, layer_type: str | None = None) -> RotaryEmbedding:
+def make_rotary(
+    config, max_position: int, ops: ModelOps, layer_type: str | None = None
+) -> RotaryEmbedding:
     """The rotary embedding of `config` (of one layer type), long-rope included."""
     inv_freq, scaling, params = _rope(config, layer_type)
     if params.get("rope_type", params.get("type")) != "longrope":
-        return RotaryEmbedding(inv_freq, scaling, max_position)
+        return RotaryEmbedding(inv_freq, scaling, max_position, ops)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     long_from = long_rope_from(config)
@@ -140,7 +136,7 @@ def make_rotary(config, max_position: int, layer_type: str | None = None) -> Rot
         long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
             config, "cpu", seq_len=long_from + 1, **kw
         )
-    return RotaryEmbedding(inv_freq, scaling, max_position, long_inv_freq, long_from)
+    return RotaryEmbedding(inv_freq, scaling, max_position, ops, long_inv_freq, long_from)
 
 
 def long_rope_from(config) -> int | None:
@@ -194,28 +190,6 @@ def layer_window(config, layer_idx: int) -> int | None:
     return window
 
 
-class MergedLinear(nn.Linear):
-    """One matmul for several projections of the same input (q|k|v, gate|up).
-
-    `shards` names the output slices in order; `load_shard` copies a checkpoint tensor into
-    its slice.
-    """
-
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool):
-        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
-        self.shard_offsets: dict[str, tuple[int, int]] = {}
-        off = 0
-        for name, size in shard_sizes.items():
-            self.shard_offsets[name] = (off, size)
-            off += size
-
-    def load_shard(self, param: torch.Tensor, shard: str, loaded: torch.Tensor) -> None:
-        off, size = self.shard_offsets[shard]
-        if loaded.shape[0] != size:
-            raise ValueError(f"shard {shard} has {loaded.shape[0]} rows, expected {size}")
-        param.data[off : off + size].copy_(loaded)
-
-
 ACTIVATIONS = {
     "silu": nn.functional.silu,
     "swish": nn.functional.silu,
@@ -233,24 +207,31 @@ def activation(name: str):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up in one matmul (SwiGLU, or GeGLU for Gemma)."""
+    """down(act(gate(x)) * up(x)) with gate and up in one matmul (SwiGLU, or GeGLU for Gemma).
+
+    Tensor-parallel: each rank holds intermediate_size / N of gate, up and down's inputs."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu"
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        ops: ModelOps,
+        bias: bool = False,
+        act: str = "silu",
     ):
         super().__init__()
-        self.intermediate_size = intermediate_size
-        self.is_silu = act in ("silu", "swish")
+        self.intermediate_size = split(intermediate_size, ops.tp, "intermediate_size")[1]
+        self.fused = ops.fused if act in ("silu", "swish") else None
         self.act = activation(act)
-        self.gate_up_proj = MergedLinear(
-            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias
+        self.gate_up_proj = MergedColumnLinear.even(
+            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias, ops.tp
         )
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ops.tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size]
-        if _triton_ops is not None and x.is_cuda and self.is_silu:
-            h = _triton_ops.silu_and_mul(gate_up)
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size / tp]
+        if self.fused is not None:
+            h = self.fused.silu_and_mul(gate_up)
         else:
             gate, up = gate_up.split(self.intermediate_size, dim=-1)
             h = self.act(gate) * up
@@ -261,13 +242,17 @@ class Attention(nn.Module):
     """Self-attention with a fused qkv projection, optional q/k norm (Qwen3, Gemma 3), optional
     rotary, paged KV; optionally a sliding window and tanh soft-capping of the scores (Gemma).
 
-    The KV cache tensors are attached by the model runner (`k_cache`, `v_cache`).
+    Tensor-parallel: a rank holds num_heads / N query heads and the KV heads they read
+    (parallel.kv_head_split); num_heads and num_kv_heads below are this rank's. The KV cache
+    tensors (this rank's heads only) are attached by the model runner (`k_cache`, `v_cache`).
+    `qk_norm`: False, True (RMSNorm) or a norm class called as cls(head_dim, eps).
     """
 
     def __init__(
         self,
         config,
         backend: AttentionBackend,
+        ops: ModelOps,
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: bool | type = False,
@@ -276,23 +261,31 @@ class Attention(nn.Module):
         softcap: float | None = None,
     ):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        tp = ops.tp
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        first_head, self.num_heads = split(total_heads, tp, "num_attention_heads")
+        first_kv_head, self.num_kv_heads = kv_head_split(total_kv_heads, tp)
         self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.sliding_window = sliding_window
         self.softcap = softcap
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias
-        )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
+        d = self.head_dim
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        blocks = {  # name -> (full rows, this rank's first row, its rows)
+            "q": (total_heads * d, first_head * d, q_size),
+            "k": (total_kv_heads * d, first_kv_head * d, kv_size),
+            "v": (total_kv_heads * d, first_kv_head * d, kv_size),
+        }
+        self.qkv_proj = MergedColumnLinear(config.hidden_size, blocks, qkv_bias)
+        self.o_proj = RowParallelLinear(total_heads * d, config.hidden_size, o_bias, tp)
         self.qk_norm = bool(qk_norm)
         if qk_norm:
-            norm = RMSNorm if qk_norm is True else qk_norm
             eps = getattr(config, "rms_norm_eps", 1e-6)
-            self.q_norm = norm(self.head_dim, eps)
-            self.k_norm = norm(self.head_dim, eps)
+            norm = (lambda size: RMSNorm(size, eps, ops)) if qk_norm is True else None
+            norm = norm or (lambda size: qk_norm(size, eps))
+            self.q_norm = norm(self.head_dim)
+            self.k_norm = norm(self.head_dim)
         self.backend = backend
         self.k_cache: torch.Tensor = torch.empty(0)
         self.v_cache: torch.Tensor = torch.empty(0)

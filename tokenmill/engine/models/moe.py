@@ -22,12 +22,16 @@ import re
 import torch
 from torch import nn
 
-from tokenmill.engine.models import layers
 from tokenmill.engine.models.layers import GatedMLP
 from tokenmill.engine.models.llama import LlamaForCausalLM
+from tokenmill.engine.models.ops import ModelOps
+from tokenmill.engine.parallel import split
 
 
 class SparseMoE(nn.Module):
+    """Tensor-parallel: every rank holds every expert's [start, start + intermediate) slice of
+    the intermediate dim (router replicated); the ranks' partial outputs are all-reduced."""
+
     def __init__(
         self,
         hidden_size: int,
@@ -35,14 +39,18 @@ class SparseMoE(nn.Module):
         num_experts: int,
         top_k: int,
         norm_topk_prob: bool,
+        ops: ModelOps,
     ):
         super().__init__()
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
-        self.intermediate_size = intermediate_size
+        self.fused = ops.fused
+        self.tp = ops.tp
+        self.start, inter = split(intermediate_size, ops.tp, "the experts' intermediate size")
+        self.intermediate_size = inter  # this rank's
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, inter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)  # [num_tokens, num_experts]
@@ -50,15 +58,23 @@ class SparseMoE(nn.Module):
         weights, ids = probs.topk(self.top_k, dim=-1)  # [num_tokens, top_k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if layers._triton_ops is not None and x.is_cuda:
-            from tokenmill.kernels.fused_moe import fused_moe
-
-            return fused_moe(x, self.w13, self.w2, weights, ids)
-        return experts_torch(x, self.w13, self.w2, weights, ids)
+        if self.fused is not None:
+            out = self.fused.fused_moe(x, self.w13, self.w2, weights, ids)
+        else:
+            out = experts_torch(x, self.w13, self.w2, weights, ids)
+        return self.tp.all_reduce(out)
 
     def load_expert(self, expert: int, shard: str, tensor: torch.Tensor) -> None:
-        """Copy one expert's gate/up/down tensor into its slice of the stacked weights."""
-        inter = self.intermediate_size
+        """Copy this rank's slice of one expert's gate/up/down tensor into the stacked weights."""
+        inter, start = self.intermediate_size, self.start
+        if self.tp.size > 1:  # gate/up: [intermediate, hidden]; down: [hidden, intermediate]
+            dim = 1 if shard == "down" else 0
+            if tensor.shape[dim] != inter * self.tp.size:
+                raise ValueError(
+                    f"expert {expert} {shard} weight has shape {tuple(tensor.shape)}, model "
+                    f"expects {inter * self.tp.size} along dim {dim}"
+                )
+            tensor = tensor.narrow(dim, start, inter)
         target = {
             "gate": self.w13[expert, :inter],
             "up": self.w13[expert, inter:],
@@ -128,13 +144,14 @@ class MoEForCausalLM(LlamaForCausalLM):
 
 class MixtralForCausalLM(MoEForCausalLM):
     @staticmethod
-    def make_mlp(config, layer_idx: int) -> nn.Module:
+    def make_mlp(config, layer_idx: int, ops: ModelOps) -> nn.Module:
         return SparseMoE(
             config.hidden_size,
             config.intermediate_size,
             config.num_local_experts,
             config.num_experts_per_tok,
             norm_topk_prob=True,
+            ops=ops,
         )
 
     def checkpoint_name(self, name: str) -> str:
@@ -145,18 +162,19 @@ class Qwen3MoeForCausalLM(MoEForCausalLM):
     qk_norm = True
 
     @staticmethod
-    def make_mlp(config, layer_idx: int) -> nn.Module:
+    def make_mlp(config, layer_idx: int, ops: ModelOps) -> nn.Module:
         sparse = (
             layer_idx not in (getattr(config, "mlp_only_layers", None) or [])
             and config.num_experts > 0
             and (layer_idx + 1) % config.decoder_sparse_step == 0
         )
         if not sparse:
-            return GatedMLP(config.hidden_size, config.intermediate_size)
+            return GatedMLP(config.hidden_size, config.intermediate_size, ops)
         return SparseMoE(
             config.hidden_size,
             config.moe_intermediate_size,
             config.num_experts,
             config.num_experts_per_tok,
             norm_topk_prob=config.norm_topk_prob,
+            ops=ops,
         )
