@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 from engine_utils import block_bytes, greedy, make_llm, token_ids
@@ -108,3 +109,34 @@ def test_tp2_overlapped_steps_fill_placeholders_on_every_rank(tiny_model_factory
     llm = closing(tp_llm(model_dir))
     llm.runner.can_overlap = True
     assert token_ids(llm.generate(PROMPTS, greedy(8), use_tqdm=False)) == expected
+
+
+def test_tp2_runs_inside_the_engine_core_process(tiny_model_dir):
+    """`tokenmill serve --tensor-parallel-size 2`: the engine-core process (a daemon of the
+    server) starts the rank-1 worker itself; multiprocessing refuses children to daemons."""
+    from tokenmill.engine.config import EngineConfig
+    from tokenmill.engine.core_messages import CoreRequest, EngineRequest
+    from tokenmill.engine.core_proc import ProcCore
+
+    config = EngineConfig(
+        model=str(tiny_model_dir), device="cpu", tensor_parallel_size=2, kv_cache_memory="8MiB"
+    )
+    core = ProcCore(config)
+    outputs, done = [], threading.Event()
+
+    def on_output(msg):
+        outputs.extend(msg.outputs)
+        if any(d.finished for d in msg.outputs):
+            done.set()
+
+    core.on_output, core.on_dead = on_output, lambda message: done.set()
+    core.start()
+    try:
+        params = greedy(4)
+        core.send(CoreRequest(adds=[EngineRequest("r0", [5, 9, 11, 13], params)]))
+        assert done.wait(60), "no output from the TP=2 engine core"
+        tokens = [t for d in outputs for c in d.completions for t in c.token_ids]
+        expected = token_ids(make_llm(tiny_model_dir).generate([[5, 9, 11, 13]], params))[0]
+        assert tokens == expected
+    finally:
+        core.shutdown()

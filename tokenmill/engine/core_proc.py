@@ -273,6 +273,10 @@ def _proc_main(
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The front end sees this process as a daemon (ended with it), but multiprocessing refuses
+    # any child to a daemonic process, and --tensor-parallel-size starts one worker per rank
+    # from here. Its workers are daemonic children of this process.
+    mp.current_process().daemon = False
     if parent_pid is not None:
         exit_with_parent(parent_pid)
     if num_threads is not None:
