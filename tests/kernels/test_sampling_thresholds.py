@@ -1,7 +1,7 @@
 """The split-row threshold search against the engine's sorted torch mask (the one reference).
 
 On CPU the kernels run under the Triton interpreter, so the shapes are small but the splits are
-too (split_size 64-96 tokens, block 32): every row spans several splits and ends in a partial
+too (split_size 128 tokens, block 64): every row spans several splits and ends in a partial
 block, as 151,936 does on the GPU with the real sizes.
 """
 
@@ -19,7 +19,7 @@ from tokenmill.kernels.threshold_search import (
     sampling_thresholds,
 )
 
-SMALL = {} if ON_GPU else {"split_size": 96, "block": 32}  # the real sizes on the GPU
+SMALL = {} if ON_GPU else {"split_size": 128, "block": 64}  # the real sizes on the GPU
 VOCAB = 250  # not a multiple of the block: the last split ends in a partial block
 OFF = {"top_k": -1, "top_p": 1.0, "min_p": 0.0}
 
@@ -88,6 +88,13 @@ def test_kept_sets_equal_the_reference_over_a_grid_of_edges(use):
             continue
         _assert_same_cut(kept[i] & finite[i], ref[i] & finite[i], logits[i].cpu(), (i, row))
         assert kept[i, logits[i].argmax()]
+    if len(use) == 3:
+        # a row's threshold depends on its row only: the same rows in a smaller batch
+        some = torch.tensor([9, 3, 12], device=DEVICE)
+        alone = sampling_thresholds(
+            logits[some], temps[some], **{k: v[some] for k, v in filters.items()}, **SMALL
+        )
+        assert torch.equal(alone.cpu(), thresholds[some.cpu()])
 
 
 def _assert_same_cut(kept, ref, x, what):
@@ -127,28 +134,19 @@ def test_too_few_passes_keep_a_superset_and_enough_passes_are_exact():
     assert passes_per_filter() == math.ceil(32 / math.log2(NUM_KEY_PIVOTS + 1))
 
 
-def test_a_row_gets_the_same_threshold_whatever_shares_its_batch():
-    rows = _grid_rows()
-    logits, temps, filters, _ = _filters_and_reference(rows, ("top_k", "top_p"))
-    full = sampling_thresholds(logits, temps, **filters, **SMALL)
-    pick_rows = torch.tensor([9, 3, 12], device=DEVICE)
-    alone = sampling_thresholds(
-        logits[pick_rows], temps[pick_rows], **{k: v[pick_rows] for k, v in filters.items()}, **SMALL
-    )
-    assert torch.equal(alone, full[pick_rows])
-
-
 def _chi_square_critical(df, z=3.719):
     """Wilson-Hilferty: the chi-square quantile at the normal quantile z (3.719: p = 1e-4)."""
     h = 2.0 / (9.0 * df)
     return df * (1.0 - h + z * math.sqrt(h)) ** 3
 
 
-@pytest.mark.parametrize("filters", [{"top_p": 0.8}, {"top_k": 20, "top_p": 0.9}])
+@pytest.mark.parametrize(
+    "filters", [{"top_k": 20, "top_p": 0.9}] + pick([], [{"top_p": 0.8}, {"top_k": 50}])
+)
 def test_draws_follow_the_references_renormalised_distribution(filters):
     # one row with a long flat tail: the kept set is dozens of tokens; n draws at positions
     # 0..n-1 (fixed seed: deterministic) against the reference's renormalised softmax
-    vocab, n = pick(2048, 151936), pick(600, 40000)
+    vocab, n = pick(1024, 151936), pick(300, 40000)
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(vocab, generator=gen) * 0.5
     base[torch.randperm(vocab, generator=gen)[:40]] += torch.linspace(3.0, 6.0, 40)
@@ -160,7 +158,7 @@ def test_draws_follow_the_references_renormalised_distribution(filters):
         torch.tensor([filters.get("top_p", 1.0)]),
         torch.tensor([0.0]),
     )[0]
-    assert 10 <= keep.sum() < vocab // 10
+    assert 10 <= keep.sum() <= 50
     one = base[None, :].to(DEVICE)
     temps = torch.full((1,), temp, device=DEVICE)
     thr = sampling_thresholds(
