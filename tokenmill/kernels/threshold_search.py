@@ -283,7 +283,9 @@ def _narrow(
     to_p = done & (phase == 0)
     new_phase = tl.where(done, 2, phase)
     new_phase = tl.where(to_p, p_phase, new_phase)
-    return new_phase, tl.where(to_p, p_lo, new_lo), tl.where(to_p, p_hi, new_hi), _select(to_p, p_f, f)
+    new_lo = tl.where(to_p, p_lo, new_lo)
+    new_hi = tl.where(to_p, p_hi, new_hi)
+    return new_phase, new_lo, new_hi, _select(to_p, p_f, f)
 
 
 @triton.jit
@@ -488,7 +490,7 @@ def sampling_thresholds(
     split_size = min(split_size, triton.cdiv(vocab_size, block) * block)
     num_splits = triton.cdiv(vocab_size, split_size)
     if num_passes is None:
-        num_passes = passes_per_filter() * ((top_k is not None) + (top_p is not None))
+        num_passes = passes_per_filter(NUM_KEY_PIVOTS) * ((top_k is not None) + (top_p is not None))
     num_pivots = NUM_VALUE_PIVOTS + NUM_KEY_PIVOTS
     stats = torch.empty(num_seqs, num_splits, 3, dtype=torch.float32, device=dev)
     partials = torch.empty(2, num_seqs, num_splits, 2, num_pivots, dtype=torch.float32, device=dev)
@@ -520,4 +522,3 @@ def sampling_thresholds(
         num_warps=1,
     )  # fmt: skip
     return thresholds
-
