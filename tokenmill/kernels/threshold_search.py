@@ -29,7 +29,7 @@ double-buffered by pass parity: pass i reads slot (i - 1) % 2 and writes slot i 
 program reads what another program of the same launch writes.
 
 Why these sizes (an H200 streams 4.8 TB/s; 256 rows x 151,936 logits are 155 MB, ~40 us a
-pass): a pass is compute-bound (a compare, a select and two adds per token and pivot), so the
+pass): a pass is compute-bound (a compare, a select, an add and an FMA per token and pivot), so the
 pivots per pass trade passes against work per pass. NUM_PIVOTS = 16 = 8 value pivots + 8 key
 pivots. Value pivots split [lo, hi) evenly in logit value (bounded below by the row's finite
 min): on real rows the in-bracket token count drops ~9-17x a pass, so 152k tokens take ~5
@@ -387,11 +387,13 @@ def _pass_kernel(
             # tokens >= hi are in count_hi / mass_hi already; below lo they add nothing
             keys = tl.where(ok & (keys < hi32), keys, -2147483648)
             if tl.max(keys, axis=0) >= lo32:  # NOTE: skips the pivot work of a bracket-free tile
-                at_least = keys[None, :] >= pivots[:, None]  # [NUM_PIVOTS, BLOCK]
-                count += at_least.to(tl.float32)
+                # [NUM_PIVOTS, BLOCK] 1.0 / 0.0: a compare, a select, an add and (top-p) an FMA
+                # per token and pivot
+                at_least = (keys[None, :] >= pivots[:, None]).to(tl.float32)
+                count += at_least
                 if USE_TOP_P:  # top-p's search, and top-k's survivors' mass for it
-                    w = tl.exp((x - row_max) * inv_temp)
-                    mass += tl.where(at_least, w[None, :], 0.0)
+                    w = tl.exp((x - row_max) * inv_temp)  # <= 1; 0 for -inf
+                    mass += at_least * w[None, :]
         out = partials_ptr + ((slot * num_seqs + row) * num_splits + split) * (2 * NUM_PIVOTS)
         p = tl.arange(0, NUM_PIVOTS)
         tl.store(out + p, tl.sum(mass, axis=1))
