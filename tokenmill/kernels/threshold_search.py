@@ -112,7 +112,7 @@ def _is_done(lo, hi, count_lo, count_hi):
 
 
 @triton.jit
-def _enter_top_p(phase, lo, hi, f, top_p, temperature, vocab_size):
+def _enter_top_p(phase, lo, hi, f, top_p, temperature):
     """After top-k (or at the start): start the top-p search on the survivors, or finish.
 
     f = (count_lo, count_hi, mass_lo, mass_hi, target, row_max, row_min, row_sum); mass_lo is
@@ -120,10 +120,11 @@ def _enter_top_p(phase, lo, hi, f, top_p, temperature, vocab_size):
     """
     count_lo, count_hi, mass_lo, mass_hi, target, row_max, row_min, row_sum = f
     start = (phase != 2) & (top_p < 1.0)
-    # Tokens below row_max + T * log((1 - top_p) / vocab_size) hold under 1 - top_p of the mass
-    # together (each under (1 - top_p) / vocab_size of the max token's): the threshold is
-    # above them. 1% of slack for rounding.
-    floor = row_max + temperature * (tl.log((1.0 - top_p) / vocab_size) - 0.01)
+    # The survivors below row_max + T * log((1 - top_p) * mass_lo / count_lo) hold under
+    # 1 - top_p of their mass together (at most count_lo tokens, each under (1 - top_p) *
+    # mass_lo / count_lo, the max token weighing 1): the threshold is above them. On flat rows
+    # mass_lo is large and the bracket starts close to the threshold. 1% of slack for rounding.
+    floor = row_max + temperature * (tl.log((1.0 - top_p) * mass_lo / count_lo) - 0.01)
     floor_key = _key(floor).to(tl.int64)
     new_lo = tl.where(start, tl.maximum(lo, floor_key), lo)
     new_hi = tl.where(start, _key(row_max).to(tl.int64) + 1, hi)
@@ -180,7 +181,7 @@ def _init_state(
     k_done = (~k_active) | _is_done(lo, hi, count_lo, 0.0 * count_lo)
     # top-p starts now unless top-k runs first
     p_phase, p_lo, p_hi, p_f = _enter_top_p(
-        tl.where(temperature > 0.0, 1, 2), lo, hi, f, top_p, temperature, vocab_size
+        tl.where(temperature > 0.0, 1, 2), lo, hi, f, top_p, temperature
     )
     phase = tl.where(k_done, p_phase, 0)
     phase = tl.where(temperature > 0.0, phase, 2)  # greedy rows: done, threshold -inf
@@ -277,9 +278,7 @@ def _narrow(
     f = (count_lo, count_hi, mass_lo, mass_hi, target, row_max, row_min, row_sum)
     done = _is_done(new_lo, new_hi, count_lo, count_hi) | ((phase == 0) & (count_lo == target))
     # a finished top-k search hands its survivors (mass_lo) to top-p
-    p_phase, p_lo, p_hi, p_f = _enter_top_p(
-        phase, new_lo, new_hi, f, top_p, temperature, vocab_size
-    )
+    p_phase, p_lo, p_hi, p_f = _enter_top_p(phase, new_lo, new_hi, f, top_p, temperature)
     to_p = done & (phase == 0)
     new_phase = tl.where(done, 2, phase)
     new_phase = tl.where(to_p, p_phase, new_phase)
