@@ -75,11 +75,17 @@ def _filters_and_reference(rows, use):
     return logits.to(DEVICE), temps.to(DEVICE), filters, ref
 
 
-@pytest.mark.parametrize("use", [("top_k",), ("top_p",), ("top_k", "top_p", "min_p")])
-def test_kept_sets_equal_the_reference_over_a_grid_of_edges(use):
+# capacity: 8 in-bracket tokens per split are gathered late (most rows search the full row
+# longer), 128 = the whole split at once (compact passes from the second on)
+@pytest.mark.parametrize(
+    "use, capacity",
+    [(("top_k",), 8), (("top_p",), 128), (("top_p",), 8), (("top_k", "top_p", "min_p"), 16)],
+)
+def test_kept_sets_equal_the_reference_over_a_grid_of_edges(use, capacity):
     rows = _grid_rows()
     logits, temps, filters, ref = _filters_and_reference(rows, use)
-    thresholds = sampling_thresholds(logits, temps, **filters, **SMALL).cpu()
+    small = {**SMALL, "capacity": capacity} if not ON_GPU else {}
+    thresholds = sampling_thresholds(logits, temps, **filters, **small).cpu()
     kept = logits.cpu() >= thresholds[:, None]
     finite = torch.isfinite(logits.cpu())  # -inf tokens are never drawn either way
     for i, row in enumerate(rows):
@@ -92,7 +98,7 @@ def test_kept_sets_equal_the_reference_over_a_grid_of_edges(use):
         # a row's threshold depends on its row only: the same rows in a smaller batch
         some = torch.tensor([9, 3, 12], device=DEVICE)
         alone = sampling_thresholds(
-            logits[some], temps[some], **{k: v[some] for k, v in filters.items()}, **SMALL
+            logits[some], temps[some], **{k: v[some] for k, v in filters.items()}, **small
         )
         assert torch.equal(alone.cpu(), thresholds[some.cpu()])
 

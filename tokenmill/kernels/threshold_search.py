@@ -55,6 +55,7 @@ NUM_KEY_PIVOTS = 8
 BLOCK = 256  # tokens per tile; a [NUM_PIVOTS, BLOCK] tile of accumulators is 32 regs a thread
 NUM_WARPS = 4
 SPLIT_SIZE = 8192  # tokens per program: 19 programs per row at vocab 151,936
+CAPACITY = 1024  # in-bracket tokens a split gathers at most (1/8 of it; 80 MB at 1,024 rows)
 
 # state slots: int64 [2, num_seqs, 4] = phase, lo, hi, -; fp32 [2, num_seqs, 8] = below
 PHASE_TOP_K, PHASE_TOP_P, PHASE_DONE = 0, 1, 2
@@ -219,14 +220,21 @@ def _load_state(state_i_ptr, state_f_ptr, slot, row, num_seqs):
         tl.load(fp + 6),
         tl.load(fp + 7),
     )
-    return tl.load(ip).to(tl.int32), tl.load(ip + 1), tl.load(ip + 2), f
+    return (
+        tl.load(ip).to(tl.int32),
+        tl.load(ip + 3).to(tl.int32),
+        tl.load(ip + 1),
+        tl.load(ip + 2),
+        f,
+    )
 
 
 @triton.jit
-def _store_state(state_i_ptr, state_f_ptr, slot, row, num_seqs, phase, lo, hi, f):
+def _store_state(state_i_ptr, state_f_ptr, slot, row, num_seqs, phase, mode, lo, hi, f):
     ip = state_i_ptr + (slot * num_seqs + row) * 4
     fp = state_f_ptr + (slot * num_seqs + row) * 8
     tl.store(ip, phase.to(tl.int64))
+    tl.store(ip + 3, mode.to(tl.int64))
     tl.store(ip + 1, lo)
     tl.store(ip + 2, hi)
     tl.store(fp + 0, f[0])
@@ -247,17 +255,24 @@ def _narrow(
     num_seqs,
     num_splits,
     phase,
+    mode,
     lo,
     hi,
     f,
     top_p,
     temperature,
-    vocab_size,
+    capacity,
     SPLITS_BLOCK: tl.constexpr,
     NUM_VALUE_PIVOTS: tl.constexpr,
     NUM_KEY_PIVOTS: tl.constexpr,
 ):
-    """One search step of a searching row from the per-split sums of the last pass."""
+    """One search step of a searching row from the per-split sums of the last pass.
+
+    Also picks the next pass's mode: a FULL row whose bracket holds at most `capacity` tokens
+    in every split GATHERs them (while it passes over its splits once more), then reads only
+    them (COMPACT). Per split, the bracket's tokens are its in-bracket count at new_lo minus
+    that at new_hi (0 when hi did not move); when lo did not move it is unknown: stay FULL.
+    """
     NUM_PIVOTS: tl.constexpr = NUM_VALUE_PIVOTS + NUM_KEY_PIVOTS
     count_lo, count_hi, mass_lo, mass_hi, target, row_max, row_min, row_sum = f
     pivots = _pivots(lo, hi, row_min, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS)
@@ -266,7 +281,8 @@ def _narrow(
     base = partials_ptr + ((slot * num_seqs + row) * num_splits + s) * (2 * NUM_PIVOTS) + p
     ok = s < num_splits
     masses = mass_hi + tl.sum(tl.load(base, mask=ok, other=0.0), axis=0)  # [NUM_PIVOTS]
-    counts = count_hi + tl.sum(tl.load(base + NUM_PIVOTS, mask=ok, other=0.0), axis=0)
+    split_counts = tl.load(base + NUM_PIVOTS, mask=ok, other=0.0)  # [SPLITS_BLOCK, NUM_PIVOTS]
+    counts = count_hi + tl.sum(split_counts, axis=0)
     reaches = tl.where(phase == 1, masses, counts) >= target
     new_lo = tl.max(tl.where(reaches, pivots, lo), axis=0)
     # the nearest failing pivot above new_lo (robust to rounding making sums non-monotone)
@@ -277,6 +293,14 @@ def _narrow(
     mass_hi = _at(pivots, masses, new_hi, mass_hi)
     f = (count_lo, count_hi, mass_lo, mass_hi, target, row_max, row_min, row_sum)
     done = _is_done(new_lo, new_hi, count_lo, count_hi) | ((phase == 0) & (count_lo == target))
+    at_lo = pivots[None, :] == new_lo
+    in_split = tl.max(tl.where(at_lo, split_counts, 0.0), axis=1) - tl.max(
+        tl.where(pivots[None, :] == new_hi, split_counts, 0.0), axis=1
+    )  # [SPLITS_BLOCK]
+    lo_moved = tl.max((pivots == new_lo).to(tl.int32), axis=0) > 0
+    fits = lo_moved & (tl.max(in_split, axis=0) <= capacity)
+    new_mode = tl.where(mode == 1, 2, mode)  # a gathering pass is followed by compact ones
+    new_mode = tl.where((mode == 0) & fits, 1, new_mode)
     # a finished top-k search hands its survivors (mass_lo) to top-p
     p_phase, p_lo, p_hi, p_f = _enter_top_p(phase, new_lo, new_hi, f, top_p, temperature)
     to_p = done & (phase == 0)
@@ -284,7 +308,8 @@ def _narrow(
     new_phase = tl.where(to_p, p_phase, new_phase)
     new_lo = tl.where(to_p, p_lo, new_lo)
     new_hi = tl.where(to_p, p_hi, new_hi)
-    return new_phase, new_lo, new_hi, _select(to_p, p_f, f)
+    new_mode = tl.where(to_p, 0, new_mode)  # top-p's bracket is wider than what was gathered
+    return new_phase, new_mode, new_lo, new_hi, _select(to_p, p_f, f)
 
 
 @triton.jit
@@ -331,6 +356,8 @@ def _pass_kernel(
     state_i_ptr,  # [2, num_seqs, 4] int64
     state_f_ptr,  # [2, num_seqs, 8] fp32
     stats_ptr,  # [num_seqs, num_splits, 3] fp32 (FIRST only)
+    candidates_ptr,  # [num_seqs, num_splits, capacity] fp32: gathered in-bracket logits
+    num_candidates_ptr,  # [num_seqs, num_splits] int32
     logits_ptr,  # [num_seqs, vocab_size] fp32
     temperatures_ptr,  # [num_seqs] fp32
     top_k_ptr,  # [num_seqs] int64 (USE_TOP_K only)
@@ -340,6 +367,7 @@ def _pass_kernel(
     stride_logits_row,
     split_size,
     num_splits,
+    capacity,
     slot,  # this pass writes slot; the previous one wrote 1 - slot
     FIRST: tl.constexpr,
     USE_TOP_K: tl.constexpr,
@@ -355,19 +383,20 @@ def _pass_kernel(
     temperature, k, k_active, top_p = _row_params(
         row, temperatures_ptr, top_k_ptr, top_p_ptr, vocab_size, USE_TOP_K, USE_TOP_P
     )
+    mode = tl.zeros([], tl.int32)  # 0 FULL, 1 GATHER, 2 COMPACT
     if FIRST:
         phase, lo, hi, f = _init_state(
             stats_ptr, row, num_splits, temperature, k, k_active, top_p, vocab_size, SPLITS_BLOCK
         )
     else:
-        phase, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
+        phase, mode, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
         if phase != 2:
-            phase, lo, hi, f = _narrow(
-                partials_ptr, 1 - slot, row, num_seqs, num_splits, phase, lo, hi, f, top_p,
-                temperature, vocab_size, SPLITS_BLOCK, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS,
+            phase, mode, lo, hi, f = _narrow(
+                partials_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo, hi, f, top_p,
+                temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS,
             )  # fmt: skip
     if split == 0:
-        _store_state(state_i_ptr, state_f_ptr, slot, row, num_seqs, phase, lo, hi, f)
+        _store_state(state_i_ptr, state_f_ptr, slot, row, num_seqs, phase, mode, lo, hi, f)
     if phase != 2:
         row_max = f[5]
         inv_temp = 1.0 / temperature
@@ -376,16 +405,27 @@ def _pass_kernel(
         hi32 = hi.to(tl.int32)
         mass = tl.zeros([NUM_PIVOTS, BLOCK], dtype=tl.float32)
         count = tl.zeros([NUM_PIVOTS, BLOCK], dtype=tl.float32)  # exact below 2^24 tokens
-        row_ptr = logits_ptr + row * stride_logits_row
-        start = split * split_size
-        for off in range(start, start + split_size, BLOCK):
+        # this program's tokens: its split of the row, or what it gathered from it
+        region = candidates_ptr + (row * num_splits + split) * capacity
+        src = logits_ptr + row * stride_logits_row + split * split_size
+        n = tl.minimum(split_size, vocab_size - split * split_size)
+        if mode == 2:
+            src = region
+            n = tl.load(num_candidates_ptr + row * num_splits + split)
+        num_gathered = tl.zeros([], tl.int32)
+        for off in range(0, n, BLOCK):
             offs = off + tl.arange(0, BLOCK)
-            ok = offs < vocab_size
-            x = tl.load(row_ptr + offs, mask=ok, other=float("-inf"))
+            ok = offs < n
+            x = tl.load(src + offs, mask=ok, other=float("-inf"))
             keys = _key(x)
             # tokens >= hi are in count_hi / mass_hi already; below lo they add nothing
             keys = tl.where(ok & (keys < hi32), keys, -2147483648)
             if tl.max(keys, axis=0) >= lo32:  # NOTE: skips the pivot work of a bracket-free tile
+                if mode == 1:  # in split order: the same candidates (and sums) on every run
+                    in_bracket = (keys >= lo32).to(tl.int32)
+                    at = num_gathered + tl.cumsum(in_bracket, axis=0) - 1
+                    tl.store(region + at, x, mask=in_bracket > 0)
+                    num_gathered += tl.sum(in_bracket, axis=0)
                 # [NUM_PIVOTS, BLOCK] 1.0 / 0.0: a compare, a select, an add and (top-p) an FMA
                 # per token and pivot
                 at_least = (keys[None, :] >= pivots[:, None]).to(tl.float32)
@@ -393,6 +433,8 @@ def _pass_kernel(
                 if USE_TOP_P:  # top-p's search, and top-k's survivors' mass for it
                     w = tl.exp((x - row_max) * inv_temp)  # <= 1; 0 for -inf
                     mass += at_least * w[None, :]
+        if mode == 1:
+            tl.store(num_candidates_ptr + row * num_splits + split, num_gathered)
         out = partials_ptr + ((slot * num_seqs + row) * num_splits + split) * (2 * NUM_PIVOTS)
         p = tl.arange(0, NUM_PIVOTS)
         tl.store(out + p, tl.sum(mass, axis=1))
@@ -413,6 +455,7 @@ def _finish_kernel(
     num_seqs,
     vocab_size,
     num_splits,
+    capacity,
     slot,  # the last pass wrote 1 - slot
     FIRST: tl.constexpr,  # no search pass ran (min-p only)
     USE_TOP_K: tl.constexpr,
@@ -426,16 +469,17 @@ def _finish_kernel(
     temperature, k, k_active, top_p = _row_params(
         row, temperatures_ptr, top_k_ptr, top_p_ptr, vocab_size, USE_TOP_K, USE_TOP_P
     )
+    mode = tl.zeros([], tl.int32)  # 0 FULL, 1 GATHER, 2 COMPACT
     if FIRST:
         phase, lo, hi, f = _init_state(
             stats_ptr, row, num_splits, temperature, k, k_active, top_p, vocab_size, SPLITS_BLOCK
         )
     else:
-        phase, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
+        phase, mode, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
         if phase != 2:
-            phase, lo, hi, f = _narrow(
-                partials_ptr, 1 - slot, row, num_seqs, num_splits, phase, lo, hi, f, top_p,
-                temperature, vocab_size, SPLITS_BLOCK, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS,
+            phase, mode, lo, hi, f = _narrow(
+                partials_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo, hi, f, top_p,
+                temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS,
             )  # fmt: skip
     # a row still searching here (impossible with passes_per_filter passes) keeps a superset
     threshold = _from_key(lo)
@@ -455,6 +499,7 @@ def sampling_thresholds(
     top_p: torch.Tensor | None = None,  # [num_seqs] fp32, 1 = off
     min_p: torch.Tensor | None = None,  # [num_seqs] fp32, 0 = off
     split_size: int = SPLIT_SIZE,  # tokens per program, a multiple of block
+    capacity: int = CAPACITY,  # in-bracket tokens a split may gather
     block: int = BLOCK,
     num_passes: int | None = None,  # search passes; None = enough for exactness
 ) -> torch.Tensor:  # [num_seqs] fp32: keep token i iff logits[r, i] >= thresholds[r]
@@ -497,6 +542,9 @@ def sampling_thresholds(
     partials = torch.empty(2, num_seqs, num_splits, 2, num_pivots, dtype=torch.float32, device=dev)
     state_i = torch.empty(2, num_seqs, 4, dtype=torch.int64, device=dev)
     state_f = torch.empty(2, num_seqs, 8, dtype=torch.float32, device=dev)
+    capacity = min(capacity, split_size)
+    candidates = torch.empty(num_seqs, num_splits, capacity, dtype=torch.float32, device=dev)
+    num_candidates = torch.empty(num_seqs, num_splits, dtype=torch.int32, device=dev)
     top_k_col = column(top_k, torch.int64, "top_k")
     top_p_col = column(top_p, torch.float32, "top_p")
     flags = dict(USE_TOP_K=top_k is not None, USE_TOP_P=top_p is not None)
@@ -512,13 +560,14 @@ def sampling_thresholds(
     )  # fmt: skip
     for i in range(num_passes):
         _pass_kernel[grid](
-            partials, state_i, state_f, stats, logits, temperatures, top_k_col, top_p_col,
-            num_seqs, vocab_size, logits.stride(0), split_size, num_splits, i % 2,
+            partials, state_i, state_f, stats, candidates, num_candidates, logits, temperatures,
+            top_k_col, top_p_col, num_seqs, vocab_size, logits.stride(0), split_size, num_splits,
+            capacity, i % 2,
             FIRST=i == 0, BLOCK=block, **flags, **sizes, num_warps=NUM_WARPS,
         )  # fmt: skip
     _finish_kernel[(num_seqs,)](
         thresholds, partials, state_i, state_f, stats, temperatures, top_k_col, top_p_col,
-        column(min_p, torch.float32, "min_p"), num_seqs, vocab_size, num_splits,
+        column(min_p, torch.float32, "min_p"), num_seqs, vocab_size, num_splits, capacity,
         num_passes % 2, FIRST=num_passes == 0, USE_MIN_P=min_p is not None, **flags, **sizes,
         num_warps=1,
     )  # fmt: skip
