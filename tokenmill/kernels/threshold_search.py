@@ -250,6 +250,7 @@ def _store_state(state_i_ptr, state_f_ptr, slot, row, num_seqs, phase, mode, lo,
 @triton.jit
 def _narrow(
     partials_ptr,  # [2, num_seqs, num_splits, 2, NUM_PIVOTS] fp32: mass, count per pivot
+    extents_ptr,  # [2, num_seqs, num_splits, 2] int32: min, max key in the bracket
     slot,
     row,
     num_seqs,
@@ -292,7 +293,6 @@ def _narrow(
     count_hi = _at(pivots, counts, new_hi, count_hi)
     mass_hi = _at(pivots, masses, new_hi, mass_hi)
     f = (count_lo, count_hi, mass_lo, mass_hi, target, row_max, row_min, row_sum)
-    done = _is_done(new_lo, new_hi, count_lo, count_hi) | ((phase == 0) & (count_lo == target))
     at_lo = pivots[None, :] == new_lo
     in_split = tl.max(tl.where(at_lo, split_counts, 0.0), axis=1) - tl.max(
         tl.where(pivots[None, :] == new_hi, split_counts, 0.0), axis=1
@@ -301,6 +301,18 @@ def _narrow(
     fits = lo_moved & (tl.max(in_split, axis=0) <= capacity)
     new_mode = tl.where(mode == 1, 2, mode)  # a gathering pass is followed by compact ones
     new_mode = tl.where((mode == 0) & fits, 1, new_mode)
+    # Snap to the data: no token lies between lo and the bracket's smallest key, nor between
+    # its largest key and hi, so [min, max + 1) has the same sums. Ties at the threshold
+    # (common: bf16 logits) end here with hi = lo + 1 instead of a key search down to width 1.
+    sp = tl.arange(0, SPLITS_BLOCK)
+    ext = extents_ptr + ((slot * num_seqs + row) * num_splits + sp) * 2
+    key_min = tl.min(tl.load(ext, mask=sp < num_splits, other=2147483647), axis=0)
+    key_max = tl.max(tl.load(ext + 1, mask=sp < num_splits, other=-2147483648), axis=0)
+    snap = key_min.to(tl.int64) <= key_max.to(tl.int64)  # not an empty bracket
+    new_lo = tl.where(snap, tl.maximum(new_lo, key_min.to(tl.int64)), new_lo)
+    new_hi = tl.where(snap, tl.minimum(new_hi, key_max.to(tl.int64) + 1), new_hi)
+    new_hi = tl.maximum(new_hi, new_lo + 1)
+    done = _is_done(new_lo, new_hi, count_lo, count_hi) | ((phase == 0) & (count_lo == target))
     # a finished top-k search hands its survivors (mass_lo) to top-p
     p_phase, p_lo, p_hi, p_f = _enter_top_p(phase, new_lo, new_hi, f, top_p, temperature)
     to_p = done & (phase == 0)
@@ -353,6 +365,7 @@ def _stats_kernel(
 @triton.jit
 def _pass_kernel(
     partials_ptr,  # [2, num_seqs, num_splits, 2, NUM_PIVOTS] fp32
+    extents_ptr,  # [2, num_seqs, num_splits, 2] int32
     state_i_ptr,  # [2, num_seqs, 4] int64
     state_f_ptr,  # [2, num_seqs, 8] fp32
     stats_ptr,  # [num_seqs, num_splits, 3] fp32 (FIRST only)
@@ -392,8 +405,9 @@ def _pass_kernel(
         phase, mode, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
         if phase != 2:
             phase, mode, lo, hi, f = _narrow(
-                partials_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo, hi, f, top_p,
-                temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS,
+                partials_ptr, extents_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo,
+                hi, f, top_p, temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS,
+                NUM_KEY_PIVOTS,
             )  # fmt: skip
     if split == 0:
         _store_state(state_i_ptr, state_f_ptr, slot, row, num_seqs, phase, mode, lo, hi, f)
@@ -413,6 +427,8 @@ def _pass_kernel(
             src = region
             n = tl.load(num_candidates_ptr + row * num_splits + split)
         num_gathered = tl.zeros([], tl.int32)
+        key_min = tl.full([], 2147483647, tl.int32)  # of the tokens in [lo, hi)
+        key_max = tl.full([], -2147483648, tl.int32)
         for off in range(0, n, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             ok = offs < n
@@ -420,7 +436,10 @@ def _pass_kernel(
             keys = _key(x)
             # tokens >= hi are in count_hi / mass_hi already; below lo they add nothing
             keys = tl.where(ok & (keys < hi32), keys, -2147483648)
-            if tl.max(keys, axis=0) >= lo32:  # NOTE: skips the pivot work of a bracket-free tile
+            tile_max = tl.max(keys, axis=0)
+            if tile_max >= lo32:  # NOTE: skips the pivot work of a bracket-free tile
+                key_max = tl.maximum(key_max, tile_max)
+                key_min = tl.minimum(key_min, tl.min(tl.where(keys >= lo32, keys, 2147483647), 0))
                 if mode == 1:  # in split order: the same candidates (and sums) on every run
                     in_bracket = (keys >= lo32).to(tl.int32)
                     at = num_gathered + tl.cumsum(in_bracket, axis=0) - 1
@@ -435,6 +454,9 @@ def _pass_kernel(
                     mass += at_least * w[None, :]
         if mode == 1:
             tl.store(num_candidates_ptr + row * num_splits + split, num_gathered)
+        ext = extents_ptr + ((slot * num_seqs + row) * num_splits + split) * 2
+        tl.store(ext, key_min)
+        tl.store(ext + 1, key_max)
         out = partials_ptr + ((slot * num_seqs + row) * num_splits + split) * (2 * NUM_PIVOTS)
         p = tl.arange(0, NUM_PIVOTS)
         tl.store(out + p, tl.sum(mass, axis=1))
@@ -445,6 +467,7 @@ def _pass_kernel(
 def _finish_kernel(
     thresholds_ptr,  # [num_seqs] fp32 out
     partials_ptr,
+    extents_ptr,
     state_i_ptr,
     state_f_ptr,
     stats_ptr,
@@ -478,8 +501,9 @@ def _finish_kernel(
         phase, mode, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
         if phase != 2:
             phase, mode, lo, hi, f = _narrow(
-                partials_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo, hi, f, top_p,
-                temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS,
+                partials_ptr, extents_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo,
+                hi, f, top_p, temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS,
+                NUM_KEY_PIVOTS,
             )  # fmt: skip
     # a row still searching here (impossible with passes_per_filter passes) keeps a superset
     threshold = _from_key(lo)
@@ -540,6 +564,7 @@ def sampling_thresholds(
     num_pivots = NUM_VALUE_PIVOTS + NUM_KEY_PIVOTS
     stats = torch.empty(num_seqs, num_splits, 3, dtype=torch.float32, device=dev)
     partials = torch.empty(2, num_seqs, num_splits, 2, num_pivots, dtype=torch.float32, device=dev)
+    extents = torch.empty(2, num_seqs, num_splits, 2, dtype=torch.int32, device=dev)
     state_i = torch.empty(2, num_seqs, 4, dtype=torch.int64, device=dev)
     state_f = torch.empty(2, num_seqs, 8, dtype=torch.float32, device=dev)
     capacity = min(capacity, split_size)
@@ -560,13 +585,13 @@ def sampling_thresholds(
     )  # fmt: skip
     for i in range(num_passes):
         _pass_kernel[grid](
-            partials, state_i, state_f, stats, candidates, num_candidates, logits, temperatures,
-            top_k_col, top_p_col, num_seqs, vocab_size, logits.stride(0), split_size, num_splits,
-            capacity, i % 2,
+            partials, extents, state_i, state_f, stats, candidates, num_candidates, logits,
+            temperatures, top_k_col, top_p_col, num_seqs, vocab_size, logits.stride(0),
+            split_size, num_splits, capacity, i % 2,
             FIRST=i == 0, BLOCK=block, **flags, **sizes, num_warps=NUM_WARPS,
         )  # fmt: skip
     _finish_kernel[(num_seqs,)](
-        thresholds, partials, state_i, state_f, stats, temperatures, top_k_col, top_p_col,
+        thresholds, partials, extents, state_i, state_f, stats, temperatures, top_k_col, top_p_col,
         column(min_p, torch.float32, "min_p"), num_seqs, vocab_size, num_splits, capacity,
         num_passes % 2, FIRST=num_passes == 0, USE_MIN_P=min_p is not None, **flags, **sizes,
         num_warps=1,
