@@ -3,17 +3,19 @@
     python3 benchmarks/bench_sampling.py        # one H200 call, under 2 minutes
 
 1. Exactness at 256 x 151,936 (float32 logits), "random" (dummy-weight-like: a wide, flat
-   softmax, top-p 0.95 keeps most of the vocab) and "peaked" (a few likely tokens and a tail):
+   softmax, top-p 0.95 keeps most of the vocab), "bf16" (the same rounded to bfloat16, as a
+   bf16 model's logits are: many exact ties) and "peaked" (a few likely tokens and a tail):
    the kernel's kept set {logits >= threshold} against the engine's sorted torch mask
    (`engine/sampler.py: top_k_top_p_min_p_mask`) for top-p 0.95, top-k 50, top-k 50 + top-p 0.9
    and min-p 0.05. A row that differs passes only when the differing tokens are ties or hold
    under 1e-5 of the row's probability together (float32 sums of 150k terms in another order);
    it also reports how many search passes the rows needed (of passes_per_filter() launched).
 2. CUDA-graph capture and replay of top-p sampling gives the same tokens as eager.
-3. Timings (CUDA events after warm-up, median of 20) at 64 / 256 / 1,024 rows: plain
-   temperature, temperature + top-p 0.95 (eager and replayed from a CUDA graph), top-k 50,
-   min-p 0.05, torch.sort-based top-p (the reference mask + the same draw), and at 256 rows
-   the pivot split (value pivots, key pivots) against the module's default.
+3. Timings (CUDA events after warm-up, median of 20; bf16-valued logits) at 64 / 256 / 1,024
+   rows: plain temperature, temperature + top-p 0.95 (eager and replayed from a CUDA graph),
+   top-k 50, top-k 50 + top-p 0.9, min-p 0.05, torch.sort-based top-p (the reference mask +
+   the same draw), and at 256 rows the threshold alone per pivot split (value pivots, key
+   pivots) next to the module's default (8, 8).
 
 Logs and the table go to $OUT (or out/bench_sampling); the table is printed last.
 """
@@ -42,10 +44,14 @@ BATCHES = (64, 256, 1024)
 
 
 def make_logits(num_seqs: int, kind: str, seed: int = 0) -> torch.Tensor:
+    """random: N(0, 2^2) float32; bf16: the same rounded to bfloat16 (what a bf16 model's
+    logits look like after .float(): many exact ties); peaked: a tail and 32 likely tokens."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     x = torch.randn(num_seqs, VOCAB, generator=gen, device=DEV)  # [num_seqs, vocab_size]
     if kind == "random":
         return x * 2.0
+    if kind == "bf16":
+        return (x * 2.0).bfloat16().float()
     # peaked: a tail at std 2 and 32 tokens per row lifted 8..16 above it
     idx = torch.randint(0, VOCAB, (num_seqs, 32), generator=gen, device=DEV)
     lift = torch.linspace(8.0, 16.0, 32, device=DEV).expand(num_seqs, -1)
@@ -90,7 +96,7 @@ def exactness(log) -> bool:
     ok = True
     n = CHECK_ROWS
     temps = torch.full((n,), TEMP, device=DEV)
-    for kind in ("random", "peaked"):
+    for kind in ("random", "bf16", "peaked"):
         logits = make_logits(n, kind, seed=1)
         for name in ("top_p 0.95", "top_k 50", "top_k 50 + top_p 0.9", "min_p 0.05"):
             f = filters_for(name, n)
@@ -167,8 +173,8 @@ def sort_top_p(logits, temps, seeds, positions, top_p):
 
 
 def time_batch(n: int) -> list[tuple]:
-    """(rows, case, ms, ratio to plain temperature) for one batch size."""
-    logits = make_logits(n, "random", seed=3)
+    """(rows, case, ms, ratio to plain temperature) for one batch size, bf16-valued logits."""
+    logits = make_logits(n, "bf16", seed=3)
     temps = torch.full((n,), TEMP, device=DEV)
     seeds = torch.arange(n, device=DEV)
     positions = torch.zeros(n, dtype=torch.long, device=DEV)
@@ -205,7 +211,7 @@ def pivot_sweep(log) -> list[tuple]:
     n = CHECK_ROWS
     temps = torch.full((n,), TEMP, device=DEV)
     f = filters_for("top_p 0.95", n)
-    for kind in ("random", "peaked"):
+    for kind in ("random", "bf16", "peaked"):
         logits = make_logits(n, kind, seed=4)
         for split in ((4, 4), (8, 8), (16, 16), (12, 4)):
             ts.NUM_VALUE_PIVOTS, ts.NUM_KEY_PIVOTS = split
@@ -240,7 +246,7 @@ def main() -> int:
     sweep = pivot_sweep(log)
     table = [
         "",
-        f"| rows | case | ms | x plain | (vocab {VOCAB}, T {TEMP}, random logits)",
+        f"| rows | case | ms | x plain | (vocab {VOCAB}, T {TEMP}, bf16-valued N(0, 4) logits)",
         "|---|---|---|---|",
     ]
     table += [f"| {n} | {name} | {ms:.3f} | {ratio:.2f} |" for n, name, ms, ratio in rows]
