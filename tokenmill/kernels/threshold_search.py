@@ -10,9 +10,12 @@ kept (the sorted reference keeps an arbitrary subset of them).
 The search runs over int32 keys of the float32 logits (same order, -inf lowest, `_key`), on a
 bracket [lo, hi) per row with invariant  S(lo) >= target > S(hi),  S(x) = count (top-k) or
 mass (top-p) of the tokens with key >= x. Each pass evaluates S at NUM_PIVOTS pivots inside the
-bracket and moves lo up to the largest pivot that reaches the target, hi down to the next
-pivot above it. A row is done once [lo, hi) holds at most one token, once hi = lo + 1, or (top-k)
-once exactly k tokens are >= lo; then {key >= lo} is the kept set.
+bracket and moves lo up to the largest pivot that reaches the target, hi down to the next pivot
+above it; then it snaps [lo, hi) to [smallest, largest + 1) of the keys the pass saw in the
+bracket (same sums: no token lies in between), which ends ties at the threshold at once. A row
+is done once [lo, hi) holds at most one token, once hi = lo + 1, or (top-k) once exactly k
+tokens are >= lo; then {key >= lo} is the kept set. top-k runs first; top-p then searches its
+survivors from a floor below which they hold under 1 - top_p of their mass.
 
 Launches (no host sync, a fixed number for a given set of filters, so a CUDA graph can hold
 them; rows that finish early exit at once in the remaining passes):
@@ -20,7 +23,8 @@ them; rows that finish early exit at once in the remaining passes):
     _stats_kernel        (num_seqs, num_splits)  per split: max, sum exp((x - max) / T), min
     _pass_kernel x N     (num_seqs, num_splits)  narrow the bracket from the previous
                                                   partials, then per split and pivot:
-                                                  (mass, count) of in-bracket tokens >= pivot
+                                                  (mass, count) of in-bracket tokens >= pivot,
+                                                  and the in-bracket key extent
     _finish_kernel       (num_seqs,)             last narrow, threshold, min-p
 
 The narrow step is tiny (num_splits x NUM_PIVOTS partials), so every program of a row redoes it
@@ -28,20 +32,29 @@ instead of a separate reduce launch; program 0 writes the row's state. State and
 double-buffered by pass parity: pass i reads slot (i - 1) % 2 and writes slot i % 2, so no
 program reads what another program of the same launch writes.
 
+Compaction: once every split of a row holds at most CAPACITY tokens in the bracket (known
+exactly from the per-split counts at the new bounds), the next pass also copies them, in split
+order, into the row's [num_splits, CAPACITY] candidate buffer (GATHER), and later passes read
+only those (COMPACT): on flat rows (random weights: top-p 0.95 keeps most of the vocabulary) two
+passes over the full row bring 152k tokens to ~1.7k, and the remaining passes cost little.
+Copying in split order keeps the sums, hence the threshold, the same on every run.
+
 Why these sizes (an H200 streams 4.8 TB/s; 256 rows x 151,936 logits are 155 MB, ~40 us a
-pass): a pass is compute-bound (a compare, a select, an add and an FMA per token and pivot), so the
-pivots per pass trade passes against work per pass. NUM_PIVOTS = 16 = 8 value pivots + 8 key
-pivots. Value pivots split [lo, hi) evenly in logit value (bounded below by the row's finite
-min): on real rows the in-bracket token count drops ~9-17x a pass, so 152k tokens take ~5
-passes. Key pivots split it evenly in key space, which guarantees the bracket shrinks at least
-9x a pass whatever the values (value pivots alone can stall on keys packed near 0.0): 11 passes
-cover all 2^32 keys, so N = 11 per filter in use (top-k, top-p) makes every row exact. Tokens
-outside [lo, hi) add nothing to the per-pivot sums (those >= hi are known from the previous pass:
-count_hi, mass_hi), so a BLOCK with no token in the bracket skips the pivot compares: on peaked
-rows passes after the first cost about one read of the row. A split is SPLIT_SIZE = 8,192
-tokens (32 KiB), the draw kernel's chunk: 19 programs per row at vocab 151,936, so 64 rows
-already make 1,216 programs (9 per SM) and 256 rows 4,864. The split size does not depend on
-the batch: a row's float sums, hence its threshold, are the same whatever shares its batch.
+pass): a full pass is compute-bound (a compare, a select, an add and an FMA per token and
+pivot), so the pivots per pass trade passes against work per pass. NUM_PIVOTS = 16 = 8 value
+pivots + 8 key pivots. Value pivots split [lo, hi) evenly in logit value (bounded below by the
+row's finite min): on flat rows the in-bracket count drops 5-10x a pass (73k, 16k, 1.7k, 190,
+20, 2 in a float64 emulation at 151,936), on peaked ones 1-3 passes suffice. Key pivots split
+it evenly in key space, which guarantees the bracket shrinks at least 9x a pass whatever the
+values (value pivots alone can stall on keys packed near 0.0): 11 passes cover all 2^32 keys,
+so N = 11 per filter in use (top-k, top-p) makes every row exact. Tokens outside [lo, hi) add
+nothing to the per-pivot sums (those >= hi are known from the previous pass: count_hi,
+mass_hi), so a BLOCK with no token in the bracket skips the pivot work: on peaked rows passes
+after the first cost about one read of the row. A split is SPLIT_SIZE = 8,192 tokens (32 KiB),
+the draw kernel's chunk: 19 programs per row at vocab 151,936, so 64 rows already make 1,216
+programs (9 per SM) and 256 rows 4,864. The split size does not depend on the batch: a row's
+float sums, hence its threshold, are the same whatever shares its batch. benchmarks/
+bench_sampling.py times the pivot splits (4+4, 8+8, 16+16, 12+4) on the GPU.
 """
 
 from __future__ import annotations
@@ -57,9 +70,10 @@ NUM_WARPS = 4
 SPLIT_SIZE = 8192  # tokens per program: 19 programs per row at vocab 151,936
 CAPACITY = 1024  # in-bracket tokens a split gathers at most (1/8 of it; 80 MB at 1,024 rows)
 
-# state slots: int64 [2, num_seqs, 4] = phase, lo, hi, -; fp32 [2, num_seqs, 8] = below
-PHASE_TOP_K, PHASE_TOP_P, PHASE_DONE = 0, 1, 2
-F_COUNT_LO, F_COUNT_HI, F_MASS_LO, F_MASS_HI, F_TARGET, F_MAX, F_MIN, F_SUM = range(8)
+# Row state, double-buffered: int64 [2, num_seqs, 4] = (phase, lo, hi, mode) with phase 0 top-k,
+# 1 top-p, 2 done and mode 0 FULL, 1 GATHER, 2 COMPACT; fp32 [2, num_seqs, 8] = f = (count_lo,
+# count_hi, mass_lo, mass_hi, target, row_max, row_min, row_sum). Masses are relative to the row
+# max's exp((x - max) / T) = 1; count_lo / mass_lo may be upper bounds after top-p's floor.
 
 
 def passes_per_filter(num_key_pivots: int = NUM_KEY_PIVOTS) -> int:
