@@ -155,8 +155,10 @@ def test_draws_follow_the_references_renormalised_distribution(filters):
     vocab, n = pick(1024, 151936), pick(300, 40000)
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(vocab, generator=gen) * 0.5
-    base[torch.randperm(vocab, generator=gen)[:40]] += torch.linspace(3.0, 6.0, 40)
     temp = 0.9
+    # 40 likely tokens, lifted with the vocab so that they hold most of the mass at any size
+    lift = torch.linspace(3.0, 6.0, 40) + temp * math.log(vocab / 1024)
+    base[torch.randperm(vocab, generator=gen)[:40]] += lift
     scaled = (base / temp)[None, :]
     keep = top_k_top_p_min_p_mask(
         scaled,
