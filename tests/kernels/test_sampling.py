@@ -67,17 +67,22 @@ def _filters(num_seqs, gen):
     return top_k.to(DEVICE), top_p.to(DEVICE), min_p.to(DEVICE)
 
 
+# on CPU two cases at 1,000 tokens (test_sampling_thresholds.py has the grid of edges); the GPU
+# runs them all at 151,936
 @pytest.mark.parametrize(
     "which, scale",
-    [
-        ("k", 3.0),
-        ("p", 3.0),
-        ("min_p", 3.0),
-        ("k+p", 3.0),
-        ("all", 3.0),
-        ("p", 0.05),
-        ("k+p", 0.05),
-    ],
+    pick(
+        [("all", 3.0), ("k+p", 0.05)],
+        [
+            ("k", 3.0),
+            ("p", 3.0),
+            ("min_p", 3.0),
+            ("k+p", 3.0),
+            ("all", 3.0),
+            ("p", 0.05),
+            ("k+p", 0.05),
+        ],
+    ),  # fmt: skip
 )
 def test_kept_sets_equal_reference_masks(which, scale):
     # scale 0.05: nearly uniform rows (random weights), top-p keeps most of the vocabulary.

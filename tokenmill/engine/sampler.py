@@ -185,10 +185,13 @@ def compute_logprobs(
 class Sampler:
     """Turns the last-token logits of finished-chunk rows into next tokens.
 
-    On CUDA the draw runs in Triton (tokenmill.kernels.sampling: a sort-free threshold search for
-    top-k / top-p / min-p, then one pass with Philox noise keyed by the same (seed, output
-    index)); elsewhere in torch with the counter-hash noise.
-    The two paths draw from the same distribution but not the same stream.
+    On CUDA the draw runs in Triton (tokenmill.kernels.sampling): top-k / top-p / min-p become
+    one logit threshold per row, found by a sort-free split-row search
+    (kernels/threshold_search.py, a fixed number of launches, no host sync), then one pass with
+    Philox noise keyed by (seed, output index); elsewhere in torch with the counter-hash noise.
+    Both paths give a row the same tokens whatever shares its batch, and draw from the same
+    distribution (this module's top_k_top_p_min_p_mask is the reference of the threshold), but
+    not the same stream.
     """
 
     def __init__(self, use_triton: bool = False):
