@@ -218,3 +218,17 @@ def test_seeded_draw_is_independent_of_batch_neighbours():
         torch.cat([logits[1:3], logits[:1], logits[3:]]).clone(), others[:2] + [target] + others[2:]
     )
     assert mixed.token_ids[2] == alone
+
+
+def test_reference_mask_keeps_ties_with_the_last_kept_token():
+    # bf16 logits tie often; which of several equal logits a sort puts first is arbitrary, so
+    # the k-th value's ties all stay (vLLM's sorted top-k does the same), and likewise at top-p
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
+    off = torch.tensor([1.0, 1.0])
+    keep = top_k_top_p_min_p_mask(logits, torch.tensor([2, -1]), off, torch.zeros(2))
+    assert keep[0].tolist() == [True, True, True, False]
+    # row 1, top-p 0.8: 2.0 holds 0.71 of the mass, so the cut falls among the three zeros
+    keep = top_k_top_p_min_p_mask(
+        logits, torch.tensor([-1, -1]), torch.tensor([1.0, 0.8]), torch.zeros(2)
+    )
+    assert keep[1].tolist() == [True, True, True, True]

@@ -107,17 +107,24 @@ def top_k_top_p_min_p_mask(
     top_p: torch.Tensor,  # [num_seqs] float, 1 = off
     min_p: torch.Tensor,  # [num_seqs] float, 0 = off
 ) -> torch.Tensor:  # [num_seqs, vocab_size] bool, True = token may be sampled
-    """Reference masks: top-k, then top-p on the renormalised survivors, then min-p."""
+    """Reference masks: top-k, then top-p on the renormalised survivors, then min-p.
+
+    Each filter is a threshold on the logits, so tokens tied with the last one kept are kept
+    too (as vLLM's sorted reference does for top-k, and as the sort-free kernel does): with
+    bf16 logits, ties at the k-th value are common, and which of them a sort puts first is
+    arbitrary."""
     vocab_size = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab_size, device=logits.device).expand_as(sorted_logits)
     k = torch.where(top_k > 0, top_k, vocab_size).clamp(max=vocab_size)
-    keep_sorted = ranks < k[:, None]
+    kth = sorted_logits.gather(1, (k - 1)[:, None])  # [num_seqs, 1]
+    keep_sorted = sorted_logits >= kth
     sorted_logits = sorted_logits.masked_fill(~keep_sorted, _MASK)
     probs = sorted_logits.softmax(dim=-1)
     # keep a token while the mass strictly before it is below top_p (the first always stays)
     mass_before = probs.cumsum(dim=-1) - probs
-    keep_sorted &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # 1 = off, exactly
+    keep_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # 1 = off, exactly
+    last = sorted_logits.masked_fill(~(keep_sorted & keep_p), float("inf")).amin(-1, keepdim=True)
+    keep_sorted &= sorted_logits >= last  # ties with the last token top-p keeps stay too
     probs = sorted_logits.masked_fill(~keep_sorted, _MASK).softmax(dim=-1)
     keep_sorted &= probs >= min_p[:, None] * probs[:, :1]
     keep = torch.zeros_like(keep_sorted)
