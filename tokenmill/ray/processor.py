@@ -29,7 +29,7 @@ from tokenmill.io.format import format_result
 from tokenmill.io.parse import RowParser, resolve_as_chat
 from tokenmill.io.readers import parse_json_line
 from tokenmill.io.rows import RawRecord
-from tokenmill.io.writers import json_line
+from tokenmill.io.writers import flat_row, json_line
 
 INDEX_COLUMN = "__tokenmill_index"
 LINE_COLUMN = "__tokenmill_line"
@@ -155,17 +155,12 @@ def _to_table(rows: list[dict[str, Any]], output: str):
                 "error": pa.array(errors, pa.string()),
             }
         )
-    table = pa.Table.from_pylist([_flat(r) for r in rows])
+    table = pa.Table.from_pylist([flat_row(r) for r in rows])  # the Parquet writer's layout
     for i, f in enumerate(table.schema):
         if pa.types.is_null(f.type):  # a column null in this whole batch, typed for every batch
             want = pa.int64() if f.name in _INT_COLUMNS else pa.string()
             table = table.set_column(i, f.name, table.column(i).cast(want))
     return table
-
-
-def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    """Nested values (n > 1 lists, logprobs, errors) as JSON text: the Parquet writer's layout."""
-    return {k: v if not isinstance(v, (dict, list)) else _json(v) for k, v in row.items()}
 
 
 def _json(value: Any) -> str:
