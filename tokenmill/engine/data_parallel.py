@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenmill.engine import tokens
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.core_messages import CoreOutput, CoreRequest, EngineRequest
 from tokenmill.engine.input_processor import InputProcessor
@@ -195,38 +196,22 @@ class DataParallelLLM:
 
     # ---- tokens --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        self._need_tokenizer()
-        return self.tokenizer(text).input_ids
+        return tokens.encode(self.tokenizer, text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text in one tokenizer call (the fast tokenizer's threads)."""
-        self._need_tokenizer()
-        return [list(ids) for ids in self.tokenizer(texts).input_ids]
+        return tokens.encode_batch(self.tokenizer, texts)
 
     def decode(self, token_ids: list[int]) -> str:
-        self._need_tokenizer()
-        return self.tokenizer.decode(token_ids)
-
-    def _need_tokenizer(self) -> None:
-        if self.tokenizer is None:
-            raise ValueError(
-                "this engine runs without a tokenizer (skip_tokenizer_init); "
-                "pass prompts as token ids"
-            )
+        return tokens.decode(self.tokenizer, token_ids)
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
     ) -> list[int]:
-        """Token ids of a conversation rendered by the model's chat template (as LLM's)."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model {self.model_name} has no chat template; send plain prompts")
-        text = self.tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
+        """Token ids of a conversation rendered by the model's chat template."""
+        return tokens.encode_chat(
+            self.tokenizer, self.model_name, messages, add_generation_prompt, **template_kwargs
         )
-        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # ---- the incremental interface -------------------------------------------------------------
     def add_request(

@@ -339,6 +339,35 @@ def _narrow(
 
 
 @triton.jit
+def _current_state(
+    row, partials_ptr, extents_ptr, state_i_ptr, state_f_ptr, stats_ptr, temperatures_ptr,
+    top_k_ptr, top_p_ptr, num_seqs, vocab_size, num_splits, capacity, slot,
+    FIRST: tl.constexpr, USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
+    SPLITS_BLOCK: tl.constexpr, NUM_VALUE_PIVOTS: tl.constexpr, NUM_KEY_PIVOTS: tl.constexpr,
+):  # fmt: skip
+    """A row's search state as this launch starts: made from the stats on the first pass, else
+    the previous launch's state narrowed by its partials (every program of a launch redoes this
+    tiny reduction, so no program reads what another of the same launch writes)."""
+    temperature, k, k_active, top_p = _row_params(
+        row, temperatures_ptr, top_k_ptr, top_p_ptr, vocab_size, USE_TOP_K, USE_TOP_P
+    )
+    mode = tl.zeros([], tl.int32)  # 0 FULL, 1 GATHER, 2 COMPACT
+    if FIRST:
+        phase, lo, hi, f = _init_state(
+            stats_ptr, row, num_splits, temperature, k, k_active, top_p, vocab_size, SPLITS_BLOCK
+        )
+    else:
+        phase, mode, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
+        if phase != 2:
+            phase, mode, lo, hi, f = _narrow(
+                partials_ptr, extents_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo,
+                hi, f, top_p, temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS,
+                NUM_KEY_PIVOTS,
+            )  # fmt: skip
+    return temperature, top_p, phase, mode, lo, hi, f
+
+
+@triton.jit
 def _stats_kernel(
     stats_ptr,  # [num_seqs, num_splits, 3] fp32 out
     logits_ptr,  # [num_seqs, vocab_size] fp32
@@ -407,22 +436,11 @@ def _pass_kernel(
     NUM_PIVOTS: tl.constexpr = NUM_VALUE_PIVOTS + NUM_KEY_PIVOTS
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    temperature, k, k_active, top_p = _row_params(
-        row, temperatures_ptr, top_k_ptr, top_p_ptr, vocab_size, USE_TOP_K, USE_TOP_P
-    )
-    mode = tl.zeros([], tl.int32)  # 0 FULL, 1 GATHER, 2 COMPACT
-    if FIRST:
-        phase, lo, hi, f = _init_state(
-            stats_ptr, row, num_splits, temperature, k, k_active, top_p, vocab_size, SPLITS_BLOCK
-        )
-    else:
-        phase, mode, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
-        if phase != 2:
-            phase, mode, lo, hi, f = _narrow(
-                partials_ptr, extents_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo,
-                hi, f, top_p, temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS,
-                NUM_KEY_PIVOTS,
-            )  # fmt: skip
+    temperature, top_p, phase, mode, lo, hi, f = _current_state(
+        row, partials_ptr, extents_ptr, state_i_ptr, state_f_ptr, stats_ptr, temperatures_ptr,
+        top_k_ptr, top_p_ptr, num_seqs, vocab_size, num_splits, capacity, slot, FIRST, USE_TOP_K,
+        USE_TOP_P, SPLITS_BLOCK, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS,
+    )  # fmt: skip
     if split == 0:
         _store_state(state_i_ptr, state_f_ptr, slot, row, num_seqs, phase, mode, lo, hi, f)
     if phase != 2:
@@ -503,22 +521,11 @@ def _finish_kernel(
     NUM_KEY_PIVOTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    temperature, k, k_active, top_p = _row_params(
-        row, temperatures_ptr, top_k_ptr, top_p_ptr, vocab_size, USE_TOP_K, USE_TOP_P
-    )
-    mode = tl.zeros([], tl.int32)  # 0 FULL, 1 GATHER, 2 COMPACT
-    if FIRST:
-        phase, lo, hi, f = _init_state(
-            stats_ptr, row, num_splits, temperature, k, k_active, top_p, vocab_size, SPLITS_BLOCK
-        )
-    else:
-        phase, mode, lo, hi, f = _load_state(state_i_ptr, state_f_ptr, 1 - slot, row, num_seqs)
-        if phase != 2:
-            phase, mode, lo, hi, f = _narrow(
-                partials_ptr, extents_ptr, 1 - slot, row, num_seqs, num_splits, phase, mode, lo,
-                hi, f, top_p, temperature, capacity, SPLITS_BLOCK, NUM_VALUE_PIVOTS,
-                NUM_KEY_PIVOTS,
-            )  # fmt: skip
+    temperature, top_p, phase, mode, lo, hi, f = _current_state(
+        row, partials_ptr, extents_ptr, state_i_ptr, state_f_ptr, stats_ptr, temperatures_ptr,
+        top_k_ptr, top_p_ptr, num_seqs, vocab_size, num_splits, capacity, slot, FIRST, USE_TOP_K,
+        USE_TOP_P, SPLITS_BLOCK, NUM_VALUE_PIVOTS, NUM_KEY_PIVOTS,
+    )  # fmt: skip
     # a row still searching here (impossible with passes_per_filter passes) keeps a superset
     threshold = _from_key(lo)
     if USE_MIN_P:
