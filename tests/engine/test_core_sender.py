@@ -61,3 +61,15 @@ def test_a_gone_front_end_ends_the_loop_with_broken_pipe():
 def test_merge_keeps_one_message_as_it_is():
     one = step_output(3)
     assert merge_outputs([one]) is one
+
+
+def test_merged_token_streams_keep_each_requests_order():
+    """CoreOutput.tokens (the streaming hot path) merges per request, in step order."""
+    first = CoreOutput([], {}, EngineStats(1), {"a": [1], "b": [10]})
+    second = CoreOutput([], {}, EngineStats(2), {"a": [2, 3]})
+    last = OutputDelta("b", [CompletionDelta(0, "", [11], None, "length")], True)
+    third = CoreOutput([last], {}, EngineStats(3), {"a": [4]})
+    merged = merge_outputs([first, second, third])
+    assert merged.tokens == {"a": [1, 2, 3, 4], "b": [10]}
+    assert merged.outputs == [last] and merged.stats.num_steps == 3
+    assert first.tokens == {"a": [1], "b": [10]}  # the inputs are not modified

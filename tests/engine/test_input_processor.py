@@ -122,11 +122,14 @@ def test_openai_adapter_structured_fields_echo_and_logit_bias():
 
 
 @pytest.mark.parametrize(
-    "stream, detokenize", [(True, True), (True, False), (False, True)], ids=str
+    "stream, detokenize, n",
+    [(True, True, 2), (True, False, 2), (True, False, 1), (False, True, 2)],
+    ids=str,
 )
-def test_engine_core_deltas_rebuild_the_llms_outputs(llm, stream, detokenize):
-    """Deltas (text from the core, or token ids decoded by the assembler) add up to exactly
-    what LLM.generate returns, stop-token exclusion included."""
+def test_engine_core_deltas_rebuild_the_llms_outputs(llm, stream, detokenize, n):
+    """Deltas (text from the core, or token ids decoded by the assembler; one-completion token
+    streams through CoreOutput.tokens) add up to exactly what LLM.generate returns, stop-token
+    exclusion included."""
     prompts = [llm.encode("The quick brown fox"), llm.encode("Once upon a time")]
     probe = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     stop_id = llm.generate(prompts[:1], probe, use_tqdm=False)[0].outputs[0].token_ids[6]
@@ -134,7 +137,7 @@ def test_engine_core_deltas_rebuild_the_llms_outputs(llm, stream, detokenize):
         temperature=0,
         max_tokens=12,
         ignore_eos=True,
-        n=2,
+        n=n,
         stop_token_ids=[stop_id],
         logprobs=2 if detokenize else None,
     )
@@ -150,9 +153,13 @@ def test_engine_core_deltas_rebuild_the_llms_outputs(llm, stream, detokenize):
     assert core.apply(CoreRequest(adds=adds)) == {}
     final, num_messages, texts = {}, 0, {}
     while llm.has_unfinished_requests():
-        for delta in core.step():
+        deltas, tokens = core.step()
+        if n > 1 or not stream or detokenize:
+            assert tokens == {}  # only one-completion token-only streams take the fast path
+        moved = [assembler.apply_tokens(rid, ids) for rid, ids in tokens.items()]
+        moved += [assembler.apply(delta) for delta in deltas]  # tokens first, as the server
+        for out in moved:
             num_messages += 1
-            out = assembler.apply(delta)
             assembler.refresh(out)
             for c in out.outputs:  # text only grows, token by token
                 before = texts.get((out.request_id, c.index), "")
@@ -180,5 +187,5 @@ def test_engine_core_reports_refused_adds_and_frees_aborted_requests(llm):
     core.step()
     assert llm.num_free_blocks < free
     core.apply(CoreRequest(aborts=["ok"]))
-    assert core.step() == [] and llm.num_free_blocks == free
+    assert core.step() == ([], {}) and llm.num_free_blocks == free
     assert not llm.has_unfinished_requests()

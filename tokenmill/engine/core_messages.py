@@ -1,7 +1,7 @@
 """The messages between a front end and the engine core: plain, picklable dataclasses.
 
     front end --CoreRequest(adds: [EngineRequest], aborts)--> core
-    front end <--CoreOutput(outputs: [OutputDelta], rejected, stats)-- core, once per step
+    front end <--CoreOutput(outputs: [OutputDelta], rejected, stats, tokens)-- core, once a step
     front end <--CoreInfo-- core, once, when the model is loaded
 
 Outputs travel as deltas (new text, new token ids), not as the cumulative RequestOutputs the
@@ -79,6 +79,10 @@ class CoreOutput:
     outputs: list[OutputDelta]
     rejected: dict[str, str]  # request id -> why add_request refused it
     stats: EngineStats
+    # Unfinished token-only requests with one completion: request id -> new token ids. The
+    # streaming hot path, kept out of `outputs` because plain dicts and lists cost a fraction
+    # of the dataclasses to pickle. Apply before `outputs` (see core_proc.merge_outputs).
+    tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

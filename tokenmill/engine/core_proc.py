@@ -82,21 +82,35 @@ class EngineCore:
                 self._token_only[add.request_id] = state.children
         return rejected
 
-    def step(self) -> list[OutputDelta]:
+    def step(self) -> tuple[list[OutputDelta], dict[str, list[int]]]:
+        """One engine step: (deltas, new token ids of unfinished one-completion token-only
+        requests). The second goes as a plain dict: the hot path of a streaming server is one
+        new token per request per step, and a dict of int lists pickles ~20x faster than the
+        same tokens wrapped in OutputDelta dataclasses (0.02 vs 0.4 ms at 256 requests)."""
         if not self.llm.has_unfinished_requests():
-            return []
+            return [], {}
         deltas = [self._delta(out) for out in self.llm.step() if out.request_id in self._sent]
         for rid in [d.request_id for d in deltas if d.finished]:
             self._token_only.pop(rid, None)
+        tokens: dict[str, list[int]] = {}
         for rid, children in self._token_only.items():
-            delta = self._token_delta(rid, children)
+            sent = self._sent[rid]
+            if len(children) == 1:
+                req, num_sent = children[0], sent[0][1]
+                if req.num_output_tokens > num_sent:
+                    tokens[rid] = req.output_token_ids[num_sent:]  # a slice: a new list
+                    sent[0] = (0, req.num_output_tokens)
+                continue
+            delta = self._token_delta(rid, children, sent)
             if delta is not None:
                 deltas.append(delta)
-        return deltas
+        return deltas, tokens
 
-    def _token_delta(self, rid: str, children: list[Any]) -> OutputDelta | None:
-        """New token ids of an unfinished token-only request (None if it did not move)."""
-        sent, completions = self._sent[rid], []
+    @staticmethod
+    def _token_delta(rid: str, children: list[Any], sent: list) -> OutputDelta | None:
+        """New token ids of an unfinished token-only request with n > 1 (None if it did not
+        move)."""
+        completions = []
         for i, req in enumerate(children):
             num_sent = sent[i][1]
             if req.num_output_tokens > num_sent:
@@ -162,9 +176,9 @@ def run_core(
                 return
             rejected.update(core.apply(msg))
             moved = moved or bool(msg.aborts)
-        outputs = core.step()
-        if outputs or rejected or moved or llm.has_unfinished_requests():
-            send(CoreOutput(outputs, rejected, core.stats()))
+        outputs, tokens = core.step()
+        if outputs or tokens or rejected or moved or llm.has_unfinished_requests():
+            send(CoreOutput(outputs, rejected, core.stats(), tokens))
 
 
 def core_info(llm: Any) -> CoreInfo:
@@ -365,13 +379,22 @@ class PipeSender:
 
 
 def merge_outputs(msgs: list[CoreOutput]) -> CoreOutput:
-    """Consecutive CoreOutputs as one: every delta in order, every rejection, the last stats."""
+    """Consecutive CoreOutputs as one: every delta in order, every rejection, the last stats,
+    each request's new token ids concatenated in order. The front end applies `tokens` before
+    `outputs`, which keeps each request's order: a request's tokens travel in `tokens` only
+    while it is unfinished, and its last delta (in `outputs`) is the last thing sent for it."""
     if len(msgs) == 1:
         return msgs[0]
     rejected: dict[str, str] = {}
+    tokens: dict[str, list[int]] = {}
     for m in msgs:
         rejected.update(m.rejected)
-    return CoreOutput([d for m in msgs for d in m.outputs], rejected, msgs[-1].stats)
+        for rid, ids in m.tokens.items():
+            if rid in tokens:
+                tokens[rid].extend(ids)
+            else:
+                tokens[rid] = list(ids)
+    return CoreOutput([d for m in msgs for d in m.outputs], rejected, msgs[-1].stats, tokens)
 
 
 _SPAWN_LOCK = threading.Lock()  # one child at a time sees os.environ changed by _environ

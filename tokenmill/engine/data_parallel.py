@@ -252,6 +252,8 @@ class DataParallelLLM:
             self._stats[replica] = msg.stats
             for rid, why in msg.rejected.items():
                 self._fail(replica, f"it refused request {rid!r}: {why}")
+            for rid, ids in msg.tokens.items():  # NOTE: empty: replicas' requests detokenize
+                self._assembler.apply_tokens(rid, ids)
             for delta in msg.outputs:
                 out = self._assembler.apply(delta)
                 if out is None:

@@ -68,6 +68,14 @@ class OutputAssembler:
             out.extra["queue_time"] = delta.queue_time
         return out
 
+    def apply_tokens(self, request_id: str, token_ids: list[int]) -> RequestOutput | None:
+        """New token ids of an unfinished one-completion request (CoreOutput.tokens)."""
+        out = self._outputs.get(request_id)
+        if out is None:  # aborted meanwhile
+            return None
+        out.outputs[0].token_ids.extend(token_ids)
+        return out
+
     def refresh(self, out: RequestOutput) -> None:
         """Decode a token-only request's new tokens into its completions' text."""
         state = self._texts.get(out.request_id)

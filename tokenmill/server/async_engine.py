@@ -55,6 +55,9 @@ class AsyncEngine:
         self.on_dead: Callable[[str], None] = lambda message: None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue] = {}
+        # Requests whose live output sits in their queue, not yet taken: a new step's tokens
+        # only extend it (the consumer reads everything new when it looks), no second item.
+        self._signalled: set[str] = set()
         self._assembler: OutputAssembler | None = None  # made with the tokenizer, below
         self._error: str | None = None
         self._max_prompt_bytes = max_prompt_bytes
@@ -134,7 +137,10 @@ class AsyncEngine:
         unfinished = set(request_ids)
         try:
             while unfinished:
-                for out in await _take_all(queue):
+                outs = await _take_all(queue)
+                for out in outs:
+                    self._signalled.discard(out.request_id)
+                for out in outs:
                     self._assembler.refresh(out)
                     if out.finished:
                         unfinished.discard(out.request_id)
@@ -147,6 +153,7 @@ class AsyncEngine:
         live = [rid for rid in request_ids if self._queues.pop(rid, None) is not None]
         for rid in live:
             self._assembler.discard(rid)
+            self._signalled.discard(rid)
         if live and self.is_alive:
             self.num_aborted += len(live)
             self.core.send(CoreRequest(aborts=live))
@@ -181,13 +188,28 @@ class AsyncEngine:
             self._assembler.discard(rid)
             if queue is not None:
                 queue.put_nowait(InputError(message))
+        signalled = self._signalled
+        for rid, ids in msg.tokens.items():  # the hot path: one-completion token streams
+            out = self._assembler.apply_tokens(rid, ids)
+            if out is None or rid in signalled:  # aborted, or already waiting in its queue
+                continue
+            queue = self._queues.get(rid)
+            if queue is not None:
+                signalled.add(rid)
+                queue.put_nowait(out)
         for delta in msg.outputs:
-            queue = self._queues.get(delta.request_id)
+            rid = delta.request_id
+            queue = self._queues.get(rid)
             out = self._assembler.apply(delta)
             if queue is None or out is None:  # aborted meanwhile
                 continue
             if out.finished:
-                del self._queues[delta.request_id]
+                del self._queues[rid]
+                signalled.discard(rid)
+            elif rid in signalled:
+                continue
+            else:
+                signalled.add(rid)
             queue.put_nowait(out)
 
     def _fail_all(self, message: str) -> None:
@@ -198,6 +220,7 @@ class AsyncEngine:
         for queue in {id(q): q for q in self._queues.values()}.values():
             queue.put_nowait(error)
         self._queues.clear()
+        self._signalled.clear()
         if not self.core.stopping:
             self.on_dead(message)
 
