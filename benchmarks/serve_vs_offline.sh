@@ -38,9 +38,15 @@ python3 -m tokenmill bench serve --url "http://127.0.0.1:$((PORT + 1))" --worklo
   $WL_FLAGS --output-json "$OUT/ceiling.json" > "$OUT/ceiling.log" 2>&1
 kill "${pids[-1]}"
 
+scrape() {  # url: the engine's step counters from /metrics
+  python3 -c "import httpx,sys; print(httpx.get(sys.argv[1] + '/metrics').text)" "$1" \
+    | grep -E '^tokenmill:(engine_steps|graph_steps|eager_steps|scheduled_seqs)' || true
+}
+
 serve_once() {  # name, extra serve flags...
   local name=$1; shift
   echo "== tokenmill serve $* ($name) + bench serve"
+  TOKENMILL_CORE_TRACE="$OUT/trace_$name.jsonl" \
   python3 -m tokenmill serve "${model_flag[@]}" --port "$PORT" --log-level warning \
     $ENGINE_FLAGS $SERVE_FLAGS "$@" > "$OUT/serve_$name.log" 2>&1 & pids+=($!)
   local srv=$!
@@ -48,8 +54,14 @@ serve_once() {  # name, extra serve flags...
   # warm-up (first kernels, CUDA graphs), not measured
   python3 -m tokenmill bench serve --url "http://127.0.0.1:$PORT" --workload random \
     --num-prompts 32 --input-len 128 --output-len 32 > /dev/null 2>&1 || true
+  scrape "http://127.0.0.1:$PORT" > "$OUT/metrics_${name}_0.txt"
   python3 -m tokenmill bench serve --url "http://127.0.0.1:$PORT" --workload "$WORKLOAD" \
     $WL_FLAGS --output-json "$OUT/serve_$name.json" 2>&1 | tee "$OUT/bench_serve_$name.log" | tail -20
+  scrape "http://127.0.0.1:$PORT" > "$OUT/metrics_${name}_1.txt"
+  # the same workload again: kernels compiled for its shapes during the first pass are warm
+  python3 -m tokenmill bench serve --url "http://127.0.0.1:$PORT" --workload "$WORKLOAD" \
+    $WL_FLAGS --output-json "$OUT/serve_${name}_again.json" > "$OUT/bench_serve_${name}_again.log" 2>&1
+  scrape "http://127.0.0.1:$PORT" > "$OUT/metrics_${name}_2.txt"
   kill -TERM "$srv"; wait "$srv" || true
 }
 serve_once engine_process
@@ -62,8 +74,24 @@ offline = json.loads((out / "offline.json").read_text())["results"][0]["output_t
 ceiling = json.loads((out / "ceiling.json").read_text())["output_token_throughput"]
 print(f"offline (bench throughput): {offline:,.0f} output tok/s")
 print(f"bench serve client ceiling (instant server): {ceiling:,.0f} output tok/s")
+def counters(path):
+    vals = {}
+    for line in path.read_text().splitlines():
+        name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+        vals[name.removeprefix("tokenmill:").removesuffix("_total")] = value
+    return vals
 for path in sorted(out.glob("serve_*.json")):
     s = json.loads(path.read_text())
+    name = path.stem.removeprefix("serve_")
+    base, k = (name.removesuffix("_again"), 2) if name.endswith("_again") else (name, 1)
+    try:
+        a, b = counters(out / f"metrics_{base}_{k - 1}.txt"), counters(out / f"metrics_{base}_{k}.txt")
+        d = {key: b[key] - a.get(key, 0.0) for key in b}
+        print(f"{path.stem}: engine steps {d['engine_steps']:.0f} (graph {d['graph_steps']:.0f}, "
+              f"eager {d['eager_steps']:.0f}), mean batch {d['scheduled_seqs'] / max(d['engine_steps'], 1):.1f}, "
+              f"{1e3 * s['duration_s'] / max(d['engine_steps'], 1):.2f} ms of the run per step")
+    except (OSError, KeyError, ValueError, IndexError) as e:
+        print(f"{path.stem}: no engine counters ({e!r})")
     ratio = s["output_token_throughput"] / offline
     print(f"{path.stem}: {s['output_token_throughput']:,.0f} output tok/s, "
           f"serve/offline = {ratio:.2f} (bar 0.85: {'met' if ratio >= 0.85 else 'NOT met'}); "
@@ -72,4 +100,27 @@ for path in sorted(out.glob("serve_*.json")):
         v = s[key]
         print(f"  {key[:-3].upper():5s} ms  mean {v['mean']:8.1f}  median {v['median']:8.1f}"
               f"  p99 {v['p99']:8.1f}")
+PY
+
+python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+# The engine core's own timeline (TOKENMILL_CORE_TRACE): one segment per burst of work.
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("trace_*.jsonl")):
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    segs, cur = [], []
+    for r in rows:
+        if cur and r["t"] - cur[-1]["t"] - (cur[-1]["apply_ms"] + cur[-1]["step_ms"]) / 1e3 > 0.5:
+            segs.append(cur); cur = []
+        cur.append(r)
+    segs.append(cur)
+    for i, seg in enumerate(segs):
+        t0, adds, total = seg[0]["t"], 0, sum(r["adds"] for r in seg)
+        all_in = next((r["t"] - t0 for r in seg if (adds := adds + r["adds"]) >= total), 0.0)
+        steps = [r for r in seg if r["step_ms"] > 0]
+        step_ms = sum(r["step_ms"] for r in steps)
+        span = seg[-1]["t"] - t0 + seg[-1]["step_ms"] / 1e3
+        print(f"{path.stem} burst {i}: {span:.2f} s, {len(steps)} steps, {total} adds (all in by "
+              f"{all_in:.2f} s), stepping {step_ms / 1e3:.2f} s ({step_ms / max(len(steps), 1):.2f} ms a "
+              f"step), applying adds {sum(r['apply_ms'] for r in seg) / 1e3:.2f} s, mean running "
+              f"{sum(r['running'] for r in steps) / max(len(steps), 1):.0f}")
 PY

@@ -73,3 +73,38 @@ def test_merged_token_streams_keep_each_requests_order():
     assert merged.tokens == {"a": [1, 2, 3, 4], "b": [10]}
     assert merged.outputs == [last] and merged.stats.num_steps == 3
     assert first.tokens == {"a": [1], "b": [10]}  # the inputs are not modified
+
+
+def test_core_trace_writes_one_line_per_loop(tmp_path, monkeypatch):
+    """TOKENMILL_CORE_TRACE: the engine loop's timeline, one JSON line per step."""
+    import json
+    from types import SimpleNamespace
+
+    from tokenmill.engine.core_messages import CoreRequest, EngineRequest
+    from tokenmill.engine.core_proc import run_core
+    from tokenmill.engine.sampling_params import SamplingParams
+
+    class TwoSteps:  # a model-free LLM: a request runs two steps, then the loop idles
+        def __init__(self):
+            self.left, self.stats = 0, EngineStats()
+            self.output_processor = SimpleNamespace(states={})
+
+        def has_unfinished_requests(self):
+            return self.left > 0
+
+        def add_request(self, rid, ids, params, stream=True):
+            self.left = 2
+
+        def step(self):
+            self.left -= 1
+            self.stats.num_steps += 1
+            return []
+
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("TOKENMILL_CORE_TRACE", str(path))
+    inbox = [[CoreRequest(adds=[EngineRequest("a", [1, 2], SamplingParams())])], [], []]
+    inbox.append([CoreRequest(shutdown=True)])
+    run_core(TwoSteps(), lambda block: inbox.pop(0), lambda msg: None)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["adds"], r["steps"]) for r in lines] == [(1, 1), (0, 2)]
+    assert lines[0]["t"] == 0.0 and lines[1]["t"] >= 0.0 and lines[1]["step_ms"] >= 0.0

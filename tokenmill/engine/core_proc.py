@@ -168,17 +168,58 @@ def run_core(
     """The core loop: apply what arrived, step, send one CoreOutput. `receive(block)` returns
     the messages waiting (blocking for one when the engine is idle); returns on shutdown."""
     core = EngineCore(llm)
+    trace = _StepTrace.from_env()
     while True:
         rejected: dict[str, str] = {}
         moved = False
-        for msg in receive(not llm.has_unfinished_requests()):
+        msgs = receive(not llm.has_unfinished_requests())
+        t0 = time.perf_counter()
+        for msg in msgs:
             if msg.shutdown:
                 return
             rejected.update(core.apply(msg))
             moved = moved or bool(msg.aborts)
+        t1 = time.perf_counter()
+        stepped = llm.has_unfinished_requests()
         outputs, tokens = core.step()
+        t2 = time.perf_counter()
         if outputs or tokens or rejected or moved or llm.has_unfinished_requests():
             send(CoreOutput(outputs, rejected, core.stats(), tokens))
+        if trace is not None and (stepped or msgs):
+            trace.write(msgs, t0, t1, t2, llm.stats, len(tokens) + len(outputs))
+
+
+class _StepTrace:
+    """TOKENMILL_CORE_TRACE=PATH: one JSON line per loop of the engine core (a diagnostic for
+    `serve`): when it ran (seconds since the first line), requests added, time applying the
+    messages and stepping, running / waiting requests after the step and requests that moved."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - line-buffered
+        self._start: float | None = None
+
+    @classmethod
+    def from_env(cls) -> _StepTrace | None:
+        path = os.environ.get("TOKENMILL_CORE_TRACE")
+        return cls(path) if path else None
+
+    def write(self, msgs, t0: float, t1: float, t2: float, stats: EngineStats, moved: int) -> None:
+        import json
+
+        if self._start is None:
+            self._start = t0
+        adds = sum(len(m.adds) for m in msgs)
+        line = {
+            "t": round(t0 - self._start, 6),
+            "adds": adds,
+            "apply_ms": round(1e3 * (t1 - t0), 3),
+            "step_ms": round(1e3 * (t2 - t1), 3),
+            "running": stats.num_running,
+            "waiting": stats.num_waiting,
+            "moved": moved,
+            "steps": stats.num_steps,
+        }
+        self._file.write(json.dumps(line) + "\n")
 
 
 def core_info(llm: Any) -> CoreInfo:

@@ -44,6 +44,8 @@ _COUNTERS = {
     ),
     "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
     "engine_steps": ("Engine steps run.", "num_steps"),
+    "graph_steps": ("Forward passes replayed from CUDA graphs.", "graph_steps"),
+    "eager_steps": ("Forward passes run eagerly (no CUDA graph).", "eager_steps"),
     "scheduled_seqs": (
         "Sequences scheduled, summed over steps (/ engine_steps = mean batch size).",
         "num_scheduled_seqs_total",
