@@ -1,0 +1,164 @@
+"""Where the engine core's time goes under `serve`, against `generate`: same LLM, same process.
+
+    python3 benchmarks/core_overhead.py [MODEL | --dummy-arch smollm2-135m] [--workload nano]
+                                        [--profile]
+
+One LLM runs the workload three ways, after a warm-up pass of each:
+  offline   llm.generate (what `bench throughput` times)
+  core      engine/core_proc.run_core with every request added in one CoreRequest as the server
+            adds them (token-only streams), outputs dropped: the core loop's own cost
+  pipe      run_core_over_pipe, as `serve`'s engine process runs: PipeSender over a real pipe,
+            read and unpickled by another process
+Prints wall seconds, steps and ms per step for each (and, with --profile, the 25 functions with
+the most own time in each, under $OUT or ./out/core_overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import multiprocessing as mp
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill.bench.workloads import build_workload  # noqa: E402
+from tokenmill.engine.core_messages import CoreRequest, EngineRequest  # noqa: E402
+from tokenmill.engine.core_proc import run_core, run_core_over_pipe  # noqa: E402
+
+
+def _drain(conn) -> None:
+    try:
+        while True:
+            conn.recv()
+    except EOFError:
+        pass
+
+
+def _requests(workload, tag: str) -> list[EngineRequest]:
+    return [
+        EngineRequest(
+            f"{tag}-{i}",
+            r.prompt,
+            SamplingParams(
+                temperature=workload.temperature, ignore_eos=True, max_tokens=r.max_tokens
+            ),
+            stream=True,
+            detokenize=False,
+        )
+        for i, r in enumerate(workload.requests)
+    ]
+
+
+def _receive_all_then_stop(llm, adds):
+    pending = [[CoreRequest(adds=adds)]]
+
+    def receive(block: bool):
+        if pending:
+            return pending.pop()
+        if block and not llm.has_unfinished_requests():
+            return [CoreRequest(shutdown=True)]
+        return []
+
+    return receive
+
+
+def run_offline(llm, workload, tag):
+    params = [
+        SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=r.max_tokens)
+        for r in workload.requests
+    ]
+    llm.generate([r.prompt for r in workload.requests], params, use_tqdm=False)
+
+
+def run_core_loop(llm, workload, tag):
+    run_core(llm, _receive_all_then_stop(llm, _requests(workload, tag)), lambda msg: None)
+
+
+def run_pipe(llm, workload, tag):
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    reader = ctx.Process(target=_drain, args=(theirs,), daemon=True)
+    reader.start()
+    theirs.close()
+
+    class Conn:  # the engine side of the pipe: adds come from us, outputs go to the reader
+        def __init__(self, adds):
+            self.inbox = [CoreRequest(adds=adds)]
+
+        def poll(self, timeout):
+            if self.inbox:
+                return True
+            if timeout is None:  # idle: the run is over
+                self.inbox.append(CoreRequest(shutdown=True))
+                return True
+            return False
+
+        def recv(self):
+            return self.inbox.pop(0)
+
+        def send(self, msg):
+            ours.send(msg)
+
+    run_core_over_pipe(llm, Conn(_requests(workload, tag)))
+    ours.close()
+    reader.join(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--workload", default="nano")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--num-prompts", type=int)
+    ap.add_argument("--input-len", type=int)
+    ap.add_argument("--output-len", type=int)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dummy-arch", help="a bench preset (e.g. smollm2-135m), random weights")
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "out/core_overhead"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.dummy_arch:
+        from tokenmill.bench.presets import make_dummy_checkpoint
+
+        path = make_dummy_checkpoint(args.dummy_arch, device=args.device, weights=False)
+        llm = LLM(str(path), device=args.device, load_format="dummy", skip_tokenizer_init=True)
+    else:
+        llm = LLM(args.model, device=args.device) if args.model else LLM(device=args.device)
+    workload = build_workload(
+        args.workload, None, args.num_prompts, args.input_len, args.output_len
+    )
+    rows = []
+    order = [("offline", run_offline), ("core", run_core_loop), ("pipe", run_pipe)]
+    if os.environ.get("REVERSE"):
+        order.reverse()
+    for name, fn in order:
+        fn(llm, workload, f"warm-{name}")
+        steps0 = llm.stats.num_steps
+        prof = cProfile.Profile() if args.profile else None
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        fn(llm, workload, name)
+        if prof:
+            prof.disable()
+        wall = time.perf_counter() - t0
+        steps = llm.stats.num_steps - steps0
+        rows.append((name, wall, steps))
+        if prof:
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+            (out / f"profile_{name}.txt").write_text(text.getvalue())
+    print(f"{'path':8s} {'wall s':>8s} {'steps':>6s} {'ms/step':>8s}  (profiled: {args.profile})")
+    for name, wall, steps in rows:
+        print(f"{name:8s} {wall:8.2f} {steps:6d} {1e3 * wall / max(steps, 1):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
