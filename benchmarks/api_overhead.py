@@ -125,7 +125,7 @@ class InstantLLM:
 STALL_LOG = Path(tempfile.gettempdir()) / f"api_overhead_stalls.{os.getpid()}.json"
 
 
-def _instant_main(model_dir: str, step_s: float, conn, stall_log: str) -> None:
+def _instant_main(model_dir: str, step_s: float, requests, outputs, stall_log: str) -> None:
     """The child process: ProcCore's _proc_main with InstantLLM instead of LLM (the same loop,
     run_core_over_pipe). InstantLLM records the loop's stalls: time between steps beyond the
     bookkeeping, e.g. a send blocked on a full pipe."""
@@ -133,8 +133,8 @@ def _instant_main(model_dir: str, step_s: float, conn, stall_log: str) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     llm = InstantLLM(model_dir, step_s)
-    conn.send(core_info(llm))
-    run_core_over_pipe(llm, conn)
+    outputs.send(core_info(llm))
+    run_core_over_pipe(llm, requests, outputs)
     Path(stall_log).write_text(json.dumps(llm.stalls))
 
 
@@ -144,13 +144,17 @@ class InstantProcCore(ProcCore):
 
         super(ProcCore, self).__init__()
         ctx = mp.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe()
+        core_requests, self._requests = ctx.Pipe(duplex=False)
+        self._outputs, core_outputs = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
-            target=_instant_main, args=(model_dir, step_s, child_conn, str(STALL_LOG)), daemon=True
+            target=_instant_main,
+            args=(model_dir, step_s, core_requests, core_outputs, str(STALL_LOG)),
+            daemon=True,
         )
         self.process.start()
-        child_conn.close()
-        self.info: CoreInfo = self._conn.recv()
+        core_requests.close()
+        core_outputs.close()
+        self.info: CoreInfo = self._outputs.recv()
 
 
 async def _pipeline(engine, num_prompts: int, input_len: int, output_len: int) -> int:

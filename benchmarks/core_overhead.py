@@ -33,7 +33,13 @@ from tokenmill.engine.core_messages import CoreRequest, EngineRequest  # noqa: E
 from tokenmill.engine.core_proc import run_core, run_core_over_pipe  # noqa: E402
 
 
-def _drain(conn) -> None:
+def _spin(stop) -> None:
+    while not stop.is_set():  # a busy process: what the API server and the client are to us
+        sum(range(10_000))
+
+
+def _drain(conn, ready) -> None:
+    ready.send(True)  # imported and reading: the clock may start
     try:
         while True:
             conn.recv()
@@ -74,41 +80,53 @@ def run_offline(llm, workload, tag):
         SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=r.max_tokens)
         for r in workload.requests
     ]
+    t0 = time.perf_counter()
     llm.generate([r.prompt for r in workload.requests], params, use_tqdm=False)
+    return time.perf_counter() - t0
 
 
 def run_core_loop(llm, workload, tag):
-    run_core(llm, _receive_all_then_stop(llm, _requests(workload, tag)), lambda msg: None)
+    receive = _receive_all_then_stop(llm, _requests(workload, tag))
+    t0 = time.perf_counter()
+    run_core(llm, receive, lambda msg: None)
+    return time.perf_counter() - t0
 
 
 def run_pipe(llm, workload, tag):
     ctx = mp.get_context("spawn")
-    ours, theirs = ctx.Pipe()
-    reader = ctx.Process(target=_drain, args=(theirs,), daemon=True)
-    reader.start()
+    theirs, ours = ctx.Pipe(duplex=False)
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    reader = ctx.Process(target=_drain, args=(theirs, ready_w), daemon=True)
+    reader.start()  # spawned and importing before the clock starts
     theirs.close()
+    ready_r.recv()
 
-    class Conn:  # the engine side of the pipe: adds come from us, outputs go to the reader
+    class Requests:  # the request side of the pipe: all adds at once, then shutdown when idle
         def __init__(self, adds):
             self.inbox = [CoreRequest(adds=adds)]
+            self.done = False
+            self.r, self.w = os.pipe()  # select() needs a descriptor; written when idle
+
+        def fileno(self):
+            return self.r
 
         def poll(self, timeout):
-            if self.inbox:
-                return True
-            if timeout is None:  # idle: the run is over
-                self.inbox.append(CoreRequest(shutdown=True))
-                return True
-            return False
+            if not self.inbox and not self.done and not llm.has_unfinished_requests():
+                self.inbox.append(CoreRequest(shutdown=True))  # the run is over
+                self.done = True
+            return bool(self.inbox)
 
         def recv(self):
             return self.inbox.pop(0)
 
-        def send(self, msg):
-            ours.send(msg)
-
-    run_core_over_pipe(llm, Conn(_requests(workload, tag)))
+    requests = Requests(_requests(workload, tag))
+    os.write(requests.w, b"x")  # always readable: the idle loop reads the shutdown at once
+    t0 = time.perf_counter()
+    run_core_over_pipe(llm, requests, ours)
+    wall = time.perf_counter() - t0
     ours.close()
     reader.join(10)
+    return wall
 
 
 def main() -> None:
@@ -121,9 +139,19 @@ def main() -> None:
     ap.add_argument("--output-len", type=int)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dummy-arch", help="a bench preset (e.g. smollm2-135m), random weights")
+    ap.add_argument("--busy", type=int, default=0, help="this many busy processes meanwhile")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for this process")
+    ap.add_argument("--only", help="comma-separated paths to run (offline,core,pipe)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "out/core_overhead"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    stop = mp.get_context("spawn").Event()
+    for _ in range(args.busy):
+        mp.get_context("spawn").Process(target=_spin, args=(stop,), daemon=True).start()
     if args.dummy_arch:
         from tokenmill.bench.presets import make_dummy_checkpoint
 
@@ -138,23 +166,25 @@ def main() -> None:
     order = [("offline", run_offline), ("core", run_core_loop), ("pipe", run_pipe)]
     if os.environ.get("REVERSE"):
         order.reverse()
+    if args.only:
+        order = [(n, f) for n, f in order if n in args.only.split(",")]
     for name, fn in order:
         fn(llm, workload, f"warm-{name}")
         steps0 = llm.stats.num_steps
         prof = cProfile.Profile() if args.profile else None
-        t0 = time.perf_counter()
         if prof:
             prof.enable()
-        fn(llm, workload, name)
+        wall = fn(llm, workload, name)
         if prof:
             prof.disable()
-        wall = time.perf_counter() - t0
         steps = llm.stats.num_steps - steps0
         rows.append((name, wall, steps))
         if prof:
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
             (out / f"profile_{name}.txt").write_text(text.getvalue())
+    stop.set()
+    print(f"busy processes {args.busy}, torch threads {__import__('torch').get_num_threads()}")
     print(f"{'path':8s} {'wall s':>8s} {'steps':>6s} {'ms/step':>8s}  (profiled: {args.profile})")
     for name, wall, steps in rows:
         print(f"{name:8s} {wall:8.2f} {steps:6d} {1e3 * wall / max(steps, 1):8.2f}")
