@@ -492,7 +492,8 @@ def paged_attention_varlen(
 
     cu_seqlens_q indexes q and out, and need not start at 0 (the Triton backend passes the
     rows after its decode rows). plan: from `varlen_plan` over the same batch; without one it
-    is built here from cu_seqlens_q and seq_lens read back from the device (a sync).
+    is built here from cu_seqlens_q and seq_lens read back from the device (a sync), with
+    tiles sized by max_seqlen_q (which a plan ignores).
     NOTE: one tile size serves the whole launch, sized by its longest chunk: a decode row
     here wastes most of a 64-row tile, which is why the engine sends decodes to
     `paged_attention_decode`.
@@ -507,11 +508,14 @@ def paged_attention_varlen(
     assert out.shape == q.shape and out.stride(2) == 1
     if q.shape[0] == 0 or num_seqs == 0:
         return out
+    group = num_heads // num_kv_heads
     if plan is None:
+        cfg = varlen_config(head_dim, group, max_seqlen_q)
         plan = varlen_plan(
-            cu_seqlens_q.tolist(), seq_lens.tolist(), num_heads, num_kv_heads, head_dim, q.device
-        )
-    cfg, group = plan.config, num_heads // num_kv_heads
+            cu_seqlens_q.tolist(), seq_lens.tolist(), num_heads, num_kv_heads, head_dim,
+            q.device, cfg,
+        )  # fmt: skip
+    cfg = plan.config
     num_items = plan.work.shape[0]
     if num_items == 0:
         return out
