@@ -8,7 +8,10 @@ decodes_first):
 
 The decode rows go to the split-K decode kernel, which reads K/V near the cache's bandwidth;
 the varlen kernel's query tiles are built for chunks and waste most of their work on a
-one-token row (measured on W2: ~900 decode rows made a mixed step's varlen call 32 ms). A
+one-token row (measured on W2: ~900 decode rows made a mixed step's varlen call 32 ms).
+Why reorder the batch rather than pass an index list of decode rows (vLLM V1 reorders too):
+both kernels then read q, out, seq_lens, block_tables and cu_seqlens_q as plain slices, with
+no gather of q, no scatter of the output and no per-step index tensor to upload. A
 decode-only step is one decode launch whose shape depends only on the batch size
 (CUDA-graph friendly). Mixed steps run attention eagerly between graph pieces
 (engine/cuda_graph.py), so the two launches may change shape from step to step.
