@@ -15,7 +15,7 @@ from engine_utils import PROMPT_TEXTS, ScheduleRecorder, encode_all, greedy, mak
 from tokenmill import SamplingParams
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.request import Request, RequestStatus
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler import ScheduledSeq, Scheduler, decodes_first
 
 
 def _req(rid: str, prompt: list[int], max_tokens: int = 8) -> Request:
@@ -40,15 +40,26 @@ def _fake_step(sched: Scheduler, rng: random.Random):
     return out
 
 
+def _check_order(out, running_before: list[str]) -> None:
+    """One-token rows (decodes) first, then the rest; within each part, requests that were
+    running come first (oldest first), then new ones."""
+    is_chunk = [s.num_new_tokens > 1 for s in out.seqs]
+    assert is_chunk == sorted(is_chunk), [(s.req_id, s.num_new_tokens) for s in out.seqs]
+    for part in (False, True):
+        ids = [s.req_id for s in out.seqs if (s.num_new_tokens > 1) == part]
+        was_running = [i in running_before for i in ids]
+        assert was_running == sorted(was_running, reverse=True), ids
+        old = [i for i in ids if i in running_before]
+        assert old == [i for i in running_before if i in old], ids
+
+
 def _check_step(sched: Scheduler, out, running_before: list[str], cfg: dict) -> None:
     assert out.num_tokens <= cfg["max_num_batched_tokens"]
     assert len(out.seqs) <= cfg["max_num_seqs"]
     assert len(sched.running) <= cfg["max_num_seqs"]
     ids = [s.req_id for s in out.seqs]
     assert len(set(ids)) == len(ids)
-    # requests that were running come first (decodes and unfinished chunks), then new ones
-    was_running = [i in running_before for i in ids]
-    assert was_running == sorted(was_running, reverse=True), ids
+    _check_order(out, running_before)
     # preemption takes the newest running requests, newest first
     if out.preempted_ids:
         n = len(out.preempted_ids)
@@ -145,6 +156,35 @@ def test_decodes_are_scheduled_before_new_prefills():
     ]
 
 
+def test_one_token_rows_lead_the_batch_without_changing_who_runs():
+    """A new request with one uncached token (a prefix hit) is admitted after a running chunk,
+    as before; the batch then lists it first, so attention sees the one-token rows as one slice.
+    """
+    sched = _scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=12)
+    prefix = list(range(5, 13))
+    sched.add(_req("a", prefix, max_tokens=1))  # leaves prefix's 2 blocks in the cache
+    _fake_step(sched, random.Random(0))
+    sched.add(_req("long", list(range(20, 40))))  # 20 tokens: chunks of 12 and 8
+    sched.add(_req("hit", prefix + [99]))  # 8 tokens cached: 1 to compute
+    out = sched.schedule()
+    assert [(s.req_id, s.num_new_tokens) for s in out.seqs] == [("long", 12)]
+    sched.update_from_output(out, {})
+    out = sched.schedule()
+    assert [(s.req_id, s.num_new_tokens) for s in out.seqs] == [("hit", 1), ("long", 8)]
+    assert [r.req_id for r in sched.running] == ["long", "hit"]  # admission order unchanged
+
+
+def test_decodes_first_is_a_stable_partition():
+    rows = [_seq("a", 8), _seq("b", 1), _seq("c", 5), _seq("d", 1), _seq("e", 1)]
+    assert [s.req_id for s in decodes_first(rows)] == ["b", "d", "e", "a", "c"]
+    assert decodes_first([]) == []
+
+
+def _seq(rid: str, num_new: int) -> ScheduledSeq:
+    req = _req(rid, [5] * num_new)
+    return ScheduledSeq(rid, [5] * num_new, 0, [], sample=True, req=req)
+
+
 def test_sequence_cap_holds_back_waiting_requests():
     sched = _scheduler(num_blocks=64, block_size=4, max_num_seqs=2)
     for i in range(4):
@@ -190,9 +230,7 @@ def test_engine_steps_respect_budget_cap_and_order(tiny_model_dir):
     cfg = dict(max_num_batched_tokens=12, max_num_seqs=3)
     for running_before, _, out in rec.steps:
         assert out.num_tokens <= 12 and len(out.seqs) <= 3
-        ids = [s.req_id for s in out.seqs]
-        was_running = [i in running_before for i in ids]
-        assert was_running == sorted(was_running, reverse=True)
+        _check_order(out, running_before)
         if out.preempted_ids:
             assert out.preempted_ids == running_before[::-1][: len(out.preempted_ids)]
     assert max(len(out.seqs) for _, _, out in rec.steps) == cfg["max_num_seqs"]

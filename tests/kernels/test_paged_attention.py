@@ -40,6 +40,8 @@ def make_batch(rows, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=
     v_cache = torch.randn(cache_shape, generator=gen).to(DEVICE, dtype)
     q = torch.randn(cu[-1], num_heads, head_dim, generator=gen).to(DEVICE, dtype)
     seq_lens = [seq_len for _, seq_len in rows]
+    # as the model runner counts them: the leading one-token rows
+    num_decodes = next((i for i, (q_len, _) in enumerate(rows) if q_len != 1), len(rows))
     meta = AttentionMetadata(
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEVICE),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
@@ -49,6 +51,7 @@ def make_batch(rows, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=
         max_seqlen_k=max(seq_lens),
         cu_seqlens_q_cpu=cu,
         seq_lens_cpu=seq_lens,
+        num_decodes=num_decodes,
     )
     return q, k_cache, v_cache, meta
 

@@ -5,6 +5,7 @@ context 9), a prefill chunk of 4 tokens with 3 already cached, a fresh prefill o
 
     query tokens   | d | c c c c | p p p p p |
     cu_seqlens_q = [0, 1, 5, 10]     seq_lens = [9, 7, 5]     (cached + new, per sequence)
+    num_decodes = 1                  (leading sequences with one query token)
 
 Query token i of sequence s sits at position seq_lens[s] - q_len[s] + i and attends causally
 to every key at a position <= its own; with a sliding window W, only to keys at positions
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +46,13 @@ class AttentionMetadata:
     # Host copies, so the torch backend never synchronises with the device to read them.
     cu_seqlens_q_cpu: list[int]
     seq_lens_cpu: list[int]
+    # The first num_decodes sequences have one query token each (the scheduler lists them
+    # first: scheduler.decodes_first); the Triton backend runs them through the decode kernel
+    # and the rest through the varlen kernel. 0 is always correct, just slower.
+    num_decodes: int = 0
+    # What a backend derives from this metadata once per forward pass and reuses in every
+    # layer (the varlen kernel's work list), keyed by the backend.
+    cache: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

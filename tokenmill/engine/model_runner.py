@@ -6,7 +6,7 @@ and block_size 4, block tables [[0, 5, 2], [1], [3, 4]]:
 
     input_ids     = [d, c0 c1 c2 c3, p0 p1 p2 p3 p4]
     positions     = [8, 3 4 5 6,     0 1 2 3 4]
-    cu_seqlens_q  = [0, 1, 5, 10]          seq_lens = [9, 7, 5]
+    cu_seqlens_q  = [0, 1, 5, 10]          seq_lens = [9, 7, 5]      num_decodes = 1
     slot_mapping  = [2*4+0, 1*4+3, 5*4+0 ...]   (block_ids[pos // 4] * 4 + pos % 4)
     logits_indices = [0, 4, 9]              (last token of each seq that samples)
 """
@@ -260,7 +260,9 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     # ---- one step ------------------------------------------------------------------------------
-    def _metadata(self, cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max_k):
+    def _metadata(
+        self, cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max_k, num_decodes=0
+    ):
         dev = self.device
         width = max(len(b) for b in block_tables) if block_tables else 1
         table = np.zeros((len(block_tables), max(width, 1)), dtype=np.int32)
@@ -283,6 +285,7 @@ class ModelRunner:
             max_seqlen_k=max_k,
             cu_seqlens_q_cpu=list(cu_seqlens_q),
             seq_lens_cpu=list(seq_lens),
+            num_decodes=num_decodes,
         )
 
     def prepare(self, sched: SchedulerOutput):
@@ -315,8 +318,12 @@ class ModelRunner:
             if seq.sample:
                 logits_indices.append(cu_seqlens_q[-1] - 1)
         max_q = max(s.num_new_tokens for s in sched.seqs)
+        # the scheduler lists one-token rows first (decodes_first); count them, don't trust it
+        num_decodes = next(
+            (i for i, s in enumerate(sched.seqs) if s.num_new_tokens != 1), len(sched.seqs)
+        )
         meta = self._metadata(
-            cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max(seq_lens)
+            cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max(seq_lens), num_decodes
         )
         ids = self._to_device(input_ids, torch.long)
         if inflight_at:  # fill placeholders from the device-side samples of the last step

@@ -7,6 +7,9 @@ a chunk of a long prompt, a prefix-cache hit (computed tokens start above zero),
 
 Order within a step: running requests first, oldest first (mostly decodes, plus unfinished
 prefill chunks), then waiting requests, oldest first, as far as budget and KV blocks allow.
+That order decides who gets budget and blocks; the step's batch then lists its one-token rows
+(decodes) first, each part in that order, so attention runs them as one slice through the
+decode kernel (engine/triton_attention.py). Outputs map back by request id.
 When a running request needs a block and none is free, the newest running request is
 preempted (its blocks freed, its computed tokens reset) and goes back to the front of the
 waiting queue.
@@ -141,6 +144,7 @@ class Scheduler:
             self.running.append(req)
             budget -= num_new
             out.seqs.append(self._scheduled_seq(req, num_new))
+        out.seqs = decodes_first(out.seqs)
         return out
 
     def _reserve(self, req: Request, num_new: int, out: SchedulerOutput) -> int:
@@ -242,6 +246,15 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = status
         self.block_manager.free_request(req)
+
+
+def decodes_first(seqs: list[ScheduledSeq]) -> list[ScheduledSeq]:
+    """The rows with one new token first, then the others; a stable partition, so each part
+    keeps the scheduling order. Only the batch's row order changes, never who was scheduled:
+
+        [chunk a (8), decode b, new c (5), decode d]  ->  [b, d, a, c]
+    """
+    return [s for s in seqs if s.num_new_tokens == 1] + [s for s in seqs if s.num_new_tokens != 1]
 
 
 def check_stop(req: Request, token: int) -> RequestStatus | None:

@@ -11,12 +11,12 @@ tile is read once per group, not once per query head. The rows of a program's sc
 
     NUM_QUERIES_PER_KV = 2, BLOCK_M = 8  ->  rows: (t0,h0) (t0,h1) (t1,h0) (t1,h1) ... (t3,h1)
 
-1. `paged_attention_varlen` (mixed prefill + decode batches). Grid:
-   (num_seqs, cdiv(max_seqlen_q, BLOCK_Q), num_kv_heads); a program owns BLOCK_Q query tokens
-   of one sequence and walks the keys up to its last token's position in tiles of BLOCK_N keys
-   gathered through the block table (so BLOCK_N need not equal block_size). Programs past their
-   sequence's query length exit at once. A batch with long chunks is two launches: rows whose
-   chunk fits a 16-row tile (decodes), then the others with 64-row tiles.
+1. `paged_attention_varlen` (prefill chunks, with or without cached context). Grid:
+   (num_items * num_kv_heads,) over a host-built work list of (seq, q_tile) items
+   (`varlen_work`), heaviest first; a program owns BLOCK_Q query tokens of one sequence and
+   walks the keys up to its last token's position in tiles of BLOCK_N keys gathered through
+   the block table (so BLOCK_N need not equal block_size). The engine sends decode rows to
+   the decode kernel instead (engine/triton_attention.py).
 2. `paged_attention_decode` (every sequence has exactly one new token). Grid:
    (num_seqs, num_kv_heads, num_splits); split i of sequence s covers keys
    [i * P, (i + 1) * P) with P = max(cdiv(seq_lens[s], num_splits), MIN_PARTITION) rounded up
@@ -43,6 +43,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -86,6 +87,7 @@ def _attend_tile(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_FP32_DOT: tl.constexpr,
+    USE_K_ROWS: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -95,8 +97,15 @@ def _attend_tile(
     slot_in_block = offs_n % BLOCK_SIZE
     k_off = block_ids * stride_kc_block + slot_in_block * stride_kc_slot + kv_head * stride_kc_head
     v_off = block_ids * stride_vc_block + slot_in_block * stride_vc_slot + kv_head * stride_vc_head
-    # [HEAD_DIM, BLOCK_N]: each column is one key's head_dim contiguous elements
-    k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=n_valid[None, :], other=0.0)
+    if USE_K_ROWS:  # [BLOCK_N, HEAD_DIM]: one key per row, as the cache stores it
+        k = tl.load(
+            k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0
+        )
+        k = tl.trans(k)
+    else:  # [HEAD_DIM, BLOCK_N]: each column is one key's head_dim contiguous elements
+        k = tl.load(
+            k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=n_valid[None, :], other=0.0
+        )
     if USE_FP32_DOT:
         s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
     else:
@@ -148,8 +157,8 @@ def _varlen_kernel(
     stride_vc_slot,
     stride_vc_head,
     stride_bt_seq,
-    min_q_len,
-    max_q_len,
+    work_ptr,  # [num_items, 2] int32: (seq, q_tile) per work item, most keys first
+    num_kv_heads,
     NUM_QUERIES_PER_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -159,15 +168,17 @@ def _varlen_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_FP32_DOT: tl.constexpr,
+    USE_K_ROWS: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    q_tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    # program p: work item p // num_kv_heads, KV head p % num_kv_heads (the KV heads of one
+    # item start together, so the heaviest items go first on every head)
+    pid = tl.program_id(0)
+    item = pid // num_kv_heads
+    kv_head = pid % num_kv_heads
+    seq = tl.load(work_ptr + 2 * item)
+    q_tile = tl.load(work_ptr + 2 * item + 1)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    # this launch owns sequences with min_q_len <= q_len <= max_q_len (see the launcher)
-    if (q_tile * BLOCK_Q >= q_len) | (q_len < min_q_len) | (q_len > max_q_len):
-        return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len  # keys already cached before this step's tokens
 
@@ -206,14 +217,14 @@ def _varlen_kernel(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
             kv_start, kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
             stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, False, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT,
+            HEAD_DIM, BLOCK_N, False, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT, USE_K_ROWS,
         )  # fmt: skip
     for start_n in range(tl.maximum(full_end, win_start), kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
             kv_start, kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
             stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, True, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT,
+            HEAD_DIM, BLOCK_N, True, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT, USE_K_ROWS,
         )  # fmt: skip
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = out_ptr + token[:, None] * stride_o_token + head[:, None] * stride_o_head
@@ -255,6 +266,7 @@ def _decode_kernel(
     USE_SPLITS: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_FP32_DOT: tl.constexpr,
+    USE_K_ROWS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -285,7 +297,7 @@ def _decode_kernel(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
             start, end, m_i, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
             stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, False, False, USE_SOFTCAP, USE_FP32_DOT,
+            HEAD_DIM, BLOCK_N, False, False, USE_SOFTCAP, USE_FP32_DOT, USE_K_ROWS,
         )  # fmt: skip
     if USE_SPLITS:
         # partials: [seq, head, split, :]; an empty split leaves m = -inf, l = 0, acc = 0
@@ -381,13 +393,16 @@ class TileConfig:
     block_n: int  # keys per inner step
     num_warps: int
     num_stages: int
+    # Load each K tile as [block_n, head_dim] (one key's head_dim contiguous per row, the
+    # cache's own layout) and transpose it for the dot, instead of [head_dim, block_n].
+    k_rows: bool = False
 
 
 def varlen_config(head_dim: int, group: int, max_seqlen_q: int) -> TileConfig:
-    """BLOCK_M grows with the longest query chunk: 16 rows for decode rows (a decode row fills
-    only `group` of them), up to 64 for prefill (32 at head_dim 256, to keep the fp32
-    accumulator in registers). BLOCK_N = 64 keys: a [64, 128] bf16 K tile is 16 KiB, so K and V
-    for 2 pipeline stages fit shared memory beside the Q tile.
+    """BLOCK_M grows with the longest query chunk: 16 rows for short chunks, up to 64 for
+    prefill (32 at head_dim 256, to keep the fp32 accumulator in registers). BLOCK_N = 64
+    keys: a [64, 128] bf16 K tile is 16 KiB, so K and V for 2 pipeline stages fit shared
+    memory beside the Q tile.
     Measured on an H200 at head_dim 128 (4 x 2048-token causal prefill): 64 x 64, 4 warps,
     2 stages gave 220 TFLOP/s; 128-row tiles (8 warps, 2 or 3 stages) and 128-key tiles were
     2-10% slower. (torch SDPA on contiguous K/V: 467 TFLOP/s; room left for prefill.)
@@ -397,6 +412,64 @@ def varlen_config(head_dim: int, group: int, max_seqlen_q: int) -> TileConfig:
     block_m = max(block_m, triton.next_power_of_2(group))
     block_n = 64 if head_dim <= 128 else 32
     return TileConfig(block_m, block_n, num_warps=4, num_stages=2)
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    """One varlen launch: its tiles and its work list. Built on the host from the batch's
+    query and context lengths (which the engine has there anyway), once per forward pass and
+    reused by every layer (the Triton backend keeps it in AttentionMetadata.cache)."""
+
+    config: TileConfig
+    work: torch.Tensor  # [num_items, 2] int32 on the device: (seq, q_tile), most keys first
+
+
+def varlen_work(cu_seqlens_q: list[int], seq_lens: list[int], block_q: int) -> np.ndarray:
+    """[num_items, 2] int32: one (seq, q_tile) item per BLOCK_Q query tokens of a sequence,
+    ordered by the keys the tile reads (its last query's position + 1), most first.
+
+    NOTE: a grid of (num_seqs, cdiv(max_q_len, BLOCK_Q)) programs is mostly programs that exit
+    at once when one long chunk shares the batch with short ones; this list has only the tiles
+    that work. Most keys first: the causal tiles at a long chunk's end take longest, and
+    starting them first keeps the last wave short.
+
+        block_q 4, cu_seqlens_q [0, 6, 7], seq_lens [6, 20]: seq 0 tiles end at keys 4 and 6,
+        seq 1's one tile at key 20  ->  [[1, 0], [0, 1], [0, 0]]
+    """
+    cu = np.asarray(cu_seqlens_q, dtype=np.int64)
+    q_lens = np.diff(cu)
+    context = np.asarray(seq_lens, dtype=np.int64) - q_lens
+    num_tiles = -(-q_lens // block_q)
+    seqs = np.repeat(np.arange(len(q_lens)), num_tiles)
+    first_item = np.cumsum(num_tiles) - num_tiles
+    tiles = np.arange(len(seqs)) - np.repeat(first_item, num_tiles)
+    kv_end = context[seqs] + np.minimum((tiles + 1) * block_q, q_lens[seqs])
+    order = np.argsort(-kv_end, kind="stable")
+    return np.stack([seqs[order], tiles[order]], axis=1).astype(np.int32)
+
+
+def varlen_plan(
+    cu_seqlens_q: list[int],
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    device: torch.device,
+    config: TileConfig | None = None,
+) -> VarlenPlan:
+    """The launch plan for a batch, from host copies of its cu_seqlens_q and seq_lens.
+    config: tiles to use instead of `varlen_config`'s (the benchmark's variants)."""
+    group = num_heads // num_kv_heads
+    if config is None:
+        max_q = max(b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])) if seq_lens else 1
+        config = varlen_config(head_dim, group, max_q)
+    assert config.block_m >= group, (
+        f"block_m {config.block_m} holds no query token of {group} heads"
+    )
+    work = torch.from_numpy(varlen_work(cu_seqlens_q, seq_lens, config.block_m // group))
+    if device.type == "cuda":
+        work = work.pin_memory().to(device, non_blocking=True)
+    return VarlenPlan(config, work.to(device))
 
 
 def paged_attention_varlen(
@@ -411,11 +484,19 @@ def paged_attention_varlen(
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     window: int | None = None,
     softcap: float | None = None,
+    plan: VarlenPlan | None = None,
 ) -> torch.Tensor:
-    """Causal attention for a mixed batch of prefill chunks and decodes, straight from the cache;
-    optionally within a sliding window and with soft-capped scores (engine/attention.py).
+    """Causal attention for a batch of prefill chunks (and any decodes among them), straight
+    from the cache; optionally within a sliding window and with soft-capped scores
+    (engine/attention.py).
 
-    Tiles: see `varlen_config`.
+    cu_seqlens_q indexes q and out, and need not start at 0 (the Triton backend passes the
+    rows after its decode rows). plan: from `varlen_plan` over the same batch; without one it
+    is built here from cu_seqlens_q and seq_lens read back from the device (a sync), with
+    tiles sized by max_seqlen_q (which a plan ignores).
+    NOTE: one tile size serves the whole launch, sized by its longest chunk: a decode row
+    here wastes most of a 64-row tile, which is why the engine sends decodes to
+    `paged_attention_decode`.
     """
     num_heads, num_kv_heads, head_dim = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     num_seqs = seq_lens.shape[0]
@@ -428,24 +509,34 @@ def paged_attention_varlen(
     if q.shape[0] == 0 or num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    small = varlen_config(head_dim, group, 1)
-    big = varlen_config(head_dim, group, max_seqlen_q)
-    # NOTE: one tile size for the whole batch would give decode rows (1 token) the 64-row
-    # tiles of the longest prefill chunk and waste most of their dot products (measured: a
-    # 200-decode + 4-chunk batch took 1.7x longer). So short rows get their own launch.
-    short_q = small.block_m // group  # query tokens that fit one small tile
-    args = (out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale * LOG2E,
-            *_window_softcap(window, softcap), q.stride(0), q.stride(1), out.stride(0),
-            out.stride(1), *_kv_strides(k_cache, v_cache), block_tables.stride(0))  # fmt: skip
-    flags = dict(USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None)
-    if big.block_m == small.block_m:
-        _launch_varlen(
-            args, flags, small, group, head_dim, k_cache, num_seqs, max_seqlen_q, 0, 1 << 30
-        )
-    else:
-        _launch_varlen(args, flags, small, group, head_dim, k_cache, num_seqs, short_q, 0, short_q)
-        _launch_varlen(args, flags, big, group, head_dim, k_cache, num_seqs, max_seqlen_q,
-                       short_q + 1, 1 << 30)  # fmt: skip
+    if plan is None:
+        cfg = varlen_config(head_dim, group, max_seqlen_q)
+        plan = varlen_plan(
+            cu_seqlens_q.tolist(), seq_lens.tolist(), num_heads, num_kv_heads, head_dim,
+            q.device, cfg,
+        )  # fmt: skip
+    cfg = plan.config
+    num_items = plan.work.shape[0]
+    if num_items == 0:
+        return out
+    _varlen_kernel[(num_items * num_kv_heads,)](
+        out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale * LOG2E,
+        *_window_softcap(window, softcap), q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), *_kv_strides(k_cache, v_cache), block_tables.stride(0), plan.work,
+        num_kv_heads,
+        NUM_QUERIES_PER_KV=group,
+        BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m,
+        BLOCK_Q=cfg.block_m // group,
+        BLOCK_N=cfg.block_n,
+        USE_WINDOW=window is not None,
+        USE_SOFTCAP=softcap is not None,
+        USE_FP32_DOT=_use_fp32_dot(k_cache.dtype),
+        USE_K_ROWS=cfg.k_rows,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
     return out
 
 
@@ -455,26 +546,6 @@ def _window_softcap(window: int | None, softcap: float | None) -> tuple[int, flo
     assert window is None or window >= 1, f"window must be >= 1 (got {window})"
     assert softcap is None or softcap > 0, f"softcap must be > 0 (got {softcap})"
     return (window or NO_WINDOW), (softcap or 1.0) * LOG2E
-
-
-def _launch_varlen(args, flags, cfg, group, head_dim, k_cache, num_seqs, max_q_len, lo, hi):
-    block_q = cfg.block_m // group
-    grid = (num_seqs, triton.cdiv(max_q_len, block_q), k_cache.shape[2])
-    _varlen_kernel[grid](
-        *args,
-        lo,
-        hi,
-        NUM_QUERIES_PER_KV=group,
-        BLOCK_SIZE=k_cache.shape[1],
-        HEAD_DIM=head_dim,
-        BLOCK_M=cfg.block_m,
-        BLOCK_Q=block_q,
-        BLOCK_N=cfg.block_n,
-        **flags,
-        USE_FP32_DOT=_use_fp32_dot(k_cache.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
 
 
 @functools.cache
@@ -507,11 +578,13 @@ def paged_attention_decode(
     min_partition: int = MIN_PARTITION,
     window: int | None = None,
     softcap: float | None = None,
+    k_rows: bool = False,
 ) -> torch.Tensor:
     """Decode attention, each sequence's keys split across `num_splits` programs (flash-decoding).
 
     BLOCK_M = the KV group padded to >= 16 rows (tl.dot's minimum): decode is bound by reading
     K/V, so the idle rows cost registers, not bandwidth. BLOCK_N = 64 keys (32 at head_dim 256).
+    k_rows: load K tiles as [BLOCK_N, head_dim] (see TileConfig); benchmarks/bench_attention.py.
     """
     num_heads, num_kv_heads, head_dim = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     num_seqs = seq_lens.shape[0]
@@ -565,6 +638,7 @@ def paged_attention_decode(
         USE_SPLITS=use_splits,
         USE_SOFTCAP=softcap is not None,
         USE_FP32_DOT=_use_fp32_dot(k_cache.dtype),
+        USE_K_ROWS=k_rows,
         num_warps=4,
         num_stages=2,
     )

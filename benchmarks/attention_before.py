@@ -1,0 +1,557 @@
+"""FROZEN COPY, for benchmarks/bench_attention.py only: tokenmill/kernels/paged_attention.py as of
+main 1e25e46 (before the mixed-step work: varlen grid (num_seqs, cdiv(max_q, BLOCK_Q), kv_heads)
+over every row, decodes included). The "before" column of the benchmark; not used by the engine.
+Delete once the figures are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenmill.kernels.attention_torch import paged_attention_torch
+
+LOG2E = 1.4426950408889634
+# Fewest keys a decode split handles: below ~4 key tiles, the partial write and the reduce cost
+# more than the split saves.
+MIN_PARTITION = 256
+NO_WINDOW = 1 << 30  # the window argument when there is none: longer than any context
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [BLOCK_M, HEAD_DIM] in the cache dtype
+    acc,  # [BLOCK_M, HEAD_DIM] fp32
+    m_i,  # [BLOCK_M] fp32 running max (log2 domain)
+    l_i,  # [BLOCK_M] fp32 running sum
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,  # this sequence's row of block_tables
+    kv_head,
+    start_n,
+    kv_start,  # keys at positions < kv_start are not read (a sliding window may have freed them)
+    kv_end,  # keys at positions >= kv_end are not read
+    q_pos,  # [BLOCK_M] position of each row's query token (causal limit)
+    qk_scale,
+    window,  # sliding window: keys at positions <= q_pos - window are not seen
+    softcap,  # soft-cap * log2(e): scores s become softcap * tanh(s / softcap)
+    stride_kc_block,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_slot,
+    stride_vc_head,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_CAUSAL_MASK: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_FP32_DOT: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = (offs_n >= kv_start) & (offs_n < kv_end)
+    block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
+    block_ids = block_ids.to(tl.int64)
+    slot_in_block = offs_n % BLOCK_SIZE
+    k_off = block_ids * stride_kc_block + slot_in_block * stride_kc_slot + kv_head * stride_kc_head
+    v_off = block_ids * stride_vc_block + slot_in_block * stride_vc_slot + kv_head * stride_vc_head
+    # [HEAD_DIM, BLOCK_N]: each column is one key's head_dim contiguous elements
+    k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=n_valid[None, :], other=0.0)
+    if USE_FP32_DOT:
+        s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale  # [BLOCK_M, BLOCK_N]
+    if USE_SOFTCAP:  # in the log2 domain: cap' * tanh(s' / cap') with both scaled by log2(e)
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    keep = n_valid[None, :]
+    if USE_CAUSAL_MASK:
+        keep = keep & (offs_n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        keep = keep & (offs_n[None, :] > q_pos[:, None] - window)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # rows that have seen no key yet keep m = -inf; subtract 0 instead to avoid inf - inf
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    if USE_FP32_DOT:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _varlen_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    cu_seqlens_q_ptr,
+    qk_scale,
+    window,
+    softcap,
+    stride_q_token,
+    stride_q_head,
+    stride_o_token,
+    stride_o_head,
+    stride_kc_block,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_slot,
+    stride_vc_head,
+    stride_bt_seq,
+    min_q_len,
+    max_q_len,
+    NUM_QUERIES_PER_KV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows = BLOCK_Q tokens x NUM_QUERIES_PER_KV heads, padded
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_FP32_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    # this launch owns sequences with min_q_len <= q_len <= max_q_len (see the launcher)
+    if (q_tile * BLOCK_Q >= q_len) | (q_len < min_q_len) | (q_len > max_q_len):
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # keys already cached before this step's tokens
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_idx = q_tile * BLOCK_Q + offs_m // NUM_QUERIES_PER_KV  # token index within the chunk
+    head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV
+    row_valid = (offs_m < BLOCK_Q * NUM_QUERIES_PER_KV) & (q_idx < q_len)
+    q_pos = context_len + q_idx
+    token = (q_start + q_idx).to(tl.int64)
+
+    q_ptrs = q_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    # the tile's last query token sees keys up to its own position, none beyond
+    last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
+    kv_end = context_len + last_q + 1
+    # Keys before the tile's first query position are visible to every row: those tiles skip
+    # the causal mask; only the tiles that reach the diagonal pay for it.
+    full_end = ((context_len + q_tile * BLOCK_Q) // BLOCK_N) * BLOCK_N
+    # With a window, tiles wholly before the tile's first query's window are skipped, and keys
+    # before that query's first key are never loaded: the block manager may have freed their
+    # blocks (their table entries point anywhere), and masking a loaded NaN is still NaN.
+    kv_start = 0
+    win_start = 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(context_len + q_tile * BLOCK_Q - window + 1, 0)
+        win_start = (kv_start // BLOCK_N) * BLOCK_N
+    for start_n in range(win_start, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
+            kv_start, kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
+            HEAD_DIM, BLOCK_N, False, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT,
+        )  # fmt: skip
+    for start_n in range(tl.maximum(full_end, win_start), kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
+            kv_start, kv_end, q_pos, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
+            HEAD_DIM, BLOCK_N, True, USE_WINDOW, USE_SOFTCAP, USE_FP32_DOT,
+        )  # fmt: skip
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = out_ptr + token[:, None] * stride_o_token + head[:, None] * stride_o_head
+    tl.store(o_ptrs + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr,  # USE_SPLITS: [num_seqs, num_heads, num_splits, HEAD_DIM] fp32, else like q
+    max_ptr,  # [num_seqs, num_heads, num_splits] fp32 (USE_SPLITS only)
+    sum_ptr,  # [num_seqs, num_heads, num_splits] fp32 (USE_SPLITS only)
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    window,  # keys before seq_len - window are not read (1 << 30: no window)
+    softcap,
+    stride_q_token,
+    stride_q_head,
+    stride_o_token,
+    stride_o_head,
+    stride_kc_block,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_slot,
+    stride_vc_head,
+    stride_bt_seq,
+    num_splits,  # runtime: a new batch size must not mean a new compile
+    min_partition,
+    NUM_HEADS: tl.constexpr,
+    NUM_QUERIES_PER_KV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # NUM_QUERIES_PER_KV padded to a power of two >= 16 (tl.dot minimum)
+    BLOCK_N: tl.constexpr,
+    USE_SPLITS: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_FP32_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # The one query sits at seq_len - 1: its window is keys [lo, seq_len), no mask needed.
+    lo = tl.maximum(seq_len - window, 0)
+    # at least min_partition keys per split: a short context leaves the last splits empty
+    partition = tl.maximum(tl.cdiv(seq_len - lo, num_splits), min_partition)
+    partition = tl.cdiv(partition, BLOCK_N) * BLOCK_N
+    start = lo + split * partition
+    end = tl.minimum(start + partition, seq_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = kv_head * NUM_QUERIES_PER_KV + offs_m
+    row_valid = offs_m < NUM_QUERIES_PER_KV
+    token = seq.to(tl.int64)  # decode: sequence s owns query token s
+    q_ptrs = q_ptr + token * stride_q_token + head[:, None] * stride_q_head + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    for start_n in range(start, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start_n,
+            start, end, m_i, qk_scale, window, softcap, stride_kc_block, stride_kc_slot,
+            stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_SIZE,
+            HEAD_DIM, BLOCK_N, False, False, USE_SOFTCAP, USE_FP32_DOT,
+        )  # fmt: skip
+    if USE_SPLITS:
+        # partials: [seq, head, split, :]; an empty split leaves m = -inf, l = 0, acc = 0
+        part = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits + split  # [BLOCK_M]
+        tl.store(out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
+        tl.store(max_ptr + part, m_i, mask=row_valid)
+        tl.store(sum_ptr + part, l_i, mask=row_valid)
+    else:
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptrs = out_ptr + token * stride_o_token + head[:, None] * stride_o_head + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    partial_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32
+    max_ptr,  # [num_seqs, num_heads, num_splits]
+    sum_ptr,
+    stride_o_token,
+    stride_o_head,
+    num_splits,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_BLOCK: tl.constexpr,  # next power of two >= num_splits
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_valid = offs_s < num_splits
+    base = (seq * NUM_HEADS + head) * num_splits
+    m = tl.load(max_ptr + base + offs_s, mask=split_valid, other=float("-inf"))
+    l_s = tl.load(sum_ptr + base + offs_s, mask=split_valid, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # [SPLITS_BLOCK]; 0 for empty splits
+    part = tl.load(
+        partial_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=split_valid[:, None],
+        other=0.0,
+    )
+    total = tl.sum(w * l_s, axis=0)
+    acc = tl.sum(part * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        out_ptr + seq * stride_o_token + head * stride_o_head + offs_d,
+        acc.to(out_ptr.dtype.element_ty),
+    )
+
+
+def _use_fp32_dot(cache_dtype: torch.dtype) -> bool:
+    """fp32 caches need exact (not tf32) dots; the CPU interpreter miscomputes bf16 tl.dot
+    (it multiplies the raw bit patterns), so there bf16 operands are widened to fp32 first."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return cache_dtype == torch.float32 or (interpreting and cache_dtype == torch.bfloat16)
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens):
+    assert q.dim() == 3, f"q must be [num_tokens, num_heads, head_dim] (got {tuple(q.shape)})"
+    assert q.stride(2) == 1, "q must be contiguous in head_dim; call .contiguous()"
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
+        f"caches must both be [num_blocks, block_size, num_kv_heads, head_dim] "
+        f"(got {tuple(k_cache.shape)}, {tuple(v_cache.shape)})"
+    )
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "cache head_dim must be contiguous"
+    assert k_cache.dtype == v_cache.dtype, "k_cache and v_cache must share a dtype"
+    num_kv_heads = k_cache.shape[2]
+    assert k_cache.shape[3] == head_dim, f"cache head_dim {k_cache.shape[3]} != q's {head_dim}"
+    assert num_heads % num_kv_heads == 0, (
+        f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}"
+    )
+    assert 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0, (
+        f"head_dim must be a power of two in 16..256 (got {head_dim})"
+    )
+    assert block_tables.dim() == 2 and block_tables.dtype == torch.int32, (
+        "block_tables must be [num_seqs, max_num_blocks_per_seq] int32"
+    )
+    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    assert seq_lens.shape == (block_tables.shape[0],) and seq_lens.dtype == torch.int32, (
+        "seq_lens must be [num_seqs] int32"
+    )
+    return num_heads, num_kv_heads, head_dim
+
+
+def _kv_strides(k_cache, v_cache):
+    return (*k_cache.stride()[:3], *v_cache.stride()[:3])
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # score-tile rows: query tokens x heads of one KV group, padded
+    block_n: int  # keys per inner step
+    num_warps: int
+    num_stages: int
+
+
+def varlen_config(head_dim: int, group: int, max_seqlen_q: int) -> TileConfig:
+    """BLOCK_M grows with the longest query chunk: 16 rows for decode rows (a decode row fills
+    only `group` of them), up to 64 for prefill (32 at head_dim 256, to keep the fp32
+    accumulator in registers). BLOCK_N = 64 keys: a [64, 128] bf16 K tile is 16 KiB, so K and V
+    for 2 pipeline stages fit shared memory beside the Q tile.
+    Measured on an H200 at head_dim 128 (4 x 2048-token causal prefill): 64 x 64, 4 warps,
+    2 stages gave 220 TFLOP/s; 128-row tiles (8 warps, 2 or 3 stages) and 128-key tiles were
+    2-10% slower. (torch SDPA on contiguous K/V: 467 TFLOP/s; room left for prefill.)
+    """
+    max_rows = 64 if head_dim <= 128 else 32
+    block_m = max(16, min(max_rows, triton.next_power_of_2(max(max_seqlen_q, 1) * group)))
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_n = 64 if head_dim <= 128 else 32
+    return TileConfig(block_m, block_n, num_warps=4, num_stages=2)
+
+
+def paged_attention_varlen(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including this step's tokens
+    cu_seqlens_q: torch.Tensor,  # [num_seqs + 1] int32
+    max_seqlen_q: int,
+    scale: float,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention for a mixed batch of prefill chunks and decodes, straight from the cache;
+    optionally within a sliding window and with soft-capped scores (engine/attention.py).
+
+    Tiles: see `varlen_config`.
+    """
+    num_heads, num_kv_heads, head_dim = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    num_seqs = seq_lens.shape[0]
+    assert cu_seqlens_q.shape == (num_seqs + 1,) and cu_seqlens_q.dtype == torch.int32, (
+        "cu_seqlens_q must be [num_seqs + 1] int32"
+    )
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1
+    if q.shape[0] == 0 or num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    small = varlen_config(head_dim, group, 1)
+    big = varlen_config(head_dim, group, max_seqlen_q)
+    # NOTE: one tile size for the whole batch would give decode rows (1 token) the 64-row
+    # tiles of the longest prefill chunk and waste most of their dot products (measured: a
+    # 200-decode + 4-chunk batch took 1.7x longer). So short rows get their own launch.
+    short_q = small.block_m // group  # query tokens that fit one small tile
+    args = (out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale * LOG2E,
+            *_window_softcap(window, softcap), q.stride(0), q.stride(1), out.stride(0),
+            out.stride(1), *_kv_strides(k_cache, v_cache), block_tables.stride(0))  # fmt: skip
+    flags = dict(USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None)
+    if big.block_m == small.block_m:
+        _launch_varlen(
+            args, flags, small, group, head_dim, k_cache, num_seqs, max_seqlen_q, 0, 1 << 30
+        )
+    else:
+        _launch_varlen(args, flags, small, group, head_dim, k_cache, num_seqs, short_q, 0, short_q)
+        _launch_varlen(args, flags, big, group, head_dim, k_cache, num_seqs, max_seqlen_q,
+                       short_q + 1, 1 << 30)  # fmt: skip
+    return out
+
+
+def _window_softcap(window: int | None, softcap: float | None) -> tuple[int, float]:
+    """Kernel arguments: no window is a window longer than any context; the cap goes to the
+    log2 domain the kernels score in."""
+    assert window is None or window >= 1, f"window must be >= 1 (got {window})"
+    assert softcap is None or softcap > 0, f"softcap must be > 0 (got {softcap})"
+    return (window or NO_WINDOW), (softcap or 1.0) * LOG2E
+
+
+def _launch_varlen(args, flags, cfg, group, head_dim, k_cache, num_seqs, max_q_len, lo, hi):
+    block_q = cfg.block_m // group
+    grid = (num_seqs, triton.cdiv(max_q_len, block_q), k_cache.shape[2])
+    _varlen_kernel[grid](
+        *args,
+        lo,
+        hi,
+        NUM_QUERIES_PER_KV=group,
+        BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=cfg.block_n,
+        **flags,
+        USE_FP32_DOT=_use_fp32_dot(k_cache.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits per sequence so the decode grid has about 4 programs per SM, at most 16.
+
+    Measured on an H200 (132 SMs), Qwen3-0.6B shapes: 256 seqs x 8 KV heads = 2,048 programs
+    and 64 x 8 = 512 already stream K/V at 3.1-3.9 TB/s unsplit (1 split: no reduce step);
+    8 seqs x 8 KV heads: 0.8 TB/s unsplit, 3.0 TB/s with 8 splits.
+    Depends on no context length, so a CUDA graph captured for a batch size stays valid; short
+    contexts leave the extra splits empty (see MIN_PARTITION).
+    """
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    return max(1, min(16, (4 * num_sms) // max(num_seqs * num_kv_heads, 1)))
+
+
+def paged_attention_decode(
+    q: torch.Tensor,  # [num_seqs, num_heads, head_dim], one new token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, including the new token
+    scale: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
+    min_partition: int = MIN_PARTITION,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Decode attention, each sequence's keys split across `num_splits` programs (flash-decoding).
+
+    BLOCK_M = the KV group padded to >= 16 rows (tl.dot's minimum): decode is bound by reading
+    K/V, so the idle rows cost registers, not bandwidth. BLOCK_N = 64 keys (32 at head_dim 256).
+    """
+    num_heads, num_kv_heads, head_dim = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    num_seqs = seq_lens.shape[0]
+    assert q.shape[0] == num_seqs, (
+        f"decode needs one query token per sequence (got {q.shape[0]} tokens, {num_seqs} seqs); "
+        "use paged_attention_varlen for mixed batches"
+    )
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = default_num_splits(num_seqs, num_kv_heads, q.device)
+    group = num_heads // num_kv_heads
+    use_splits = num_splits > 1
+    if use_splits:
+        partial = torch.empty(
+            num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
+        maxes = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        sums = torch.empty_like(maxes)
+        target = partial
+    else:
+        maxes = sums = target = out
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        target,
+        maxes,
+        sums,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        scale * LOG2E,
+        *_window_softcap(window, softcap),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *_kv_strides(k_cache, v_cache),
+        block_tables.stride(0),
+        num_splits,
+        min_partition,
+        NUM_HEADS=num_heads,
+        NUM_QUERIES_PER_KV=group,
+        BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_M=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=64 if head_dim <= 128 else 32,
+        USE_SPLITS=use_splits,
+        USE_SOFTCAP=softcap is not None,
+        USE_FP32_DOT=_use_fp32_dot(k_cache.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    if use_splits:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out,
+            partial,
+            maxes,
+            sums,
+            out.stride(0),
+            out.stride(1),
+            num_splits,
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            SPLITS_BLOCK=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def paged_attention_reference(q, k_cache, v_cache, meta, scale: float, window=None, softcap=None):
+    """Torch reference (kernels/attention_torch.py): per-sequence SDPA over gathered blocks."""
+    return paged_attention_torch(q, k_cache, v_cache, meta, scale, window, softcap)
