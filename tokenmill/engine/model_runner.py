@@ -113,11 +113,13 @@ class ModelRunner:
             load_weights(self.model, model_dir)
         self.model.eval()
         self.sampler = Sampler(use_triton=use_triton)
-        self.structured = StructuredOutputManager(model_dir, hf_config.vocab_size)
         self.num_blocks = self._allocate_kv_cache()
         if config.max_num_seqs is None:
             self._cap_max_num_seqs_to_kv_cache()
         config = self.config
+        self.structured = StructuredOutputManager(
+            model_dir, hf_config.vocab_size, config.max_num_seqs, self.device
+        )
         self._last_sampled = torch.empty(0, dtype=torch.long, device=self.device)
         self._last_rows: dict[str, int] = {}
         # Whether a step may launch before the previous one's tokens are read back. Pointless
