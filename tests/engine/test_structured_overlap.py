@@ -80,8 +80,17 @@ def workload(eos: int) -> list[SamplingParams]:
     ]
 
 
-def run(model_dir, overlap: bool, **engine):
-    llm = make_llm(model_dir, **engine)
+@pytest.fixture
+def closing():
+    """closing(llm) -> llm, whose tensor-parallel workers are stopped when the test ends."""
+    llms = []
+    yield lambda llm: llms.append(llm) or llm
+    for llm in llms:
+        llm.runner.close()
+
+
+def run(model_dir, overlap: bool, made=lambda llm: llm, **engine):
+    llm = made(make_llm(model_dir, **engine))
     llm.runner.can_overlap = overlap
     manager = llm.runner.structured
     compile_ = manager._compile
@@ -143,6 +152,14 @@ def test_overlapped_constrained_steps_under_preemption_and_chunked_prefill(tiny_
     assert llm.stats.num_preemptions > 0
     assert any(deferred)
     assert tight == plain
+
+
+def test_tp2_overlapped_constrained_steps(tiny_model_dir, closing):
+    """Rank 0 samples after landing the previous step; the workers wait in the broadcast."""
+    plain, _, _ = run(tiny_model_dir, overlap=False, made=closing, tensor_parallel_size=2)
+    overlapped, deferred, _ = run(tiny_model_dir, True, made=closing, tensor_parallel_size=2)
+    assert any(deferred)
+    assert overlapped == plain
 
 
 def test_unconstrained_overlapped_steps_never_defer_sampling(tiny_model_dir):
