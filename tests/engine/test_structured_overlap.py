@@ -13,7 +13,8 @@ import json
 
 import jsonschema
 import pytest
-from engine_utils import make_llm
+import torch
+from engine_utils import DEVICE, make_llm
 
 from tokenmill import SamplingParams
 from tokenmill.engine.sampling_params import StructuredOutputsParams
@@ -154,6 +155,9 @@ def test_overlapped_constrained_steps_under_preemption_and_chunked_prefill(tiny_
     assert tight == plain
 
 
+@pytest.mark.skipif(
+    DEVICE == "cuda" and torch.cuda.device_count() < 2, reason="tensor parallel needs 2 GPUs"
+)
 def test_tp2_overlapped_constrained_steps(tiny_model_dir, closing):
     """Rank 0 samples after landing the previous step; the workers wait in the broadcast."""
     plain, _, _ = run(tiny_model_dir, overlap=False, made=closing, tensor_parallel_size=2)
