@@ -191,3 +191,32 @@ def test_logprobs_keep_constrained_steps_synchronous(tiny_model_dir):
         outs[overlap] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in res]
         assert llm._inflight is None
     assert outs[True] == outs[False]
+
+
+def test_manager_batch_advance_keeps_the_failure_rules(tiny_model_dir, caplog):
+    """The batched advance: a token outside the mask stops that row's constraining (logged);
+    the other rows keep theirs; a step's masks outlive the next step's fill (two buffers)."""
+    from transformers import AutoConfig
+
+    from tokenmill.engine.request import Request
+    from tokenmill.engine.structured_output import StructuredOutputManager
+
+    vocab_size = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    manager = StructuredOutputManager(tiny_model_dir, vocab_size, max_num_seqs=2)
+    choice = SamplingParams(structured_outputs=so(choice=["ab", "cd"]))
+    eos = 2
+    reqs = [Request(f"r{i}", [1], choice, 0, 8, eos_token_ids=frozenset({eos})) for i in range(3)]
+    first = manager.fill(reqs)
+    first_bits = first.host_bitmask_with_ban().clone()  # [3, words]
+    allowed = [t for t in range(vocab_size) if (int(first_bits[0, t // 32]) >> (t % 32)) & 1]
+    banned = next(t for t in range(vocab_size) if t not in allowed and t != eos)
+    reqs[0].output_token_ids.append(banned)  # outside the mask: the row leaves its grammar
+    reqs[1].output_token_ids.append(allowed[0])  # a legal step
+    masks = manager.fill(reqs)
+    assert "left its grammar" in caplog.text
+    assert masks.ban_control.tolist() == [0, 0, 0]  # choice is not JSON
+    after = masks.host_bitmask_with_ban()
+    assert bool((after[0] == -1).all())  # no longer constrained
+    assert not bool((after[1] == -1).all()) and not torch.equal(after[1], first_bits[1])
+    assert torch.equal(after[2], first_bits[2])  # nothing new: the same mask
+    assert torch.equal(first.host_bitmask_with_ban(), first_bits)  # not overwritten

@@ -121,9 +121,6 @@ def advance_matchers(states: list[_RequestGrammar], reqs: list[Request]) -> None
             elif (not r.eos_token_ids or token in r.eos_token_ids) and s.matcher.is_terminated():
                 s.failed = True
         behind = [(s, r) for s, r in behind if s.is_behind(r)]
-    for s, r in zip(states, reqs):
-        if s.failed:
-            s.num_consumed = r.num_output_tokens
 
 
 @dataclass
