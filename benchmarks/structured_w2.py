@@ -1,12 +1,15 @@
 """GPU cost of a JSON-schema constraint on W2-sized traffic (issue 10), with the default model.
 
     PYTHONPATH=. python3 benchmarks/structured_w2.py MODEL [--num-prompts 2000]
+        [--grammar-threads N]
 
 Prompts: the `mixed` workload's 2,000 log-normal prompts (random token ids), T 0.8, top-p 0.95.
 1. constrained: every request under sample_data/person.schema.json (max_tokens 256);
 2. the same prompts unconstrained, each request given exactly the output length it had in run 1
    (ignore_eos), so both runs schedule the same tokens and only the constraint differs.
-The ratio of the two walls is the constraint's cost. Prints one table last.
+The ratio of the two walls is the constraint's cost. Also printed: host ms per step (the wall
+less the time spent waiting for sampled tokens), the mask fill's share, and how many steps
+sampled behind their forward pass (constrained rows keep step overlap). Prints one table last.
 """
 
 from __future__ import annotations
@@ -26,14 +29,61 @@ from tokenmill.engine.sampling_params import StructuredOutputsParams
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed(llm: LLM, prompts, params) -> tuple[float, list, dict]:
+class HostClock:
+    """Splits a run's wall into device waits and the rest (host time per step).
+
+    Wraps three engine methods: the runner's collect (where the host waits for sampled
+    tokens: device-bound time), the structured-output fill (advance matchers + masks) and
+    execute_async (to count steps whose sampling was deferred behind the forward pass)."""
+
+    def __init__(self, llm: LLM):
+        self.wait_s = self.fill_s = 0.0
+        self.fill_rows = self.deferred = 0
+        runner, manager = llm.runner, llm.runner.structured
+        collect, fill, execute = runner.collect, manager.fill, runner.execute_async
+
+        def timed_collect(pending):
+            t0 = time.perf_counter()
+            out = collect(pending)
+            self.wait_s += time.perf_counter() - t0
+            return out
+
+        def timed_fill(reqs):
+            t0 = time.perf_counter()
+            masks = fill(reqs)
+            self.fill_s += time.perf_counter() - t0
+            self.fill_rows += 0 if masks is None else masks.bitmask.shape[0]
+            return masks
+
+        def counted_execute(sched, defer_sampling=False):
+            self.deferred += defer_sampling
+            return execute(sched, defer_sampling)
+
+        runner.collect, manager.fill, runner.execute_async = (
+            timed_collect,
+            timed_fill,
+            counted_execute,
+        )
+
+    def snapshot(self) -> tuple[float, float, int, int]:
+        return self.wait_s, self.fill_s, self.fill_rows, self.deferred
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(llm: LLM, clock: HostClock, prompts, params) -> tuple[float, list, dict]:
     s0 = copy.copy(llm.stats)
-    torch.cuda.synchronize()
+    c0 = clock.snapshot()
+    sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     s1 = llm.stats
+    wait_s, fill_s, fill_rows, deferred = (b - a for a, b in zip(c0, clock.snapshot()))
     steps = s1.num_steps - s0.num_steps
     return (
         wall,
@@ -43,6 +93,10 @@ def timed(llm: LLM, prompts, params) -> tuple[float, list, dict]:
             "graph": s1.graph_steps - s0.graph_steps,
             "eager": s1.eager_steps - s0.eager_steps,
             "mean_batch": (s1.num_scheduled_seqs_total - s0.num_scheduled_seqs_total) / steps,
+            "host_ms": 1000 * (wall - wait_s) / steps,
+            "fill_ms": 1000 * fill_s / steps,
+            "fill_us_row": 1e6 * fill_s / fill_rows if fill_rows else 0.0,
+            "deferred": deferred,
         },
     )
 
@@ -51,6 +105,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--num-prompts", type=int, default=2000)
+    ap.add_argument(
+        "--grammar-threads",
+        type=int,
+        default=None,
+        help="mask-fill threads (default: the engine's)",
+    )
     args = ap.parse_args()
     import jsonschema
 
@@ -66,8 +126,11 @@ def main() -> None:
         seed=0,
         structured_outputs=StructuredOutputsParams(json=schema),
     )
+    if args.grammar_threads:
+        llm.runner.structured.num_threads = args.grammar_threads  # before the first fill
+    clock = HostClock(llm)
     llm.generate(prompts[:8], constrained, use_tqdm=False)  # warm-up: compile the grammar
-    wall_c, outs_c, st_c = timed(llm, prompts, constrained)
+    wall_c, outs_c, st_c = timed(llm, clock, prompts, constrained)
     lens = [len(o.outputs[0].token_ids) for o in outs_c]
     valid = 0
     for o in outs_c:
@@ -81,18 +144,28 @@ def main() -> None:
         for n in lens
     ]
     llm.generate(prompts[:8], plain[:8], use_tqdm=False)
-    wall_p, outs_p, st_p = timed(llm, prompts, plain)
+    wall_p, outs_p, st_p = timed(llm, clock, prompts, plain)
     tokens = sum(lens)
     assert sum(len(o.outputs[0].token_ids) for o in outs_p) == tokens
-    print(f"card: {torch.cuda.get_device_name(0)}; {len(prompts)} prompts, {tokens} output tokens")
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"card: {card}; {len(prompts)} prompts, {tokens} output tokens")
     print(f"constrained outputs valid against the schema: {valid}/{len(prompts)}")
-    print("\n| run | wall s | out tok/s | steps | graph/eager | mean batch | ms/step |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"mask fill: {st_c['fill_us_row']:.1f} us per constrained row "
+        f"({llm.runner.structured.num_threads} threads); steps that sampled after the forward "
+        f"launched (overlapped grammar steps): {st_c['deferred']}/{st_c['steps']}"
+    )
+    print("host ms/step = wall minus the time spent waiting for sampled tokens, per step")
+    print(
+        "\n| run | wall s | out tok/s | steps | graph/eager | mean batch | ms/step "
+        "| host ms/step | mask fill ms/step |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, wall, st in (("json schema", wall_c, st_c), ("unconstrained", wall_p, st_p)):
         print(
             f"| {name} | {wall:.2f} | {tokens / wall:,.0f} | {st['steps']} | "
             f"{st['graph']}/{st['eager']} | {st['mean_batch']:.0f} | "
-            f"{1000 * wall / st['steps']:.2f} |"
+            f"{1000 * wall / st['steps']:.2f} | {st['host_ms']:.2f} | {st['fill_ms']:.2f} |"
         )
     print(f"\nconstraint cost: {wall_c / wall_p:.2f}x the unconstrained wall")
 

@@ -29,9 +29,12 @@ SCHEMA = {
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):", "A"]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return make_llm(tiny_model_dir)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def llm(tiny_model_dir, request):
+    """Each test twice: synchronous steps (CPU's default) and overlapped ones (the GPU's)."""
+    llm = make_llm(tiny_model_dir)
+    llm.runner.can_overlap = request.param
+    return llm
 
 
 def constrained(temperature=0.8, max_tokens=48, **so) -> SamplingParams:

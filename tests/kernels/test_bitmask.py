@@ -52,3 +52,25 @@ def test_reference_bit_order():
 def test_bitmask_too_narrow_is_refused(apply):
     with pytest.raises(AssertionError, match="covers 32 tokens"):
         apply(torch.zeros(1, 33), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("num_seqs,rows,ban", [(3, [0, 2], [1, 0]), (4, [3, 1, 0], [1, 1, 1])])
+def test_ban_words_are_anded_into_flagged_rows(num_seqs, rows, ban):
+    vocab_size = 100
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(num_seqs, vocab_size, generator=gen)
+    bitmask = _random_bitmask(len(rows), vocab_size, seed=4)
+    ban_words = _random_bitmask(1, vocab_size, seed=5)[0]
+    rows_t = torch.tensor(rows, dtype=torch.int32)
+    ban_t = torch.tensor(ban, dtype=torch.int32)
+    expected = logits.clone()  # the reference on an explicitly ANDed bitmask
+    anded = torch.stack([b & ban_words if f else b for b, f in zip(bitmask, ban)])
+    apply_token_bitmask_reference_(expected, anded, rows_t)
+    assert not torch.equal(anded, bitmask)  # the ban removes something: the test can fail
+    ref = logits.clone()
+    apply_token_bitmask_reference_(ref, bitmask, rows_t, ban_words, ban_t)
+    assert torch.equal(ref, expected)
+    got = logits.to(DEVICE)
+    args = (bitmask, rows_t, ban_words, ban_t)
+    apply_token_bitmask_(got, *(a.to(DEVICE) for a in args))
+    assert torch.equal(got.cpu(), expected)

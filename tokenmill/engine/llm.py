@@ -36,17 +36,21 @@ def eos_token_ids_of(model_dir: Path, hf_config) -> list[int]:
 
 def needs_sync(req: Request) -> bool:
     """Requests whose sampling reads their exact output history (or returns logprobs) need
-    the previous step's tokens on the host before the next step launches. A grammar's next
-    mask depends on the previous token, so constrained requests are among them."""
+    the previous step's tokens on the host before the next step launches. (A grammar's next
+    mask depends on the previous token too, but only the mask: `has_grammar` rows launch
+    their forward first and wait for the previous tokens only before sampling.)"""
     p = req.params
     return (
         p.logprobs is not None
-        or p.structured_outputs is not None
         or p.repetition_penalty != 1.0
         or p.presence_penalty != 0
         or p.frequency_penalty != 0
         or p.min_tokens > 0
     )
+
+
+def has_grammar(req: Request) -> bool:
+    return req.params.structured_outputs is not None
 
 
 def shared_sliding_window(hf_config) -> int | None:
@@ -285,7 +289,9 @@ class LLM:
 
         On a GPU, steps overlap: this step is launched before the previous one's tokens are
         read back, so the host's bookkeeping runs while the device computes. Outputs then
-        trail the device by one step.
+        trail the device by one step. A step with grammar-constrained rows launches its forward
+        pass, lands the previous step (its masks need those tokens), then launches sampling:
+        the masks are filled while the forward runs.
         """
         sched = self.scheduler.schedule()
         self._record_first_scheduled(sched)
@@ -293,12 +299,15 @@ class LLM:
         if sched.is_empty:
             return self._land(prev) if prev is not None else []
         overlap = self.runner.can_overlap and not any(needs_sync(s.req) for s in sched.seqs)
+        grammar = overlap and any(has_grammar(s.req) for s in sched.seqs)
         outputs = []
         if prev is not None and not overlap:
             outputs, prev = self._land(prev), None
-        pending = self.runner.execute_async(sched)
+        pending = self.runner.execute_async(sched, defer_sampling=grammar)
         if prev is not None:
             outputs += self._land(prev)
+        if grammar:
+            self.runner.sample_async(pending)
         if overlap:
             self._inflight = pending
         else:

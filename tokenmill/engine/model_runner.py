@@ -113,11 +113,13 @@ class ModelRunner:
             load_weights(self.model, model_dir)
         self.model.eval()
         self.sampler = Sampler(use_triton=use_triton)
-        self.structured = StructuredOutputManager(model_dir, hf_config.vocab_size)
         self.num_blocks = self._allocate_kv_cache()
         if config.max_num_seqs is None:
             self._cap_max_num_seqs_to_kv_cache()
         config = self.config
+        self.structured = StructuredOutputManager(
+            model_dir, hf_config.vocab_size, config.max_num_seqs, self.device
+        )
         self._last_sampled = torch.empty(0, dtype=torch.long, device=self.device)
         self._last_rows: dict[str, int] = {}
         # Whether a step may launch before the previous one's tokens are read back. Pointless
@@ -340,11 +342,14 @@ class ModelRunner:
         return t
 
     @torch.inference_mode()
-    def execute_async(self, sched: SchedulerOutput) -> PendingStep:
-        """Launch one step; nothing waits for the device. `collect` reads the result."""
+    def execute_async(self, sched: SchedulerOutput, defer_sampling: bool = False) -> PendingStep:
+        """Launch one step; nothing waits for the device. `collect` reads the result.
+
+        With defer_sampling, only the forward pass and the logits are launched: the caller
+        launches the sampling with `sample_async` once the host is ready for it (grammar masks
+        need the previous step's tokens, which may land while this forward runs)."""
         ids, pos, meta, logits_indices = self.prepare(sched)
-        driver = self.tp.rank == 0
-        if driver:
+        if self.tp.rank == 0:
             self.structured.prefetch([s.req for s in sched.seqs])  # grammars compile meanwhile
         hidden = self._forward(ids, pos, meta)  # [num_tokens, hidden_size]
         pending = PendingStep(sched, [s for s in sched.seqs if s.sample])
@@ -354,7 +359,21 @@ class ModelRunner:
         if not logits_indices:
             return pending
         idx = self._to_device(logits_indices, torch.long)
-        logits = self.model.compute_logits(hidden[idx]).float()  # [num_samples, vocab_size]
+        # [num_samples, vocab_size]
+        pending.logits_to_sample = self.model.compute_logits(hidden[idx]).float()
+        if not defer_sampling:
+            self.sample_async(pending)
+        return pending
+
+    @torch.inference_mode()
+    def sample_async(self, pending: PendingStep) -> None:
+        """Launch the sampling of a launched forward (grammar masks first); no waiting.
+
+        Must run before the next step is prepared: its placeholders read these tokens."""
+        logits, pending.logits_to_sample = pending.logits_to_sample, None
+        if logits is None:
+            return  # nothing samples this step, or already sampled
+        driver = self.tp.rank == 0
         reqs = [s.req for s in pending.sampling]
         if driver:
             self.structured.apply(logits, reqs)  # grammar masks, before other logits processing
@@ -365,7 +384,7 @@ class ModelRunner:
         self._last_sampled = token_ids
         self._last_rows = {s.req_id: i for i, s in enumerate(pending.sampling)}
         if not driver:
-            return pending
+            return
         if any(r.params.logprobs is not None for r in reqs):
             pending.logits = logits
         pending.token_ids_gpu = token_ids
@@ -376,7 +395,6 @@ class ModelRunner:
             pending.ready.record()
         else:
             pending.token_ids_cpu = token_ids
-        return pending
 
     def _forward(self, ids, pos, meta) -> torch.Tensor:  # [num_tokens, hidden_size]
         """The model over one step: replayed from CUDA graphs where captured, else eager."""
@@ -403,6 +421,7 @@ class ModelRunner:
             collect_prompt_logprobs(pending.prompt_logprobs)  # .tolist() waits for the step
         if not pending.sampling:
             return out
+        assert pending.logits_to_sample is None, "a deferred step was never sampled"
         if pending.ready is not None:
             pending.ready.synchronize()
         tokens = pending.token_ids_cpu.tolist()
@@ -430,6 +449,9 @@ class PendingStep:
     token_ids_cpu: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None  # kept only when logprobs were asked
+    # [num_samples, vocab_size] float32: launched, not sampled yet (execute_async's
+    # defer_sampling); sample_async takes it
+    logits_to_sample: torch.Tensor | None = None
     prompt_logprobs: PendingPromptLogprobs | None = None
 
 

@@ -7,26 +7,31 @@ The grammar library is xgrammar (docs/structured_output.md says why). Life of a 
  2. The first time the model runner sees a constrained request, the manager submits its
     compilation (tokenizer-specific, ~1-50 ms) to a background thread; equal constraints share
     one compilation (cached by `StructuredOutputsParams.key`). The forward pass runs meanwhile.
- 3. Before sampling, each constrained row's matcher consumes the output tokens it has not seen
-    (the engine keeps these rows in sync: their previous token is on the host), then all masks
-    are filled into one pinned int32 [num_constrained, ceil(vocab_size / 32)] tensor, copied to
-    the device without waiting, and applied to the logits in one kernel launch.
+ 3. Before sampling, the matchers of the constrained rows consume the output tokens they have
+    not seen (one batch_accept_token; the engine lands the previous step's tokens first, see
+    LLM.step), then all masks are filled (one threaded batch_fill_next_token_bitmask) into a
+    reused pinned int32 [max_num_seqs, ceil(vocab_size / 32)] buffer, copied to the device
+    without waiting, and applied to the logits in one kernel launch. Two buffers take turns:
+    a step fills one while the previous step's upload may still read the other.
 
 EOS (every id in the request's eos_token_ids) is allowed only where the grammar accepts, so a
 structure is never cut short by EOS; max_tokens still ends it ("length").
 
 NOTE: xgrammar 0.2.9 lets length-bounded JSON strings (minLength / maxLength) contain raw
 control characters, which no JSON parser accepts. JSON is generated compact, so no token with
-a byte below 0x20 is ever valid in it: JSON rows also get a mask that bans those tokens.
+a byte below 0x20 is ever valid in it: JSON rows also get a mask that bans those tokens, ANDed
+in by the bitmask kernel on the device (not by the host, over every row, every step).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,49 +79,113 @@ class _RequestGrammar:
         self.compiled = compiled
         self.is_json = is_json
         self.matcher = None
-        self.num_consumed = 0
-        self.failed = False
+        self.num_consumed = 0  # output tokens the matcher has seen
+        self.failed = False  # stopped constraining: compile error, a rejected token, or done
 
-    def synced(self, req: Request):
-        """The matcher after every output token so far; None once it stopped constraining."""
+    def is_behind(self, req: Request) -> bool:
+        return not self.failed and self.num_consumed < req.num_output_tokens
+
+    def start(self, req: Request) -> None:
+        """Create the matcher (waits for the compilation); a failed compile stops constraining."""
         import xgrammar as xgr
 
-        if self.matcher is None and not self.failed:
-            try:
-                compiled = self.compiled.result()
-            except Exception as e:  # noqa: BLE001 - one bad grammar must not stop the batch
-                logger.error("request %s: its constraint failed to compile: %s", req.req_id, e)
-                self.failed = True
-                return None
-            stop = sorted(req.eos_token_ids) or None
-            self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop)
-        new = req.output_token_ids[self.num_consumed :]
-        self.num_consumed = req.num_output_tokens
-        for token in new:
-            if self.failed:
-                break
-            if not self.matcher.accept_token(token):
-                # Only reachable when something outside the mask picked the token (e.g. a stop
-                # token id); stop constraining rather than mask every token forever.
-                logger.warning("request %s left its grammar at token %d", req.req_id, token)
-                self.failed = True
-            elif self.matcher.is_terminated():
-                self.failed = True  # EOS accepted but ignored (ignore_eos): nothing to enforce
-        return None if self.failed else self.matcher
+        try:
+            compiled = self.compiled.result()
+        except Exception as e:  # noqa: BLE001 - one bad grammar must not stop the batch
+            logger.error("request %s: its constraint failed to compile: %s", req.req_id, e)
+            self.failed = True
+            return
+        stop = sorted(req.eos_token_ids) or None
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop)
+
+
+def advance_matchers(states: list[_RequestGrammar], reqs: list[Request]) -> None:
+    """Feed each matcher the output tokens it has not seen, one batch_accept_token per round.
+
+    Normally one round (one new token per row). A rejected token (only reachable when
+    something outside the mask picked it, e.g. a stop token id) or an accepted stop token
+    (EOS under ignore_eos: nothing left to enforce) stops the row's constraining.
+    """
+    import xgrammar as xgr
+
+    behind = [(s, r) for s, r in zip(states, reqs) if s.is_behind(r)]
+    while behind:
+        tokens = [r.output_token_ids[s.num_consumed] for s, r in behind]
+        matchers = [s.matcher for s, _ in behind]
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+        for (s, r), token, ok in zip(behind, tokens, accepted):
+            s.num_consumed += 1
+            if not ok:
+                logger.warning("request %s left its grammar at token %d", r.req_id, token)
+                s.failed = True
+            elif (not r.eos_token_ids or token in r.eos_token_ids) and s.matcher.is_terminated():
+                s.failed = True
+        behind = [(s, r) for s, r in behind if s.is_behind(r)]
+
+
+@dataclass
+class GrammarMasks:
+    """One step's masks for the constrained rows of a batch, filled on the host."""
+
+    bitmask: torch.Tensor  # [num_masked_rows, ceil(vocab_size / 32)] int32, host (pinned on CUDA)
+    rows: torch.Tensor  # [num_masked_rows] int32: the logits row of each bitmask row
+    ban_control: torch.Tensor  # [num_masked_rows] int32: 1 = also ban control-byte tokens (JSON)
+    ban_words: torch.Tensor  # [ceil(vocab_size / 32)] int32: tokens without bytes < 0x20
+    slot: _HostSlot | None = None  # the reused host buffers behind the tensors above
+
+    def host_bitmask_with_ban(self) -> torch.Tensor:
+        """The bitmask with the JSON ban applied, as the device sees it (tests, benchmarks)."""
+        ban = self.ban_control.bool()
+        return torch.where(ban[:, None], self.bitmask & self.ban_words, self.bitmask)
+
+
+class _HostSlot:
+    """Reused host buffers for one step's masks: [max_rows, num_words] bitmask and [2, max_rows]
+    (rows, ban flags). Pinned on CUDA; `copied` is recorded after the upload reading them."""
+
+    def __init__(self, max_rows: int, num_words: int, pin: bool):
+        self.bitmask = torch.empty((max_rows, num_words), dtype=torch.int32, pin_memory=pin)
+        self.meta = torch.empty((2, max_rows), dtype=torch.int32, pin_memory=pin)
+        self.copied = torch.cuda.Event() if pin else None
+
+    def wait_free(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()  # NOTE: two steps back; long done unless the host raced
+
+
+def default_num_threads() -> int:
+    """Threads for the batch mask fill: half the cores this process may use, at most 8.
+
+    Explicit because xgrammar's "auto" is half of std::thread::hardware_concurrency(), which
+    counts the host's cores, not the container's."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
 class StructuredOutputManager:
     """Compiles constraints for the runner's tokenizer and fills the per-step bitmasks."""
 
-    def __init__(self, model_dir: str | Path | None, vocab_size: int):
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        vocab_size: int,
+        max_num_seqs: int = 256,
+        device: torch.device | None = None,
+        num_threads: int | None = None,
+    ):
         self.model_dir = model_dir
         self.vocab_size = vocab_size  # the model's (logits width), may exceed the tokenizer's
         self.num_words = (vocab_size + 31) // 32
+        self.max_num_seqs = max_num_seqs
+        self.device = device or torch.device("cpu")
+        self.num_threads = num_threads or default_num_threads()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._compiler = None
         self._tokenizer_info = None
         self._no_control_bytes = None  # [num_words] int32: tokens without bytes < 0x20
+        self._ban_words_dev = None  # the same on self.device
         self._batch_matcher = None
+        self._slots: list[_HostSlot] = []  # two, used in turn: a step fills one while the
+        self._next_slot = 0  # previous step's upload may still read the other
         self._compiled: dict[tuple[str, str], Future] = {}
         self._states: weakref.WeakKeyDictionary[Request, _RequestGrammar] = (
             weakref.WeakKeyDictionary()
@@ -168,63 +237,86 @@ class StructuredOutputManager:
                 self._compiled[key], is_json=key[0] in ("json", "json_object")
             )
 
-    def fill_bitmask(self, reqs: list[Request]) -> tuple[torch.Tensor, list[int]] | None:
-        """Host bitmasks of the constrained rows of `reqs` (waits for their compilations).
+    def _slot(self, num_rows: int) -> _HostSlot:
+        if not self._slots or self._slots[0].bitmask.shape[0] < num_rows:
+            rows = max(num_rows, self.max_num_seqs)
+            pin = self.device.type == "cuda"
+            self._slots = [_HostSlot(rows, self.num_words, pin) for _ in range(2)]
+        slot = self._slots[self._next_slot]
+        self._next_slot ^= 1
+        slot.wait_free()
+        return slot
 
-        Returns (bitmask [num_constrained, ceil(vocab_size / 32)] int32 on the CPU, their row
-        indices in reqs), or None when no row is constrained.
+    def fill(self, reqs: list[Request]) -> GrammarMasks | None:
+        """Host masks of the constrained rows of `reqs`, after their matchers consumed every
+        landed output token (waits for their compilations). None when no row is constrained.
+
+        NOTE: the per-row Python here is list building only; matchers advance in one
+        batch_accept_token and masks fill in one batch_fill_next_token_bitmask (threads).
         """
         rows = [i for i, r in enumerate(reqs) if r.params.structured_outputs is not None]
         if not rows:
             return None
         import xgrammar as xgr  # NOTE: only here: unconstrained steps never load it
 
-        self.prefetch([reqs[i] for i in rows])
-        states = [self._states[reqs[i]] for i in rows]
-        matchers = [s.synced(reqs[i]) for s, i in zip(states, rows)]
-        bitmask = torch.full(
-            (len(rows), self.num_words),
-            -1,
-            dtype=torch.int32,
-            pin_memory=torch.cuda.is_available(),
-        )
+        creqs = [reqs[i] for i in rows]
+        states = [self._states.get(r) for r in creqs]
+        if None in states:  # not seen by execute_async's prefetch (direct callers)
+            self.prefetch(creqs)
+            states = [self._states[r] for r in creqs]
+        for s, r in zip(states, creqs):
+            if s.matcher is None and not s.failed:
+                s.start(r)
+        advance_matchers(states, creqs)
+        n = len(rows)
+        slot = self._slot(n)
+        bitmask = slot.bitmask[:n]
         active = [j for j, s in enumerate(states) if not s.failed]
+        if len(active) < n:
+            bitmask.fill_(-1)  # rows no longer constrained allow everything
         if self._batch_matcher is None:
-            self._batch_matcher = xgr.BatchGrammarMatcher()
+            self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=self.num_threads)
         if active:
             self._batch_matcher.batch_fill_next_token_bitmask(
-                [matchers[j] for j in active], bitmask, active
+                [states[j].matcher for j in active], bitmask, active
             )
-        json_rows = [j for j in active if states[j].is_json]
-        if len(json_rows) == len(rows):
-            bitmask &= self._json_safe_words()  # NOTE: in place; indexing would copy
-        elif json_rows:
-            bitmask[json_rows] &= self._json_safe_words()
-        return bitmask, rows
+        meta = slot.meta[:, :n]
+        meta[0] = torch.tensor(rows, dtype=torch.int32)
+        meta[1] = torch.tensor([s.is_json and not s.failed for s in states], dtype=torch.int32)
+        return GrammarMasks(bitmask, meta[0], meta[1], self._json_safe_words(), slot)
 
     def apply(self, logits: torch.Tensor, reqs: list[Request]) -> None:
         """In place: -inf on every token the grammar of a constrained row disallows now."""
         # logits: [num_seqs, vocab_size]
-        filled = self.fill_bitmask(reqs)
-        if filled is None:
+        masks = self.fill(reqs)
+        if masks is None:
             return
-        bitmask, rows = filled
         dev = logits.device
-        if dev.type == "cuda":
-            from tokenmill.kernels.bitmask import apply_token_bitmask_
+        if dev.type != "cuda":
+            apply_token_bitmask_torch_(
+                logits, masks.bitmask, masks.rows, masks.ban_words, masks.ban_control
+            )
+            return
+        from tokenmill.kernels.bitmask import apply_token_bitmask_
 
-            rows_t = torch.tensor(rows, dtype=torch.long).pin_memory().to(dev, non_blocking=True)
-            apply_token_bitmask_(logits, bitmask.to(dev, non_blocking=True), rows_t)
-        else:
-            apply_token_bitmask_torch_(logits, bitmask, torch.tensor(rows, dtype=torch.long))
+        if self._ban_words_dev is None:
+            self._ban_words_dev = masks.ban_words.to(dev)
+        n = masks.bitmask.shape[0]
+        bitmask = masks.bitmask.to(dev, non_blocking=True)
+        meta = masks.slot.meta.to(dev, non_blocking=True)[:, :n]
+        masks.slot.copied.record()
+        apply_token_bitmask_(logits, bitmask, meta[0], self._ban_words_dev, meta[1])
 
 
 def apply_token_bitmask_torch_(
     logits: torch.Tensor,  # [num_seqs, vocab_size]
     bitmask: torch.Tensor,  # [num_masked_rows, ceil(vocab_size / 32)] int32
     rows: torch.Tensor,  # [num_masked_rows] logits row of each bitmask row
+    ban_words: torch.Tensor | None = None,  # [ceil(vocab_size / 32)] int32
+    ban_rows: torch.Tensor | None = None,  # [num_masked_rows] int32, 1 = AND ban_words in
 ) -> None:
-    """In place: logits[rows[i], t] = -inf wherever bit t % 32 of bitmask[i, t // 32] is clear.
+    """In place: logits[rows[i], t] = -inf wherever bit t % 32 of bitmask[i, t // 32] is clear
+    (of bitmask[i] & ban_words where ban_rows[i] is set).
 
     The CPU path, and the reference tokenmill.kernels.bitmask is tested against.
     """
@@ -234,10 +326,15 @@ def apply_token_bitmask_torch_(
     assert bitmask.shape[1] * 32 >= vocab_size, (
         f"bitmask covers {bitmask.shape[1] * 32} tokens, logits have {vocab_size}"
     )
+    rows = rows.long()
+    if ban_words is not None:
+        banned = bitmask & ban_words  # [num_masked_rows, words]
+        bitmask = torch.where(ban_rows.bool()[:, None], banned, bitmask)
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask[:, :, None] >> bits) & 1).bool()  # [num_masked_rows, words, 32]
     allowed = allowed.flatten(1)[:, :vocab_size]  # [num_masked_rows, vocab_size]
-    if rows.shape[0] == logits.shape[0] and bool((rows == torch.arange(rows.shape[0])).all()):
+    every = torch.arange(rows.shape[0], device=rows.device)
+    if rows.shape[0] == logits.shape[0] and bool((rows == every).all()):
         logits.masked_fill_(~allowed, float("-inf"))  # every row: no gather / scatter copies
     else:
         logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

@@ -203,10 +203,16 @@ class DriverRunner(ModelRunner):
         self.workers = workers
         super().__init__(*args, **kwargs)
 
-    def execute_async(self, sched: SchedulerOutput):
+    def execute_async(self, sched: SchedulerOutput, defer_sampling: bool = False):
         self.workers.send(step_message(sched))
         try:
-            return super().execute_async(sched)
+            return super().execute_async(sched, defer_sampling)
+        except Exception as e:
+            self._raise_failure(e)
+
+    def sample_async(self, pending) -> None:
+        try:  # the workers wait in the token broadcast meanwhile
+            super().sample_async(pending)
         except Exception as e:
             self._raise_failure(e)
 
