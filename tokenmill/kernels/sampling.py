@@ -24,6 +24,8 @@ second kernel, one program per row, picks the best chunk.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +38,14 @@ __all__ = ["sample", "sample_tokens", "sampling_thresholds"]
 Q = 256  # tokens per Philox output word per iteration; the noise layout depends on it
 CHUNK = 8192  # tokens per program (a multiple of 4 * Q)
 NUM_WARPS = 4
+
+
+@triton.jit
+def _gumbel_score(x, temperature, rand):
+    """x / T + Gumbel noise from one Philox word; kernels/rejection_sampling.py draws with it
+    too, so both paths score a token identically."""
+    u = tl.uint_to_uniform_float(rand)  # [0, 1); u = 0 gives -inf, never drawn
+    return x / temperature - tl.log(-tl.log(u))
 
 
 @triton.jit
@@ -56,8 +66,7 @@ def _consider(
     if USE_THRESHOLD:
         x = tl.where(x >= threshold, x, float("-inf"))
     if USE_NOISE:
-        u = tl.uint_to_uniform_float(rand)  # [0, 1); u = 0 gives -inf, never drawn
-        x = x / temperature - tl.log(-tl.log(u))
+        x = _gumbel_score(x, temperature, rand)
     # strict >: the earliest token wins ties within a lane (indices grow along the loop)
     better = x > best_val
     return tl.where(better, x, best_val), tl.where(better, idx, best_idx)
@@ -266,6 +275,14 @@ def sample_tokens(
     return out
 
 
+def topp_path() -> str:
+    """TOKENMILL_TOPP_PATH: "reject" (the default) or "threshold", read at every call."""
+    path = os.environ.get("TOKENMILL_TOPP_PATH", "reject")
+    if path not in ("reject", "threshold"):
+        raise ValueError(f"TOKENMILL_TOPP_PATH must be 'reject' or 'threshold' (got {path!r})")
+    return path
+
+
 def sample(
     logits: torch.Tensor,  # [num_seqs, vocab_size] fp32, penalties applied
     temperatures: torch.Tensor,  # [num_seqs] fp32, 0 = greedy
@@ -275,7 +292,14 @@ def sample(
     top_p: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_seqs] int64
-    """Pass None for a filter no row uses: with all three None, one pass over the vocab."""
+    """Pass None for a filter no row uses: with all three None, one pass over the vocab.
+
+    Top-p without top-k goes by rejection (kernels/rejection_sampling.py), the same tokens as
+    the threshold path's; TOKENMILL_TOPP_PATH=threshold forces the threshold path."""
+    if top_p is not None and top_k is None and topp_path() == "reject":
+        from tokenmill.kernels.rejection_sampling import sample_top_p  # it imports this module
+
+        return sample_top_p(logits, temperatures, seeds, positions, top_p.float(), min_p)
     thresholds = None
     if top_k is not None or top_p is not None or min_p is not None:
         thresholds = sampling_thresholds(logits, temperatures, top_k, top_p, min_p)
