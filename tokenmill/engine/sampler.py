@@ -254,7 +254,7 @@ class Sampler:
             if any(p.min_p > 0 for p in params)
             else None
         )
-        # top-k / top-p / min-p: one threshold per row found by a search, no sort of the vocab
+        # no sort of the vocab: top-p alone by rejection, top-k by a per-row threshold search
         return self.kernels.sample(
             logits.contiguous(), temps, seeds, positions, top_k, top_p, min_p
         )

@@ -187,7 +187,7 @@ def _first_kernel(
     ninf = float("-inf")
     if temperature == 0.0:  # greedy: argmax, first index on ties
         val, idx, x_max, _, _ = _scan_chunk(
-            row_ptr, chunk * CHUNK, vocab_size, 1.0, ninf, ninf, 0.0, 0, 0, 0,
+            row_ptr, chunk * CHUNK, vocab_size, temperature, ninf, ninf, 0.0, 0, 0, 0,
             CHUNK, Q, False, True, False, False,
         )  # fmt: skip
     else:

@@ -16,6 +16,18 @@ kernels/threshold_search.py: a split-row search, no sort and no sync): token i m
 logits[r, i] >= thresholds[r]. Division by T > 0 is monotonic, so the kept set is decided on
 the raw logits.
 
+Top-p without top-k (min-p allowed) skips the search: `sample` draws by rejection
+(kernels/rejection_sampling.py). The draw over all tokens gives a candidate; one more pass sums
+the mass above it: if it is in the nucleus it is the token the threshold path would draw (the
+argmax over a superset that lies in the subset), else the argmax over the logits above it is
+the next candidate, found in the same pass. 3 + R launches over the logits (R = 4 rounds: at
+top_p 0.95 a row is undecided after them with probability ~3e-7), then the threshold path as
+a fallback for undecided rows, launched always (graph-safe) with one program per row that
+exits at once for decided rows. Same tokens as the threshold path, except on rows whose cut
+is within float32 rounding of top_p. TOKENMILL_TOPP_PATH=threshold (read at every call)
+forces the threshold path; batches with top-k, or min-p alone, always take it (the reference
+applies top-p among the top-k survivors).
+
 Grid of the draw: (num_seqs, cdiv(vocab_size, CHUNK)). CHUNK = 8,192 tokens per program, so
 vocab 151,936 x 256 rows is 4,864 programs of 32 KiB of logits each: enough in flight to stream
 the 155 MB of logits near bandwidth. Each program leaves its best (value, token) per chunk; a
