@@ -13,31 +13,33 @@ T * log(min_p). With the same noise, for any superset S of N:
 If c is not in N, no token with x <= x_c is (N is an upper set of the logits), so
 S' = {x > x_c} is again a superset of N, and the next candidate is its argmax. Launches:
 
-    _first_kernel     (num_seqs, num_chunks)  per chunk: max x, best (score, token) over all
-    _round_kernel x R (num_seqs, num_chunks)  every program reduces the last launch's chunk
-                                              partials (tiny) to decide the row; then, for an
-                                              undecided row with candidate c: sum of exp((x -
-                                              max) / T) over x > x_c (and over all tokens in
-                                              round 1: the total) and the next candidate, best
-                                              (score, token) over x > x_c and x >= min-p's bound
-    _final_kernel     (num_seqs,)             decides the last candidate; writes the tokens
-    fallback          sampling_thresholds(...) with one split per row + _fallback_draw_kernel
-                                              (num_seqs,): the exact threshold path, for rows
-                                              still undecided after R rounds; decided rows pass
-                                              temperature 0 there and exit at once
+    _first_kernel   (num_seqs, num_chunks)  the plain draw: per chunk best (score, token) over
+                                            all tokens, and max x: candidate c_0
+    _round_kernel   (num_seqs, num_chunks)  x (R + 1); every program first reduces the last
+                                            launch's chunk partials (tiny) to decide its row
+                                            (accept, or move to the next candidate); a decided
+                                            row exits. Then, per kind:
+        TEST        mass above c_0 and the total: sum exp((x - max) / T), no noise
+        SEARCH      the next candidate above the rejected one: best (score, token) over
+                    x > x_c and x >= min-p's bound
+        BOTH  x R-1 both at once: tests c_r and finds c_{r+1}
+    _final_kernel   (num_seqs,)             decides the last candidate; writes the tokens
+    fallback        sampling_thresholds(...) with one split per row, then
+                    _fallback_draw_kernel (num_seqs,): the exact threshold path for rows
+                    still undecided after R tests; decided rows pass temperature 0 there and
+                    exit at once (num_seqs programs a launch, not num_seqs x num_chunks)
 
-So a row's candidate c_r is tested in round r + 1 (the mass above it) while that round also finds
-c_{r+1}: R rounds test c_0 .. c_{R-1}. A fixed launch count and no host sync: CUDA-graph safe.
+TEST, SEARCH, BOTH, BOTH, ... test c_0 .. c_{R-1}. A fixed launch count and no host sync: CUDA
+graph safe. The first test is split from the search because most rows stop there: a row
+whose c_0 is kept pays the plain draw (+ a max) and one noise-free pass over its logits.
 
 Why R = 4: the mass above a Gumbel-max winner, as a fraction of its candidate set's mass, is
 about uniform on (0, 1), so the mass above c_r is a product of r + 1 uniforms and a row is
 undecided after R tests with probability P(Poisson(ln(1 / top_p)) >= R): at top_p 0.95 about
-3e-7 (0.9: 5e-6, 0.5: 6e-3), so the fallback's full passes (one program per row) almost never
-run and its launches cost only their early exits. A min-p rejection costs one more round.
-
-Cost on a row decided by its first candidate (top_p 0.95: 95% of flat rows): pass 1 (the plain
-draw plus a max) and round 1 (the plain draw's work once more plus one exp per token). In later
-rounds a tile of 4 * Q tokens none of which is above the pivot skips the noise and the exps.
+3e-7 (0.9: 5e-6, 0.5: 6e-3), so the fallback's passes (one program per row) almost never run
+and its launches cost only their early exits. A min-p rejection costs a test more.
+In SEARCH and BOTH a tile of 4 * Q tokens none of which is above the pivot skips the noise
+and the exps (peaked rows: most tiles).
 
 Chunks (CHUNK = 8,192 tokens, a multiple of 4 * Q) and the noise layout are the draw's in
 kernels/sampling.py; chunk sums are reduced in chunk order, so a row's token depends on its own
@@ -54,7 +56,17 @@ from tokenmill.kernels.sampling import CHUNK, NUM_WARPS, Q, _gumbel_score
 from tokenmill.kernels.threshold_search import sampling_thresholds
 
 NUM_ROUNDS = 4  # R: see the module docstring
-BIG_IDX = 2147483647
+BIG_IDX = tl.constexpr(2147483647)  # "no token" in min-index reductions
+# launch kinds (constexpr): the first pass; mass above the candidate (and the total); the next
+# candidate above a rejected one; both at once
+FIRST, TEST, SEARCH, BOTH = (tl.constexpr(k) for k in range(4))
+
+
+def launch_kinds(num_rounds: int) -> list[int]:
+    """Kinds of the launches after the first pass: R tests of candidates c_0 .. c_{R-1}."""
+    if num_rounds == 1:
+        return [TEST.value]
+    return [TEST.value, SEARCH.value] + [BOTH.value] * (num_rounds - 1)
 
 
 @triton.jit
@@ -82,6 +94,40 @@ def _mass(above, total, x, pivot, row_max, inv_temp, USE_TOTAL: tl.constexpr):
 
 
 @triton.jit
+def _mass4(above, total, x0, x1, x2, x3, pivot, row_max, inv_temp, USE_TOTAL: tl.constexpr):
+    above, total = _mass(above, total, x0, pivot, row_max, inv_temp, USE_TOTAL)
+    above, total = _mass(above, total, x1, pivot, row_max, inv_temp, USE_TOTAL)
+    above, total = _mass(above, total, x2, pivot, row_max, inv_temp, USE_TOTAL)
+    return _mass(above, total, x3, pivot, row_max, inv_temp, USE_TOTAL)
+
+
+@triton.jit
+def _better4(
+    best_val, best_idx, x0, x1, x2, x3, base, pivot, bound, temperature, seed, pos_lo, pos_hi,
+    Q: tl.constexpr, USE_NOISE: tl.constexpr,
+):  # fmt: skip
+    """The 4 * Q tokens from base: one Philox call, 4 words (the draw's noise layout)."""
+    offs = tl.arange(0, Q)
+    zero = tl.zeros([Q], dtype=tl.uint32)
+    r0, r1, r2, r3 = zero, zero, zero, zero
+    if USE_NOISE:
+        counter = (base // 4 + offs).to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, counter, zero + pos_lo, zero + pos_hi, zero)
+    best_val, best_idx = _better(
+        best_val, best_idx, x0, base + offs, pivot, bound, temperature, r0, USE_NOISE
+    )
+    best_val, best_idx = _better(
+        best_val, best_idx, x1, base + Q + offs, pivot, bound, temperature, r1, USE_NOISE
+    )
+    best_val, best_idx = _better(
+        best_val, best_idx, x2, base + 2 * Q + offs, pivot, bound, temperature, r2, USE_NOISE
+    )
+    return _better(
+        best_val, best_idx, x3, base + 3 * Q + offs, pivot, bound, temperature, r3, USE_NOISE
+    )
+
+
+@triton.jit
 def _scan_chunk(
     row_ptr,
     chunk_start,
@@ -96,15 +142,16 @@ def _scan_chunk(
     CHUNK: tl.constexpr,
     Q: tl.constexpr,
     USE_NOISE: tl.constexpr,
+    FIND: tl.constexpr,
     USE_MAX: tl.constexpr,
     USE_MASS: tl.constexpr,
     USE_TOTAL: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
-    """Per lane: best (score, token) over the chunk's candidates; max x (USE_MAX); the mass
-    above the pivot and (USE_TOTAL) over all tokens (USE_MASS). The noise layout is the draw's:
-
-        iteration base b:  philox(counter = b/4 + j) -> tokens b + j, b+Q+j, b+2Q+j, b+3Q+j
-    """
+    """Per chunk: best (score, token) over the candidates x > pivot, x >= bound (FIND); max x
+    (USE_MAX); the mass above the pivot (USE_MASS) and over all tokens (USE_TOTAL). SKIP: a tile
+    of 4 * Q tokens none of which is above the pivot skips the noise and the exps (a block-wide
+    max per tile: worth it only when the pivot is high)."""
     offs = tl.arange(0, Q)
     best_val = tl.full([Q], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([Q], dtype=tl.int32)
@@ -112,8 +159,6 @@ def _scan_chunk(
     above = tl.zeros([Q], dtype=tl.float32)
     total = tl.zeros([Q], dtype=tl.float32)
     inv_temp = 1.0 / tl.where(temperature > 0.0, temperature, 1.0)
-    zero = tl.zeros([Q], dtype=tl.uint32)
-    r0, r1, r2, r3 = zero, zero, zero, zero
     for it in range(0, CHUNK, 4 * Q):
         base = chunk_start + it
         x0 = _load(row_ptr, base + offs, vocab_size)
@@ -124,35 +169,27 @@ def _scan_chunk(
         if USE_MAX:
             lane_max = tl.maximum(lane_max, tile_max)
         if USE_TOTAL:
-            above, total = _mass(above, total, x0, pivot, row_max, inv_temp, True)
-            above, total = _mass(above, total, x1, pivot, row_max, inv_temp, True)
-            above, total = _mass(above, total, x2, pivot, row_max, inv_temp, True)
-            above, total = _mass(above, total, x3, pivot, row_max, inv_temp, True)
-        m = tl.max(tile_max, axis=0)
-        if m > pivot:  # NOTE: a tile with no token above the pivot skips the noise and exps
+            above, total = _mass4(above, total, x0, x1, x2, x3, pivot, row_max, inv_temp, True)
+        if SKIP:
+            m = tl.max(tile_max, axis=0)
+            if m > pivot:  # NOTE: skips the noise and exps of a tile with no token above
+                if USE_MASS and not USE_TOTAL:
+                    above, total = _mass4(
+                        above, total, x0, x1, x2, x3, pivot, row_max, inv_temp, False
+                    )
+                if FIND:
+                    if m >= bound:
+                        best_val, best_idx = _better4(
+                            best_val, best_idx, x0, x1, x2, x3, base, pivot, bound,
+                            temperature, seed, pos_lo, pos_hi, Q, USE_NOISE,
+                        )  # fmt: skip
+        else:
             if USE_MASS and not USE_TOTAL:
-                above, total = _mass(above, total, x0, pivot, row_max, inv_temp, False)
-                above, total = _mass(above, total, x1, pivot, row_max, inv_temp, False)
-                above, total = _mass(above, total, x2, pivot, row_max, inv_temp, False)
-                above, total = _mass(above, total, x3, pivot, row_max, inv_temp, False)
-            if m >= bound:
-                if USE_NOISE:
-                    counter = (base // 4 + offs).to(tl.uint32)
-                    r0, r1, r2, r3 = tl.philox(seed, counter, zero + pos_lo, zero + pos_hi, zero)
-                best_val, best_idx = _better(
-                    best_val, best_idx, x0, base + offs, pivot, bound, temperature, r0, USE_NOISE
-                )
-                best_val, best_idx = _better(
-                    best_val, best_idx, x1, base + Q + offs, pivot, bound, temperature, r1,
-                    USE_NOISE,
-                )  # fmt: skip
-                best_val, best_idx = _better(
-                    best_val, best_idx, x2, base + 2 * Q + offs, pivot, bound, temperature, r2,
-                    USE_NOISE,
-                )  # fmt: skip
-                best_val, best_idx = _better(
-                    best_val, best_idx, x3, base + 3 * Q + offs, pivot, bound, temperature, r3,
-                    USE_NOISE,
+                above, total = _mass4(above, total, x0, x1, x2, x3, pivot, row_max, inv_temp, False)
+            if FIND:
+                best_val, best_idx = _better4(
+                    best_val, best_idx, x0, x1, x2, x3, base, pivot, bound, temperature, seed,
+                    pos_lo, pos_hi, Q, USE_NOISE,
                 )  # fmt: skip
     m = tl.max(best_val, axis=0)
     idx = tl.min(tl.where(best_val == m, best_idx, BIG_IDX), axis=0)
@@ -188,13 +225,13 @@ def _first_kernel(
     if temperature == 0.0:  # greedy: argmax, first index on ties
         val, idx, x_max, _, _ = _scan_chunk(
             row_ptr, chunk * CHUNK, vocab_size, temperature, ninf, ninf, 0.0, 0, 0, 0,
-            CHUNK, Q, False, True, False, False,
+            CHUNK, Q, False, True, True, False, False, False,
         )  # fmt: skip
     else:
         seed, pos_lo, pos_hi = _noise_key(seeds_ptr, positions_ptr, row)
         val, idx, x_max, _, _ = _scan_chunk(
             row_ptr, chunk * CHUNK, vocab_size, temperature, ninf, ninf, 0.0, seed, pos_lo,
-            pos_hi, CHUNK, Q, True, True, False, False,
+            pos_hi, CHUNK, Q, True, True, True, False, False, False,
         )  # fmt: skip
     out = part_f_ptr + (row * num_chunks + chunk) * 4
     tl.store(out, val)
@@ -238,17 +275,18 @@ def _row_state(
     stride_logits_row,
     CHUNKS_BLOCK: tl.constexpr,
     USE_MIN_P: tl.constexpr,
-    FIRST: tl.constexpr,  # launch == 1
+    PREV: tl.constexpr,  # the kind of launch - 1: FIRST, TEST, SEARCH or BOTH
 ):
     """(done, candidate, x_c, row_max, total, bound, temperature, top_p) of a row as a launch
-    starts: the previous candidate accepted or replaced by the next one. Every program of a
-    launch redoes this (num_chunks partials), so none reads what another of its launch writes."""
+    starts: the candidate the previous launch tested accepted, or replaced by the one it found.
+    Every program of a launch redoes this (num_chunks partials), so none reads what another of
+    its launch writes."""
     temperature = tl.load(temperatures_ptr + row)
     top_p = tl.load(top_p_ptr + row)
     base = ((launch - 1) * num_seqs + row) * num_chunks
     row_ptr = logits_ptr + row * stride_logits_row
     everything = row >= 0
-    if FIRST:  # from the first pass: the candidate over all tokens, untested
+    if PREV == FIRST:  # from the first pass: the candidate over all tokens, untested
         c = tl.arange(0, CHUNKS_BLOCK)
         maxes = tl.load(part_f_ptr + (base + c) * 4 + 1, mask=c < num_chunks, other=float("-inf"))
         row_max = tl.max(maxes, axis=0)
@@ -263,24 +301,24 @@ def _row_state(
         row_max = tl.load(sf + 1)
         done = tl.load(si) != 0
         cand = tl.load(si + 1)
-        # round 1 (launch 1) summed every token; later states carry the total
-        total = tl.where(
-            launch == 2,
-            _chunk_sum(part_f_ptr, base, num_chunks, 2, ~done, CHUNKS_BLOCK),
-            tl.load(sf + 2),
-        )
+        total = tl.load(sf + 2)
+        if PREV == TEST:  # the first test summed every token; later states carry the total
+            total = _chunk_sum(part_f_ptr, base, num_chunks, 2, ~done, CHUNKS_BLOCK)
     bound = tl.full([], float("-inf"), tl.float32)
     if USE_MIN_P:
         # the threshold path's bound, the same expression: p_i >= min_p * p_max
         min_p = tl.load(min_p_ptr + row)
         if (min_p > 0.0) & (temperature > 0.0):
             bound = row_max + temperature * tl.log(min_p)
-    if not FIRST:
-        # the last launch summed the mass above this candidate and found the next one
+    if PREV == TEST or PREV == BOTH:  # the last launch summed the mass above the candidate
         above = _chunk_sum(part_f_ptr, base, num_chunks, 1, ~done, CHUNKS_BLOCK)
         in_nucleus = (x_c >= bound) & ((top_p >= 1.0) | (above < top_p * total))
         rejected = (~done) & (~in_nucleus)
         done = done | in_nucleus
+        # after a TEST a rejected row keeps its candidate: the SEARCH's pivot
+    if PREV == SEARCH:  # every undecided row moves on to the candidate it found
+        rejected = ~done
+    if PREV == SEARCH or PREV == BOTH:  # the next candidate, above the rejected one
         nxt = _best_of_chunks(part_f_ptr, part_i_ptr, base, num_chunks, rejected, CHUNKS_BLOCK)
         cand = tl.where(rejected, nxt, cand)
         x_c = tl.where(rejected, tl.load(row_ptr + cand), x_c)
@@ -291,7 +329,7 @@ def _row_state(
 
 @triton.jit
 def _round_kernel(
-    part_f_ptr,  # writes launch `launch`: (score, mass above the pivot, total (round 1), -)
+    part_f_ptr,  # writes launch `launch`: (score, mass above the pivot, total (TEST), -)
     part_i_ptr,
     state_f_ptr,
     state_i_ptr,
@@ -305,19 +343,20 @@ def _round_kernel(
     vocab_size,
     stride_logits_row,
     num_chunks,
-    launch,  # 1 .. R
+    launch,  # 1 .. R + 1
     CHUNK: tl.constexpr,
     Q: tl.constexpr,
     CHUNKS_BLOCK: tl.constexpr,
     USE_MIN_P: tl.constexpr,
-    FIRST_ROUND: tl.constexpr,
+    PREV: tl.constexpr,  # the kind of launch - 1
+    KIND: tl.constexpr,  # TEST, SEARCH or BOTH
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     done, cand, x_c, row_max, total, bound, temperature, top_p = _row_state(
         part_f_ptr, part_i_ptr, state_f_ptr, state_i_ptr, logits_ptr, temperatures_ptr,
         top_p_ptr, min_p_ptr, row, launch, num_seqs, num_chunks, stride_logits_row,
-        CHUNKS_BLOCK, USE_MIN_P, FIRST_ROUND,
+        CHUNKS_BLOCK, USE_MIN_P, PREV,
     )  # fmt: skip
     if chunk == 0:
         sf = state_f_ptr + (launch * num_seqs + row) * 4
@@ -332,7 +371,8 @@ def _round_kernel(
         seed, pos_lo, pos_hi = _noise_key(seeds_ptr, positions_ptr, row)
         val, idx, _, above, chunk_total = _scan_chunk(
             logits_ptr + row * stride_logits_row, chunk * CHUNK, vocab_size, temperature, x_c,
-            bound, row_max, seed, pos_lo, pos_hi, CHUNK, Q, True, False, True, FIRST_ROUND,
+            bound, row_max, seed, pos_lo, pos_hi, CHUNK, Q, True, KIND != TEST, False,
+            KIND != SEARCH, KIND == TEST, KIND != TEST,
         )  # fmt: skip
         out = part_f_ptr + ((launch * num_seqs + row) * num_chunks + chunk) * 4
         tl.store(out, val)
@@ -356,15 +396,16 @@ def _final_kernel(
     num_seqs,
     num_chunks,
     stride_logits_row,
-    launch,  # R + 1
+    launch,  # after the last round
     CHUNKS_BLOCK: tl.constexpr,
     USE_MIN_P: tl.constexpr,
+    PREV: tl.constexpr,  # the kind of the last round
 ):
     row = tl.program_id(0).to(tl.int64)
     done, cand, x_c, row_max, total, bound, temperature, top_p = _row_state(
         part_f_ptr, part_i_ptr, state_f_ptr, state_i_ptr, logits_ptr, temperatures_ptr,
         top_p_ptr, min_p_ptr, row, launch, num_seqs, num_chunks, stride_logits_row,
-        CHUNKS_BLOCK, USE_MIN_P, False,
+        CHUNKS_BLOCK, USE_MIN_P, PREV,
     )  # fmt: skip
     tl.store(out_ptr + row, cand.to(tl.int64))
     tl.store(fallback_temps_ptr + row, tl.where(done, 0.0, temperature))
@@ -390,8 +431,8 @@ def _fallback_draw_kernel(
         seed, pos_lo, pos_hi = _noise_key(seeds_ptr, positions_ptr, row)
         val, idx, _, _, _ = _scan_chunk(
             logits_ptr + row * stride_logits_row, 0, vocab_size, temperature, float("-inf"),
-            tl.load(thresholds_ptr + row), 0.0, seed, pos_lo, pos_hi, ROW_CHUNK, Q, True,
-            False, False, False,
+            tl.load(thresholds_ptr + row), 0.0, seed, pos_lo, pos_hi, ROW_CHUNK, Q, True, True,
+            False, False, False, False,
         )  # fmt: skip
         tl.store(out_ptr + row, idx.to(tl.int64))
 
@@ -406,8 +447,9 @@ def sample_top_p(
     num_rounds: int = NUM_ROUNDS,
 ) -> torch.Tensor:  # [num_seqs] int64
     """The token kernels/sampling.py's threshold + draw path gives each row (top-p, min-p,
-    plain and greedy rows mixed; no top-k), found by rejection. No host sync; 3 + R launches,
-    plus the fallback's (passes_per_filter() + 3 launches of num_seqs programs)."""
+    plain and greedy rows mixed; no top-k), found by rejection. No host sync; R + 3 launches
+    (R = num_rounds candidates tested), plus the fallback's passes_per_filter() + 3 launches of
+    num_seqs programs."""
     assert logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1, (
         f"logits must be [num_seqs, vocab_size] float32, contiguous in vocab "
         f"(got {tuple(logits.shape)} {logits.dtype}, strides {logits.stride()})"
@@ -433,7 +475,8 @@ def sample_top_p(
     row_chunk = triton.cdiv(vocab_size, 4 * Q) * 4 * Q  # the row, padded to the noise layout
     chunk = min(CHUNK, row_chunk)
     num_chunks = triton.cdiv(vocab_size, chunk)
-    launches = num_rounds + 1
+    kinds = launch_kinds(num_rounds)
+    launches = len(kinds) + 1
     # partials per launch (no double-buffering to reason about; 16 B per row and chunk)
     part_f = torch.empty(launches, num_seqs, num_chunks, 4, dtype=torch.float32, device=dev)
     part_i = torch.empty(launches, num_seqs, num_chunks, dtype=torch.int32, device=dev)
@@ -447,17 +490,19 @@ def sample_top_p(
         part_f, part_i, logits, temperatures, seeds, positions, vocab_size, logits.stride(0),
         num_chunks, CHUNK=chunk, Q=Q, num_warps=NUM_WARPS,
     )  # fmt: skip
-    for launch in range(1, num_rounds + 1):
+    prev = FIRST.value
+    for launch, kind in enumerate(kinds, start=1):
         _round_kernel[grid](
             part_f, part_i, state_f, state_i, logits, temperatures, seeds, positions, top_p,
             min_p_col, num_seqs, vocab_size, logits.stride(0), num_chunks, launch,
             CHUNK=chunk, Q=Q, CHUNKS_BLOCK=chunks_block, USE_MIN_P=min_p is not None,
-            FIRST_ROUND=launch == 1, num_warps=NUM_WARPS,
+            PREV=prev, KIND=kind, num_warps=NUM_WARPS,
         )  # fmt: skip
+        prev = kind
     _final_kernel[(num_seqs,)](
         out, fallback_temps, part_f, part_i, state_f, state_i, logits, temperatures, top_p,
         min_p_col, num_seqs, num_chunks, logits.stride(0), launches,
-        CHUNKS_BLOCK=chunks_block, USE_MIN_P=min_p is not None, num_warps=1,
+        CHUNKS_BLOCK=chunks_block, USE_MIN_P=min_p is not None, PREV=prev, num_warps=1,
     )  # fmt: skip
     # The exact path for rows still undecided, one split (one program) per row so that decided
     # rows cost num_seqs early exits per launch, not num_seqs x num_chunks.

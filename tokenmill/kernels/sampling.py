@@ -20,8 +20,8 @@ Top-p without top-k (min-p allowed) skips the search: `sample` draws by rejectio
 (kernels/rejection_sampling.py). The draw over all tokens gives a candidate; one more pass sums
 the mass above it: if it is in the nucleus it is the token the threshold path would draw (the
 argmax over a superset that lies in the subset), else the argmax over the logits above it is
-the next candidate, found in the same pass. 3 + R launches over the logits (R = 4 rounds: at
-top_p 0.95 a row is undecided after them with probability ~3e-7), then the threshold path as
+the next candidate. R + 3 launches over the logits (R = 4 candidates tested: at top_p 0.95 a
+row is undecided after them with probability ~3e-7), then the threshold path as
 a fallback for undecided rows, launched always (graph-safe) with one program per row that
 exits at once for decided rows. Same tokens as the threshold path, except on rows whose cut
 is within float32 rounding of top_p. TOKENMILL_TOPP_PATH=threshold (read at every call)
