@@ -311,7 +311,9 @@ def sample(
     if top_p is not None and top_k is None and topp_path() == "reject":
         from tokenmill.kernels.rejection_sampling import sample_top_p  # it imports this module
 
-        return sample_top_p(logits, temperatures, seeds, positions, top_p.float(), min_p)
+        top_p = top_p.float().contiguous()
+        min_p = min_p.float().contiguous() if min_p is not None else None
+        return sample_top_p(logits, temperatures, seeds, positions, top_p, min_p)
     thresholds = None
     if top_k is not None or top_p is not None or min_p is not None:
         thresholds = sampling_thresholds(logits, temperatures, top_k, top_p, min_p)
