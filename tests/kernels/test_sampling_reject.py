@@ -122,7 +122,8 @@ def test_rows_rejected_past_the_last_round_take_the_exact_fallback(monkeypatch):
     first = sample_tokens(*args).cpu()
     rejected = ~keep.gather(1, first[:, None])[:, 0]
     assert rejected.sum() >= num_seqs // 2, "the construction should reject first candidates"
-    assert keep.gather(1, old.cpu()[:, None]).all()
+    for i in (~keep.gather(1, old.cpu()[:, None])[:, 0]).nonzero().flatten().tolist():
+        assert _cut_gap(logits[i].cpu(), 0.7, float(top_p[i])) < 1e-5  # float32 vs float64 cut
     for rounds in (1, 2, NUM_ROUNDS):
         new = sample_top_p(*args, top_p, num_rounds=rounds)
         _assert_same_tokens(new, old, logits, temps, top_p)
