@@ -315,12 +315,12 @@ def rounds_sweep(log) -> list[tuple]:
         positions = torch.zeros(n, dtype=torch.long, device=DEV)
         top_p = torch.full((n,), 0.95, device=DEV)
         args = (logits, temps, seeds, positions, top_p)
-        for rounds in (1, 2, 4, 6):
+        for rounds in (1, 2, 3, 4, 6):
             graph, _ = capture(partial(rs.sample_top_p, *args, num_rounds=rounds))
             out.append((n, f"reject R={rounds}", time_ms(graph.replay)))
         graph, _ = capture(partial(fallback_only, *args))
         out.append((n, "fallback launches, all rows decided", time_ms(graph.replay)))
-        for r in out[-5:]:
+        for r in out[-6:]:
             log(f"rounds {r[0]:5d} rows  {r[1]:36s} {r[2]:8.3f} ms (graph)")
         torch.cuda.empty_cache()
     return out

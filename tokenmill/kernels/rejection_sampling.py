@@ -15,7 +15,7 @@ S' = {x > x_c} is again a superset of N, and the next candidate is its argmax. L
 
     _first_kernel   (num_seqs, num_chunks)  the plain draw: per chunk best (score, token) over
                                             all tokens, and max x: candidate c_0
-    _round_kernel   (num_seqs, num_chunks)  x (R + 1); every program first reduces the last
+    _round_kernel   (num_seqs, num_chunks)  x R + 1 (1 if R = 1); every program reduces the last
                                             launch's chunk partials (tiny) to decide its row
                                             (accept, or move to the next candidate); a decided
                                             row exits. Then, per kind:
