@@ -195,7 +195,9 @@ class Sampler:
     On CUDA the draw runs in Triton (tokenmill.kernels.sampling): top-k / top-p / min-p become
     one logit threshold per row, found by a sort-free split-row search
     (kernels/threshold_search.py, a fixed number of launches, no host sync), then one pass with
-    Philox noise keyed by (seed, output index); elsewhere in torch with the counter-hash noise.
+    Philox noise keyed by (seed, output index); top-p without top-k draws the same token by
+    rejection instead (kernels/rejection_sampling.py, fewer passes); elsewhere in torch with
+    the counter-hash noise.
     Both paths give a row the same tokens whatever shares its batch, and draw from the same
     distribution (this module's top_k_top_p_min_p_mask is the reference of the threshold), but
     not the same stream.
@@ -254,7 +256,7 @@ class Sampler:
             if any(p.min_p > 0 for p in params)
             else None
         )
-        # top-k / top-p / min-p: one threshold per row found by a search, no sort of the vocab
+        # no sort of the vocab: top-p alone by rejection, top-k by a per-row threshold search
         return self.kernels.sample(
             logits.contiguous(), temps, seeds, positions, top_k, top_p, min_p
         )

@@ -16,6 +16,18 @@ kernels/threshold_search.py: a split-row search, no sort and no sync): token i m
 logits[r, i] >= thresholds[r]. Division by T > 0 is monotonic, so the kept set is decided on
 the raw logits.
 
+Top-p without top-k (min-p allowed) skips the search: `sample` draws by rejection
+(kernels/rejection_sampling.py). The draw over all tokens gives a candidate; one more pass sums
+the mass above it: if it is in the nucleus it is the token the threshold path would draw (the
+argmax over a superset that lies in the subset), else the argmax over the logits above it is
+the next candidate. R + 3 launches over the logits (R = 4 candidates tested: at top_p 0.95 a
+row is undecided after them with probability ~3e-7), then the threshold path as
+a fallback for undecided rows, launched always (graph-safe) with one program per row that
+exits at once for decided rows. Same tokens as the threshold path, except on rows whose cut
+is within float32 rounding of top_p. TOKENMILL_TOPP_PATH=threshold (read at every call)
+forces the threshold path; batches with top-k, or min-p alone, always take it (the reference
+applies top-p among the top-k survivors).
+
 Grid of the draw: (num_seqs, cdiv(vocab_size, CHUNK)). CHUNK = 8,192 tokens per program, so
 vocab 151,936 x 256 rows is 4,864 programs of 32 KiB of logits each: enough in flight to stream
 the 155 MB of logits near bandwidth. Each program leaves its best (value, token) per chunk; a
@@ -23,6 +35,8 @@ second kernel, one program per row, picks the best chunk.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -36,6 +50,14 @@ __all__ = ["sample", "sample_tokens", "sampling_thresholds"]
 Q = 256  # tokens per Philox output word per iteration; the noise layout depends on it
 CHUNK = 8192  # tokens per program (a multiple of 4 * Q)
 NUM_WARPS = 4
+
+
+@triton.jit
+def _gumbel_score(x, temperature, rand):
+    """x / T + Gumbel noise from one Philox word; kernels/rejection_sampling.py draws with it
+    too, so both paths score a token identically."""
+    u = tl.uint_to_uniform_float(rand)  # [0, 1); u = 0 gives -inf, never drawn
+    return x / temperature - tl.log(-tl.log(u))
 
 
 @triton.jit
@@ -56,8 +78,7 @@ def _consider(
     if USE_THRESHOLD:
         x = tl.where(x >= threshold, x, float("-inf"))
     if USE_NOISE:
-        u = tl.uint_to_uniform_float(rand)  # [0, 1); u = 0 gives -inf, never drawn
-        x = x / temperature - tl.log(-tl.log(u))
+        x = _gumbel_score(x, temperature, rand)
     # strict >: the earliest token wins ties within a lane (indices grow along the loop)
     better = x > best_val
     return tl.where(better, x, best_val), tl.where(better, idx, best_idx)
@@ -266,6 +287,14 @@ def sample_tokens(
     return out
 
 
+def topp_path() -> str:
+    """TOKENMILL_TOPP_PATH: "reject" (the default) or "threshold", read at every call."""
+    path = os.environ.get("TOKENMILL_TOPP_PATH", "reject")
+    if path not in ("reject", "threshold"):
+        raise ValueError(f"TOKENMILL_TOPP_PATH must be 'reject' or 'threshold' (got {path!r})")
+    return path
+
+
 def sample(
     logits: torch.Tensor,  # [num_seqs, vocab_size] fp32, penalties applied
     temperatures: torch.Tensor,  # [num_seqs] fp32, 0 = greedy
@@ -275,7 +304,16 @@ def sample(
     top_p: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_seqs] int64
-    """Pass None for a filter no row uses: with all three None, one pass over the vocab."""
+    """Pass None for a filter no row uses: with all three None, one pass over the vocab.
+
+    Top-p without top-k goes by rejection (kernels/rejection_sampling.py), the same tokens as
+    the threshold path's; TOKENMILL_TOPP_PATH=threshold forces the threshold path."""
+    if top_p is not None and top_k is None and topp_path() == "reject":
+        from tokenmill.kernels.rejection_sampling import sample_top_p  # it imports this module
+
+        top_p = top_p.float().contiguous()
+        min_p = min_p.float().contiguous() if min_p is not None else None
+        return sample_top_p(logits, temperatures, seeds, positions, top_p, min_p)
     thresholds = None
     if top_k is not None or top_p is not None or min_p is not None:
         thresholds = sampling_thresholds(logits, temperatures, top_k, top_p, min_p)
