@@ -59,12 +59,22 @@ def test_token_id_prompts_are_checked_against_context_vocab_and_kv_cache():
     e = error(proc.process_prompts, [[1] * 64], params)
     assert (e.param, e.code) == ("prompt", "context_length_exceeded") and "64 tokens" in e.message
     e = error(proc.process_prompts, [[1] * 10], SamplingParams(max_tokens=60))
-    assert e.param == "max_tokens" and "reduce the prompt or max_tokens" in e.message
+    assert e.param == "max_tokens" and "lower max_tokens to 54 or less" in e.message
     # no max_tokens: the completion may use the rest of the context (54 tokens)
     assert proc.check_prompt([1] * 10, SamplingParams(max_tokens=None), "prompt") == 54
     small_kv = InputProcessor(None, ModelLimits(64, 320, max_kv_tokens=32))
     e = error(small_kv.process_prompts, [[1] * 10], SamplingParams(max_tokens=30))
     assert "KV cache" in e.message and "--kv-cache-memory" in e.message
+    # a window shared by every layer: a request holds one window of blocks, whatever its length
+    windowed = InputProcessor(
+        None, ModelLimits(4096, 320, max_kv_tokens=32, block_size=4, sliding_window=8)
+    )
+    assert windowed.check_prompt([1] * 10, SamplingParams(max_tokens=1000), "prompt") == 1000
+    narrow = ModelLimits(4096, 320, max_kv_tokens=32, block_size=4, sliding_window=40)
+    e = error(
+        InputProcessor(None, narrow).process_prompts, [[1] * 10], SamplingParams(max_tokens=30)
+    )
+    assert "KV cache" in e.message  # 40 tokens of window need 11 blocks of 4: more than 8
     e = error(proc.process_prompts, [[1]], SamplingParams(stop_token_ids=[5, 10**6]))
     assert e.param == "stop_token_ids"
     e = error(proc.process_prompts, [[1]], SamplingParams(logit_bias={5: 1.0, 320: -100}))
@@ -83,6 +93,7 @@ def test_processor_matches_the_engine_tokenizer_and_template(llm):
     limits = ModelLimits.of(llm)
     assert limits.max_model_len == llm.max_model_len
     assert limits.max_kv_tokens == llm.num_kv_blocks * llm.config.block_size
+    assert (limits.block_size, limits.sliding_window) == (llm.config.block_size, None)
 
 
 def test_openai_adapter_defaults_and_params():

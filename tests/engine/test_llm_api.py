@@ -317,7 +317,7 @@ def test_too_long_prompt_is_rejected(tiny_model_dir):
 
 def test_prompt_plus_max_tokens_over_context_is_rejected(tiny_model_dir):
     llm = make_llm(tiny_model_dir, max_model_len=32)
-    with pytest.raises(ValueError, match=r"max_tokens.*lower max_tokens to 12"):
+    with pytest.raises(ValueError, match=r"13 for the completion.*lower max_tokens to 12 or less"):
         llm.add_request("over", list(range(5, 25)), greedy(13))
     llm.add_request("fits", list(range(5, 25)), greedy(12))
     out = llm.generate(

@@ -105,6 +105,30 @@ def test_each_kind_of_bad_row_becomes_an_error_row(tmp_path):
     assert report["rows"] == {"ok": 2, "failed": 5, "skipped": 0, "total": 7}
 
 
+def test_token_id_rows_get_the_engines_own_prompt_checks(tmp_path):
+    """The batch job checks rows with the engine's InputProcessor (engine/input_processor.py):
+    ids outside the vocabulary are a row error here, as they are a 400 under `serve`."""
+
+    class SmallVocab(FakeEngine):
+        def model_info(self):
+            return {**super().model_info(), "vocab_size": 100}
+
+    inp = tmp_path / "in.jsonl"
+    rows = [{"prompt": [5, 6, 7]}, {"prompt": [5, 100]}, {"prompt": [1] * 70}]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, engine = run(tmp_path, inp, engine=SmallVocab())
+    assert code == exit_codes.ROW_ERRORS
+    out = rows_of(tmp_path / "out.jsonl")
+    assert [r["error"] and r["error"]["type"] for r in out] == [
+        None,
+        "invalid_row",
+        "prompt_too_long",
+    ]
+    assert "outside the vocabulary [0, 100): [100]" in out[1]["error"]["message"]
+    assert "--max-model-len" in out[2]["error"]["message"]
+    assert engine.added == ["0"]
+
+
 def test_fail_fast_stops_at_the_first_bad_row(tmp_path):
     inp = make_prompts(tmp_path / "in.jsonl", 50)
     with open(inp, "a") as f:

@@ -32,6 +32,7 @@ MODEL_INFO_KEYS = (
     "vocab_size",
     "num_kv_blocks",  # the whole KV cache, in blocks of block_size tokens
     "block_size",
+    "sliding_window",  # the window every layer attends within (None: full attention)
     "max_num_seqs",  # sequences per step: how many requests the batch job keeps queued
     "max_num_batched_tokens",  # tokens per step: the batch job orders its windows by it
     "has_chat_template",  # whether encode_chat can render messages

@@ -45,19 +45,35 @@ class ModelLimits:
     not hold the model (the server's API process) can check inputs too."""
 
     max_model_len: int
-    vocab_size: int
+    vocab_size: int | None  # None: an engine that did not say (test fakes); ids go unchecked
     max_kv_tokens: int | None = None  # the whole KV cache, in tokens (None: no check)
+    block_size: int = 16
+    # With a window shared by every layer, a request holds at most one window of blocks at a
+    # time (engine/block_manager.py frees those behind it): it may outgrow the KV cache.
+    sliding_window: int | None = None
 
     @classmethod
     def of(cls, llm: Any) -> ModelLimits:
         """The limits of an engine, from its `model_info()` (engine/client.py)."""
         info = llm.model_info()
-        blocks, block_size = info.get("num_kv_blocks"), info.get("block_size")
+        blocks, block_size = info.get("num_kv_blocks"), int(info.get("block_size") or 16)
         return cls(
             max_model_len=int(llm.max_model_len),
-            vocab_size=int(info["vocab_size"]),
-            max_kv_tokens=None if blocks is None else int(blocks) * int(block_size),
+            vocab_size=None if info.get("vocab_size") is None else int(info["vocab_size"]),
+            max_kv_tokens=None if blocks is None else int(blocks) * block_size,
+            block_size=block_size,
+            sliding_window=info.get("sliding_window"),
         )
+
+    def kv_tokens_held(self, num_tokens: int) -> int:
+        """The KV-cache slots (whole blocks) a request of num_tokens tokens must hold at once:
+        all its blocks, or with a sliding window the blocks one window spans plus the one the
+        next token lands in (BlockManager.max_blocks_held, in tokens)."""
+        bs = self.block_size
+        blocks = -(-num_tokens // bs)
+        if self.sliding_window is not None:
+            blocks = min(blocks, -(-(self.sliding_window - 1) // bs) + 1)
+        return blocks * bs
 
 
 @dataclass
@@ -177,6 +193,8 @@ class InputProcessor:
 
     def check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
         size = self.limits.vocab_size
+        if size is None:
+            return
         bad = [t for t in token_ids if not 0 <= t < size]
         if bad:
             raise InputError(
@@ -203,12 +221,13 @@ class InputProcessor:
             raise InputError(
                 f"This model's maximum context length is {limit} tokens. However, you "
                 f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
-                f"{max_tokens} for the completion); reduce the prompt or max_tokens.",
+                f"{max_tokens} for the completion); shorten the prompt or lower max_tokens to "
+                f"{limit - num_prompt} or less.",
                 "max_tokens",
                 "context_length_exceeded",
             )
         kv = self.limits.max_kv_tokens
-        if kv is not None and num_prompt + max_tokens > kv:
+        if kv is not None and self.limits.kv_tokens_held(num_prompt + max_tokens) > kv:
             raise InputError(
                 f"prompt + max_tokens ({num_prompt + max_tokens} tokens) exceed the whole KV "
                 f"cache ({kv} tokens); lower max_tokens or raise --kv-cache-memory",

@@ -12,6 +12,7 @@ from typing import Any
 from tokenmill.engine import tokens
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.input_processor import InputProcessor, ModelLimits
 from tokenmill.engine.model_runner import ModelRunner, now
 from tokenmill.engine.output_processor import OutputProcessor, RequestState, child_id, parent_id
 from tokenmill.engine.outputs import RequestMetrics, RequestOutput
@@ -124,6 +125,7 @@ class LLM:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.seed)
+        self._limits: ModelLimits | None = None  # the prompt checks' numbers, made on first use
         self._counter = itertools.count()
         self._stats = EngineStats()
         self._inflight = None  # a launched step whose tokens are not read back yet
@@ -167,6 +169,7 @@ class LLM:
             "vocab_size": int(self.hf_config.vocab_size),
             "num_kv_blocks": self.runner.num_blocks,
             "block_size": self.config.block_size,
+            "sliding_window": self.scheduler.block_manager.sliding_window,
             "max_num_seqs": self.config.max_num_seqs,
             "max_num_batched_tokens": self.config.max_num_batched_tokens,
             "has_chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
@@ -259,30 +262,12 @@ class LLM:
         self._stats.num_prompt_tokens += len(ids) * params.n
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> int:
-        if not ids:
-            raise ValueError("prompt is empty; give at least one token")
-        vocab = self.hf_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len}; "
-                "shorten it or pass --max-model-len"
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {self.max_model_len} tokens; lower max_tokens to {room} or less"
-            )
-        bm = self.scheduler.block_manager
-        if bm.max_blocks_held(len(ids) + max_tokens) > bm.num_blocks:
-            raise ValueError(
-                f"prompt + max_tokens ({len(ids) + max_tokens} tokens) exceed the whole KV cache "
-                f"({bm.num_blocks * bm.block_size} tokens); raise --kv-cache-memory"
-            )
-        return max_tokens
+        """The front door's prompt checks (empty, vocabulary, context, KV cache), the same as
+        every front end's: InputError (a ValueError) says what to change. Returns the
+        completion's token limit."""
+        if self._limits is None:
+            self._limits = ModelLimits.of(self)
+        return InputProcessor(None, self._limits).check_prompt(ids, params, "prompt")
 
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule -> execute -> update. Returns the requests that moved.

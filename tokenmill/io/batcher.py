@@ -20,11 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.engine.client import EngineClient
+from tokenmill.engine.input_processor import InputError, InputProcessor, ModelLimits
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.io.ordering import order_window
 from tokenmill.io.parse import RowError, RowParser
 from tokenmill.io.rows import RawRecord, Row, RowResult
 from tokenmill.io.text import writable
+
+# InputError codes (engine/input_processor.py) -> the batch job's documented row error types
+_ROW_ERROR_TYPES = {
+    "empty_prompt": "empty_prompt",
+    "context_length_exceeded": "prompt_too_long",
+    "invalid_value": "invalid_row",  # e.g. token ids outside the vocabulary
+}
 
 
 @dataclass
@@ -75,6 +83,9 @@ class Batcher:
         self.step_tokens = info.get("max_num_batched_tokens") or 8192
         self.refill_below = refill_below if refill_below is not None else max_num_seqs
         self.max_model_len = llm.max_model_len
+        # The engine's own prompt checks (engine/input_processor.py), on token ids: the same
+        # rule as `serve` and LLM.add_request, turned into row errors.
+        self._checks = InputProcessor(None, ModelLimits.of(llm))
         self._ready: dict[int, Any] = {}  # position -> finished row, not yet released
         self._pending: dict[str, _Pending] = {}  # request id -> what it belongs to
 
@@ -210,17 +221,17 @@ class Batcher:
             return e
 
     def _check_length(self, row: Row, ids: list[int], params) -> None:
-        if not ids:
-            raise RowError(f"{_where(row)}the prompt is empty after tokenization", "empty_prompt")
-        limit = self.max_model_len
-        need = len(ids) + (params.max_tokens or 1)
-        if need > limit:
-            raise RowError(
-                f"{_where(row)}prompt has {len(ids)} tokens and max_tokens is "
-                f"{params.max_tokens}, more than the model's context of {limit} tokens; shorten "
-                "the prompt, lower max_tokens or pass --max-model-len",
-                "prompt_too_long",
-            )
+        """The front door's checks of a tokenized row; a failure is this row's error."""
+        try:
+            self._checks.check_prompt(ids, params, "prompt")
+        except InputError as e:
+            kind = _ROW_ERROR_TYPES.get(e.code, "invalid_row")
+            if kind == "prompt_too_long":
+                raise RowError(
+                    f"{_where(row)}{e.message} Or raise --max-model-len or --kv-cache-memory.",
+                    kind,
+                ) from None
+            raise RowError(f"{_where(row)}{e.message}", kind) from None
 
     def _logprobs(self, completion, num_top: int) -> list[dict[str, Any]] | None:
         if completion.logprobs is None:
