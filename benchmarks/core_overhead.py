@@ -21,6 +21,7 @@ import io
 import multiprocessing as mp
 import os
 import pstats
+import resource
 import sys
 import time
 from pathlib import Path
@@ -156,13 +157,21 @@ def main() -> None:
         from tokenmill.bench.presets import make_dummy_checkpoint
 
         path = make_dummy_checkpoint(args.dummy_arch, device=args.device, weights=False)
-        llm = LLM(str(path), device=args.device, load_format="dummy", skip_tokenizer_init=True)
-    else:
-        llm = LLM(args.model, device=args.device) if args.model else LLM(device=args.device)
+        llm = LLM(
+            str(path),
+            device=args.device,
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            enable_prefix_caching=False,
+        )
+    else:  # NOTE: no prefix caching: every pass runs the same prompts, all must prefill
+        kw = dict(device=args.device, enable_prefix_caching=False)
+        llm = LLM(args.model, **kw) if args.model else LLM(**kw)
     workload = build_workload(
         args.workload, None, args.num_prompts, args.input_len, args.output_len
     )
     rows = []
+    faults = {}  # name -> (minor page faults, system CPU seconds) during the timed pass
     order = [("offline", run_offline), ("core", run_core_loop), ("pipe", run_pipe)]
     if os.environ.get("REVERSE"):
         order.reverse()
@@ -174,7 +183,10 @@ def main() -> None:
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         wall = fn(llm, workload, name)
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        faults[name] = (ru1.ru_minflt - ru0.ru_minflt, ru1.ru_stime - ru0.ru_stime)
         if prof:
             prof.disable()
         steps = llm.stats.num_steps - steps0
@@ -187,7 +199,11 @@ def main() -> None:
     print(f"busy processes {args.busy}, torch threads {__import__('torch').get_num_threads()}")
     print(f"{'path':8s} {'wall s':>8s} {'steps':>6s} {'ms/step':>8s}  (profiled: {args.profile})")
     for name, wall, steps in rows:
-        print(f"{name:8s} {wall:8.2f} {steps:6d} {1e3 * wall / max(steps, 1):8.2f}")
+        flt, sys_s = faults[name]
+        print(
+            f"{name:8s} {wall:8.2f} {steps:6d} {1e3 * wall / max(steps, 1):8.2f}"
+            f"  ({flt} minor page faults, {sys_s:.2f} s system CPU)"
+        )
 
 
 if __name__ == "__main__":

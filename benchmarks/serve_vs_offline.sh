@@ -122,5 +122,7 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("trace_*.jsonl")):
         print(f"{path.stem} burst {i}: {span:.2f} s, {len(steps)} steps, {total} adds (all in by "
               f"{all_in:.2f} s), stepping {step_ms / 1e3:.2f} s ({step_ms / max(len(steps), 1):.2f} ms a "
               f"step), applying adds {sum(r['apply_ms'] for r in seg) / 1e3:.2f} s, mean running "
-              f"{sum(r['running'] for r in steps) / max(len(steps), 1):.0f}")
+              f"{sum(r['running'] for r in steps) / max(len(steps), 1):.0f}, "
+              f"{(seg[-1].get('minflt', 0) - seg[0].get('minflt', 0)) / max(len(steps), 1):.0f} "
+              f"page faults and {seg[-1].get('sys_s', 0) - seg[0].get('sys_s', 0):.2f} s system CPU")
 PY

@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import resource
 import select
 import struct
 import threading
@@ -221,6 +222,10 @@ class _StepTrace:
             "waiting": stats.num_waiting,
             "moved": moved,
             "steps": stats.num_steps,
+            # page faults and system CPU so far: a host-side slowdown seen in
+            # benchmarks/core_overhead.py came with 12x the faults (see PipeSender's NOTE)
+            "minflt": (ru := resource.getrusage(resource.RUSAGE_SELF)).ru_minflt,
+            "sys_s": round(ru.ru_stime, 3),
         }
         self._file.write(json.dumps(line) + "\n")
 
@@ -401,9 +406,11 @@ class PipeSender:
 
     NOTE: measured on an H200 (benchmarks/core_overhead.py, default-model shape, 256 streams):
     the loop steps at 3.7 ms when outputs are dropped and 5.4 ms when they go through a pipe
-    to another process, with this sender or the thread before it; pickling and writing take
-    ~0.1 ms of that. The rest is not understood yet (CPU placement of the reader's wake-ups
-    is the suspect: busy processes on the host widen the gap to 8.7 ms).
+    to another process, with this sender or the thread before it. The sender is not the
+    cause: on CPU the same run is as slow with `send` a no-op, and it takes 12x the minor
+    page faults and system CPU of the dropped-output run (6.2M vs 0.5M faults in 32 steps),
+    the difference being a reader process spawned after the model was built. Not yet
+    explained; TOKENMILL_CORE_TRACE records faults per step to check `serve` itself.
     """
 
     def __init__(self, conn: Any) -> None:
