@@ -407,10 +407,12 @@ class PipeSender:
     NOTE: measured on an H200 (benchmarks/core_overhead.py, default-model shape, 256 streams):
     the loop steps at 3.7 ms when outputs are dropped and 5.4 ms when they go through a pipe
     to another process, with this sender or the thread before it. The sender is not the
-    cause: on CPU the same run is as slow with `send` a no-op, and it takes 12x the minor
-    page faults and system CPU of the dropped-output run (6.2M vs 0.5M faults in 32 steps),
-    the difference being a reader process spawned after the model was built. Not yet
-    explained; TOKENMILL_CORE_TRACE records faults per step to check `serve` itself.
+    cause: on CPU the benchmark's "pipe" run is as slow with a do-nothing sender in its place,
+    and takes 12x the minor page faults and system CPU of the dropped-output run (6.2M vs
+    0.5M faults in 32 steps); an idle child process, with or without torch, spawned before
+    or after the model, does not reproduce it. So it may be the benchmark's own harness, and
+    it does not yet explain why `serve`'s engine steps slower than offline (its trace, with
+    TOKENMILL_CORE_TRACE, now records page faults per step to check).
     """
 
     def __init__(self, conn: Any) -> None:
