@@ -3,6 +3,11 @@ the tile variants of the varlen (prefill) kernel. One GPU call, under 3 minutes 
 
     python3 benchmarks/bench_attention.py            # logs + JSON to $OUT (or out/bench_attention)
     python3 benchmarks/bench_attention.py --smoke    # tiny shapes; on CPU via TRITON_INTERPRET
+    python3 benchmarks/bench_attention.py --before old_tree   # also the kernels of an old main
+
+`--before DIR`: a tree of an older main, e.g. `mkdir old_tree && git archive 1e25e46 | tar -x
+-C old_tree` (untracked, so the device tool carries it); its kernels/paged_attention.py is
+loaded as the "before" path.
 
 Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head_dim 128), bf16, block_size 16,
 one layer, blocks scattered at random through the cache:
@@ -14,8 +19,8 @@ one layer, blocks scattered at random through the cache:
 
 Paths, each checked against the torch reference (kernels/attention_torch.py) first:
 
-  before       benchmarks/attention_before.py (main 1e25e46): every row of a mixed step in the
-               varlen kernel, grid (num_seqs, cdiv(max_q, BLOCK_Q), kv_heads).
+  before       (--before DIR) that tree's kernels; at main 1e25e46 every row of a mixed step
+               went to the varlen kernel, grid (num_seqs, cdiv(max_q, BLOCK_Q), kv_heads).
   after        the Triton backend's path now: decode rows -> decode kernel, the rest -> varlen
                kernel over a work list, varlen_config's tiles.
   after:<v>    the same with the varlen tiles of variant <v> (block_m x block_n, warps, stages,
@@ -44,9 +49,6 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import attention_before as before  # noqa: E402
 
 from tokenmill.engine.attention import AttentionMetadata  # noqa: E402
 from tokenmill.kernels import paged_attention as pa  # noqa: E402
@@ -138,7 +140,19 @@ def work_figures(rows) -> tuple[float, float]:
 
 
 # ---- paths --------------------------------------------------------------------------------------
-def path_before(q, k_cache, v_cache, meta):
+def load_before(tree: str):
+    """kernels/paged_attention.py of an older tree, as a module of its own (its imports of
+    tokenmill resolve to this tree: only the torch reference, which takes plain tensors)."""
+    import importlib.util
+
+    path = Path(tree) / "tokenmill" / "kernels" / "paged_attention.py"
+    spec = importlib.util.spec_from_file_location("attention_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def path_before(before, q, k_cache, v_cache, meta):
     if meta.is_decode_only:
         return lambda: before.paged_attention_decode(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, SCALE
@@ -216,7 +230,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter check)")
     ap.add_argument("--iters", type=int, default=None, help="timed runs per path (default 20)")
     ap.add_argument("--tol", type=float, default=3e-2, help="max |out - ref| allowed (bf16)")
+    ap.add_argument("--before", metavar="DIR", help="an older tree whose kernels to time too")
     args = ap.parse_args()
+    before = load_before(args.before) if args.before else None
     iters = args.iters or (2 if args.smoke else 20)
     out_dir = Path(os.environ.get("OUT") or "out/bench_attention")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +255,9 @@ def main() -> None:
             f"\n== {name}: {meta.num_decodes} decode rows, {chunks} chunks, "
             f"{q.shape[0]} query tokens, KV {kv_bytes / 1e9:.2f} GB, {flops / 1e12:.3f} TFLOP"
         )
-        paths = {"before": path_before(q, k_cache, v_cache, meta), "after": None}
+        paths = {}
+        if before is not None:
+            paths["before"] = path_before(before, q, k_cache, v_cache, meta)
         paths["after"] = path_after(q, k_cache, v_cache, meta)
         if chunks:
             for v_name, cfg in VARIANTS.items():

@@ -125,7 +125,7 @@ class LLM:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.seed)
-        self._limits: ModelLimits | None = None  # the prompt checks' numbers, made on first use
+        self._prompt_checks: InputProcessor | None = None  # made on first use (model_info)
         self._counter = itertools.count()
         self._stats = EngineStats()
         self._inflight = None  # a launched step whose tokens are not read back yet
@@ -265,9 +265,9 @@ class LLM:
         """The front door's prompt checks (empty, vocabulary, context, KV cache), the same as
         every front end's: InputError (a ValueError) says what to change. Returns the
         completion's token limit."""
-        if self._limits is None:
-            self._limits = ModelLimits.of(self)
-        return InputProcessor(None, self._limits).check_prompt(ids, params, "prompt")
+        if self._prompt_checks is None:
+            self._prompt_checks = InputProcessor(None, ModelLimits.of(self))
+        return self._prompt_checks.check_prompt(ids, params, "prompt")
 
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule -> execute -> update. Returns the requests that moved.

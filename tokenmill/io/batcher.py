@@ -82,7 +82,6 @@ class Batcher:
         max_num_seqs = info.get("max_num_seqs") or 256
         self.step_tokens = info.get("max_num_batched_tokens") or 8192
         self.refill_below = refill_below if refill_below is not None else max_num_seqs
-        self.max_model_len = llm.max_model_len
         # The engine's own prompt checks (engine/input_processor.py), on token ids: the same
         # rule as `serve` and LLM.add_request, turned into row errors.
         self._checks = InputProcessor(None, ModelLimits.of(llm))
