@@ -148,6 +148,7 @@ def load_before(tree: str):
     path = Path(tree) / "tokenmill" / "kernels" / "paged_attention.py"
     spec = importlib.util.spec_from_file_location("attention_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while defined
     spec.loader.exec_module(module)
     return module
 
