@@ -232,3 +232,23 @@ def test_reference_mask_keeps_ties_with_the_last_kept_token():
         logits, torch.tensor([-1, -1]), torch.tensor([1.0, 0.8]), torch.zeros(2)
     )
     assert keep[1].tolist() == [True, True, True, True]
+
+
+def test_noise_is_never_zero_at_the_largest_hash():
+    """Regression: the largest hash once gave u = 1.0, noise 0, and a NaN that argmax picked."""
+    from tokenmill.engine.sampler import open_uniform
+
+    u = open_uniform(torch.tensor([0, 0xFFFFFFFF], dtype=torch.int64))
+    assert 0.0 < u[0].item() < u[1].item() < 1.0
+
+
+def test_a_masked_token_is_never_drawn_where_the_hash_peaks():
+    """Seed 6032 at output index 0 hashes vocabulary index 1534 to the largest value (found by
+    search): that token is outside the only allowed one and outside top-p, and must not win."""
+    logits = torch.full((2, 2048), float("-inf"))
+    logits[:, 7] = 0.5
+    logits[1, 8] = 0.4
+    reqs = [_request([1], [], seed=6032, temperature=0.8, top_p=p) for p in (1.0, 0.95)]
+    for _ in range(2):
+        assert Sampler()(logits.clone(), reqs).token_ids[0] == 7
+        assert Sampler()(logits.clone(), reqs).token_ids[1] in (7, 8)
