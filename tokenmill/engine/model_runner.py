@@ -13,6 +13,7 @@ and block_size 4, block tables [[0, 5, 2], [1], [3, 4]]:
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -35,6 +36,7 @@ from tokenmill.engine.prompt_logprobs import (
 from tokenmill.engine.request import PLACEHOLDER
 from tokenmill.engine.sampler import Sampler, compute_logprobs
 from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.engine.staging import Staging
 from tokenmill.engine.structured_output import StructuredOutputManager
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
@@ -46,6 +48,18 @@ class ModelRunnerOutput:
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, dict[int, Logprob]] = field(default_factory=dict)
+
+
+def block_table(rows: list[list[int]]) -> np.ndarray:
+    """[num_seqs, longest row] int32, rows padded with 0; entries a sliding window freed
+    (FREED_BLOCK = -1) become 0 too: they are never read, and 0 keeps them in range."""
+    lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
+    width = max(int(lens.max()) if len(rows) else 1, 1)
+    table = np.zeros((len(rows), width), dtype=np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(rows), np.int32, count=int(lens.sum()))
+    table[np.arange(width) < lens[:, None]] = flat  # row-major: each row's ids, in order
+    np.maximum(table, 0, out=table)
+    return table
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +97,9 @@ class ModelRunner:
         self.hf_config = hf_config
         self.tp = tp = tp or TensorParallel()
         self.device = device or resolve_device(config.device)
+        # a step's small int arrays go to the device in one copy per dtype (engine/staging.py)
+        self._stage32 = Staging(self.device, torch.int32)
+        self._stage64 = Staging(self.device, torch.int64)
         total_memory = (
             torch.cuda.get_device_properties(self.device).total_memory
             if self.device.type == "cuda"
@@ -264,25 +281,22 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------------
     def _metadata(
         self, cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max_k, num_decodes=0
-    ):
-        dev = self.device
-        width = max(len(b) for b in block_tables) if block_tables else 1
-        table = np.zeros((len(block_tables), max(width, 1)), dtype=np.int32)
-        for i, b in enumerate(block_tables):
-            table[i, : len(b)] = b
-        # Entries a sliding window freed (FREED_BLOCK = -1) are never read; 0 keeps them in range.
-        np.maximum(table, 0, out=table)
-        pin = dev.type == "cuda"
+    ) -> AttentionMetadata:
+        cu, lens, table = self._stage32(cu_seqlens_q, seq_lens, block_table(block_tables))
+        (slots,) = self._stage64(slot_mapping)
+        return self._attention_metadata(
+            cu, lens, table, slots, max_q, max_k, cu_seqlens_q, seq_lens, num_decodes
+        )
 
-        def to_dev(x, dtype):
-            t = torch.as_tensor(x, dtype=dtype)
-            return t.pin_memory().to(dev, non_blocking=True) if pin else t
-
+    @staticmethod
+    def _attention_metadata(
+        cu, lens, table, slots, max_q, max_k, cu_seqlens_q, seq_lens, num_decodes
+    ) -> AttentionMetadata:
         return AttentionMetadata(
-            cu_seqlens_q=to_dev(cu_seqlens_q, torch.int32),
-            seq_lens=to_dev(seq_lens, torch.int32),
-            block_tables=to_dev(table, torch.int32),
-            slot_mapping=to_dev(slot_mapping, torch.int64),
+            cu_seqlens_q=cu,
+            seq_lens=lens,
+            block_tables=table,
+            slot_mapping=slots,
             max_seqlen_q=max_q,
             max_seqlen_k=max_k,
             cu_seqlens_q_cpu=list(cu_seqlens_q),
@@ -324,16 +338,17 @@ class ModelRunner:
         num_decodes = next(
             (i for i, s in enumerate(sched.seqs) if s.num_new_tokens != 1), len(sched.seqs)
         )
-        meta = self._metadata(
-            cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max(seq_lens), num_decodes
+        # one copy per dtype for all of the step's inputs (engine/staging.py)
+        cu, lens, table = self._stage32(cu_seqlens_q, seq_lens, block_table(block_tables))
+        ids, pos, slots, at, rows, logits_idx = self._stage64(
+            input_ids, positions, slot_mapping, inflight_at, inflight_rows, logits_indices
         )
-        ids = self._to_device(input_ids, torch.long)
+        meta = self._attention_metadata(
+            cu, lens, table, slots, max_q, max(seq_lens), cu_seqlens_q, seq_lens, num_decodes
+        )
         if inflight_at:  # fill placeholders from the device-side samples of the last step
-            ids[self._to_device(inflight_at, torch.long)] = self._last_sampled[
-                self._to_device(inflight_rows, torch.long)
-            ]
-        pos = self._to_device(positions, torch.long)
-        return ids, pos, meta, logits_indices
+            ids[at] = self._last_sampled[rows]
+        return ids, pos, meta, logits_idx
 
     def _to_device(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -348,7 +363,7 @@ class ModelRunner:
         With defer_sampling, only the forward pass and the logits are launched: the caller
         launches the sampling with `sample_async` once the host is ready for it (grammar masks
         need the previous step's tokens, which may land while this forward runs)."""
-        ids, pos, meta, logits_indices = self.prepare(sched)
+        ids, pos, meta, logits_idx = self.prepare(sched)
         if self.tp.rank == 0:
             self.structured.prefetch([s.req for s in sched.seqs])  # grammars compile meanwhile
         hidden = self._forward(ids, pos, meta)  # [num_tokens, hidden_size]
@@ -356,11 +371,10 @@ class ModelRunner:
         pending.prompt_logprobs = launch_prompt_logprobs(
             self.model, hidden, sched.seqs, self._to_device
         )
-        if not logits_indices:
+        if not pending.sampling:
             return pending
-        idx = self._to_device(logits_indices, torch.long)
         # [num_samples, vocab_size]
-        pending.logits_to_sample = self.model.compute_logits(hidden[idx]).float()
+        pending.logits_to_sample = self.model.compute_logits(hidden[logits_idx]).float()
         if not defer_sampling:
             self.sample_async(pending)
         return pending

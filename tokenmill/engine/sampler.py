@@ -23,6 +23,7 @@ import torch
 
 from tokenmill.engine.outputs import Logprob
 from tokenmill.engine.request import Request
+from tokenmill.engine.staging import Staging
 
 _MASK = float("-inf")
 
@@ -214,6 +215,7 @@ class Sampler:
 
     def __init__(self, use_triton: bool = False):
         self.kernels = None
+        self._staging: tuple[Staging, Staging] | None = None  # (float32, int64) per-row params
         if use_triton:
             from tokenmill.kernels import sampling
 
@@ -241,30 +243,30 @@ class Sampler:
         return token_ids
 
     def _sample_triton(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        dev = logits.device
+        if self._staging is None or self._staging[0].device != logits.device:
+            self._staging = (
+                Staging(logits.device, torch.float32),
+                Staging(logits.device, torch.int64),
+            )
+        stage_f32, stage_i64 = self._staging
         params = [r.params for r in reqs]
-
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype).pin_memory().to(dev, non_blocking=True)
-
-        temps = col([p.temperature if not p.is_greedy else 0.0 for p in params], torch.float32)
-        seeds = col([r.seed for r in reqs], torch.int64)
-        positions = col([r.sample_index for r in reqs], torch.int64)
-        top_k = (
-            col([p.top_k for p in params], torch.int64)
-            if any(p.top_k > 0 for p in params)
-            else None
-        )
-        top_p = (
-            col([p.top_p for p in params], torch.float32)
-            if any(p.top_p < 1 for p in params)
-            else None
-        )
-        min_p = (
-            col([p.min_p for p in params], torch.float32)
-            if any(p.min_p > 0 for p in params)
-            else None
-        )
+        use_top_k = any(p.top_k > 0 for p in params)
+        use_top_p = any(p.top_p < 1 for p in params)
+        use_min_p = any(p.min_p > 0 for p in params)
+        # one copy per dtype for all the per-row parameters (engine/staging.py)
+        floats = [[p.temperature if not p.is_greedy else 0.0 for p in params]]
+        if use_top_p:
+            floats.append([p.top_p for p in params])
+        if use_min_p:
+            floats.append([p.min_p for p in params])
+        ints = [[r.seed for r in reqs], [r.sample_index for r in reqs]]
+        if use_top_k:
+            ints.append([p.top_k for p in params])
+        temps, *rest_f = stage_f32(*floats)
+        seeds, positions, *rest_i = stage_i64(*ints)
+        top_p = rest_f.pop(0) if use_top_p else None
+        min_p = rest_f.pop(0) if use_min_p else None
+        top_k = rest_i[0] if use_top_k else None
         # no sort of the vocab: top-p alone by rejection, top-k by a per-row threshold search
         return self.kernels.sample(
             logits.contiguous(), temps, seeds, positions, top_k, top_p, min_p
