@@ -188,6 +188,24 @@ def test_engine_core_deltas_rebuild_the_llms_outputs(llm, stream, detokenize, n)
                 assert [sorted(d) for d in g.logprobs] == [sorted(d) for d in w.logprobs]
 
 
+def test_engine_core_never_decodes_token_only_streams(llm, monkeypatch):
+    """The front end decodes token-only streams itself: the core sends no text for them, so it
+    must not spend its loop decoding their finished outputs either."""
+    calls = []
+    real = llm.tokenizer.decode
+    monkeypatch.setattr(llm.tokenizer, "decode", lambda *a, **k: calls.append(a) or real(*a, **k))
+    core = EngineCore(llm)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    adds = [EngineRequest(f"t{i}", [5, 6, 7 + i], params, True, False) for i in range(3)]
+    assert core.apply(CoreRequest(adds=adds)) == {}
+    finished = []
+    while llm.has_unfinished_requests():
+        deltas, _ = core.step()
+        finished += [d for d in deltas if d.finished]
+    assert len(finished) == 3 and all(c.text == "" for d in finished for c in d.completions)
+    assert calls == []
+
+
 def test_engine_core_reports_refused_adds_and_frees_aborted_requests(llm):
     core = EngineCore(llm)
     free = llm.num_free_blocks

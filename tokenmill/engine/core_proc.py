@@ -84,6 +84,7 @@ class EngineCore:
                 # request's tokens before it ends); the Requests' token lists only grow.
                 state = self.llm.output_processor.states[add.request_id]
                 self._token_only[add.request_id] = state.children
+                state.decode_text = False  # the front end decodes; text is never sent
         return rejected
 
     def step(self) -> tuple[list[OutputDelta], dict[str, list[int]]]:

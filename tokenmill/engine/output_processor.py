@@ -23,6 +23,9 @@ class RequestState:
     detokenizers: list[IncrementalDetokenizer | None]
     metrics: RequestMetrics
     stream: bool = True  # build an output every step (else only when finished)
+    # False: the caller decodes the token ids itself (the server's token-only streams), so
+    # the finished output's text is left empty instead of decoded for nobody
+    decode_text: bool = True
     logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
     num_decoded: list[int] = field(default_factory=list)  # output tokens fed to detokenizers
 
@@ -118,7 +121,7 @@ class OutputProcessor:
             det = state.detokenizers[i]
             if det is not None:
                 text = det.visible_text(req.is_finished)
-            elif req.is_finished and self.tokenizer is not None:
+            elif req.is_finished and self.tokenizer is not None and state.decode_text:
                 ids = req.output_token_ids[:-1] if _stopped_by_token(req) else req.output_token_ids
                 text = self.tokenizer.decode(
                     ids, skip_special_tokens=req.params.skip_special_tokens
