@@ -6,7 +6,11 @@
 # Environment: MODEL (default: tokenmill's default model), WORKLOAD (nano), PORT (8765),
 # ENGINE_FLAGS (engine flags for both sides, e.g. "--device cpu"), WL_FLAGS (workload flags
 # for both, e.g. "--num-prompts 64 --input-len 128 --output-len 64"), SERVE_FLAGS (more
-# `tokenmill serve` flags), BOTH=1 (also measure --in-process-engine).
+# `tokenmill serve` flags), BOTH=1 (also measure --in-process-engine), PYSPY=1 (sample the
+# offline run and the server's processes with py-spy, raw stacks under $OUT).
+# The CPU seconds of each process during the timed `bench serve` (and each offline run, model
+# load included) go to cpu_NAME.txt, with the machine's busy / stolen CPU and the container's
+# CPU-quota throttling: timings on a shared host vary 2-3x between runs (benchmarks/RESULTS.md).
 # Logs and JSON go to $OUT (the device tool's output folder) or ./out/serve_vs_offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +31,20 @@ wait_up() {  # url seconds
   echo "server at $1 did not come up" >&2; return 1
 }
 
-echo "== bench throughput ($WORKLOAD)"
-python3 -m tokenmill bench throughput --workload "$WORKLOAD" $WL_FLAGS "${model_flag[@]}" \
-  $ENGINE_FLAGS --output-json "$OUT/offline.json" 2>&1 | tee "$OUT/offline.log" | tail -8
+spy=()
+if [ "${PYSPY:-0}" = 1 ]; then
+  spy=(py-spy record --nonblocking --rate 250 --threads --idle --format raw -o "$OUT/pyspy_offline.txt" --)
+fi
+offline() {  # name: bench throughput on the same model and workload
+  echo "== bench throughput ($WORKLOAD, $1)"
+  python3 benchmarks/proc_cpu.py snap "$OUT/cpu0.json"
+  "${spy[@]}" python3 -m tokenmill bench throughput --workload "$WORKLOAD" $WL_FLAGS "${model_flag[@]}" \
+    $ENGINE_FLAGS --output-json "$OUT/offline_$1.json" 2>&1 | tee "$OUT/offline_$1.log" | tail -8
+  python3 benchmarks/proc_cpu.py snap "$OUT/cpu1.json"
+  python3 benchmarks/proc_cpu.py diff "$OUT/cpu0.json" "$OUT/cpu1.json" | tee "$OUT/cpu_offline_$1.txt"
+  spy=()  # py-spy samples the first offline run only
+}
+offline first
 
 echo "== client ceiling: bench serve against an instant server"
 python3 benchmarks/instant_server.py --port $((PORT + 1)) & pids+=($!)
@@ -55,8 +70,18 @@ serve_once() {  # name, extra serve flags...
   python3 -m tokenmill bench serve --url "http://127.0.0.1:$PORT" --workload random \
     --num-prompts 32 --input-len 128 --output-len 32 > /dev/null 2>&1 || true
   scrape "http://127.0.0.1:$PORT" > "$OUT/metrics_${name}_0.txt"
+  local spy_pid=
+  if [ "${PYSPY:-0}" = 1 ]; then
+    py-spy record --pid "$srv" --subprocesses --nonblocking --rate 250 --threads --idle \
+      --format raw -o "$OUT/pyspy_$name.txt" > "$OUT/pyspy_$name.log" 2>&1 & spy_pid=$!
+    sleep 2
+  fi
+  python3 benchmarks/proc_cpu.py snap "$OUT/cpu0.json"
   python3 -m tokenmill bench serve --url "http://127.0.0.1:$PORT" --workload "$WORKLOAD" \
     $WL_FLAGS --output-json "$OUT/serve_$name.json" 2>&1 | tee "$OUT/bench_serve_$name.log" | tail -20
+  python3 benchmarks/proc_cpu.py snap "$OUT/cpu1.json"
+  python3 benchmarks/proc_cpu.py diff "$OUT/cpu0.json" "$OUT/cpu1.json" | tee "$OUT/cpu_$name.txt"
+  if [ -n "$spy_pid" ]; then kill -INT "$spy_pid"; wait "$spy_pid" || true; fi
   scrape "http://127.0.0.1:$PORT" > "$OUT/metrics_${name}_1.txt"
   # the same workload again: kernels compiled for its shapes during the first pass are warm
   python3 -m tokenmill bench serve --url "http://127.0.0.1:$PORT" --workload "$WORKLOAD" \
@@ -66,13 +91,19 @@ serve_once() {  # name, extra serve flags...
 }
 serve_once engine_process
 if [ "${BOTH:-0}" = 1 ]; then serve_once in_process --in-process-engine; fi
+# Offline again after the servers: on a shared host the same run varies by 30% between calls,
+# so serve is compared with the faster of the two offline runs around it.
+offline last
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-offline = json.loads((out / "offline.json").read_text())["results"][0]["output_tokens_per_s"]
+runs = [json.loads((out / f"offline_{n}.json").read_text())["results"][0]["output_tokens_per_s"]
+        for n in ("first", "last") if (out / f"offline_{n}.json").exists()]
+offline = max(runs)
 ceiling = json.loads((out / "ceiling.json").read_text())["output_token_throughput"]
-print(f"offline (bench throughput): {offline:,.0f} output tok/s")
+print(f"offline (bench throughput) before / after the servers: "
+      f"{' / '.join(f'{r:,.0f}' for r in runs)} output tok/s; serve is compared with {offline:,.0f}")
 print(f"bench serve client ceiling (instant server): {ceiling:,.0f} output tok/s")
 def counters(path):
     vals = {}
