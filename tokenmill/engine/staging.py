@@ -22,6 +22,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# Every view starts at a multiple of ALIGN elements (64 bytes or more): Triton specializes a
+# kernel on whether each pointer argument is 16-byte aligned, so views at arbitrary offsets
+# would compile extra variants mid-run (and lose vectorized loads).
+ALIGN = 16
+
 
 class Staging:
     def __init__(self, device: torch.device, dtype: torch.dtype, depth: int = 3) -> None:
@@ -52,7 +57,10 @@ class Staging:
     def __call__(self, *arrays) -> list[torch.Tensor]:
         """Device tensors holding `arrays` (lists or numpy arrays of any shape), in order."""
         arrs = [a if isinstance(a, np.ndarray) else np.asarray(a, self.np_dtype) for a in arrays]
-        total = sum(a.size for a in arrs)
+        offsets, total = [], 0
+        for a in arrs:
+            offsets.append(total)
+            total += -(-a.size // ALIGN) * ALIGN
         if total > self._capacity:
             self._grow(total)
         slot = self._next
@@ -62,16 +70,12 @@ class Staging:
             event.synchronize()  # the copy out of this buffer, `depth` calls ago
         host, dev = self._host[slot], self._dev[slot]
         flat = host.numpy()
-        views, off = [], 0
-        for a in arrs:
-            n = a.size
-            flat[off : off + n] = a.ravel()
-            views.append((off, n, a.shape))
-            off += n
+        for a, off in zip(arrs, offsets):
+            flat[off : off + a.size] = a.ravel()
         if total:
             dev[:total].copy_(host[:total], non_blocking=self._pin)
         if self._pin:
             if event is None:
                 event = self._events[slot] = torch.cuda.Event()
             event.record()
-        return [dev[o : o + n].view(shape) for o, n, shape in views]
+        return [dev[o : o + a.size].view(a.shape) for a, o in zip(arrs, offsets)]
