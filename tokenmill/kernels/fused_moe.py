@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.specialize import runtime_args
+
 BLOCK_M = 16  # the decode tile's rows; align_by_expert's default
 
 
@@ -61,7 +63,7 @@ def moe_tile_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> Moe
     return MoeTileConfig(64, 128, 64, num_warps=8 if not fp32 else 4, num_stages=2 if fp32 else 3)
 
 
-@triton.jit
+@triton.jit(**runtime_args(ints=["num_pairs"]))
 def _moe_gemm_kernel(
     out_ptr,  # [num_pairs, N]
     a_ptr,  # [num_rows, K]: hidden states (rows = pair // A_ROW_DIV) or activations

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.kernels.attention_torch import paged_attention_torch
+from tokenmill.kernels.specialize import runtime_args
 
 LOG2E = 1.4426950408889634
 # Fewest keys a decode split handles: below ~4 key tiles, the partial write and the reduce cost
@@ -134,7 +135,12 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(
+    **runtime_args(
+        ints=["stride_bt_seq"],
+        pointers=["block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr"],  # [num_decodes:]
+    )
+)
 def _varlen_kernel(
     out_ptr,
     q_ptr,
@@ -231,7 +237,12 @@ def _varlen_kernel(
     tl.store(o_ptrs + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(
+    **runtime_args(
+        ints=["stride_bt_seq", "num_splits", "min_partition"],
+        pointers=["block_tables_ptr", "seq_lens_ptr"],
+    )
+)
 def _decode_kernel(
     out_ptr,  # USE_SPLITS: [num_seqs, num_heads, num_splits, HEAD_DIM] fp32, else like q
     max_ptr,  # [num_seqs, num_heads, num_splits] fp32 (USE_SPLITS only)
@@ -311,7 +322,7 @@ def _decode_kernel(
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(**runtime_args(ints=["num_splits"]))
 def _decode_reduce_kernel(
     out_ptr,
     partial_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32

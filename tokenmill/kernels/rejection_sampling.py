@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.kernels.sampling import CHUNK, NUM_WARPS, Q, _gumbel_score
+from tokenmill.kernels.specialize import runtime_args
 from tokenmill.kernels.threshold_search import sampling_thresholds
 
 NUM_ROUNDS = 4  # R: see the module docstring
@@ -327,7 +328,7 @@ def _row_state(
     return done, cand, x_c, row_max, total, bound, temperature, top_p
 
 
-@triton.jit
+@triton.jit(**runtime_args(ints=["num_seqs"]))
 def _round_kernel(
     part_f_ptr,  # writes launch `launch`: (score, mass above the pivot, total (TEST), -)
     part_i_ptr,
@@ -381,7 +382,7 @@ def _round_kernel(
         tl.store(part_i_ptr + (launch * num_seqs + row) * num_chunks + chunk, idx)
 
 
-@triton.jit
+@triton.jit(**runtime_args(ints=["num_seqs"]))
 def _final_kernel(
     out_ptr,  # [num_seqs] int64: the tokens of decided rows
     fallback_temps_ptr,  # [num_seqs] fp32: 0 for decided rows, else the row's temperature

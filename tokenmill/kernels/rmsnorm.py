@@ -24,10 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.specialize import runtime_args
+
 TILE_ELEMENTS = 4096  # elements per program: ROWS = TILE_ELEMENTS // BLOCK rows (at least 1)
 
 
-@triton.jit
+@triton.jit(**runtime_args(ints=["num_rows"]))
 def _rmsnorm_kernel(
     out_ptr,  # [num_rows, HIDDEN_SIZE] contiguous
     residual_out_ptr,  # [num_rows, HIDDEN_SIZE] contiguous (USE_RESIDUAL only)

@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.specialize import runtime_args
+
 NUM_VALUE_PIVOTS = 8
 NUM_KEY_PIVOTS = 8
 BLOCK = 256  # tokens per tile; a [NUM_PIVOTS, BLOCK] tile of accumulators is 32 regs a thread
@@ -405,7 +407,7 @@ def _stats_kernel(
     tl.store(out + 2, tl.min(lane_min, axis=0))
 
 
-@triton.jit
+@triton.jit(**runtime_args(ints=["num_seqs"]))
 def _pass_kernel(
     partials_ptr,  # [2, num_seqs, num_splits, 2, NUM_PIVOTS] fp32
     extents_ptr,  # [2, num_seqs, num_splits, 2] int32
@@ -495,7 +497,7 @@ def _pass_kernel(
         tl.store(out + NUM_PIVOTS + p, tl.sum(count, axis=1))
 
 
-@triton.jit
+@triton.jit(**runtime_args(ints=["num_seqs"]))
 def _finish_kernel(
     thresholds_ptr,  # [num_seqs] fp32 out
     partials_ptr,
