@@ -24,6 +24,10 @@ model_dir, block_size, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 llm = LLM(model_dir, device="cpu", dtype="float32", attention_backend="triton",
           block_size=block_size, max_num_batched_tokens=budget)
 assert llm.runner.backend.name == "triton"
+# the GPU's start-up kernel warm-up (decode row + chunks of 1..64 tokens) reads the zeroed cache
+# and writes nothing: the cache stays zero and the tokens below still match transformers
+llm.runner.warm_up_kernels()
+assert not llm.runner.kv_cache.any()
 prompts = [llm.encode(t) for t in json.loads(sys.argv[4])]
 params = SamplingParams(temperature=0, max_tokens=int(sys.argv[5]), ignore_eos=True)
 outs = llm.generate(prompts, params, use_tqdm=False)

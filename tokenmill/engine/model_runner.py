@@ -166,6 +166,46 @@ class ModelRunner:
                 self.device,
                 pool=self.graphs.pool,
             )
+        if self.device.type == "cuda" and self.backend.name == "triton":
+            self.warm_up_kernels()
+
+    @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Compile now the Triton kernel variants that steps would otherwise compile mid-run.
+
+        Per-step ints and offsets are left unspecialized (kernels/specialize.py), but a
+        kernel still compiles once per tile configuration: the varlen attention's BLOCK_M
+        grows with the step's longest chunk, and a top-p or top-k batch takes other sampling
+        kernels than a plain one. Seen on an H200: 41% of a first-process timed pass was spent
+        compiling those (benchmarks/RESULTS.md, fourth session); a server's first requests
+        would wait for the same compiles. One eager forward per chunk class (a decode row
+        plus a chunk of 1, 2, 4, .. 64 tokens, reading zeroed cache blocks, writing nothing),
+        then one draw per sampling path on dummy logits."""
+        n_max = min(self.config.max_num_batched_tokens, self.max_model_len) - 1
+        bs, logits = self.block_size, None
+        for chunk in (1, 2, 4, 8, 16, 32, 64):
+            if chunk > n_max:
+                break
+            n = 1 + chunk
+            blocks = list(range(min(self.num_blocks, -(-chunk // bs))))
+            meta = self._metadata(
+                [0, 1, n], [1, chunk], [blocks[:1], blocks], [-1] * n, chunk, chunk, 1
+            )
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            pos = torch.tensor([0, *range(chunk)], dtype=torch.long, device=self.device)
+            with set_forward_context(meta):
+                hidden = self.model(ids, pos)
+            logits = self.model.compute_logits(hidden[-2:]).float()  # [2, vocab_size]
+        if self.sampler.kernels is not None and logits is not None and logits.is_cuda:
+            rows = logits.shape[0]
+            temps = torch.full((rows,), 0.8, device=self.device)
+            seeds = torch.zeros(rows, dtype=torch.long, device=self.device)
+            top_k = torch.full((rows,), 5, dtype=torch.long, device=self.device)
+            top_p = torch.full((rows,), 0.9, device=self.device)
+            for k, p, m in ((None, None, None), (None, top_p, None), (top_k, top_p, top_p)):
+                self.sampler.kernels.sample(logits, temps, seeds, seeds, k, p, m)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def output_width(self) -> int:
         """Width of the hidden states the model returns: the LM head's input. Not always
