@@ -184,10 +184,10 @@ class ModelRunner:
         n_max = min(self.config.max_num_batched_tokens, self.max_model_len) - 1
         bs, logits = self.block_size, None
         for chunk in (1, 2, 4, 8, 16, 32, 64):
-            if chunk > n_max:
+            if chunk > n_max or -(-chunk // bs) > self.num_blocks:
                 break
             n = 1 + chunk
-            blocks = list(range(min(self.num_blocks, -(-chunk // bs))))
+            blocks = list(range(-(-chunk // bs)))
             meta = self._metadata(
                 [0, 1, n], [1, chunk], [blocks[:1], blocks], [-1] * n, chunk, chunk, 1
             )
