@@ -56,3 +56,21 @@ def test_columns_match_the_kernels_arguments(mix):
     sampler = Sampler(use_triton=True)
     for _ in range(4):  # the staging buffers rotate: every round the same tokens
         assert sampler._sample_triton(logits, reqs).tolist() == expected.tolist()
+
+
+def test_start_up_warm_up_draws_through_every_sampling_path():
+    """ModelRunner.warm_up_kernels' sampling half (GPU only in the engine) takes the same
+    launchers with valid arguments: every filter combination and the grammar mask."""
+    from tokenmill.engine.model_runner import warm_up_sampling
+
+    logits = torch.randn(2, 96, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def counting_sample(*args):
+        calls.append([a is not None for a in args[4:]])
+        out = sample(*args)
+        assert out.shape == (2,) and ((out >= 0) & (out < 96)).all()
+        return out
+
+    warm_up_sampling(counting_sample, logits)
+    assert sorted(calls) == sorted([k, p, m] for k in (0, 1) for p in (0, 1) for m in (0, 1))

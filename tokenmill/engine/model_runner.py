@@ -62,6 +62,28 @@ def block_table(rows: list[list[int]]) -> np.ndarray:
     return table
 
 
+def warm_up_sampling(sample, logits: torch.Tensor) -> None:
+    """One draw per filter combination (each picks its own kernels) and one grammar-mask
+    launch on `logits` [rows, vocab_size] float32 (overwritten): ModelRunner.warm_up_kernels'
+    sampling half. `sample` is kernels/sampling.py's."""
+    from tokenmill.kernels.bitmask import apply_token_bitmask_
+
+    rows, dev = logits.shape[0], logits.device
+    temps = torch.full((rows,), 0.8, device=dev)
+    seeds = torch.zeros(rows, dtype=torch.long, device=dev)
+    top_k = torch.full((rows,), 5, dtype=torch.long, device=dev)
+    top_p = torch.full((rows,), 0.9, device=dev)
+    min_p = torch.full((rows,), 0.05, device=dev)
+    for k in (None, top_k):
+        for p in (None, top_p):
+            for m in (None, min_p):
+                sample(logits, temps, seeds, seeds, k, p, m)
+    words = (logits.shape[1] + 31) // 32  # a grammar mask allowing every token
+    ones = torch.full((rows, words), -1, dtype=torch.int32, device=dev)
+    idx = torch.arange(rows, dtype=torch.int32, device=dev)
+    apply_token_bitmask_(logits, ones, idx, ones[0].contiguous(), idx)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,7 +202,8 @@ class ModelRunner:
         compiling those (benchmarks/RESULTS.md, fourth session); a server's first requests
         would wait for the same compiles. One eager forward per chunk class (a decode row
         plus a chunk of 1, 2, 4, .. 64 tokens, reading zeroed cache blocks, writing nothing),
-        then one draw per sampling path on dummy logits."""
+        then one draw per sampling filter combination and one grammar-mask launch on dummy
+        logits."""
         n_max = min(self.config.max_num_batched_tokens, self.max_model_len) - 1
         bs, logits = self.block_size, None
         for chunk in (1, 2, 4, 8, 16, 32, 64):
@@ -197,13 +220,7 @@ class ModelRunner:
                 hidden = self.model(ids, pos)
             logits = self.model.compute_logits(hidden[-2:]).float()  # [2, vocab_size]
         if self.sampler.kernels is not None and logits is not None and logits.is_cuda:
-            rows = logits.shape[0]
-            temps = torch.full((rows,), 0.8, device=self.device)
-            seeds = torch.zeros(rows, dtype=torch.long, device=self.device)
-            top_k = torch.full((rows,), 5, dtype=torch.long, device=self.device)
-            top_p = torch.full((rows,), 0.9, device=self.device)
-            for k, p, m in ((None, None, None), (None, top_p, None), (top_k, top_p, top_p)):
-                self.sampler.kernels.sample(logits, temps, seeds, seeds, k, p, m)
+            warm_up_sampling(self.sampler.kernels.sample, logits)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
