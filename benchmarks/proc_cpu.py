@@ -43,7 +43,7 @@ def machine() -> dict[str, float]:
     with open("/proc/stat") as f:
         parts = f.readline().split()[1:]
     user, nice, system, idle, iowait, irq, softirq, steal = (int(x) / TICK for x in parts[:8])
-    out.update(busy=user + nice + system + irq + softirq, idle=idle + iowait, steal=steal, cpus=0)
+    out.update(busy=user + nice + system + irq + softirq, idle=idle + iowait, steal=steal)
     out["cpus"] = os.cpu_count() or 0
     for path, scale, key in (
         ("/sys/fs/cgroup/cpu.stat", 1e-6, "throttled_usec"),

@@ -58,10 +58,10 @@ def test_columns_match_the_kernels_arguments(mix):
         assert sampler._sample_triton(logits, reqs).tolist() == expected.tolist()
 
 
-def test_start_up_warm_up_draws_through_every_sampling_path():
-    """ModelRunner.warm_up_kernels' sampling half (GPU only in the engine) takes the same
-    launchers with valid arguments: every filter combination and the grammar mask."""
-    from tokenmill.engine.model_runner import warm_up_sampling
+def test_start_up_warm_up_draws_through_every_sampling_path(monkeypatch):
+    """Sampler.warm_up (run by ModelRunner.warm_up_kernels on the GPU) takes the kernels'
+    launchers with valid arguments, through every filter combination."""
+    import tokenmill.kernels.sampling as sampling
 
     logits = torch.randn(2, 96, generator=torch.Generator().manual_seed(1))
     calls = []
@@ -72,5 +72,18 @@ def test_start_up_warm_up_draws_through_every_sampling_path():
         assert out.shape == (2,) and ((out >= 0) & (out < 96)).all()
         return out
 
-    warm_up_sampling(counting_sample, logits)
+    monkeypatch.setattr(sampling, "sample", counting_sample)
+    Sampler(use_triton=True).warm_up(logits)
     assert sorted(calls) == sorted([k, p, m] for k in (0, 1) for p in (0, 1) for m in (0, 1))
+    Sampler().warm_up(logits)  # no Triton kernels: nothing to compile
+    assert len(calls) == 8
+
+
+def test_start_up_warm_up_launches_the_grammar_mask_kernel():
+    """StructuredOutputManager.warm_up applies an all-allowing mask: nothing is masked."""
+    from tokenmill.engine.structured_output import StructuredOutputManager
+
+    logits = torch.randn(2, 96, generator=torch.Generator().manual_seed(2))
+    before = logits.clone()
+    StructuredOutputManager(None, vocab_size=96).warm_up(logits)
+    assert torch.equal(logits, before)

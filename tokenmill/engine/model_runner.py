@@ -62,28 +62,6 @@ def block_table(rows: list[list[int]]) -> np.ndarray:
     return table
 
 
-def warm_up_sampling(sample, logits: torch.Tensor) -> None:
-    """One draw per filter combination (each picks its own kernels) and one grammar-mask
-    launch on `logits` [rows, vocab_size] float32 (overwritten): ModelRunner.warm_up_kernels'
-    sampling half. `sample` is kernels/sampling.py's."""
-    from tokenmill.kernels.bitmask import apply_token_bitmask_
-
-    rows, dev = logits.shape[0], logits.device
-    temps = torch.full((rows,), 0.8, device=dev)
-    seeds = torch.zeros(rows, dtype=torch.long, device=dev)
-    top_k = torch.full((rows,), 5, dtype=torch.long, device=dev)
-    top_p = torch.full((rows,), 0.9, device=dev)
-    min_p = torch.full((rows,), 0.05, device=dev)
-    for k in (None, top_k):
-        for p in (None, top_p):
-            for m in (None, min_p):
-                sample(logits, temps, seeds, seeds, k, p, m)
-    words = (logits.shape[1] + 31) // 32  # a grammar mask allowing every token
-    ones = torch.full((rows, words), -1, dtype=torch.int32, device=dev)
-    idx = torch.arange(rows, dtype=torch.int32, device=dev)
-    apply_token_bitmask_(logits, ones, idx, ones[0].contiguous(), idx)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,7 +189,7 @@ class ModelRunner:
                 break
             n = 1 + chunk
             blocks = list(range(-(-chunk // bs)))
-            meta = self._metadata(
+            meta, _ = self._metadata(
                 [0, 1, n], [1, chunk], [blocks[:1], blocks], [-1] * n, chunk, chunk, 1
             )
             ids = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -219,8 +197,9 @@ class ModelRunner:
             with set_forward_context(meta):
                 hidden = self.model(ids, pos)
             logits = self.model.compute_logits(hidden[-2:]).float()  # [2, vocab_size]
-        if self.sampler.kernels is not None and logits is not None and logits.is_cuda:
-            warm_up_sampling(self.sampler.kernels.sample, logits)
+        if logits is not None and logits.is_cuda:
+            self.sampler.warm_up(logits)
+            self.structured.warm_up(logits)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -325,7 +304,7 @@ class ModelRunner:
             )
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = layer.self_attn.k_cache
-        meta = self._metadata(
+        meta, _ = self._metadata(
             [0, n], [n], [list(range(self.max_blocks_per_seq))], list(range(n)), n, n
         )
         with set_forward_context(meta):
@@ -337,19 +316,21 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------
     def _metadata(
-        self, cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max_k, num_decodes=0
-    ) -> AttentionMetadata:
+        self,
+        cu_seqlens_q,
+        seq_lens,
+        block_tables,
+        slot_mapping,
+        max_q,
+        max_k,
+        num_decodes=0,
+        extra: tuple = (),
+    ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        """The step's AttentionMetadata, plus `extra` int64 arrays (ids, positions, ...) on the
+        device: one copy per dtype for all of them (engine/staging.py)."""
         cu, lens, table = self._stage32(cu_seqlens_q, seq_lens, block_table(block_tables))
-        (slots,) = self._stage64(slot_mapping)
-        return self._attention_metadata(
-            cu, lens, table, slots, max_q, max_k, cu_seqlens_q, seq_lens, num_decodes
-        )
-
-    @staticmethod
-    def _attention_metadata(
-        cu, lens, table, slots, max_q, max_k, cu_seqlens_q, seq_lens, num_decodes
-    ) -> AttentionMetadata:
-        return AttentionMetadata(
+        slots, *rest = self._stage64(slot_mapping, *extra)
+        meta = AttentionMetadata(
             cu_seqlens_q=cu,
             seq_lens=lens,
             block_tables=table,
@@ -360,6 +341,7 @@ class ModelRunner:
             seq_lens_cpu=list(seq_lens),
             num_decodes=num_decodes,
         )
+        return meta, rest
 
     def prepare(self, sched: SchedulerOutput):
         """Flatten the scheduled slices into the varlen batch (see the module docstring)."""
@@ -395,14 +377,10 @@ class ModelRunner:
         num_decodes = next(
             (i for i, s in enumerate(sched.seqs) if s.num_new_tokens != 1), len(sched.seqs)
         )
-        # one copy per dtype for all of the step's inputs (engine/staging.py)
-        cu, lens, table = self._stage32(cu_seqlens_q, seq_lens, block_table(block_tables))
-        ids, pos, slots, at, rows, logits_idx = self._stage64(
-            input_ids, positions, slot_mapping, inflight_at, inflight_rows, logits_indices
-        )
-        meta = self._attention_metadata(
-            cu, lens, table, slots, max_q, max(seq_lens), cu_seqlens_q, seq_lens, num_decodes
-        )
+        meta, (ids, pos, at, rows, logits_idx) = self._metadata(
+            cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max(seq_lens), num_decodes,
+            extra=(input_ids, positions, inflight_at, inflight_rows, logits_indices),
+        )  # fmt: skip
         if inflight_at:  # fill placeholders from the device-side samples of the last step
             ids[at] = self._last_sampled[rows]
         return ids, pos, meta, logits_idx

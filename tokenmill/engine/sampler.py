@@ -221,6 +221,23 @@ class Sampler:
 
             self.kernels = sampling
 
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """One Triton draw per filter combination (each picks its own kernels) on `logits`
+        [rows, vocab_size] float32, so no request compiles them mid-run
+        (ModelRunner.warm_up_kernels). A no-op without the Triton kernels."""
+        if self.kernels is None:
+            return
+        rows, dev = logits.shape[0], logits.device
+        temps = torch.full((rows,), 0.8, device=dev)
+        seeds = torch.zeros(rows, dtype=torch.long, device=dev)
+        top_k = torch.full((rows,), 5, dtype=torch.long, device=dev)
+        top_p = torch.full((rows,), 0.9, device=dev)
+        min_p = torch.full((rows,), 0.05, device=dev)
+        for k in (None, top_k):
+            for p in (None, top_p):
+                for m in (None, min_p):
+                    self.kernels.sample(logits, temps, seeds, seeds, k, p, m)
+
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """Sample and read back (synchronising): tokens and logprobs as Python values."""
         token_ids = self.sample(logits, reqs)

@@ -45,11 +45,12 @@ class Staging:
         """Buffers of at least n elements (old ones are freed once their copies are done: the
         caching allocators know which stream and event still use them)."""
         cap = max(1 << 12, 1 << (n - 1).bit_length())
-        self._host = [torch.empty(cap, dtype=self.dtype, pin_memory=self._pin)]
-        self._dev = [torch.empty(cap, dtype=self.dtype, device=self.device)]
-        for _ in range(self.depth - 1):
-            self._host.append(torch.empty(cap, dtype=self.dtype, pin_memory=self._pin))
-            self._dev.append(torch.empty(cap, dtype=self.dtype, device=self.device))
+        self._host = [
+            torch.empty(cap, dtype=self.dtype, pin_memory=self._pin) for _ in range(self.depth)
+        ]
+        self._dev = [
+            torch.empty(cap, dtype=self.dtype, device=self.device) for _ in range(self.depth)
+        ]
         self._events = [None] * self.depth
         self._capacity = cap
         self._next = 0

@@ -287,6 +287,17 @@ class StructuredOutputManager:
         meta[1] = torch.tensor([s.is_json and not s.failed for s in states], dtype=torch.int32)
         return GrammarMasks(bitmask, meta[0], meta[1], self._json_safe_words(), slot)
 
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """Launch the device mask kernel once on `logits` [rows, vocab_size] (overwritten) with
+        a mask allowing every token, so the first constrained request does not compile it
+        (ModelRunner.warm_up_kernels, on the GPU; the Triton interpreter elsewhere)."""
+        from tokenmill.kernels.bitmask import apply_token_bitmask_
+
+        rows, dev = logits.shape[0], logits.device
+        ones = torch.full((rows, self.num_words), -1, dtype=torch.int32, device=dev)
+        idx = torch.arange(rows, dtype=torch.int32, device=dev)
+        apply_token_bitmask_(logits, ones, idx, ones[0].contiguous(), idx)
+
     def apply(self, logits: torch.Tensor, reqs: list[Request]) -> None:
         """In place: -inf on every token the grammar of a constrained row disallows now."""
         # logits: [num_seqs, vocab_size]
