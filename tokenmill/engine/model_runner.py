@@ -189,7 +189,7 @@ class ModelRunner:
                 break
             n = 1 + chunk
             blocks = list(range(-(-chunk // bs)))
-            meta, _ = self._metadata(
+            meta = self._metadata(
                 [0, 1, n], [1, chunk], [blocks[:1], blocks], [-1] * n, chunk, chunk, 1
             )
             ids = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -304,7 +304,7 @@ class ModelRunner:
             )
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = layer.self_attn.k_cache
-        meta, _ = self._metadata(
+        meta = self._metadata(
             [0, n], [n], [list(range(self.max_blocks_per_seq))], list(range(n)), n, n
         )
         with set_forward_context(meta):
@@ -316,6 +316,14 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------
     def _metadata(
+        self, cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max_k, num_decodes=0
+    ) -> AttentionMetadata:
+        """A step's AttentionMetadata on the device (see _step_inputs)."""
+        return self._step_inputs(
+            cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max_k, num_decodes
+        )[0]
+
+    def _step_inputs(
         self,
         cu_seqlens_q,
         seq_lens,
@@ -377,7 +385,7 @@ class ModelRunner:
         num_decodes = next(
             (i for i, s in enumerate(sched.seqs) if s.num_new_tokens != 1), len(sched.seqs)
         )
-        meta, (ids, pos, at, rows, logits_idx) = self._metadata(
+        meta, (ids, pos, at, rows, logits_idx) = self._step_inputs(
             cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max(seq_lens), num_decodes,
             extra=(input_ids, positions, inflight_at, inflight_rows, logits_indices),
         )  # fmt: skip
