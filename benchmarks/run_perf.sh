@@ -56,8 +56,8 @@ import json, sys
 from pathlib import Path
 out, card, correct = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 print(f"card: {card}; correctness: {'OK' if correct == '0' else 'FAILED (exit ' + correct + ')'}")
-print("| workload | engine | out tok/s | floor s | fraction | graph / eager steps |")
-print("|---|---|---|---|---|---|")
+print("| workload | engine | out tok/s | floor s | fraction | graph / eager steps | compiles in timed pass | start-up s |")
+print("|---|---|---|---|---|---|---|---|")
 for name in ("W1", "W2", "W2-plain", "W2-8b"):
     path = out / f"{name}.json"
     if not path.exists():
@@ -67,8 +67,11 @@ for name in ("W1", "W2", "W2-plain", "W2-8b"):
     b = json.loads(path.read_text())
     floor, eng = b["floor"], b["engine"]
     for r in b["results"]:
-        steps = f"{eng['graph_steps']} / {eng['eager_steps']}" if r["name"] == "tokenmill" else "-"
+        ours = r["name"] == "tokenmill"
+        steps = f"{eng['graph_steps']} / {eng['eager_steps']}" if ours else "-"
+        compiles = len(r.get("kernel_compiles", [])) if ours else "-"
+        startup = f"{eng.get('startup_seconds', 0):.1f}" if ours else "-"
         print(f"| {name} {b['model']['architecture']} | {r['name']} | {r['output_tokens_per_s']:,.0f}"
-              f" | {floor['seconds']:.2f} | {r['fraction_of_floor']:.2f} | {steps} |")
+              f" | {floor['seconds']:.2f} | {r['fraction_of_floor']:.2f} | {steps} | {compiles} | {startup} |")
 PY
 echo "total $(since)"

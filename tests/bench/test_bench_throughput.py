@@ -66,6 +66,7 @@ def test_cli_runs_a_random_workload_and_writes_json(tiny_model_dir, tmp_path):
     assert ours["num_requests"] == 6
     assert ours["prompt_tokens"] == 72 and ours["output_tokens"] == 30  # ignore_eos: exact
     assert ours["output_tokens_per_s"] > 0
+    assert ours["kernel_compiles"] == []  # CPU path: nothing compiles
     assert report["workload"] == "random" and report["model"]["device"] == "cpu"
     assert "tokenmill" in result.output
 

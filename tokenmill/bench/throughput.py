@@ -7,7 +7,7 @@ then one timed `LLM.generate` over the whole workload; figure of merit = output 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tokenmill.bench.workloads import Workload
 
@@ -19,6 +19,8 @@ class ThroughputResult:
     prompt_tokens: int
     output_tokens: int
     seconds: float
+    # Triton kernels compiled inside the timed pass (start-up cost billed as throughput)
+    kernel_compiles: list[str] = field(default_factory=list)
 
     @property
     def requests_per_s(self) -> float:
@@ -55,6 +57,7 @@ def _sync() -> None:
 
 def run_tokenmill(llm, workload: Workload) -> ThroughputResult:
     from tokenmill import SamplingParams
+    from tokenmill.kernels.jit_watch import compiled_kernels
 
     params = [
         SamplingParams(
@@ -76,16 +79,18 @@ def run_tokenmill(llm, workload: Workload) -> ThroughputResult:
     )
     llm.generate([prompts[0]], warm, use_tqdm=False)
     _sync()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    _sync()
-    seconds = time.perf_counter() - t0
+    with compiled_kernels() as compiles:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        _sync()
+        seconds = time.perf_counter() - t0
     return ThroughputResult(
         "tokenmill",
         len(outs),
         sum(len(o.prompt_token_ids) for o in outs),
         sum(len(c.token_ids) for o in outs for c in o.outputs),
         seconds,
+        compiles,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -111,7 +112,9 @@ def throughput(
     config = o.engine_config(**e, skip_tokenizer_init=dummy_weights, load_format=load_format)
     if workload == "nano" and dataset is None and num_prompts is None and _on_cpu(e["device"]):
         typer.echo(CPU_HINT, err=True)
-    llm = LLM.from_config(config)
+    t_start = time.perf_counter()
+    llm = LLM.from_config(config)  # load, graph capture and kernel warm-up: not timed below
+    startup_seconds = time.perf_counter() - t_start
     vocab_size = min(10_000, llm.model_info()["vocab_size"])
     wl = _workload(workload, dataset, input_len, output_len, num_prompts, vocab_size)
     wl.top_p, wl.top_k = top_p, top_k
@@ -136,6 +139,7 @@ def throughput(
         "model": info,
         "sampling": {"temperature": wl.temperature, "top_p": wl.top_p, "top_k": wl.top_k},
         "engine": {
+            "startup_seconds": startup_seconds,
             "steps": stats.num_steps,
             "mean_batch_size": stats.mean_batch_size,
             "preemptions": stats.num_preemptions,
@@ -230,10 +234,18 @@ def _print_table(console, report, results, floor=None) -> None:
         )
         fractions = ", ".join(f"{r.name} {floor.fraction(r.seconds):.2f}" for r in results)
         console.print(f"fraction of floor: {fractions}")
+    for r in results:
+        if r.kernel_compiles:
+            names = ", ".join(sorted(set(r.kernel_compiles)))
+            console.print(
+                f"[yellow]warning: {len(r.kernel_compiles)} Triton kernel compiles inside "
+                f"{r.name}'s timed pass ({names}); its figure includes compile time[/yellow]"
+            )
     eng = report["engine"]
     console.print(
         f"engine steps {eng['steps']} (graph {eng['graph_steps']}, eager {eng['eager_steps']}), "
-        f"mean batch {eng['mean_batch_size']:.1f}, preemptions {eng['preemptions']}"
+        f"mean batch {eng['mean_batch_size']:.1f}, preemptions {eng['preemptions']}; "
+        f"start-up {eng['startup_seconds']:.1f} s (load, graphs, kernel warm-up)"
     )
     if len(results) == 2:
         console.print(

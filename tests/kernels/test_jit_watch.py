@@ -1,0 +1,47 @@
+"""compiled_kernels() names the Triton compiles inside a block (kernels/jit_watch.py).
+
+CI has no GPU backend to compile for, so the test drives Triton's own post-compile hook the way
+`JITFunction._do_compile` calls it; the device run (`bench throughput`) shows the real thing."""
+
+import pytest
+from triton import knobs
+from triton.runtime.jit import JitFunctionInfo
+
+from tokenmill.kernels.jit_watch import compiled_kernels
+
+
+def _compile_event(name: str) -> None:
+    hook = knobs.runtime.jit_post_compile_hook
+    if hook is not None:
+        hook(
+            key=None,
+            repr=name,
+            fn=JitFunctionInfo(None, name, None),
+            compile={},
+            is_manual_warmup=False,
+            already_compiled=False,
+        )
+
+
+def test_names_compiles_inside_the_block_only():
+    _compile_event("before")
+    with compiled_kernels() as names:
+        _compile_event("paged_attention_decode")
+        _compile_event("rmsnorm")
+    _compile_event("after")
+    assert names == ["paged_attention_decode", "rmsnorm"]
+
+
+def test_keeps_and_restores_a_hook_already_set():
+    seen = []
+    previous = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = lambda **kw: seen.append(kw["fn"].name)
+    try:
+        mine = knobs.runtime.jit_post_compile_hook
+        with pytest.raises(RuntimeError), compiled_kernels() as names:
+            _compile_event("k")
+            raise RuntimeError("the block fails")
+        assert names == ["k"] and seen == ["k"]  # both saw it
+        assert knobs.runtime.jit_post_compile_hook is mine  # restored despite the error
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous

@@ -1,0 +1,49 @@
+"""Which Triton kernels were compiled inside a block: a benchmark's timed pass must show none.
+
+A Triton kernel is compiled (or read back from the disk cache) the first time a process meets a
+new specialization of it. Inside a timed pass that is start-up cost billed as throughput: seen on
+an H200, 41% of a first-process `bench throughput` pass (benchmarks/RESULTS.md, fourth session).
+
+    with compiled_kernels() as names:
+        llm.generate(...)
+    # names: ["paged_attention_decode", ...], one entry per compile, in order
+
+Uses Triton's `knobs.runtime.jit_post_compile_hook` (Triton 3.4+); on an older Triton, or under
+the interpreter (which never compiles), the list stays empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def _runtime_knobs():
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    runtime = getattr(knobs, "runtime", None)
+    return runtime if hasattr(runtime, "jit_post_compile_hook") else None
+
+
+@contextmanager
+def compiled_kernels() -> Iterator[list[str]]:
+    """Names of the kernels compiled while the block runs; a hook already set still runs."""
+    names: list[str] = []
+    runtime = _runtime_knobs()
+    if runtime is None:
+        yield names
+        return
+    previous = runtime.jit_post_compile_hook
+
+    def hook(*args, **kwargs):
+        fn = kwargs.get("fn")
+        names.append(getattr(fn, "name", None) or str(fn))
+        return previous(*args, **kwargs) if previous is not None else None
+
+    runtime.jit_post_compile_hook = hook
+    try:
+        yield names
+    finally:
+        runtime.jit_post_compile_hook = previous
