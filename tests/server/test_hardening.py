@@ -100,6 +100,29 @@ def test_tokenizing_a_big_prompt_does_not_stall_streams(tiny_model_dir):
     assert gaps and max(gaps) < MAX_GAP_S, f"a stream stalled for {max(gaps):.2f}s"
 
 
+def test_small_bodies_are_prepared_on_the_loop_big_ones_on_a_tokenizer_thread(server, monkeypatch):
+    """A burst of small requests must not queue behind a thread hop each (server/async_engine.py,
+    INLINE_PREPARE_BYTES); a big one must not block the loop while it is tokenized."""
+    from tokenmill.engine.input_processor import InputProcessor
+    from tokenmill.server.async_engine import INLINE_PREPARE_BYTES
+
+    threads = []
+    original = InputProcessor.process_prompts
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InputProcessor, "process_prompts", recording)
+    small = _poster(server, "hello there")()
+    big = _poster(server, "word " * (INLINE_PREPARE_BYTES // 4))()  # past the inline size
+    assert small.status_code == 200, small.text
+    assert big.status_code == 400  # longer than the tiny model's context: refused, after all
+    loop_thread, big_thread = threads
+    assert loop_thread == "uvicorn"  # the test server's event loop thread
+    assert big_thread.startswith("tokenizer")
+
+
 def test_body_over_the_limit_is_413(server, http):
     resp = http.post(
         "/v1/completions",

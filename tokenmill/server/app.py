@@ -22,7 +22,7 @@ from tokenmill.server.async_engine import AsyncEngine
 from tokenmill.server.chat import ChatStream, template_messages
 from tokenmill.server.completions import CompletionStream, prepare_prompts, split_prompts
 from tokenmill.server.errors import APIError, error_body, install_error_handlers
-from tokenmill.server.limits import BodyLimitMiddleware, ServerLimits
+from tokenmill.server.limits import BodyLimitMiddleware, ServerLimits, body_bytes
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
@@ -173,7 +173,7 @@ def build_app(
         params = body.to_sampling_params()
         prompts = split_prompts(body.prompt)
         prepared = await engine.prepare(
-            lambda proc: prepare_prompts(proc, prompts, params, body.echo)
+            lambda proc: prepare_prompts(proc, prompts, params, body.echo), body_bytes(request)
         )
         rids, outputs = submit(
             random_id("cmpl"), [p.token_ids for p in prepared], params, body.stream
@@ -201,7 +201,8 @@ def build_app(
         messages = template_messages(body.messages)
         template_kwargs = {"tools": tools.template_tools} if tools is not None else {}
         processed = await engine.prepare(
-            lambda proc: proc.process_messages(messages, params, **template_kwargs)
+            lambda proc: proc.process_messages(messages, params, **template_kwargs),
+            body_bytes(request),
         )
         rid = random_id("chatcmpl")
         rids, outputs = submit(rid, [processed.prompt_token_ids], params, body.stream)
@@ -224,7 +225,7 @@ def build_app(
         return {"version": __version__}
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(body: TokenizeRequest, request: Request):
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt or messages", "prompt")
@@ -236,17 +237,17 @@ def build_app(
             proc.check_text(body.prompt, "prompt")
             return proc.encode_texts([body.prompt], body.add_special_tokens)[0]
 
-        tokens = await engine.prepare(run)
+        tokens = await engine.prepare(run, body_bytes(request))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
+    async def detokenize(body: DetokenizeRequest, request: Request):
         check_model(body.model)
 
         def run(proc):
             proc.check_token_ids(body.tokens, "tokens")
             return proc.tokenizer.decode(body.tokens)
 
-        return {"prompt": await engine.prepare(run)}
+        return {"prompt": await engine.prepare(run, body_bytes(request))}
 
     return app

@@ -37,6 +37,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NUM_TOKENIZER_THREADS = 2
+# Requests whose body is at most this many bytes are prepared on the event loop itself: their
+# tokenizing takes at most ~3 ms (about 0.45 ms per kB of text), less than the trip through a
+# tokenizer thread costs under load. Seen on an H200 (benchmarks/RESULTS.md, fifth session):
+# with every request sent to a thread, a burst of 256 nano requests reached the engine in one
+# clump 0.6 s after the first, because the loop parsed every arriving request before it ran
+# any thread's completion callback. Bigger bodies still go to a thread, so a 5 MB prompt never
+# stalls the streams.
+INLINE_PREPARE_BYTES = 8 * 1024
 
 
 class EngineDeadError(RuntimeError):
@@ -84,7 +92,9 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.core.start()
-        self._pool.submit(lambda: self.input_processor)  # load a tokenizer before the first call
+        # a tokenizer copy for the loop (small requests) and one thread, before the first call
+        self._pool.submit(lambda: self.input_processor)
+        self.input_processor  # noqa: B018
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.core.shutdown(timeout)
@@ -110,8 +120,14 @@ class AsyncEngine:
             self._local.proc = proc
         return proc
 
-    async def prepare(self, fn: Callable[[InputProcessor], Any]) -> Any:
-        """Run fn(input_processor) on a tokenizer thread; its InputError propagates."""
+    async def prepare(
+        self, fn: Callable[[InputProcessor], Any], body_bytes: int | None = None
+    ) -> Any:
+        """Run fn(input_processor): on the event loop for a request body of at most
+        INLINE_PREPARE_BYTES, else (or when the size is unknown) on a tokenizer thread.
+        Its InputError propagates."""
+        if body_bytes is not None and body_bytes <= INLINE_PREPARE_BYTES:
+            return fn(self.input_processor)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(self.input_processor))
 

@@ -42,6 +42,14 @@ class ServerLimits:
             raise ValueError(f"shutdown_timeout_s must be >= 0 (got {self.shutdown_timeout_s})")
 
 
+BODY_BYTES = "tokenmill.body_bytes"
+
+
+def body_bytes(request: Any) -> int | None:
+    """The request body's size in bytes, as BodyLimitMiddleware read it (None if it did not)."""
+    return request.scope.get(BODY_BYTES)
+
+
 class BodyLimitMiddleware:
     """413 for a request body over `max_bytes`, announced (Content-Length) or streamed.
 
@@ -72,6 +80,7 @@ class BodyLimitMiddleware:
                 return
             if not message.get("more_body", False):
                 break
+        scope[BODY_BYTES] = size  # read by body_bytes(): small bodies are prepared inline
         replayed = False
 
         async def replay() -> dict:
