@@ -82,6 +82,7 @@ def serve(
     try:
         import uvicorn
 
+        from tokenmill.engine.gc_heap import freeze_startup_heap
         from tokenmill.server.app import build_app
         from tokenmill.server.async_engine import AsyncEngine
         from tokenmill.server.shutdown import GracefulServer
@@ -134,6 +135,7 @@ def serve(
         server.should_exit = True
 
     engine.on_dead = on_dead
+    freeze_startup_heap()  # after the tokenizer and the app are built (engine/gc_heap.py)
     typer.echo(f"tokenmill serving {app.state.model_name} on http://{host}:{port}/v1", err=True)
     server.run()
     if died:

@@ -338,6 +338,7 @@ def _proc_main(
     It ends with its parent, however that dies. `num_threads` sets torch's CPU threads."""
     import signal
 
+    from tokenmill.engine.gc_heap import freeze_startup_heap
     from tokenmill.engine.llm import LLM
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -358,6 +359,7 @@ def _proc_main(
     except BaseException as e:
         outputs.send(CoreInfo(error=f"{type(e).__name__}: {e}"))
         return
+    freeze_startup_heap()
     outputs.send(core_info(llm))
     run_core_over_pipe(llm, requests, outputs)
 
