@@ -4,7 +4,8 @@
 # TTFT / TPOT / ITL percentiles, plus the bench client's own ceiling (an instant server).
 #   bash benchmarks/serve_vs_offline.sh
 # Environment: MODEL (default: tokenmill's default model), WORKLOAD (nano), PORT (8765),
-# ENGINE_FLAGS (engine flags for both sides, e.g. "--device cpu"), WL_FLAGS (workload flags
+# ENGINE_FLAGS (engine flags for both sides; default --no-prefix-caching, see below), WL_FLAGS
+# (workload flags
 # for both, e.g. "--num-prompts 64 --input-len 128 --output-len 64"), SERVE_FLAGS (more
 # `tokenmill serve` flags), BOTH=1 (also measure --in-process-engine), PYSPY=1 (sample the
 # offline run and the server's processes with py-spy, raw stacks under $OUT).
@@ -17,7 +18,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-out/serve_vs_offline}; mkdir -p "$OUT"
 WORKLOAD=${WORKLOAD:-nano}; PORT=${PORT:-8765}; SERVE_FLAGS=${SERVE_FLAGS:-}
-ENGINE_FLAGS=${ENGINE_FLAGS:-}; WL_FLAGS=${WL_FLAGS:-}
+# The prefix cache is off on both sides by default: nano sends the same prompts again in the
+# second serve pass, which would otherwise reuse the first pass's KV (seen: TTFT 348 vs 868 ms,
+# no eager steps) and read as a faster server. ENGINE_FLAGS= (empty) keeps it on.
+ENGINE_FLAGS=${ENGINE_FLAGS---no-prefix-caching}; WL_FLAGS=${WL_FLAGS:-}
 model_flag=(); if [ -n "${MODEL:-}" ]; then model_flag=(--model "$MODEL"); fi
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
