@@ -59,7 +59,7 @@ kill "${pids[-1]}"
 
 scrape() {  # url: the engine's step counters from /metrics
   python3 -c "import httpx,sys; print(httpx.get(sys.argv[1] + '/metrics').text)" "$1" \
-    | grep -E '^tokenmill:(engine_steps|graph_steps|eager_steps|scheduled_seqs)' || true
+    | grep -E '^tokenmill:(engine_steps|graph_steps|eager_steps|scheduled_seqs|kernel_compiles)' || true
 }
 
 serve_once() {  # name, extra serve flags...
@@ -124,7 +124,8 @@ for path in sorted(out.glob("serve_*.json")):
         d = {key: b[key] - a.get(key, 0.0) for key in b}
         print(f"{path.stem}: engine steps {d['engine_steps']:.0f} (graph {d['graph_steps']:.0f}, "
               f"eager {d['eager_steps']:.0f}), mean batch {d['scheduled_seqs'] / max(d['engine_steps'], 1):.1f}, "
-              f"{1e3 * s['duration_s'] / max(d['engine_steps'], 1):.2f} ms of the run per step")
+              f"{1e3 * s['duration_s'] / max(d['engine_steps'], 1):.2f} ms of the run per step, "
+              f"{d.get('kernel_compiles', 0):.0f} kernel compiles")
     except (OSError, KeyError, ValueError, IndexError) as e:
         print(f"{path.stem}: no engine counters ({e!r})")
     ratio = s["output_token_throughput"] / offline

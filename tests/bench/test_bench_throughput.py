@@ -63,6 +63,7 @@ def test_cli_runs_a_random_workload_and_writes_json(tiny_model_dir, tmp_path):
     (ours,) = report["results"]
     assert report["floor"]["bandwidth"] == 2e12 and report["floor"]["flops_per_s"] == 3e12
     assert report["engine"]["eager_steps"] == report["engine"]["steps"]  # CPU: no graphs
+    assert report["engine"]["kernel_compiles"] == 0  # CPU: no Triton compiles watched
     assert ours["num_requests"] == 6
     assert ours["prompt_tokens"] == 72 and ours["output_tokens"] == 30  # ignore_eos: exact
     assert ours["output_tokens_per_s"] > 0

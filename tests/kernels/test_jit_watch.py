@@ -7,7 +7,7 @@ import pytest
 from triton import knobs
 from triton.runtime.jit import JitFunctionInfo
 
-from tokenmill.kernels.jit_watch import compiled_kernels
+from tokenmill.kernels.jit_watch import CompileCounter, compiled_kernels
 
 
 def _compile_event(name: str) -> None:
@@ -43,5 +43,25 @@ def test_keeps_and_restores_a_hook_already_set():
             raise RuntimeError("the block fails")
         assert names == ["k"] and seen == ["k"]  # both saw it
         assert knobs.runtime.jit_post_compile_hook is mine  # restored despite the error
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+
+
+def test_compile_counter_counts_until_closed_and_chains():
+    seen = []
+    previous = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = lambda **kw: seen.append(kw["fn"].name)
+    try:
+        mine = knobs.runtime.jit_post_compile_hook
+        warned = []
+        counter = CompileCounter(warned.append)
+        _compile_event("paged_attention_varlen")
+        _compile_event("paged_attention_varlen")
+        counter.close()
+        _compile_event("rmsnorm")  # after close: not counted
+        assert counter.count == 2 and counter.names == {"paged_attention_varlen"}
+        assert warned == ["paged_attention_varlen"] * 2
+        assert seen == ["paged_attention_varlen"] * 2 + ["rmsnorm"]  # the old hook kept running
+        assert knobs.runtime.jit_post_compile_hook is mine
     finally:
         knobs.runtime.jit_post_compile_hook = previous

@@ -73,6 +73,7 @@ def test_metrics_parse_and_track_requests(server):
         "tokenmill:num_preemptions_total": "counter",
         "tokenmill:prefix_cache_queries_total": "counter",
         "tokenmill:prefix_cache_hits_total": "counter",
+        "tokenmill:kernel_compiles_total": "counter",
         "tokenmill:time_to_first_token_seconds": "histogram",
         "tokenmill:time_per_output_token_seconds": "histogram",
         "tokenmill:e2e_request_latency_seconds": "histogram",

@@ -145,6 +145,7 @@ def throughput(
             "preemptions": stats.num_preemptions,
             "graph_steps": getattr(stats, "graph_steps", None),
             "eager_steps": getattr(stats, "eager_steps", None),
+            "kernel_compiles": getattr(stats, "kernel_compiles", None),
         },
         "floor": None if floor is None else floor.to_dict(),
         "results": [

@@ -191,6 +191,7 @@ class LLM:
         s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.kv_cache_usage = bm.usage
         s.graph_steps, s.eager_steps = self.runner.num_graph_steps, self.runner.num_eager_steps
+        s.kernel_compiles = self.runner.num_kernel_compiles
         s.num_kv_blocks, s.num_free_blocks = bm.num_blocks, bm.num_free_blocks
         return s
 

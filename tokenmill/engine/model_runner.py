@@ -14,6 +14,7 @@ and block_size 4, block tables [[0, 5, 2], [1], [3, 4]]:
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -40,6 +41,8 @@ from tokenmill.engine.staging import Staging
 from tokenmill.engine.structured_output import StructuredOutputManager
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -166,8 +169,17 @@ class ModelRunner:
                 self.device,
                 pool=self.graphs.pool,
             )
+        self._compiles = None  # Triton compiles after the warm-up (kernels/jit_watch.py)
         if self.device.type == "cuda" and self.backend.name == "triton":
             self.warm_up_kernels()
+            from tokenmill.kernels.jit_watch import CompileCounter
+
+            self._compiles = CompileCounter(_warn_mid_run_compile)
+
+    @property
+    def num_kernel_compiles(self) -> int:
+        """Triton compiles since the start-up warm-up: each one stalled a step."""
+        return 0 if self._compiles is None else self._compiles.count
 
     @torch.inference_mode()
     def warm_up_kernels(self) -> None:
@@ -510,6 +522,14 @@ class PendingStep:
     # defer_sampling); sample_async takes it
     logits_to_sample: torch.Tensor | None = None
     prompt_logprobs: PendingPromptLogprobs | None = None
+
+
+def _warn_mid_run_compile(name: str) -> None:
+    log.warning(
+        "Triton compiled %s mid-run: a kernel variant the start-up warm-up "
+        "(ModelRunner.warm_up_kernels) missed; the step waited for it",
+        name,
+    )
 
 
 def now() -> float:

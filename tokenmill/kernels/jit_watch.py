@@ -8,6 +8,8 @@ an H200, 41% of a first-process `bench throughput` pass (benchmarks/RESULTS.md, 
         llm.generate(...)
     # names: ["paged_attention_decode", ...], one entry per compile, in order
 
+`CompileCounter` keeps counting until closed (the engine's mid-run compiles).
+
 Uses Triton's `knobs.runtime.jit_post_compile_hook` (Triton 3.4+); on an older Triton, or under
 the interpreter (which never compiles), the list stays empty.
 """
@@ -47,3 +49,34 @@ def compiled_kernels() -> Iterator[list[str]]:
         yield names
     finally:
         runtime.jit_post_compile_hook = previous
+
+
+class CompileCounter:
+    """Counts Triton compiles from now until close(), calling `on_compile(name)` for each; a
+    hook already set still runs. The engine keeps one after its start-up warm-up: any count
+    is a kernel variant the warm-up missed, compiled while requests wait."""
+
+    def __init__(self, on_compile=None) -> None:
+        self.count = 0
+        self.names: set[str] = set()
+        self._on_compile = on_compile
+        self._runtime = _runtime_knobs()
+        self._previous = None
+        if self._runtime is not None:
+            self._previous = self._runtime.jit_post_compile_hook
+            self._runtime.jit_post_compile_hook = self._hook
+
+    def _hook(self, *args, **kwargs):
+        fn = kwargs.get("fn")
+        name = getattr(fn, "name", None) or str(fn)
+        self.count += 1
+        self.names.add(name)
+        if self._on_compile is not None:
+            self._on_compile(name)
+        return self._previous(*args, **kwargs) if self._previous is not None else None
+
+    def close(self) -> None:
+        """Stop counting; restores the hook found at start if this one is still installed."""
+        if self._runtime is not None and self._runtime.jit_post_compile_hook == self._hook:
+            self._runtime.jit_post_compile_hook = self._previous
+        self._runtime = None

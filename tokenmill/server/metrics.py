@@ -46,6 +46,10 @@ _COUNTERS = {
     "engine_steps": ("Engine steps run.", "num_steps"),
     "graph_steps": ("Forward passes replayed from CUDA graphs.", "graph_steps"),
     "eager_steps": ("Forward passes run eagerly (no CUDA graph).", "eager_steps"),
+    "kernel_compiles": (
+        "Triton kernels compiled after start-up (variants the warm-up missed; each stalls a step).",
+        "kernel_compiles",
+    ),
     "scheduled_seqs": (
         "Sequences scheduled, summed over steps (/ engine_steps = mean batch size).",
         "num_scheduled_seqs_total",
