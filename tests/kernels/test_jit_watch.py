@@ -32,36 +32,36 @@ def test_names_compiles_inside_the_block_only():
     assert names == ["paged_attention_decode", "rmsnorm"]
 
 
-def test_keeps_and_restores_a_hook_already_set():
+@pytest.fixture
+def earlier_hook():
+    """A hook someone set before us; yields (the hook, the kernel names it saw)."""
     seen = []
     previous = knobs.runtime.jit_post_compile_hook
     knobs.runtime.jit_post_compile_hook = lambda **kw: seen.append(kw["fn"].name)
     try:
-        mine = knobs.runtime.jit_post_compile_hook
-        with pytest.raises(RuntimeError), compiled_kernels() as names:
-            _compile_event("k")
-            raise RuntimeError("the block fails")
-        assert names == ["k"] and seen == ["k"]  # both saw it
-        assert knobs.runtime.jit_post_compile_hook is mine  # restored despite the error
+        yield knobs.runtime.jit_post_compile_hook, seen
     finally:
         knobs.runtime.jit_post_compile_hook = previous
 
 
-def test_compile_counter_counts_until_closed_and_chains():
-    seen = []
-    previous = knobs.runtime.jit_post_compile_hook
-    knobs.runtime.jit_post_compile_hook = lambda **kw: seen.append(kw["fn"].name)
-    try:
-        mine = knobs.runtime.jit_post_compile_hook
-        warned = []
-        counter = CompileCounter(warned.append)
-        _compile_event("paged_attention_varlen")
-        _compile_event("paged_attention_varlen")
-        counter.close()
-        _compile_event("rmsnorm")  # after close: not counted
-        assert counter.count == 2 and counter.names == {"paged_attention_varlen"}
-        assert warned == ["paged_attention_varlen"] * 2
-        assert seen == ["paged_attention_varlen"] * 2 + ["rmsnorm"]  # the old hook kept running
-        assert knobs.runtime.jit_post_compile_hook is mine
-    finally:
-        knobs.runtime.jit_post_compile_hook = previous
+def test_keeps_and_restores_a_hook_already_set(earlier_hook):
+    mine, seen = earlier_hook
+    with pytest.raises(RuntimeError), compiled_kernels() as names:
+        _compile_event("k")
+        raise RuntimeError("the block fails")
+    assert names == ["k"] and seen == ["k"]  # both saw it
+    assert knobs.runtime.jit_post_compile_hook is mine  # restored despite the error
+
+
+def test_compile_counter_counts_until_closed_and_chains(earlier_hook):
+    mine, seen = earlier_hook
+    warned = []
+    counter = CompileCounter(warned.append)
+    _compile_event("paged_attention_varlen")
+    _compile_event("paged_attention_varlen")
+    counter.close()
+    _compile_event("rmsnorm")  # after close: not counted
+    assert counter.count == 2 and counter.names == {"paged_attention_varlen"}
+    assert warned == ["paged_attention_varlen"] * 2
+    assert seen == ["paged_attention_varlen"] * 2 + ["rmsnorm"]  # the old hook kept running
+    assert knobs.runtime.jit_post_compile_hook is mine
