@@ -184,7 +184,10 @@ async def _pipeline(engine, num_prompts: int, input_len: int, output_len: int) -
         body = CompletionRequest.model_validate(raw)
         params = body.to_sampling_params()
         prompts = split_prompts(body.prompt)
-        prepared = await engine.prepare(lambda proc: prepare_prompts(proc, prompts, params, False))
+        size = len(json.dumps(raw))  # the body's bytes: small ones are prepared inline
+        prepared = await engine.prepare(
+            lambda proc: prepare_prompts(proc, prompts, params, False), size
+        )
         queue: asyncio.Queue = asyncio.Queue()
         request = EngineRequest(f"r{i}", prepared[0].token_ids, params, True, False)
         engine.add([request], queue)
