@@ -132,10 +132,14 @@ for path in sorted(out.glob("serve_*.json")):
     print(f"{path.stem}: {s['output_token_throughput']:,.0f} output tok/s, "
           f"serve/offline = {ratio:.2f} (bar 0.85: {'met' if ratio >= 0.85 else 'NOT met'}); "
           f"{s['successful_requests']} ok, {s['failed_requests']} failed")
-    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
-        v = s[key]
-        print(f"  {key[:-3].upper():5s} ms  mean {v['mean']:8.1f}  median {v['median']:8.1f}"
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "admission_ms"):
+        v = s.get(key)
+        if v is None:
+            continue
+        print(f"  {key[:-3].upper():9s} ms  mean {v['mean']:8.1f}  median {v['median']:8.1f}"
               f"  p99 {v['p99']:8.1f}")
+    if "all_admitted_s" in s:
+        print(f"  all requests admitted by {s['all_admitted_s']:.2f} s")
 PY
 
 python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"

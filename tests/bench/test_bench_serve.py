@@ -41,6 +41,9 @@ def check_summary(s: dict, num_requests: int, input_len: int | None, output_len:
         assert stats["p99"] < s["duration_s"] * 1000
     # TTFT of a request is shorter than the whole run.
     assert s["ttft_ms"]["mean"] < s["duration_s"] * 1000
+    # Headers come back when the request is in the engine: before its first token.
+    assert 0 < s["admission_ms"]["mean"] <= s["ttft_ms"]["mean"]
+    assert 0 < s["all_admitted_s"] < s["duration_s"]
 
 
 def test_max_concurrency_run_reports_consistent_numbers(server, tmp_path):
@@ -133,3 +136,14 @@ def test_empty_completions_are_successes_without_a_first_token_time():
     assert s["ttft_ms"]["mean"] == pytest.approx(100.0)  # the empty one has no TTFT
     assert s["tpot_ms"]["mean"] == pytest.approx(100.0)
     assert s["total_output_tokens"] == 4
+    assert s["admission_ms"]["mean"] == 0.0 and s["all_admitted_s"] == 0.0  # none recorded
+
+
+def test_all_admitted_is_the_last_request_in():
+    from tokenmill.bench.serve import RequestResult, summarize
+
+    early = RequestResult(success=True, num_output_tokens=1, sent_at=0.0, admission=0.5)
+    late = RequestResult(success=True, num_output_tokens=1, sent_at=0.3, admission=0.4)
+    s = summarize([early, late], duration=2.0)
+    assert s["all_admitted_s"] == pytest.approx(0.7)
+    assert s["admission_ms"]["mean"] == pytest.approx(450.0)

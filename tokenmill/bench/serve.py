@@ -8,6 +8,9 @@ streamed, either at a Poisson request rate
     TTFT  first text chunk - send
     ITL   the gaps between text chunks
     TPOT  (last chunk - first chunk) / (output tokens - 1)
+    admission  response headers - send: the server parsed, checked and tokenized the request
+               and handed it to its engine (a burst's admission bounds how soon the engine
+               has the whole batch; `all_admitted_s` is when the last one was in)
 
 and report mean / median / p99 in ms, plus request and token throughput.
 """
@@ -44,6 +47,8 @@ class RequestResult:
     ttft: float | None = None  # seconds; None when the completion had no text (e.g. at once EOS)
     itl: list[float] = field(default_factory=list)  # seconds between text chunks
     latency: float = 0.0
+    sent_at: float = 0.0  # seconds from the run's start to this request's send
+    admission: float | None = None  # seconds from send to the response headers
 
     @property
     def tpot(self) -> float | None:
@@ -62,8 +67,10 @@ async def _send(session: Any, url: str, payload: dict, headers: dict) -> Request
     start = last = time.perf_counter()
     first = None
     done = False
+    result.sent_at = start
     try:
         async with session.post(url, json=payload, headers=headers) as resp:
+            result.admission = time.perf_counter() - start
             if resp.status != 200:
                 body = (await resp.read()).decode(errors="replace")
                 result.error = f"HTTP {resp.status}: {body[:300]}"
@@ -162,6 +169,8 @@ async def _run(
             if math.isfinite(request_rate) and i + 1 < len(workload.requests):
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
+        for r in results:
+            r.sent_at -= start
         return list(results), time.perf_counter() - start
 
 
@@ -178,6 +187,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     num_in = sum(r.num_prompt_tokens for r in ok)
     num_out = sum(r.num_output_tokens for r in ok)
     errors = sorted({r.error for r in results if not r.success})
+    admitted = [r for r in ok if r.admission is not None]
     return {
         "successful_requests": len(ok),
         "failed_requests": len(results) - len(ok),
@@ -190,6 +200,8 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "ttft_ms": _summary([r.ttft for r in ok if r.ttft is not None]),
         "tpot_ms": _summary([t for r in ok if (t := r.tpot) is not None]),
         "itl_ms": _summary([x for r in ok for x in r.itl]),
+        "admission_ms": _summary([r.admission for r in admitted]),
+        "all_admitted_s": max((r.sent_at + r.admission for r in admitted), default=0.0),
         "errors": errors[:10],
     }
 
@@ -242,9 +254,15 @@ def format_summary(s: dict[str, Any]) -> str:
         ("Output token throughput (tok/s)", f"{s['output_token_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}"),
     ]
-    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL")):
+    for key, label in (
+        ("ttft_ms", "TTFT"),
+        ("tpot_ms", "TPOT"),
+        ("itl_ms", "ITL"),
+        ("admission_ms", "admission"),
+    ):
         for stat in ("mean", "median", "p99"):
             rows.append((f"{stat.capitalize()} {label} (ms)", f"{s[key][stat]:.2f}"))
+    rows.append(("All requests admitted by (s)", f"{s['all_admitted_s']:.2f}"))
     width = max(len(k) for k, _ in rows) + 2
     lines = ["=" * 16 + " Serving Benchmark Result " + "=" * 16]
     lines += [f"{k + ':':<{width}}{v:>14}" for k, v in rows]
