@@ -173,6 +173,11 @@ def test_lone_surrogate_is_400_and_the_connection_survives(server, http, path, r
         ({"prompt": "hi", "stop": ["x"] * 17}, "stop"),
         ({"prompt": ["hi"] * (MAX_PROMPTS + 1)}, "prompt"),
         ({"prompt": ["hi", 5]}, "prompt"),
+        ({"prompt": [1, "hi"]}, "prompt"),
+        ({"prompt": [[1], []]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": {"text": "hi"}}, "prompt"),
     ],
 )
 def test_wrong_types_and_out_of_range_values_name_the_param(server, http, body, param):

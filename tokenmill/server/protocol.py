@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from tokenmill.engine.openai_params import chat_params, completion_params, template_message
 from tokenmill.engine.sampling_params import SamplingParams
@@ -57,6 +57,9 @@ def check_unicode(value: Any, where: str = "") -> None:
         raise InvalidText(f"{where}{path}" if where else (path.lstrip(".") or "body"))
 
 
+_NO_TEXT = frozenset({int, float, bool, type(None)})
+
+
 def _bad_text_path(value: Any) -> str | None:
     """ "" if `value` is a string UTF-8 cannot encode; ".k[3]"-style path of one inside it;
     None if there is none."""
@@ -75,6 +78,8 @@ def _bad_text_path(value: Any) -> str | None:
                 if path is not None:
                     return f".{k}{path}"
     elif isinstance(value, list):
+        if _NO_TEXT.issuperset(map(type, value)):  # token ids: one pass in C, no Python loop
+            return None
         for i, v in enumerate(value):
             if isinstance(v, (str, dict, list)):
                 path = _bad_text_path(v)
@@ -145,13 +150,36 @@ class _SamplingRequest(_Body):
 TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
+def _prompt_kind(value: Any) -> str | None:
+    """Which form a completion prompt takes, from its first element. The union is picked by
+    this tag instead of pydantic trying each member: a 600-token id prompt took 135 us to
+    validate that way (list[str] checked, and failed, every element first), 7 us by tag."""
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list):
+        return None
+    if value and isinstance(value[0], str):
+        return "texts"
+    if value and isinstance(value[0], list):
+        return "id_lists"
+    return "ids"
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-    )
+    prompt: Annotated[
+        Annotated[str, Tag("text")]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS), Tag("texts")]
+        | Annotated[TokenIds, Tag("ids")]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), Tag("id_lists")],
+        Discriminator(
+            _prompt_kind,
+            custom_error_type="prompt_type",
+            custom_error_message=(
+                "prompt must be a string, a list of strings, a list of token ids or a list of "
+                "token-id lists"
+            ),
+        ),
+    ]
     max_tokens: int | None = None  # None: the adapter's default (16, as OpenAI's)
     logprobs: int | None = None
     echo: bool = False
@@ -165,7 +193,7 @@ class CompletionRequest(_SamplingRequest):
         return self.echo and self.max_tokens == 0
 
     def to_sampling_params(self) -> SamplingParams:
-        return completion_params(self.model_dump())
+        return completion_params(self.model_dump(exclude={"prompt"}))  # the adapter never reads it
 
 
 class ChatMessage(_Base):
