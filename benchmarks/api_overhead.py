@@ -157,21 +157,14 @@ class InstantProcCore(ProcCore):
         self.info: CoreInfo = self._outputs.recv()
 
 
-async def _pipeline(engine, num_prompts: int, input_len: int, output_len: int) -> int:
-    """What server/app.py's completions handler does per request, minus HTTP; returns the
-    number of SSE events produced."""
-    import asyncio
+def _pipeline_bodies(num_prompts: int, input_len: int, output_len: int) -> list[tuple[dict, int]]:
+    """The request bodies (and their JSON sizes), made before the clock starts: drawing 600
+    random ids per prompt cost more CPU than the handler under test."""
     import random
 
-    from tokenmill.engine.core_messages import EngineRequest
-    from tokenmill.server.completions import CompletionStream, prepare_prompts, split_prompts
-    from tokenmill.server.protocol import CompletionRequest
-    from tokenmill.server.serving import sse_stream
-
     rng = random.Random(0)
-    engine.start()
-
-    async def one(i: int) -> int:
+    bodies = []
+    for _ in range(num_prompts):
         raw = {
             "model": "instant",
             "prompt": [rng.randrange(100, 40000) for _ in range(input_len)],
@@ -181,10 +174,27 @@ async def _pipeline(engine, num_prompts: int, input_len: int, output_len: int) -
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        bodies.append((raw, len(json.dumps(raw))))
+    return bodies
+
+
+async def _pipeline(engine, bodies: list[tuple[dict, int]]) -> int:
+    """What server/app.py's completions handler does per request, minus HTTP; returns the
+    number of SSE events produced."""
+    import asyncio
+
+    from tokenmill.engine.core_messages import EngineRequest
+    from tokenmill.server.completions import CompletionStream, prepare_prompts, split_prompts
+    from tokenmill.server.protocol import CompletionRequest
+    from tokenmill.server.serving import sse_stream
+
+    engine.start()
+
+    async def one(i: int) -> int:
+        raw, size = bodies[i]  # size: the body's bytes (small ones are prepared inline)
         body = CompletionRequest.model_validate(raw)
         params = body.to_sampling_params()
         prompts = split_prompts(body.prompt)
-        size = len(json.dumps(raw))  # the body's bytes: small ones are prepared inline
         prepared = await engine.prepare(
             lambda proc: prepare_prompts(proc, prompts, params, False), size
         )
@@ -198,7 +208,7 @@ async def _pipeline(engine, num_prompts: int, input_len: int, output_len: int) -
             num += 1
         return num
 
-    return sum(await asyncio.gather(*(one(i) for i in range(num_prompts))))
+    return sum(await asyncio.gather(*(one(i) for i in range(len(bodies)))))
 
 
 def run_pipeline(args, model_dir: str) -> None:
@@ -207,8 +217,9 @@ def run_pipeline(args, model_dir: str) -> None:
     from tokenmill.server.async_engine import AsyncEngine
 
     engine = AsyncEngine(InstantProcCore(model_dir, args.step_ms / 1000))
+    bodies = _pipeline_bodies(args.num_prompts, args.input_len, args.output_len)
     cpu0, t0 = time.process_time(), time.perf_counter()
-    num_events = asyncio.run(_pipeline(engine, args.num_prompts, args.input_len, args.output_len))
+    num_events = asyncio.run(_pipeline(engine, bodies))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     engine.shutdown(5)
     tokens = args.num_prompts * args.output_len
