@@ -65,3 +65,14 @@ def test_compile_counter_counts_until_closed_and_chains(earlier_hook):
     assert warned == ["paged_attention_varlen"] * 2
     assert seen == ["paged_attention_varlen"] * 2 + ["rmsnorm"]  # the old hook kept running
     assert knobs.runtime.jit_post_compile_hook is mine
+
+
+def test_a_counter_closed_under_a_later_hook_stops_counting_but_passes_on(earlier_hook):
+    _, seen = earlier_hook
+    lower = CompileCounter()
+    upper = CompileCounter()  # installed on top, chaining to `lower`
+    lower.close()  # not on top: cannot unhook itself
+    _compile_event("k")
+    upper.close()
+    assert (lower.count, upper.count) == (0, 1)
+    assert seen == ["k"]  # the hook under both still ran

@@ -33,22 +33,11 @@ def _runtime_knobs():
 def compiled_kernels() -> Iterator[list[str]]:
     """Names of the kernels compiled while the block runs; a hook already set still runs."""
     names: list[str] = []
-    runtime = _runtime_knobs()
-    if runtime is None:
-        yield names
-        return
-    previous = runtime.jit_post_compile_hook
-
-    def hook(*args, **kwargs):
-        fn = kwargs.get("fn")
-        names.append(getattr(fn, "name", None) or str(fn))
-        return previous(*args, **kwargs) if previous is not None else None
-
-    runtime.jit_post_compile_hook = hook
+    counter = CompileCounter(names.append)
     try:
         yield names
     finally:
-        runtime.jit_post_compile_hook = previous
+        counter.close()
 
 
 class CompileCounter:
@@ -60,6 +49,7 @@ class CompileCounter:
         self.count = 0
         self.names: set[str] = set()
         self._on_compile = on_compile
+        self._closed = False
         self._runtime = _runtime_knobs()
         self._previous = None
         if self._runtime is not None:
@@ -67,16 +57,18 @@ class CompileCounter:
             self._runtime.jit_post_compile_hook = self._hook
 
     def _hook(self, *args, **kwargs):
-        fn = kwargs.get("fn")
-        name = getattr(fn, "name", None) or str(fn)
-        self.count += 1
-        self.names.add(name)
-        if self._on_compile is not None:
-            self._on_compile(name)
+        if not self._closed:  # closed under a later hook that still chains to this one
+            fn = kwargs.get("fn")
+            name = getattr(fn, "name", None) or str(fn)
+            self.count += 1
+            self.names.add(name)
+            if self._on_compile is not None:
+                self._on_compile(name)
         return self._previous(*args, **kwargs) if self._previous is not None else None
 
     def close(self) -> None:
         """Stop counting; restores the hook found at start if this one is still installed."""
+        self._closed = True
         if self._runtime is not None and self._runtime.jit_post_compile_hook == self._hook:
             self._runtime.jit_post_compile_hook = self._previous
         self._runtime = None
