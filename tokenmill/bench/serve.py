@@ -62,12 +62,14 @@ def _chunk_text(choice: dict) -> str:
     return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
 
 
-async def _send(session: Any, url: str, payload: dict, headers: dict) -> RequestResult:
+async def _send(
+    session: Any, url: str, payload: dict, headers: dict, run_start: float
+) -> RequestResult:
     result = RequestResult()
     start = last = time.perf_counter()
     first = None
     done = False
-    result.sent_at = start
+    result.sent_at = start - run_start
     try:
         async with session.post(url, json=payload, headers=headers) as resp:
             result.admission = time.perf_counter() - start
@@ -158,9 +160,9 @@ async def _run(
             else:
                 payload["prompt"] = req.prompt
             if semaphore is None:
-                return await _send(client, endpoint, payload, headers)
+                return await _send(client, endpoint, payload, headers, start)
             async with semaphore:
-                return await _send(client, endpoint, payload, headers)
+                return await _send(client, endpoint, payload, headers, start)
 
         start = time.perf_counter()
         tasks = []
@@ -169,8 +171,6 @@ async def _run(
             if math.isfinite(request_rate) and i + 1 < len(workload.requests):
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
-        for r in results:
-            r.sent_at -= start
         return list(results), time.perf_counter() - start
 
 
