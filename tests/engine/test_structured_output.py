@@ -206,3 +206,54 @@ def test_ignore_eos_after_a_complete_structure_runs_on(llm):
         c = o.outputs[0]
         assert c.finish_reason == "length" and len(c.token_ids) == 24
         assert c.text.startswith(("yes", "no"))
+
+
+def test_grammar_threads_fill_equals_one_batch_fill(tiny_model_dir):
+    """Rows cut into chunks on several threads fill the same masks, at the same bitmask rows,
+    as one BatchGrammarMatcher over all of them (matchers at many different states)."""
+    import random
+
+    import torch
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from tokenmill.engine.structured_output import GrammarThreads, check_constraint
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    vocab = len(tok)
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
+    compiled = xgr.GrammarCompiler(info, max_threads=1).compile_grammar(
+        check_constraint(StructuredOutputsParams(json=SCHEMA).key)
+    )
+    rng = random.Random(0)
+    words = (vocab + 31) // 32
+    one = torch.empty((1, words), dtype=torch.int32)
+    matchers = []
+    for i in range(150):  # walk each matcher a different number of allowed tokens
+        m = xgr.GrammarMatcher(compiled)
+        for _ in range(i % 17):
+            m.fill_next_token_bitmask(one)
+            allowed = [t for t in range(vocab) if (int(one[0, t // 32]) >> (t % 32)) & 1]
+            if m.is_terminated() or not allowed:
+                break
+            assert m.accept_token(rng.choice(allowed))
+        matchers.append(m)
+    rows = rng.sample(range(200), len(matchers))  # scattered bitmask rows
+    expected = torch.zeros((200, words), dtype=torch.int32)
+    xgr.BatchGrammarMatcher(max_threads=1).batch_fill_next_token_bitmask(matchers, expected, rows)
+    assert len({tuple(expected[r].tolist()) for r in rows}) > 5  # the states differ
+    for threads in (1, 3, 4):
+        got = torch.zeros((200, words), dtype=torch.int32)
+        pool = GrammarThreads(threads)
+        pool.fill(matchers, got, rows)
+        pool.shutdown()
+        assert torch.equal(got, expected), threads
+
+
+def test_many_constrained_rows_on_several_fill_threads(tiny_model_dir):
+    """A batch big enough to be cut into chunks still gives valid JSON on every row."""
+    llm = make_llm(tiny_model_dir)
+    llm.runner.structured.num_threads = 3
+    outs = llm.generate(PROMPTS * 24, constrained(json=SCHEMA, max_tokens=64), use_tqdm=False)
+    for o in outs:
+        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)

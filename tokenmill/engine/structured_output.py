@@ -8,11 +8,12 @@ The grammar library is xgrammar (docs/structured_output.md says why). Life of a 
     compilation (tokenizer-specific, ~1-50 ms) to a background thread; equal constraints share
     one compilation (cached by `StructuredOutputsParams.key`). The forward pass runs meanwhile.
  3. Before sampling, the matchers of the constrained rows consume the output tokens they have
-    not seen (one batch_accept_token; the engine lands the previous step's tokens first, see
-    LLM.step), then all masks are filled (one threaded batch_fill_next_token_bitmask) into a
-    reused pinned int32 [max_num_seqs, ceil(vocab_size / 32)] buffer, copied to the device
-    without waiting, and applied to the logits in one kernel launch. Two buffers take turns:
-    a step fills one while the previous step's upload may still read the other.
+    not seen (one accept_token each; the engine lands the previous step's tokens first, see
+    LLM.step), then all masks are filled (batch_fill_next_token_bitmask over chunks of rows
+    on GrammarThreads) into a reused pinned int32 [max_num_seqs, ceil(vocab_size / 32)]
+    buffer, copied to the device without waiting, and applied to the logits in one kernel
+    launch. Two buffers take turns: a step fills one while the previous step's upload may
+    still read the other.
 
 EOS (every id in the request's eos_token_ids) is allowed only where the grammar accepts, so a
 structure is never cut short by EOS; max_tokens still ends it ("length").
@@ -99,27 +100,26 @@ class _RequestGrammar:
 
 
 def advance_matchers(states: list[_RequestGrammar], reqs: list[Request]) -> None:
-    """Feed each matcher the output tokens it has not seen, one batch_accept_token per round.
+    """Feed each matcher the output tokens it has not seen.
 
-    Normally one round (one new token per row). A rejected token (only reachable when
-    something outside the mask picked it, e.g. a stop token id) or an accepted stop token
-    (EOS under ignore_eos: nothing left to enforce) stops the row's constraining.
+    Normally one token per row. A rejected token (only reachable when something outside the
+    mask picked it, e.g. a stop token id) or an accepted stop token (EOS under ignore_eos:
+    nothing left to enforce) stops the row's constraining.
+
+    NOTE: one accept_token per row, not BatchGrammarMatcher.batch_accept_token, nor threads:
+    on an H200 host (benchmarks/grammar_fill.py, 700 rows) the loop took 2.2 ms a step,
+    batch_accept_token 3.0 ms, and chunks on 2 / 4 / 8 threads 2.6 / 5.5 / 10.3 ms (accepting
+    holds the GIL, so threads only add hand-offs).
     """
-    import xgrammar as xgr
-
-    behind = [(s, r) for s, r in zip(states, reqs) if s.is_behind(r)]
-    while behind:
-        tokens = [r.output_token_ids[s.num_consumed] for s, r in behind]
-        matchers = [s.matcher for s, _ in behind]
-        accepted = xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
-        for (s, r), token, ok in zip(behind, tokens, accepted):
+    for s, r in zip(states, reqs):
+        while s.is_behind(r):
+            token = r.output_token_ids[s.num_consumed]
             s.num_consumed += 1
-            if not ok:
+            if not s.matcher.accept_token(token):
                 logger.warning("request %s left its grammar at token %d", r.req_id, token)
                 s.failed = True
             elif (not r.eos_token_ids or token in r.eos_token_ids) and s.matcher.is_terminated():
                 s.failed = True
-        behind = [(s, r) for s, r in behind if s.is_behind(r)]
 
 
 @dataclass
@@ -153,14 +153,56 @@ class _HostSlot:
 
 
 def default_num_threads() -> int:
-    """Threads for the batch mask fill: one.
+    """Threads for the mask fill: one.
 
-    Measured on an H200 host (16 cores; benchmarks/structured_w2.py, default model, ~550
-    constrained rows a step): 8 threads filled at 14.4 us a row but made the whole step's host
-    work 2.3x slower (63 vs 28 ms a step, constraint cost 3.47x vs 1.43x the unconstrained
-    wall); one thread fills at 12.0 us a row. The engine loop's own Python competes with the
-    fill's worker threads. `--grammar-threads` in the benchmark tries other counts."""
+    Measured on an H200 host (16 CPUs). Alone (benchmarks/grammar_fill.py, 700 rows under
+    the person schema) the fill scales: one BatchGrammarMatcher over all rows took 7.3 ms a
+    step, the rows cut into 2 / 4 / 8 chunks on as many threads (GrammarThreads) 4.3 / 2.8 /
+    2.4 ms, xgrammar's own max_threads=8 3.5 ms. Inside the engine it did not
+    (benchmarks/structured_w2.py, 713 rows a step): 8 threads 8.45 ms a step for advance +
+    fill, 1 thread 7.89 ms; in the third session xgrammar's 8 threads made the whole host
+    step 2.3x slower. Until the engine's case is understood, one thread; `--grammar-threads`
+    in structured_w2.py (or StructuredOutputManager.num_threads) tries others."""
     return 1
+
+
+class GrammarThreads:
+    """Fills many matchers' masks on `num_threads` threads: contiguous chunks of rows, each
+    filled by its own BatchGrammarMatcher(max_threads=1) (xgrammar releases the GIL while
+    filling); the calling thread fills the first chunk itself. Chunks hold at least
+    MIN_CHUNK_ROWS rows, so a small batch stays on one thread."""
+
+    MIN_CHUNK_ROWS = 32
+
+    def __init__(self, num_threads: int):
+        import xgrammar as xgr  # NOTE: only here: unconstrained runs never load it
+
+        self.num_threads = max(1, num_threads)
+        self._fillers = [xgr.BatchGrammarMatcher(max_threads=1) for _ in range(self.num_threads)]
+        self._pool = (
+            ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="grammar-fill")
+            if self.num_threads > 1
+            else None
+        )
+
+    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """bitmask[rows[i]] = the allowed tokens of matchers[i]."""
+        n = len(matchers)
+        k = min(self.num_threads, max(1, n // self.MIN_CHUNK_ROWS))
+        cuts = [n * j // k for j in range(k + 1)]
+
+        def part(j: int) -> None:
+            lo, hi = cuts[j], cuts[j + 1]
+            self._fillers[j].batch_fill_next_token_bitmask(matchers[lo:hi], bitmask, rows[lo:hi])
+
+        futures = [self._pool.submit(part, j) for j in range(1, k)] if k > 1 else []
+        part(0)
+        for f in futures:
+            f.result()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 class StructuredOutputManager:
@@ -185,7 +227,7 @@ class StructuredOutputManager:
         self._tokenizer_info = None
         self._no_control_bytes = None  # [num_words] int32: tokens without bytes < 0x20
         self._ban_words_dev = None  # the same on self.device
-        self._batch_matcher = None
+        self._threads: GrammarThreads | None = None
         self._slots: list[_HostSlot] = []  # two, used in turn: a step fills one while the
         self._next_slot = 0  # previous step's upload may still read the other
         self._compiled: dict[tuple[str, str], Future] = {}
@@ -253,14 +295,12 @@ class StructuredOutputManager:
         """Host masks of the constrained rows of `reqs`, after their matchers consumed every
         landed output token (waits for their compilations). None when no row is constrained.
 
-        NOTE: the per-row Python here is list building only; matchers advance in one
-        batch_accept_token and masks fill in one batch_fill_next_token_bitmask (threads).
+        NOTE: the per-row Python here is list building and one accept_token per new token;
+        masks fill in chunks on GrammarThreads (see default_num_threads for the figures).
         """
         rows = [i for i, r in enumerate(reqs) if r.params.structured_outputs is not None]
         if not rows:
             return None
-        import xgrammar as xgr  # NOTE: only here: unconstrained steps never load it
-
         creqs = [reqs[i] for i in rows]
         states = [self._states.get(r) for r in creqs]
         if None in states:  # not seen by execute_async's prefetch (direct callers)
@@ -276,12 +316,10 @@ class StructuredOutputManager:
         active = [j for j, s in enumerate(states) if not s.failed]
         if len(active) < n:
             bitmask.fill_(-1)  # rows no longer constrained allow everything
-        if self._batch_matcher is None:
-            self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=self.num_threads)
+        if self._threads is None or self._threads.num_threads != self.num_threads:
+            self._threads = GrammarThreads(self.num_threads)
         if active:
-            self._batch_matcher.batch_fill_next_token_bitmask(
-                [states[j].matcher for j in active], bitmask, active
-            )
+            self._threads.fill([states[j].matcher for j in active], bitmask, active)
         meta = slot.meta[:, :n]
         meta[0] = torch.tensor(rows, dtype=torch.int32)
         meta[1] = torch.tensor([s.is_json and not s.failed for s in states], dtype=torch.int32)
