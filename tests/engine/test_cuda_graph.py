@@ -4,6 +4,7 @@ benchmarks/perf_correctness.py checks greedy parity through it there)."""
 from contextlib import nullcontext
 from types import SimpleNamespace
 
+import pytest
 import torch
 from engine_utils import DEVICE, make_llm
 
@@ -110,12 +111,7 @@ class _FakeStream:
         pass
 
 
-def test_piecewise_capture_splits_at_every_attention_and_replays_them_in_order(
-    arch_dir, monkeypatch
-):
-    # The capture's Python side on CPU: CUDA calls are faked, the model really runs.
-    from tokenmill.engine.cuda_graph import PiecewiseGraphs
-
+def _fake_cuda(monkeypatch) -> None:
     for name, fake in [
         ("CUDAGraph", _FakeGraph),
         ("Stream", _FakeStream),
@@ -125,6 +121,15 @@ def test_piecewise_capture_splits_at_every_attention_and_replays_them_in_order(
     ]:
         monkeypatch.setattr(torch.cuda, name, fake)
     _FakeGraph.log = []
+
+
+def test_piecewise_capture_splits_at_every_attention_and_replays_them_in_order(
+    arch_dir, monkeypatch
+):
+    # The capture's Python side on CPU: CUDA calls are faked, the model really runs.
+    from tokenmill.engine.cuda_graph import PiecewiseGraphs
+
+    _fake_cuda(monkeypatch)
     llm = make_llm(arch_dir("qwen3"), device="cpu")
     model = llm.runner.model
     backend = llm.runner.backend
@@ -145,7 +150,7 @@ def test_piecewise_capture_splits_at_every_attention_and_replays_them_in_order(
 
     monkeypatch.setattr(backend, "forward", attention)
     _FakeGraph.log = []
-    meta = object()
+    meta = SimpleNamespace(slot_mapping=torch.arange(11))
     hidden = pw.run(torch.arange(11), torch.arange(11), meta)  # 11 tokens: the 16 bucket
     assert hidden.shape == (11, llm.hf_config.hidden_size)
     a = layers[0].self_attn
@@ -153,3 +158,47 @@ def test_piecewise_capture_splits_at_every_attention_and_replays_them_in_order(
     assert calls == [one] * len(layers)
     assert _FakeGraph.log == ["replay"] * (len(layers) + 1)
     assert (pw.o[:11] == 1).all()  # attention's output lands where the next piece reads it
+
+
+def test_piecewise_pieces_that_write_kv_read_the_step_slots_from_a_static_buffer(
+    arch_dir, monkeypatch
+):
+    """With the fused q/k norm + rotary + KV write (models/layers.py Attention), each piece
+    writes its layer's K/V itself, reading slots from the graphs' static buffer: a replay
+    fills it with the step's slots (padding rows -1) and clears it afterwards, and the eager
+    part between pieces is the backend's attend(), writing into the shared output buffer."""
+    from tokenmill.engine.cuda_graph import PiecewiseGraphs
+    from tokenmill.kernels.qk_norm_rope import qk_norm_rope_write_kv_reference
+
+    _fake_cuda(monkeypatch)
+    llm = make_llm(arch_dir("qwen3"), device="cpu")
+    model, backend = llm.runner.model, llm.runner.backend
+    layers = model.model.layers
+    fused = SimpleNamespace(qk_norm_rope_write_kv=qk_norm_rope_write_kv_reference)
+    for layer in layers:  # the CPU's model has no Triton ops: the kernel's torch reference
+        layer.self_attn.fused, layer.self_attn.fused_prep = fused, True
+    monkeypatch.setattr(backend, "prewritten_kv", True, raising=False)
+    monkeypatch.setattr(
+        backend, "forward", lambda *a, **k: pytest.fail("K/V were written in the pieces")
+    )
+    seen = []
+
+    def attend(q, k_cache, v_cache, meta, scale, out=None, **kw):
+        if out is None:  # the warm-up pass before each capture
+            return torch.ones_like(q)
+        seen.append((q.shape[0], pw.slot_mapping[:16].clone(), out.data_ptr()))
+        return out.fill_(1)
+
+    monkeypatch.setattr(backend, "attend", attend, raising=False)
+    k0 = layers[0].self_attn.k_cache.clone()
+    pw = PiecewiseGraphs(model, 20, llm.hf_config.hidden_size, torch.float32, "cpu")
+    assert all(written for *_, written in pw.layers)
+    assert torch.equal(layers[0].self_attn.k_cache, k0)  # capture wrote nothing (slots -1)
+    assert not seen
+    slots = torch.arange(100, 111)
+    pw.run(torch.arange(11), torch.arange(11), SimpleNamespace(slot_mapping=slots))
+    expected = torch.cat([slots, torch.full((5,), -1)])  # 11 rows in the 16 bucket
+    assert [n for n, _, _ in seen] == [11] * len(layers)
+    assert all(torch.equal(s, expected) for _, s, _ in seen)
+    assert all(ptr == pw.o.data_ptr() for _, _, ptr in seen)
+    assert (pw.o[:11] == 1).all() and (pw.slot_mapping == -1).all()  # cleared after the step

@@ -84,9 +84,14 @@ def get_forward_context() -> AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Writes the new K/V into the paged cache, then attends over cache + new tokens."""
+    """Writes the new K/V into the paged cache, then attends over cache + new tokens.
+
+    A backend with `prewritten_kv` also offers `attend`: attention alone, for a model that
+    wrote the step's K/V into the cache itself (fused with its q/k norm and rotary, see
+    models/layers.py Attention)."""
 
     name: str
+    prewritten_kv: bool = False
 
     @abstractmethod
     def forward(
@@ -102,6 +107,19 @@ class AttentionBackend(ABC):
         softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim] contiguous
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], step's K in
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+        out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]: written if given
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        raise NotImplementedError(f"the {self.name} backend has no attend(); use forward()")
 
 
 class TorchAttentionBackend(AttentionBackend):

@@ -131,9 +131,14 @@ class _SplitAtAttention:
 
     def __init__(self, graphs: PiecewiseGraphs):
         self.graphs = graphs
+        self.prewritten_kv = graphs.backend.prewritten_kv  # as the backend it stands in for
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, **kwargs):
-        return self.graphs._split(q, k, v, k_cache, v_cache, scale, kwargs)
+        return self.graphs._split(q, (k, v), k_cache, v_cache, scale, kwargs)
+
+    def attend(self, q, k_cache, v_cache, meta, scale, **kwargs):
+        """The model wrote K/V inside the piece (through the static slot mapping)."""
+        return self.graphs._split(q, None, k_cache, v_cache, scale, kwargs)
 
 
 class PiecewiseGraphs:
@@ -158,13 +163,16 @@ class PiecewiseGraphs:
         a = self.attn[0]
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)  # [num_tokens]
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        # read by pieces whose model writes K/V itself (backend.prewritten_kv); -1 = padding
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         # [num_tokens, num_heads | num_kv_heads, head_dim], shared by every layer and bucket
         self.q = torch.zeros(n, a.num_heads, a.head_dim, dtype=dtype, device=device)
         self.k = torch.zeros(n, a.num_kv_heads, a.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.o = torch.zeros_like(self.q)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
-        self.layers: list[tuple] = []  # per attention call: (k_cache, v_cache, scale, kwargs)
+        # per attention call: (k_cache, v_cache, scale, kwargs, whether the piece wrote K/V)
+        self.layers: list[tuple] = []
         self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.pool = pool
         self._stream = torch.cuda.Stream(device=device)
@@ -178,7 +186,7 @@ class PiecewiseGraphs:
             cu_seqlens_q=torch.arange(num_tokens + 1, dtype=torch.int32, device=dev),
             seq_lens=torch.ones(num_tokens, dtype=torch.int32, device=dev),
             block_tables=torch.zeros(num_tokens, 1, dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=dev),
+            slot_mapping=self.slot_mapping[:num_tokens],  # all -1 outside run()
             max_seqlen_q=1,
             max_seqlen_k=1,
             cu_seqlens_q_cpu=list(range(num_tokens + 1)),
@@ -220,15 +228,17 @@ class PiecewiseGraphs:
         if self.pool is None:
             self.pool = graph.pool()
 
-    def _split(self, q, k, v, k_cache, v_cache, scale, kwargs):
-        """Inside a capture: hand q/k/v to the buffers, close this piece, open the next."""
+    def _split(self, q, kv, k_cache, v_cache, scale, kwargs):
+        """Inside a capture: hand q (and k/v unless the piece wrote them into the cache) to
+        the buffers, close this piece, open the next."""
         n = q.shape[0]
         self.q[:n].copy_(q)
-        self.k[:n].copy_(k)
-        self.v[:n].copy_(v)
+        if kv is not None:
+            self.k[:n].copy_(kv[0])
+            self.v[:n].copy_(kv[1])
         self._end_piece()
         if len(self.pieces) == 0:  # the first bucket records the attention calls, in order
-            self.layers.append((k_cache, v_cache, scale, kwargs))
+            self.layers.append((k_cache, v_cache, scale, kwargs, kv is None))
         self._begin_piece()
         return self.o[:n]  # [num_tokens, num_heads, head_dim], written between the pieces
 
@@ -242,10 +252,15 @@ class PiecewiseGraphs:
         bs = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
         pieces = self.pieces[bs]
-        q, k, v = self.q[:n], self.k[:n], self.v[:n]
-        for piece, (k_cache, v_cache, scale, kwargs) in zip(pieces, self.layers):
+        q, k, v, o = self.q[:n], self.k[:n], self.v[:n], self.o[:n]
+        for piece, (k_cache, v_cache, scale, kwargs, written) in zip(pieces, self.layers):
             piece.replay()
-            self.o[:n].copy_(self.backend.forward(q, k, v, k_cache, v_cache, meta, scale, **kwargs))
+            if written:
+                self.backend.attend(q, k_cache, v_cache, meta, scale, out=o, **kwargs)
+            else:
+                o.copy_(self.backend.forward(q, k, v, k_cache, v_cache, meta, scale, **kwargs))
         pieces[-1].replay()
+        self.slot_mapping[:n].fill_(-1)  # padding rows of a later, larger bucket write nothing
         return self.hidden[:n]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -117,7 +118,10 @@ class ModelRunner:
             torch.manual_seed(config.seed)
 
         self.backend = get_attention_backend(self._backend_name(), self.device)
-        use_triton = self.device.type == "cuda" and self.backend.name == "triton"
+        # the layer kernels too (fused norms, rotary + KV write, ...): on CUDA, and on CPU
+        # under the Triton interpreter, where the tests run them inside the engine
+        interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        use_triton = self.backend.name == "triton" and (self.device.type == "cuda" or interpreting)
         ops = ModelOps.triton(tp) if use_triton else ModelOps(tp=tp)
         cls = model_class(hf_config)
         prev_dtype = torch.get_default_dtype()

@@ -35,6 +35,7 @@ class TritonAttentionBackend(AttentionBackend):
     """Paged attention in Triton; needs a CUDA device (or TRITON_INTERPRET=1 on CPU)."""
 
     name = "triton"
+    prewritten_kv = True
 
     def forward(
         self,
@@ -49,12 +50,15 @@ class TritonAttentionBackend(AttentionBackend):
         softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale, window, softcap)
+
+    def attend(self, q, k_cache, v_cache, meta, scale, window=None, softcap=None, out=None):
         kw = dict(window=window, softcap=softcap)
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             return paged_attention_decode(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, **kw
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out, **kw
             )
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         nd = meta.num_decodes  # decode row s is query token s: slices of q and out line up
         if nd:
             paged_attention_decode(

@@ -289,11 +289,29 @@ class Attention(nn.Module):
         self.backend = backend
         self.k_cache: torch.Tensor = torch.empty(0)
         self.v_cache: torch.Tensor = torch.empty(0)
+        # GPU: q/k norm, rotary and the K/V cache write in one kernel per layer
+        # (kernels/qk_norm_rope.py), for the norms it knows, with a backend that offers attend()
+        self.fused = ops.fused
+        d = self.head_dim
+        self.fused_prep = (
+            ops.fused is not None
+            and qk_norm in (False, True, GemmaRMSNorm)
+            and 16 <= d <= 256
+            and d & (d - 1) == 0
+        )
 
     def forward(self, positions, x, rotary: RotaryEmbedding | None):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.fused_prep and self.backend.prewritten_kv:
+            meta = get_forward_context()
+            q = self._write_kv_fused(qkv, positions, rotary, meta)
+            o = self.backend.attend(
+                q, self.k_cache, self.v_cache, meta, self.scale,
+                window=self.sliding_window, softcap=self.softcap,
+            )  # fmt: skip
+            return self.o_proj(o.reshape(num_tokens, q_size))
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -315,3 +333,18 @@ class Attention(nn.Module):
             softcap=self.softcap,
         )
         return self.o_proj(o.reshape(num_tokens, q_size))
+
+    def _write_kv_fused(self, qkv, positions, rotary, meta) -> torch.Tensor:
+        """q normed and rotated [num_tokens, num_heads, head_dim]; k (normed, rotated) and v
+        written into this layer's cache at meta.slot_mapping. One kernel."""
+        norm = self.qk_norm
+        return self.fused.qk_norm_rope_write_kv(
+            qkv, positions, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.k_cache, self.v_cache, meta.slot_mapping,
+            cos_cache=rotary.cos if rotary is not None else None,
+            sin_cache=rotary.sin if rotary is not None else None,
+            q_weight=self.q_norm.weight if norm else None,
+            k_weight=self.k_norm.weight if norm else None,
+            eps=self.q_norm.eps if norm else 1e-6,
+            gemma_norm=norm and isinstance(self.q_norm, GemmaRMSNorm),
+        )  # fmt: skip

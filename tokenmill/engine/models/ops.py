@@ -13,8 +13,9 @@ class ModelOps:
     """Handed to a model class's constructor and down to every layer that needs it.
 
     `fused`: the Triton kernels (module tokenmill.kernels.ops: rms_norm, rotary, silu_and_mul,
-    fused_moe), or None for the torch references in layers.py, which reproduce transformers'
-    numerics (the CPU path). `tp`: this rank's tensor-parallel group; size 1 shards nothing.
+    fused_moe, qk_norm_rope_write_kv), or None for the torch references in layers.py, which
+    reproduce transformers' numerics (the CPU path). `tp`: this rank's tensor-parallel group;
+    size 1 shards nothing.
     """
 
     fused: ModuleType | None = None
