@@ -1,18 +1,21 @@
 """Host cost of a constrained step's grammar work, by how it is spread over threads (issue 10).
 
     PYTHONPATH=. python3 benchmarks/grammar_fill.py TOKENIZER_DIR [--rows 700] [--steps 40]
+        [--threads 2,4,8]
 
 Simulates `--rows` requests decoding under sample_data/person.schema.json in lockstep: each
 step fills every live row's mask, draws one allowed token per row (uniformly among the
-allowed: long strings, like a random-weight model at T 0.8), and advances the matchers. Every
-variant runs on the same states each step (accepts are rolled back, the variant order rotates
-step by step so no variant always runs first), and the table gives ms per step:
+allowed: long strings, like a random-weight model at T 0.8), and advances the matchers. Each
+variant walks its own fresh matchers from the same seed, so all variants see the same states,
+and every fill is the first fill of its state, as in the engine (filling a state a second time
+is cheaper, and threads help that case more than the first). ms per step:
 
 - fill xgr-N: xgrammar's BatchGrammarMatcher(max_threads=N) over all rows;
-- fill pool-N: the rows cut into N chunks, one BatchGrammarMatcher(max_threads=1) per chunk
-  on N threads (the engine's GrammarThreads);
-- accept batch / loop / pool-N: BatchGrammarMatcher.batch_accept_token over all rows, one
-  accept_token per row, or batch_accept_token per chunk on N threads.
+- fill pool-N: the rows cut into N chunks, one BatchGrammarMatcher(max_threads=1) per chunk on
+  N threads (the engine's GrammarThreads);
+- fill pool-N refill: the same, filling the states the pool-N fill just filled, again;
+- accept batch / loop: BatchGrammarMatcher.batch_accept_token over all rows, or one
+  accept_token per row (the engine's), each on its own walk.
 """
 
 from __future__ import annotations
@@ -47,78 +50,83 @@ def main() -> None:
     compiled = xgr.GrammarCompiler(info, max_threads=1).compile_grammar(
         xgr.Grammar.from_json_schema(schema, any_whitespace=False)
     )
-    matchers = [xgr.GrammarMatcher(compiled) for _ in range(args.rows)]
     bitmask = torch.empty((args.rows, (vocab + 31) // 32), dtype=torch.int32)
     pool = ThreadPoolExecutor(max(counts))
     per_thread = [xgr.BatchGrammarMatcher(max_threads=1) for _ in range(max(counts))]
 
-    def chunks(n: int, k: int) -> list[tuple[int, int]]:
-        return [(n * j // k, n * (j + 1) // k) for j in range(k)]
+    def pooled_fill(k: int):
+        def fill(ms, idx):
+            n = len(ms)
+            cuts = [n * j // k for j in range(k + 1)]
 
-    def pooled(fn, n: int, k: int):
-        parts = chunks(n, k)
-        futs = [pool.submit(fn, j, lo, hi) for j, (lo, hi) in enumerate(parts[1:], 1)]
-        out = [fn(0, *parts[0])]
-        return out + [f.result() for f in futs]
-
-    fills, accepts = {}, {}
-    for n in (1, max(counts)):
-        b = xgr.BatchGrammarMatcher(max_threads=n)
-        fills[f"xgr-{n}"] = lambda ms, idx, b=b: b.batch_fill_next_token_bitmask(ms, bitmask, idx)
-    for k in counts:
-
-        def fill_pool(ms, idx, k=k):
-            def part(j, lo, hi):
+            def part(j):
+                lo, hi = cuts[j], cuts[j + 1]
                 per_thread[j].batch_fill_next_token_bitmask(ms[lo:hi], bitmask, idx[lo:hi])
 
-            pooled(part, len(ms), k)
+            futures = [pool.submit(part, j) for j in range(1, k)]
+            part(0)
+            for f in futures:
+                f.result()
 
-        fills[f"pool-{k}"] = fill_pool
-    accepts["batch"] = lambda ms, toks: list(xgr.BatchGrammarMatcher.batch_accept_token(ms, toks))
-    accepts["loop"] = lambda ms, toks: [m.accept_token(t) for m, t in zip(ms, toks)]
-    for k in counts:
+        return fill
 
-        def accept_pool(ms, toks, k=k):
-            def part(j, lo, hi):
-                return list(xgr.BatchGrammarMatcher.batch_accept_token(ms[lo:hi], toks[lo:hi]))
+    def xgr_fill(n: int):
+        b = xgr.BatchGrammarMatcher(max_threads=n)
+        return lambda ms, idx: b.batch_fill_next_token_bitmask(ms, bitmask, idx)
 
-            return [ok for chunk in pooled(part, len(ms), k) for ok in chunk]
+    def accept_loop(ms, toks):
+        return [m.accept_token(t) for m, t in zip(ms, toks)]
 
-        accepts[f"pool-{k}"] = accept_pool
+    def accept_batch(ms, toks):
+        return list(xgr.BatchGrammarMatcher.batch_accept_token(ms, toks))
 
-    spent = {("fill", k): 0.0 for k in fills} | {("accept", k): 0.0 for k in accepts}
     shifts = torch.arange(32, dtype=torch.int32)
-    gen = torch.Generator().manual_seed(0)
-    steps = rows_total = 0
-    for step in range(args.steps):
-        live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
-        if not live:
-            break
-        ms = [matchers[i] for i in live]
-        names = list(fills)
-        for name in names[step % len(names) :] + names[: step % len(names)]:
+
+    def walk(fill, accept, refill=False) -> tuple[float, float, float, int, int]:
+        """One lockstep walk: seconds filling (first fills), refilling, accepting; steps, rows."""
+        matchers = [xgr.GrammarMatcher(compiled) for _ in range(args.rows)]
+        gen = torch.Generator().manual_seed(0)
+        t_fill = t_refill = t_accept = 0.0
+        steps = rows = 0
+        for _ in range(args.steps):
+            live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+            if not live:
+                break
+            ms = [matchers[i] for i in live]
             t0 = time.perf_counter()
-            fills[name](ms, live)
-            spent["fill", name] += time.perf_counter() - t0
-        bits = ((bitmask[live].unsqueeze(-1) >> shifts) & 1).view(len(live), -1)[:, :vocab]
-        toks = torch.multinomial(bits.float(), 1, generator=gen).flatten().tolist()
-        names = list(accepts)
-        order = names[step % len(names) :] + names[: step % len(names)]
-        for i, name in enumerate(order):
+            fill(ms, live)
+            t_fill += time.perf_counter() - t0
+            if refill:
+                t0 = time.perf_counter()
+                fill(ms, live)
+                t_refill += time.perf_counter() - t0
+            bits = ((bitmask[live].unsqueeze(-1) >> shifts) & 1).view(len(live), -1)[:, :vocab]
+            toks = torch.multinomial(bits.float(), 1, generator=gen).flatten().tolist()
             t0 = time.perf_counter()
-            ok = accepts[name](ms, toks)
-            spent["accept", name] += time.perf_counter() - t0
+            ok = accept(ms, toks)
+            t_accept += time.perf_counter() - t0
             assert all(ok), "a token drawn from the mask was rejected"
-            if i < len(order) - 1:
-                for m in ms:
-                    m.rollback(1)
-        steps += 1
-        rows_total += len(live)
+            steps += 1
+            rows += len(live)
+        return t_fill, t_refill, t_accept, steps, rows
+
+    results = []  # (work, variant, seconds, steps, rows)
+    for n in sorted({1, max(counts)}):
+        f, _, _, steps, rows = walk(xgr_fill(n), accept_loop)
+        results.append(("fill", f"xgr-{n}", f, steps, rows))
+    for k in counts:
+        f, r, _, steps, rows = walk(pooled_fill(k), accept_loop, refill=True)
+        results.append(("fill", f"pool-{k}", f, steps, rows))
+        results.append(("fill", f"pool-{k} refill", r, steps, rows))
+    for name, accept in (("batch", accept_batch), ("loop", accept_loop)):
+        _, _, a, steps, rows = walk(xgr_fill(1), accept)
+        results.append(("accept", name, a, steps, rows))
     cpus = len(os.sched_getaffinity(0))
-    print(f"{cpus} CPUs; vocab {vocab}; {steps} steps, mean {rows_total / steps:.0f} live rows")
+    steps, rows = results[0][3], results[0][4]
+    print(f"{cpus} CPUs; vocab {vocab}; {steps} steps, mean {rows / steps:.0f} live rows")
     print("\n| work | variant | ms / step | us / row |\n|---|---|---|---|")
-    for (work, name), s in spent.items():
-        print(f"| {work} | {name} | {1e3 * s / steps:.2f} | {1e6 * s / rows_total:.1f} |")
+    for work, name, s, steps, rows in results:
+        print(f"| {work} | {name} | {1e3 * s / steps:.2f} | {1e6 * s / rows:.1f} |")
 
 
 if __name__ == "__main__":

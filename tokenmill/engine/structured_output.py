@@ -161,8 +161,12 @@ def default_num_threads() -> int:
     2.4 ms, xgrammar's own max_threads=8 3.5 ms. Inside the engine it did not
     (benchmarks/structured_w2.py, 713 rows a step): 8 threads 8.45 ms a step for advance +
     fill, 1 thread 7.89 ms; in the third session xgrammar's 8 threads made the whole host
-    step 2.3x slower. Until the engine's case is understood, one thread; `--grammar-threads`
-    in structured_w2.py (or StructuredOutputManager.num_threads) tries others."""
+    step 2.3x slower. The difference (measured on CPU, default model, 256 JSON rows): in the
+    engine every row's state is new at each fill, and a first fill went from 7.9 to 7.1 us a
+    row on 2 threads, where filling the same states again took 5.3; grammar_fill.py's
+    variants mostly refill states that another variant filled first. So one thread;
+    `--grammar-threads` in structured_w2.py (or StructuredOutputManager.num_threads) tries
+    others."""
     return 1
 
 
