@@ -105,19 +105,28 @@ def run_pipe(llm, workload, tag):
     class Requests:  # the request side of the pipe: all adds at once, then shutdown when idle
         def __init__(self, adds):
             self.inbox = [CoreRequest(adds=adds)]
-            self.done = False
+            self.received = self.applied = self.done = False
             self.r, self.w = os.pipe()  # select() needs a descriptor; written when idle
 
         def fileno(self):
             return self.r
 
         def poll(self, timeout):
-            if not self.inbox and not self.done and not llm.has_unfinished_requests():
+            if self.inbox:
+                return True
+            # NOTE: the engine applies the adds only after this receive returns. Sending the
+            # shutdown in the same receive (the engine has no requests yet) ended each pass at
+            # once, so its requests ran on inside the next, timed pass, which then stepped
+            # twice the sequences (every "pipe" figure before 2026-11-30 had this).
+            if self.applied and not self.done and not llm.has_unfinished_requests():
                 self.inbox.append(CoreRequest(shutdown=True))  # the run is over
                 self.done = True
-            return bool(self.inbox)
+                return True
+            self.applied = self.received  # this receive ends here: the engine applies them
+            return False
 
         def recv(self):
+            self.received = True
             return self.inbox.pop(0)
 
     requests = Requests(_requests(workload, tag))

@@ -223,8 +223,7 @@ class _StepTrace:
             "waiting": stats.num_waiting,
             "moved": moved,
             "steps": stats.num_steps,
-            # page faults and system CPU so far: a host-side slowdown seen in
-            # benchmarks/core_overhead.py came with 12x the faults (see PipeSender's NOTE)
+            # page faults and system CPU so far (a host-side slowdown would show here)
             "minflt": (ru := resource.getrusage(resource.RUSAGE_SELF)).ru_minflt,
             "sys_s": round(ru.ru_stime, 3),
         }
@@ -407,15 +406,14 @@ class PipeSender:
     in order, the latest stats), so a slow reader gets fewer, bigger messages. The bytes are
     framed as multiprocessing.Connection frames them: the front end reads with `conn.recv()`.
 
-    NOTE: measured on an H200 (benchmarks/core_overhead.py, default-model shape, 256 streams):
-    the loop steps at 3.7 ms when outputs are dropped and 5.4 ms when they go through a pipe
-    to another process, with this sender or the thread before it. The sender is not the
-    cause: on CPU the benchmark's "pipe" run is as slow with a do-nothing sender in its place,
-    and takes 12x the minor page faults and system CPU of the dropped-output run (6.2M vs
-    0.5M faults in 32 steps); an idle child process, with or without torch, spawned before
-    or after the model, does not reproduce it. So it may be the benchmark's own harness, and
-    it does not yet explain why `serve`'s engine steps slower than offline (its trace, with
-    TOKENMILL_CORE_TRACE, now records page faults per step to check).
+    NOTE: an earlier H200 figure (the loop at 3.7 ms a step with outputs dropped, 5.4 ms
+    through a pipe, with 12x the page faults) was the benchmark's own harness: its "pipe"
+    pass sent the shutdown before the engine had applied the adds, so each pass ended at
+    once and its requests ran inside the next, timed, pass (twice the sequences). Fixed
+    (`benchmarks/core_overhead.py --dummy-arch smollm2-135m`, nano, 1,032 steps, H200): offline
+    3.37 / core 3.14 / pipe 3.02 ms a step, and 3.05 / 3.40 / 4.12 in the reverse order (the
+    first path run is the slowest either way): the core loop and the pipe cost nothing
+    measurable. Why `serve`'s engine stepped slower than offline is not explained by them.
     """
 
     def __init__(self, conn: Any) -> None:
