@@ -257,3 +257,15 @@ def test_many_constrained_rows_on_several_fill_threads(tiny_model_dir):
     outs = llm.generate(PROMPTS * 24, constrained(json=SCHEMA, max_tokens=64), use_tqdm=False)
     for o in outs:
         jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
+
+
+def test_changing_fill_threads_retires_the_old_workers(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    manager = llm.runner.structured
+    manager.num_threads = 2
+    llm.generate(PROMPTS * 16, constrained(json=SCHEMA, max_tokens=4), use_tqdm=False)
+    old = manager._threads
+    manager.num_threads = 3
+    llm.generate(PROMPTS * 16, constrained(json=SCHEMA, max_tokens=4), use_tqdm=False)
+    assert manager._threads is not old and manager._threads.num_threads == 3
+    assert old._pool._shutdown

@@ -321,6 +321,8 @@ class StructuredOutputManager:
         if len(active) < n:
             bitmask.fill_(-1)  # rows no longer constrained allow everything
         if self._threads is None or self._threads.num_threads != self.num_threads:
+            if self._threads is not None:
+                self._threads.shutdown()  # num_threads changed: the old workers go
             self._threads = GrammarThreads(self.num_threads)
         if active:
             self._threads.fill([states[j].matcher for j in active], bitmask, active)
