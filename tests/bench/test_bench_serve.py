@@ -52,7 +52,7 @@ def test_max_concurrency_run_reports_consistent_numbers(server, tmp_path):
     summary = run_bench_serve(server.url, workload, max_concurrency=8, output_json=out)
     check_summary(summary, 24, 16, 8)
     assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
-    server.wait_all_blocks_free()
+    server.wait_idle()
 
 
 def test_poisson_arrivals_spread_the_requests_out(server):

@@ -57,14 +57,21 @@ class RunningServer:
                 values[name + ("{" + ",".join(pairs) + "}" if pairs else "")] = float(value)
         return values
 
-    def wait_all_blocks_free(self, timeout_s: float = 15.0) -> dict[str, float]:
+    def wait_idle(self, timeout_s: float = 15.0) -> dict[str, float]:
+        """Wait until no request runs or waits and every KV block is free; returns /metrics.
+        Free blocks alone are not idle: between a step that finishes a whole batch and the
+        next one, a loaded engine has every block free and requests still waiting."""
         deadline = time.monotonic() + timeout_s
         while True:
             m = self.metrics()
-            if m["tokenmill:kv_cache_blocks_free"] == m["tokenmill:kv_cache_blocks_total"]:
+            if (
+                m["tokenmill:kv_cache_blocks_free"] == m["tokenmill:kv_cache_blocks_total"]
+                and m["tokenmill:num_requests_running"] == 0
+                and m["tokenmill:num_requests_waiting"] == 0
+            ):
                 return m
             if time.monotonic() > deadline:
-                raise AssertionError(f"KV blocks still in use after {timeout_s}s: {m}")
+                raise AssertionError(f"the engine is still busy after {timeout_s}s: {m}")
             time.sleep(0.05)
 
 

@@ -34,7 +34,7 @@ def _aborted(server) -> float:
 
 
 def _kill_mid_stream(server, path: str) -> None:
-    server.wait_all_blocks_free()
+    server.wait_idle()
     aborted_before = _aborted(server)
     proc = subprocess.Popen(
         [sys.executable, "-c", CLIENT, server.base_url, server.api_key, server.model, path],
@@ -51,9 +51,8 @@ def _kill_mid_stream(server, path: str) -> None:
     finally:
         proc.kill()
         proc.wait(10)
-    m = server.wait_all_blocks_free(timeout_s=10)
+    m = server.wait_idle(timeout_s=10)
     freed_after = time.monotonic() - killed_at
-    assert m["tokenmill:num_requests_running"] == 0
     assert _aborted(server) == aborted_before + 1, "the request was aborted, not finished"
     assert freed_after < 5.0
 
@@ -76,7 +75,7 @@ NON_STREAMED_CLIENT = textwrap.dedent("""
 
 
 def test_killed_client_of_a_non_streamed_request_aborts_it(server):
-    server.wait_all_blocks_free()
+    server.wait_idle()
     aborted_before = _aborted(server)
     proc = subprocess.Popen(
         [sys.executable, "-c", NON_STREAMED_CLIENT, server.base_url, server.api_key, server.model]
@@ -95,4 +94,4 @@ def test_killed_client_of_a_non_streamed_request_aborts_it(server):
     while _aborted(server) == aborted_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _aborted(server) == aborted_before + 1, "the request was aborted, not finished"
-    server.wait_all_blocks_free(timeout_s=10)
+    server.wait_idle(timeout_s=10)
