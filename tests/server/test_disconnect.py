@@ -51,7 +51,7 @@ def _kill_mid_stream(server, path: str) -> None:
     finally:
         proc.kill()
         proc.wait(10)
-    m = server.wait_idle(timeout_s=10)
+    server.wait_idle(timeout_s=10)
     freed_after = time.monotonic() - killed_at
     assert _aborted(server) == aborted_before + 1, "the request was aborted, not finished"
     assert freed_after < 5.0
