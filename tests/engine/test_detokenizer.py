@@ -1,5 +1,7 @@
 """Incremental detokenization: the text built token by token equals tokenizer.decode of all the
-output ids, for many random sequences including multi-byte characters; stop strings."""
+output ids, for many random sequences including multi-byte characters; stop strings. Every
+test runs twice: through the `tokenizers` DecodeStream (fast tokenizers) and through the
+window decoding that other tokenizers use."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 from factories import make_tokenizer
 
 from tokenmill import SamplingParams
+from tokenmill.engine import detokenizer
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 
 # Pieces from the tokenizer's training text (multi-token merges) and characters it never saw
@@ -49,6 +52,18 @@ PIECES = [
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(autouse=True, params=["stream", "window"])
+def decode_path(request, monkeypatch):
+    if request.param == "window":
+        monkeypatch.setattr(detokenizer, "_decode_stream", lambda *a: None)
+    return request.param
+
+
+def test_a_fast_tokenizer_decodes_through_decode_stream(tokenizer, decode_path):
+    det = IncrementalDetokenizer(tokenizer, [5], SamplingParams())
+    assert (det._stream is not None) == (decode_path == "stream")
 
 
 def _random_text(rng: random.Random) -> str:
@@ -161,3 +176,70 @@ def test_flush_can_reveal_a_stop_string(tokenizer):
     det = IncrementalDetokenizer(tokenizer, [5], SamplingParams(stop=["ok"]))
     det.add(ids)
     assert det.flush() == "ok" and det.visible_text(finished=True) == ""
+
+
+def _metaspace_tokenizer():
+    """A Llama / Gemma-style tokenizer: "▁" for spaces, bytes as ordinary <0xNN> tokens for
+    characters it never saw, and a decoder that strips the text's leading space."""
+    import json
+
+    from factories import SAMPLE_TEXT
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    trained.train_from_iterator(SAMPLE_TEXT * 4, trainer=trainer)
+    model = json.loads(trained.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for b in range(256):  # byte tokens as the model's own vocabulary, as in Llama 2 / Gemma
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizer
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_metaspace_byte_fallback_text_is_the_text_in_context(seed):
+    """The prompt's last tokens set the first output token's leading space (the decoder strips
+    the space only at the start of a text), and byte tokens join into whole characters."""
+    tok = _metaspace_tokenizer()
+    rng = random.Random(seed)
+    for _ in range(30):
+        prompt = tok(_random_text(rng), add_special_tokens=False).input_ids
+        output = tok(_random_text(rng), add_special_tokens=False).input_ids
+        det = IncrementalDetokenizer(tok, prompt, SamplingParams())
+        _feed(det, output, rng)
+        det.flush()
+        whole, before = tok.decode(prompt + output), tok.decode(prompt)
+        assert det.visible_text(finished=True) == whole[len(before) :], (prompt, output)
+
+
+def test_a_prompt_tail_that_starts_mid_character_is_not_emitted(decode_path):
+    """DecodeStream would emit a context whose text ends in U+FFFD with the first token; the
+    context reaches back to the character's first byte instead."""
+    tok = _metaspace_tokenizer()
+    prompt = tok("🦊🦊", add_special_tokens=False).input_ids  # ▁ + 4 byte tokens, twice
+    assert tok.convert_ids_to_tokens(prompt[-5:])[0] == "<0x8A>"  # the context's first byte
+    assert tok.backend_tokenizer.decode(prompt[-5:]).endswith("\ufffd")  # bytes: one run
+    det = IncrementalDetokenizer(tok, prompt, SamplingParams())
+    assert (det._stream is not None) == (decode_path == "stream")
+    output = tok("brown", add_special_tokens=False).input_ids
+    det.add(output)
+    assert det.text == " brown" == tok.decode(prompt + output)[len(tok.decode(prompt)) :]
