@@ -6,7 +6,7 @@
    softmax, top-p 0.95 keeps most of the vocab), "bf16" (the same rounded to bfloat16, as a
    bf16 model's logits are: many exact ties) and "peaked" (a few likely tokens and a tail):
    the kernel's kept set {logits >= threshold} against the engine's sorted torch mask
-   (`engine/sampler.py: top_k_top_p_min_p_mask`) for top-p 0.95, top-k 50, top-k 50 + top-p 0.9
+   (`engine/torch_draw.py: top_k_top_p_min_p_mask`) for top-p 0.95, top-k 50, top-k 50 + top-p 0.9
    and min-p 0.05. A row that differs passes only when the differing tokens are ties or hold
    under 1e-5 of the row's probability together (float32 sums of 150k terms in another order);
    it also reports how many search passes the rows needed (of passes_per_filter() launched).
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenmill.kernels.rejection_sampling as rs  # noqa: E402
 import tokenmill.kernels.threshold_search as ts  # noqa: E402
-from tokenmill.engine.sampler import top_k_top_p_min_p_mask  # noqa: E402
+from tokenmill.engine.torch_draw import top_k_top_p_min_p_mask  # noqa: E402
 from tokenmill.kernels.sampling import sample, sample_tokens  # noqa: E402
 
 VOCAB = 151936

@@ -25,7 +25,7 @@ from factories import ARCHS  # noqa: E402
 from gpu_correctness import PROMPTS, hf_greedy, hf_reference, tiny_gpu_model  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
-from tokenmill.engine.sampler import top_k_top_p_min_p_mask  # noqa: E402
+from tokenmill.engine.torch_draw import top_k_top_p_min_p_mask  # noqa: E402
 from tokenmill.kernels.sampling import sample, sample_tokens, sampling_thresholds  # noqa: E402
 
 MAX_TOKENS = [24, 5, 17, 9, 30, 12, 3, 20, 7, 14]  # staggered: admissions while others decode

@@ -12,13 +12,8 @@ import torch
 
 from tokenmill import SamplingParams
 from tokenmill.engine.request import Request
-from tokenmill.engine.sampler import (
-    Sampler,
-    apply_penalties,
-    compute_logprobs,
-    exponential_noise,
-    top_k_top_p_min_p_mask,
-)
+from tokenmill.engine.sampler import Sampler, apply_penalties, compute_logprobs
+from tokenmill.engine.torch_draw import exponential_noise, top_k_top_p_min_p_mask
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -236,7 +231,7 @@ def test_reference_mask_keeps_ties_with_the_last_kept_token():
 
 def test_noise_is_never_zero_at_the_largest_hash():
     """Regression: the largest hash once gave u = 1.0, noise 0, and a NaN that argmax picked."""
-    from tokenmill.engine.sampler import open_uniform
+    from tokenmill.engine.torch_draw import open_uniform
 
     u = open_uniform(torch.tensor([0, 0xFFFFFFFF], dtype=torch.int64))
     assert 0.0 < u[0].item() < u[1].item() < 1.0

@@ -2,7 +2,7 @@ import pytest
 import torch
 from kernel_utils import DEVICE, pick
 
-from tokenmill.engine.sampler import top_k_top_p_min_p_mask as top_k_top_p_min_p_mask_reference
+from tokenmill.engine.torch_draw import top_k_top_p_min_p_mask as top_k_top_p_min_p_mask_reference
 from tokenmill.kernels.sampling import sample, sample_tokens, sampling_thresholds
 
 VOCAB = pick(1000, 151936)

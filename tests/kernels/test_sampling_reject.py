@@ -15,7 +15,7 @@ import pytest
 import torch
 from kernel_utils import DEVICE, pick
 
-from tokenmill.engine.sampler import top_k_top_p_min_p_mask
+from tokenmill.engine.torch_draw import top_k_top_p_min_p_mask
 from tokenmill.kernels.rejection_sampling import NUM_ROUNDS, sample_top_p
 from tokenmill.kernels.sampling import sample, sample_tokens
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from kernel_utils import DEVICE, ON_GPU, pick
 
-from tokenmill.engine.sampler import top_k_top_p_min_p_mask
+from tokenmill.engine.torch_draw import top_k_top_p_min_p_mask
 from tokenmill.kernels.sampling import sample_tokens
 from tokenmill.kernels.threshold_search import (
     NUM_KEY_PIVOTS,

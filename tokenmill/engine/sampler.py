@@ -24,6 +24,7 @@ import torch
 from tokenmill.engine.outputs import Logprob
 from tokenmill.engine.request import Request
 from tokenmill.engine.staging import Staging
+from tokenmill.engine.torch_draw import exponential_race, head_top_k_top_p_min_p_mask
 
 _MASK = float("-inf")
 
@@ -32,11 +33,6 @@ _MASK = float("-inf")
 class SamplerOutput:
     token_ids: list[int]  # one per row
     logprobs: list[dict[int, Logprob] | None]  # one per row, None where not asked
-
-
-def noise_seed(seed: int, position: int) -> int:
-    """The RNG seed of one draw: a function of (request seed, output index) only."""
-    return (seed * 0x9E3779B1 + position * 0x85EBCA77 + 0x165667B1) % (2**63 - 1)
 
 
 def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -102,75 +98,6 @@ def needs_penalties(reqs: list[Request]) -> bool:
     )
 
 
-def top_k_top_p_min_p_mask(
-    logits: torch.Tensor,  # [num_seqs, vocab_size], already divided by temperature
-    top_k: torch.Tensor,  # [num_seqs] int, -1 = off
-    top_p: torch.Tensor,  # [num_seqs] float, 1 = off
-    min_p: torch.Tensor,  # [num_seqs] float, 0 = off
-) -> torch.Tensor:  # [num_seqs, vocab_size] bool, True = token may be sampled
-    """Reference masks: top-k, then top-p on the renormalised survivors, then min-p.
-
-    Each filter is a threshold on the logits, so tokens tied with the last one kept are kept
-    too (as vLLM's sorted reference does for top-k, and as the sort-free kernel does): with
-    bf16 logits, ties at the k-th value are common, and which of them a sort puts first is
-    arbitrary."""
-    vocab_size = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.where(top_k > 0, top_k, vocab_size).clamp(max=vocab_size)
-    kth = sorted_logits.gather(1, (k - 1)[:, None])  # [num_seqs, 1]
-    keep_sorted = sorted_logits >= kth
-    sorted_logits = sorted_logits.masked_fill(~keep_sorted, _MASK)
-    probs = sorted_logits.softmax(dim=-1)
-    # keep a token while the mass strictly before it is below top_p (the first always stays)
-    mass_before = probs.cumsum(dim=-1) - probs
-    keep_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # 1 = off, exactly
-    last = sorted_logits.masked_fill(~(keep_sorted & keep_p), float("inf")).amin(-1, keepdim=True)
-    keep_sorted &= sorted_logits >= last  # ties with the last token top-p keeps stay too
-    probs = sorted_logits.masked_fill(~keep_sorted, _MASK).softmax(dim=-1)
-    keep_sorted &= probs >= min_p[:, None] * probs[:, :1]
-    keep = torch.zeros_like(keep_sorted)
-    keep.scatter_(1, order, keep_sorted)
-    return keep
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding uint32 values."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def exponential_noise(
-    seeds: list[int], positions: list[int], vocab_size: int, device: torch.device
-) -> torch.Tensor:  # [num_seqs, vocab_size] float32
-    """Exp(1) noise from a counter-based hash of (row seed, output index, vocab index).
-
-    Pure integer arithmetic, so it is the same on every device and independent of the batch.
-    """
-    mixed = [noise_seed(s, p) for s, p in zip(seeds, positions)]
-    hi = torch.tensor([(m >> 32) & _M32 for m in mixed], dtype=torch.int64, device=device)
-    lo = torch.tensor([m & _M32 for m in mixed], dtype=torch.int64, device=device)
-    idx = torch.arange(vocab_size, dtype=torch.int64, device=device)
-    x = _lowbias32(idx[None, :] ^ hi[:, None])
-    x = _lowbias32((x + lo[:, None]) & _M32)
-    return -torch.log(open_uniform(x))
-
-
-def open_uniform(x: torch.Tensor) -> torch.Tensor:
-    """Uniform in (0, 1), both ends excluded, from uint32 hashes (int64 tensor): the top 23
-    bits plus half a step, which float32 holds exactly up to 1 - 2**-24.
-
-    NOTE: with 24 bits, (2**24 - 1 + 0.5) / 2**24 rounds to 1.0 in float32: the noise -log(1)
-    was 0, a masked token's 0 / 0 a NaN, and argmax picks NaN, so about one row in 340 at a
-    49k vocabulary drew a token outside its top-p set or its grammar's mask."""
-    return ((x >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
-
-
 def compute_logprobs(
     raw_logits: torch.Tensor, token_ids: torch.Tensor, reqs: list[Request]
 ) -> list[dict[int, Logprob] | None]:
@@ -206,10 +133,10 @@ class Sampler:
     one logit threshold per row, found by a sort-free split-row search
     (kernels/threshold_search.py, a fixed number of launches, no host sync), then one pass with
     Philox noise keyed by (seed, output index); top-p without top-k draws the same token by
-    rejection instead (kernels/rejection_sampling.py, fewer passes); elsewhere in torch with
-    the counter-hash noise.
+    rejection instead (kernels/rejection_sampling.py, fewer passes); elsewhere in torch
+    (engine/torch_draw.py) with the counter-hash noise.
     Both paths give a row the same tokens whatever shares its batch, and draw from the same
-    distribution (this module's top_k_top_p_min_p_mask is the reference of the threshold), but
+    distribution (torch_draw.top_k_top_p_min_p_mask is the reference of the threshold), but
     not the same stream.
     """
 
@@ -290,14 +217,16 @@ class Sampler:
         )
 
     def _sample_random(self, logits, reqs, greedy, token_ids):
+        """The torch draw (engine/torch_draw.py): no vocabulary sort, noise at kept tokens."""
         rows = [i for i, g in enumerate(greedy) if not g]
         dev = logits.device
         sub = [reqs[i] for i in rows]
         idx = torch.tensor(rows, device=dev)
         temps = torch.tensor([r.params.temperature for r in sub], device=dev)
         scaled = logits[idx] / temps[:, None]  # [num_random, vocab_size]
+        keep = None
         if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in sub):
-            keep = top_k_top_p_min_p_mask(
+            keep = head_top_k_top_p_min_p_mask(
                 scaled,
                 torch.tensor([r.params.top_k for r in sub], device=dev),
                 torch.tensor([r.params.top_p for r in sub], device=dev),
@@ -305,9 +234,8 @@ class Sampler:
             )
             scaled = scaled.masked_fill(~keep, _MASK)
         probs = scaled.softmax(dim=-1)
-        noise = exponential_noise(
-            [r.seed for r in sub], [r.sample_index for r in sub], probs.shape[-1], dev
-        )
         token_ids = token_ids.clone()
-        token_ids[idx] = (probs / noise).argmax(dim=-1)
+        token_ids[idx] = exponential_race(
+            probs, [r.seed for r in sub], [r.sample_index for r in sub], keep
+        )
         return token_ids

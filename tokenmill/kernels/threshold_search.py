@@ -1,7 +1,7 @@
 """Sort-free top-k / top-p / min-p: one logit threshold per row, found by a split-row search.
 
 Token i of row r may be drawn iff logits[r, i] >= thresholds[r]. The threshold equals the kept
-set of the engine's sorted torch mask (`engine/sampler.py: top_k_top_p_min_p_mask`, the one
+set of the engine's sorted torch mask (`engine/torch_draw.py: top_k_top_p_min_p_mask`, the one
 reference): top-k keeps the k largest logits; top-p, among the top-k survivors, the largest
 logits whose softmax(logits / T) mass, with the token where it first reaches top_p, is at least
 top_p of the survivors' mass; min-p is logit_max + T * log(min_p). Ties at the threshold are all
