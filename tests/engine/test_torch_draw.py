@@ -95,8 +95,17 @@ def test_race_over_kept_tokens_draws_what_the_dense_race_draws():
     probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
     seeds, positions = list(range(100, 100 + n)), [i * 3 for i in range(n)]
     dense = (probs / exponential_noise(seeds, positions, VOCAB, torch.device("cpu"))).argmax(-1)
-    assert torch.equal(exponential_race(probs, seeds, positions, keep), dense)
-    assert torch.equal(exponential_race(probs, seeds, positions), dense)  # keep=None: dense
+    assert torch.equal(exponential_race(probs, seeds, positions), dense)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0, 30.0])
+def test_race_draws_the_dense_winner_from_flat_to_peaked_rows(scale):
+    """Unfiltered rows: only tokens that can beat the likeliest token's ratio get noise."""
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    probs = (torch.randn(64, VOCAB, generator=gen) * scale).softmax(-1)
+    seeds, positions = list(range(64)), [7] * 64
+    dense = (probs / exponential_noise(seeds, positions, VOCAB, torch.device("cpu"))).argmax(-1)
+    assert torch.equal(exponential_race(probs, seeds, positions), dense)
 
 
 def _req(seed: int, **kw) -> Request:

@@ -224,7 +224,6 @@ class Sampler:
         idx = torch.tensor(rows, device=dev)
         temps = torch.tensor([r.params.temperature for r in sub], device=dev)
         scaled = logits[idx] / temps[:, None]  # [num_random, vocab_size]
-        keep = None
         if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in sub):
             keep = head_top_k_top_p_min_p_mask(
                 scaled,
@@ -236,6 +235,6 @@ class Sampler:
         probs = scaled.softmax(dim=-1)
         token_ids = token_ids.clone()
         token_ids[idx] = exponential_race(
-            probs, [r.seed for r in sub], [r.sample_index for r in sub], keep
+            probs, [r.seed for r in sub], [r.sample_index for r in sub]
         )
         return token_ids

@@ -15,9 +15,10 @@ The reference (`top_k_top_p_min_p_mask`, below; the Triton kernels' too) sorts e
   2. min-p is a threshold on the kept softmax (as in the reference).
   3. Ties at a threshold are all kept, as in the reference: the kept set equals it, up to the
      float rounding of the mass sums (a sorted row sums in another order).
-  4. The exponential race `argmax(probs / E)` needs E only where probs > 0: the same hash of
-     (row seed, output index, token id) as `exponential_noise`, evaluated at the kept
-     tokens only, so a row draws the same token as with the noise of its whole row.
+  4. The exponential race `argmax(probs / E)` needs E only where a token can still beat the
+     most likely token's ratio: the same hash of (row seed, output index, token id) as
+     `exponential_noise`, evaluated there only, so a row draws the same token as with the
+     noise of its whole row.
 """
 
 from __future__ import annotations
@@ -102,18 +103,28 @@ def head_top_k_top_p_min_p_mask(
     return keep
 
 
+# The smallest noise open_uniform allows: -log(1 - 2**-24) = 5.96e-8 in float32; a little
+# under it, so that no token that could win is ever left out.
+NOISE_FLOOR = 5.9e-8
+
+
 def exponential_race(
     probs: torch.Tensor,  # [num_seqs, vocab_size] float32, 0 where a token may not be drawn
     seeds: list[int],
     positions: list[int],
-    keep: torch.Tensor | None = None,  # [num_seqs, vocab_size] bool; None = every token
 ) -> torch.Tensor:  # [num_seqs] int64
-    """argmax(probs / E) with E = sampler.exponential_noise(seeds, positions), computing E
-    only at the kept tokens (the others have probs 0 and lose to any kept one)."""
-    if keep is None:
-        noise = exponential_noise(seeds, positions, probs.shape[-1], probs.device)
-        return (probs / noise).argmax(dim=-1)
-    rows, cols = keep.nonzero(as_tuple=True)  # [num_kept] each
+    """argmax(probs / E) with E = exponential_noise(seeds, positions), hashing E only where a
+    token can still win.
+
+    The most likely token's ratio r = probs_max / E_max is a lower bound of the winner's; a
+    token with probs < r * NOISE_FLOOR stays below r whatever its noise, so only the others
+    need theirs: the kept tokens of a top-p row, and of a plain temperature row the few
+    hundred a trained model does not rule out. The winner, ties included, is the dense one."""
+    num_seqs = probs.shape[0]
+    every = torch.arange(num_seqs, device=probs.device)
+    top = probs.argmax(dim=-1)  # [num_seqs]
+    bound = probs[every, top] / noise_at(seeds, positions, every, top)  # [num_seqs]
+    rows, cols = (probs >= (bound * NOISE_FLOOR)[:, None]).nonzero(as_tuple=True)
     ratio = torch.zeros_like(probs)
     ratio[rows, cols] = probs[rows, cols] / noise_at(seeds, positions, rows, cols)
     return ratio.argmax(dim=-1)
