@@ -17,15 +17,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
-import torch
+# As under the CLI (cli/app.py, cli/threads.py): torch's OpenMP threads sleep when idle instead
+# of spinning on the cores the grammar-fill threads need, and their number follows the CPUs
+# this process may use. Read once by OpenMP, so before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tokenmill import LLM, SamplingParams
-from tokenmill.bench.workloads import mixed_workload
-from tokenmill.engine import structured_output
-from tokenmill.engine.sampling_params import StructuredOutputsParams
+import torch  # noqa: E402
+
+from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill.bench.workloads import mixed_workload  # noqa: E402
+from tokenmill.cli import threads as cpu_threads  # noqa: E402
+from tokenmill.engine import structured_output  # noqa: E402
+from tokenmill.engine.sampling_params import StructuredOutputsParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,6 +129,7 @@ def main() -> None:
         help="mask-fill threads (default: the engine's)",
     )
     args = ap.parse_args()
+    cpu_threads.configure(None)  # torch CPU threads as `tokenmill generate` sets them
     import jsonschema
 
     schema = json.loads((ROOT / "sample_data/person.schema.json").read_text())

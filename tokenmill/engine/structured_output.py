@@ -153,20 +153,19 @@ class _HostSlot:
 
 
 def default_num_threads() -> int:
-    """Threads for the mask fill: one.
+    """Threads for the mask fill: one, until a GPU host shows the threads paying off.
 
-    Measured on an H200 host (16 CPUs). Alone (benchmarks/grammar_fill.py, 700 rows under
-    the person schema) the fill scales: one BatchGrammarMatcher over all rows took 7.3 ms a
-    step, the rows cut into 2 / 4 / 8 chunks on as many threads (GrammarThreads) 4.3 / 2.8 /
-    2.4 ms, xgrammar's own max_threads=8 3.5 ms. Inside the engine it did not
-    (benchmarks/structured_w2.py, 713 rows a step): 8 threads 8.45 ms a step for advance +
-    fill, 1 thread 7.89 ms; in the third session xgrammar's 8 threads made the whole host
-    step 2.3x slower. The difference (measured on CPU, default model, 256 JSON rows): in the
-    engine every row's state is new at each fill, and a first fill went from 7.9 to 7.1 us a
-    row on 2 threads, where filling the same states again took 5.3; grammar_fill.py's
-    variants mostly refill states that another variant filled first. So one thread;
-    `--grammar-threads` in structured_w2.py (or StructuredOutputManager.num_threads) tries
-    others."""
+    Alone the fill scales: on an H200 host (16 CPUs, benchmarks/grammar_fill.py, 700 rows
+    under the person schema) one BatchGrammarMatcher took 7.3 ms a step, the rows in 2 / 4 /
+    8 chunks on as many threads (GrammarThreads) 4.3 / 2.8 / 2.4 ms, xgrammar's own
+    max_threads=8 3.5 ms; and with every fill a state's first (each variant on its own
+    fresh walk), on the 2-core dev machine, 6.6 -> 4.3 us a row on 2 threads. Inside the
+    engine on the H200 it did not (benchmarks/structured_w2.py, 713 rows a step): 8 threads
+    8.45 ms a step for advance + fill, 1 thread 7.89; in the third session xgrammar's 8
+    threads made the whole host step 2.3x slower. Not explained yet. One suspect:
+    structured_w2.py ran with torch's 16 OpenMP threads spinning after each CPU op (the CLI
+    makes them sleep, cli/threads.py); it now runs as the CLI does. `--grammar-threads` in
+    structured_w2.py (or StructuredOutputManager.num_threads) tries others."""
     return 1
 
 
