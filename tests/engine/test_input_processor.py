@@ -218,3 +218,16 @@ def test_engine_core_reports_refused_adds_and_frees_aborted_requests(llm):
     core.apply(CoreRequest(aborts=["ok"]))
     assert core.step() == ([], {}) and llm.num_free_blocks == free
     assert not llm.has_unfinished_requests()
+
+
+def test_token_ids_are_ints_and_never_bools():
+    import enum
+
+    from tokenmill.engine.input_processor import are_token_ids
+
+    class Tok(enum.IntEnum):
+        A = 5
+
+    assert are_token_ids([1, 2, 3]) and are_token_ids([]) and are_token_ids([1, Tok.A])
+    assert not are_token_ids([1, True]) and not are_token_ids([1, "2"])
+    assert not are_token_ids([1, 2.0])

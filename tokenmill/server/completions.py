@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.engine.input_processor import InputProcessor
+from tokenmill.engine.input_processor import InputProcessor, are_token_ids
 from tokenmill.engine.outputs import Logprob, RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.server.protocol import (
@@ -42,7 +42,7 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
     """str | list[str] | list[int] | list[list[int]] -> a list of prompts."""
     if isinstance(prompt, str):
         return [prompt]
-    if all(isinstance(p, int) for p in prompt):
+    if are_token_ids(prompt):
         return [list(prompt)]
     return list(prompt)
 
