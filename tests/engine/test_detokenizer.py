@@ -78,14 +78,20 @@ def _feed(det: IncrementalDetokenizer, ids: list[int], rng: random.Random) -> No
         i += n
 
 
+def _random_run(tokenizer, rng: random.Random):
+    """A random prompt and output, the output fed to a detokenizer in random pieces."""
+    prompt = tokenizer(_random_text(rng), add_special_tokens=False).input_ids
+    output = tokenizer(_random_text(rng), add_special_tokens=False).input_ids
+    det = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+    _feed(det, output, rng)
+    return prompt, output, det
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_text_equals_decode_of_all_ids(tokenizer, seed):
     rng = random.Random(seed)
     for _ in range(50):
-        prompt = tokenizer(_random_text(rng), add_special_tokens=False).input_ids
-        output = tokenizer(_random_text(rng), add_special_tokens=False).input_ids
-        det = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
-        _feed(det, output, rng)
+        prompt, output, det = _random_run(tokenizer, rng)
         expected = tokenizer.decode(output, skip_special_tokens=True)
         assert det.text == expected, (prompt, output)  # whole characters: nothing held back
         assert det.flush() is None
@@ -222,10 +228,7 @@ def test_metaspace_byte_fallback_text_is_the_text_in_context(seed):
     tok = _metaspace_tokenizer()
     rng = random.Random(seed)
     for _ in range(30):
-        prompt = tok(_random_text(rng), add_special_tokens=False).input_ids
-        output = tok(_random_text(rng), add_special_tokens=False).input_ids
-        det = IncrementalDetokenizer(tok, prompt, SamplingParams())
-        _feed(det, output, rng)
+        prompt, output, det = _random_run(tok, rng)
         det.flush()
         whole, before = tok.decode(prompt + output), tok.decode(prompt)
         assert det.visible_text(finished=True) == whole[len(before) :], (prompt, output)
