@@ -116,8 +116,8 @@ def exponential_race(
     """argmax(probs / E) with E = exponential_noise(seeds, positions), hashing E only where a
     token can still win.
 
-    The most likely token's ratio r = probs_max / E_max is a lower bound of the winner's; a
-    token with probs < r * NOISE_FLOOR stays below r whatever its noise, so only the others
+    The most likely token's ratio r = probs[top] / E[top] is a lower bound of the winner's;
+    a token with probs < r * NOISE_FLOOR stays below r whatever its noise, so only the others
     need theirs: the kept tokens of a top-p row, and of a plain temperature row the few
     hundred a trained model does not rule out. The winner, ties included, is the dense one."""
     num_seqs = probs.shape[0]
