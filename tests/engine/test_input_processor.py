@@ -223,7 +223,7 @@ def test_engine_core_reports_refused_adds_and_frees_aborted_requests(llm):
 def test_token_ids_are_ints_and_never_bools():
     import enum
 
-    from tokenmill.engine.input_processor import are_token_ids
+    from tokenmill.engine.tokens import are_token_ids
 
     class Tok(enum.IntEnum):
         A = 5

@@ -59,6 +59,7 @@ def test_sampling_overrides_are_validated_like_cli_flags():
         ({"prompt": "   "}, "empty_prompt", "empty"),
         ({"question": "x"}, "missing_prompt", "--prompt-column"),
         ({"prompt": 3}, "invalid_prompt", "string or a list of token ids"),
+        ({"prompt": [5, True]}, "invalid_prompt", "string or a list of token ids"),
         ({"messages": [{"role": "user"}]}, "invalid_messages", "role and a content"),
         ({"prompt": "x", "sampling": "hot"}, "invalid_sampling", "must be an object"),
     ],

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from tokenmill.engine.tokens import are_token_ids
+
 _GREEDY_EPS = 1e-5
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; a bias of -100 bans the token outright
 
@@ -192,7 +194,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer (got {v!r})")
         if self.stop_token_ids is not None and (
             not isinstance(self.stop_token_ids, (list, tuple))
-            or any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids)
+            or not are_token_ids(self.stop_token_ids)
         ):
             raise ValueError(
                 f"stop_token_ids must be a list of token ids (got {self.stop_token_ids!r})"

