@@ -17,20 +17,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
+
+from tokenmill.cli import threads as cpu_threads
 
 # As under the CLI (cli/app.py, cli/threads.py): torch's OpenMP threads sleep when idle instead
 # of spinning on the cores the grammar-fill threads need, and their number follows the CPUs
 # this process may use. Read once by OpenMP, so before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+cpu_threads.prefer_passive_wait()
 
 import torch  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.bench.workloads import mixed_workload  # noqa: E402
-from tokenmill.cli import threads as cpu_threads  # noqa: E402
 from tokenmill.engine import structured_output  # noqa: E402
 from tokenmill.engine.sampling_params import StructuredOutputsParams  # noqa: E402
 
