@@ -111,7 +111,10 @@ class EngineConfig:
     )
     gpu_memory_utilization: float = field(
         default=0.9,
-        metadata={"help": "Fraction of GPU memory the engine may use (weights + KV cache)."},
+        metadata={
+            "help": "This engine's share of the GPU's memory (weights, activations, KV "
+            "cache); other processes' memory is not counted against it."
+        },
     )
     block_size: int = field(default=16, metadata={"help": "Tokens per KV-cache block."})
     enable_prefix_caching: bool = field(

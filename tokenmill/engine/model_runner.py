@@ -25,6 +25,7 @@ import torch
 from tokenmill.engine.attention import AttentionMetadata, get_attention_backend, set_forward_context
 from tokenmill.engine.config import MIN_KV_TOKENS_PER_SEQ, EngineConfig
 from tokenmill.engine.dummy_weights import init_dummy_weights
+from tokenmill.engine.gpu_memory import MemoryFacts, kv_cache_budget
 from tokenmill.engine.loader import load_weights
 from tokenmill.engine.models.ops import ModelOps
 from tokenmill.engine.models.registry import model_class
@@ -269,7 +270,8 @@ class ModelRunner:
             if num_blocks < 1:
                 raise ValueError(
                     f"the KV cache budget ({budget} bytes) holds no block of {self.block_bytes()} "
-                    f"bytes; raise --kv-cache-memory (one full-length sequence needs {need} bytes)"
+                    f"bytes; raise --kv-cache-memory or --gpu-memory-utilization (one full-length "
+                    f"sequence needs {need} bytes)"
                 )
         self.kv_cache = torch.zeros(
             layers,
@@ -297,14 +299,20 @@ class ModelRunner:
             self.config = replace(self.config, max_num_seqs=cap)
 
     def _gpu_kv_budget(self) -> int:
-        """What gpu_memory_utilization leaves after weights and a full-budget forward pass."""
+        """What gpu_memory_utilization leaves after weights and a full-budget forward pass
+        (engine/gpu_memory.py has the rule)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self.profile_run()
-        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.empty_cache()  # the profile's activations go back to the card
         free, total = torch.cuda.mem_get_info()
-        used_by_others = total - free - torch.cuda.memory_reserved()
-        return int(total * self.config.gpu_memory_utilization - peak - used_by_others)
+        facts = MemoryFacts(
+            total=total,
+            free=free,
+            peak=torch.cuda.max_memory_allocated(),
+            allocated=torch.cuda.memory_allocated(),
+        )
+        return kv_cache_budget(facts, self.config.gpu_memory_utilization, str(self.device))
 
     @torch.inference_mode()
     def profile_run(self) -> None:
