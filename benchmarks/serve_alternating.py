@@ -31,6 +31,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proc_cpu  # noqa: E402 - benchmarks/proc_cpu.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -61,6 +64,30 @@ def worker(args) -> None:
             break
         r = run_tokenmill(llm, wl)
         print(json.dumps(r.to_dict()), flush=True)
+
+
+def process_cpu(before: dict, after: dict, wall_s: float, server: subprocess.Popen) -> dict:
+    """Cores each side kept busy during a serve pass: the API process, its engine core (the
+    server's children) and this process (the bench client). An API process near 1.00 is the
+    limit: its event loop has one core."""
+
+    def cpu(pid: str) -> float:
+        return after.get(pid, [None, 0.0])[1] - before.get(pid, [None, 0.0])[1]
+
+    children = [pid for pid in after if _parent(pid) == server.pid]
+    return {
+        "api": cpu(str(server.pid)) / wall_s,
+        "engine core": sum(cpu(pid) for pid in children) / wall_s,
+        "client": cpu(str(os.getpid())) / wall_s,
+    }
+
+
+def _parent(pid: str) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 def wait_up(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
@@ -140,7 +167,10 @@ def main() -> None:
             return json.loads(offline.stdout.readline())
 
         def run_serve() -> dict:
-            return run_bench_serve(url, build(args))
+            before, t0 = proc_cpu.snapshot(), time.perf_counter()
+            r = run_bench_serve(url, build(args))
+            r["cpu"] = process_cpu(before, proc_cpu.snapshot(), time.perf_counter() - t0, server)
+            return r
 
         run_offline(), run_serve()  # untimed: first kernels, graphs, allocator growth
         rounds = []
@@ -156,7 +186,8 @@ def main() -> None:
                 f"{o['output_tokens_per_s']:,.0f}, serve {s['output_token_throughput']:,.0f} "
                 f"output tok/s, ratio {s['output_token_throughput'] / o['output_tokens_per_s']:.2f}"
                 f" ({s['successful_requests']} ok, {s['failed_requests']} failed; "
-                f"{len(o['kernel_compiles'])} offline compiles)",
+                f"{len(o['kernel_compiles'])} offline compiles)\n  serve pass CPU, cores busy: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu"].items()),
                 flush=True,
             )
     finally:
