@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from tokenmill.engine.model_runner import block_table
+from tokenmill.engine.block_rows import block_table
 from tokenmill.engine.staging import Staging
 
 

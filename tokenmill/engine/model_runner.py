@@ -13,7 +13,6 @@ and block_size 4, block tables [[0, 5, 2], [1], [3, 4]]:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from tokenmill.engine.attention import AttentionMetadata, get_attention_backend, set_forward_context
+from tokenmill.engine.block_rows import BlockRows, block_table
 from tokenmill.engine.config import MIN_KV_TOKENS_PER_SEQ, EngineConfig
 from tokenmill.engine.dummy_weights import init_dummy_weights
 from tokenmill.engine.gpu_memory import MemoryFacts, kv_cache_budget
@@ -39,7 +39,7 @@ from tokenmill.engine.prompt_logprobs import (
 from tokenmill.engine.request import PLACEHOLDER
 from tokenmill.engine.sampler import Sampler, compute_logprobs
 from tokenmill.engine.scheduler import SchedulerOutput
-from tokenmill.engine.staging import Staging
+from tokenmill.engine.staging import Staging, cuda_index
 from tokenmill.engine.structured_output import StructuredOutputManager
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
@@ -53,18 +53,6 @@ class ModelRunnerOutput:
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, dict[int, Logprob]] = field(default_factory=dict)
-
-
-def block_table(rows: list[list[int]]) -> np.ndarray:
-    """[num_seqs, longest row] int32, rows padded with 0; entries a sliding window freed
-    (FREED_BLOCK = -1) become 0 too: they are never read, and 0 keeps them in range."""
-    lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
-    width = max(int(lens.max()) if len(rows) else 1, 1)
-    table = np.zeros((len(rows), width), dtype=np.int32)
-    flat = np.fromiter(itertools.chain.from_iterable(rows), np.int32, count=int(lens.sum()))
-    table[np.arange(width) < lens[:, None]] = flat  # row-major: each row's ids, in order
-    np.maximum(table, 0, out=table)
-    return table
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,6 +135,8 @@ class ModelRunner:
         )
         self._last_sampled = torch.empty(0, dtype=torch.long, device=self.device)
         self._last_rows: dict[str, int] = {}
+        self._block_rows = BlockRows()  # block-table rows kept between steps
+        self._cuda_index = cuda_index(self.device)
         # Whether a step may launch before the previous one's tokens are read back. Pointless
         # on CPU (torch runs synchronously there), but tests switch it on to check the logic.
         self.can_overlap = self.device.type == "cuda"
@@ -360,7 +350,9 @@ class ModelRunner:
     ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
         """The step's AttentionMetadata, plus `extra` int64 arrays (ids, positions, ...) on the
         device: one copy per dtype for all of them (engine/staging.py)."""
-        cu, lens, table = self._stage32(cu_seqlens_q, seq_lens, block_table(block_tables))
+        if not isinstance(block_tables, np.ndarray):  # lists: warm-up, profile, capture
+            block_tables = block_table(block_tables)
+        cu, lens, table = self._stage32(cu_seqlens_q, seq_lens, block_tables)
         slots, *rest = self._stage64(slot_mapping, *extra)
         meta = AttentionMetadata(
             cu_seqlens_q=cu,
@@ -383,7 +375,6 @@ class ModelRunner:
         slot_mapping: list[int] = []
         cu_seqlens_q = [0]
         seq_lens: list[int] = []
-        block_tables: list[list[int]] = []
         logits_indices: list[int] = []
         inflight_at: list[int] = []  # flat positions of PLACEHOLDER tokens
         inflight_rows: list[int] = []  # their rows in the previous step's sampled tensor
@@ -401,7 +392,6 @@ class ModelRunner:
                 slot_mapping.append(blocks[pos // bs] * bs + pos % bs)
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
             seq_lens.append(start + n)
-            block_tables.append(blocks)
             if seq.sample:
                 logits_indices.append(cu_seqlens_q[-1] - 1)
         max_q = max(s.num_new_tokens for s in sched.seqs)
@@ -410,7 +400,8 @@ class ModelRunner:
             (i for i, s in enumerate(sched.seqs) if s.num_new_tokens != 1), len(sched.seqs)
         )
         meta, (ids, pos, at, rows, logits_idx) = self._step_inputs(
-            cu_seqlens_q, seq_lens, block_tables, slot_mapping, max_q, max(seq_lens), num_decodes,
+            cu_seqlens_q, seq_lens, self._block_rows.table(sched.seqs), slot_mapping, max_q,
+            max(seq_lens), num_decodes,
             extra=(input_ids, positions, inflight_at, inflight_rows, logits_indices),
         )  # fmt: skip
         if inflight_at:  # fill placeholders from the device-side samples of the last step
@@ -473,7 +464,7 @@ class ModelRunner:
             pending.token_ids_cpu = torch.empty(len(reqs), dtype=torch.long, pin_memory=True)
             pending.token_ids_cpu.copy_(token_ids, non_blocking=True)
             pending.ready = torch.cuda.Event()
-            pending.ready.record()
+            pending.ready.record(torch.cuda.current_stream(self._cuda_index))
         else:
             pending.token_ids_cpu = token_ids
 
