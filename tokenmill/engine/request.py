@@ -97,7 +97,9 @@ class Request:
         """Tokens [start, end) of prompt + output (+ PLACEHOLDER for in-flight positions)."""
         known = self.num_tokens
         if end > known:
-            return self.token_ids(start, known) + [PLACEHOLDER] * (end - max(start, known))
+            if start >= known:  # a decode step's slice: only the in-flight position(s)
+                return [PLACEHOLDER] * (end - start)
+            return self.token_ids(start, known) + [PLACEHOLDER] * (end - known)
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]

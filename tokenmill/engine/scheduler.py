@@ -102,7 +102,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            self._use_long_rope(req)
+            if self.long_rope_from is not None:
+                self._use_long_rope(req)
             num_new = min(req.num_target_tokens - req.num_computed_tokens, budget)
             if num_new <= 0 or req.is_finishing:
                 i += 1
@@ -151,7 +152,11 @@ class Scheduler:
         """Make room in the cache for up to num_new next tokens of req, preempting if needed;
         return how many got room (0: req itself was preempted)."""
         bm = self.block_manager
-        bm.free_outside_window(req)
+        if bm.sliding_window is None:
+            if req.num_computed_tokens + num_new <= len(req.block_ids) * bm.block_size:
+                return num_new  # its last block has room: most decode steps
+        else:
+            bm.free_outside_window(req)
         while True:
             if bm.sliding_window is not None and self._num_fitting(req) > 0:
                 num_new = min(num_new, self._num_fitting(req))  # a shorter chunk, no victim
