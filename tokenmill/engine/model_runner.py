@@ -379,26 +379,40 @@ class ModelRunner:
         inflight_at: list[int] = []  # flat positions of PLACEHOLDER tokens
         inflight_rows: list[int] = []  # their rows in the previous step's sampled tensor
         long_rope_offset = getattr(self.model, "rope_long_offset", 0)
-        for seq in sched.seqs:
-            n, start = seq.num_new_tokens, seq.start_pos
-            if seq.token_ids[-1] == PLACEHOLDER:
-                inflight_at.append(cu_seqlens_q[-1] + n - 1)
-                inflight_rows.append(self._last_rows[seq.req_id])
-            input_ids.extend(seq.token_ids)
-            off = long_rope_offset if seq.req.long_rope else 0  # Phi-3 long rope (models/phi3.py)
-            positions.extend(range(start + off, start + n + off))
+        last_rows = self._last_rows
+        total = 0  # tokens so far (cu_seqlens_q[-1])
+        max_q = 1
+        num_decodes = -1  # the first row of more than one token; the scheduler lists one-token
+        # rows first (decodes_first): count them, don't trust it
+        # NOTE: runs over every row every step; on a small model this loop is part of the
+        # step's host time, so a decode row (one token) takes the short branch.
+        for i, seq in enumerate(sched.seqs):
+            toks, start = seq.token_ids, seq.start_pos
+            n = len(toks)
             blocks = seq.block_ids
-            for pos in range(start, start + n):
-                slot_mapping.append(blocks[pos // bs] * bs + pos % bs)
-            cu_seqlens_q.append(cu_seqlens_q[-1] + n)
+            off = long_rope_offset if seq.req.long_rope else 0  # Phi-3 long rope (models/phi3.py)
+            if n == 1:
+                input_ids.append(toks[0])
+                positions.append(start + off)
+                slot_mapping.append(blocks[start // bs] * bs + start % bs)
+            else:
+                if num_decodes < 0:
+                    num_decodes = i
+                max_q = max(max_q, n)
+                input_ids.extend(toks)
+                positions.extend(range(start + off, start + n + off))
+                for pos in range(start, start + n):
+                    slot_mapping.append(blocks[pos // bs] * bs + pos % bs)
+            total += n
+            if toks[-1] == PLACEHOLDER:
+                inflight_at.append(total - 1)
+                inflight_rows.append(last_rows[seq.req_id])
+            cu_seqlens_q.append(total)
             seq_lens.append(start + n)
             if seq.sample:
-                logits_indices.append(cu_seqlens_q[-1] - 1)
-        max_q = max(s.num_new_tokens for s in sched.seqs)
-        # the scheduler lists one-token rows first (decodes_first); count them, don't trust it
-        num_decodes = next(
-            (i for i, s in enumerate(sched.seqs) if s.num_new_tokens != 1), len(sched.seqs)
-        )
+                logits_indices.append(total - 1)
+        if num_decodes < 0:
+            num_decodes = len(sched.seqs)
         meta, (ids, pos, at, rows, logits_idx) = self._step_inputs(
             cu_seqlens_q, seq_lens, self._block_rows.table(sched.seqs), slot_mapping, max_q,
             max(seq_lens), num_decodes,
