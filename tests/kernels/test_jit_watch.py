@@ -76,3 +76,22 @@ def test_a_counter_closed_under_a_later_hook_stops_counting_but_passes_on(earlie
     upper.close()
     assert (lower.count, upper.count) == (0, 1)
     assert seen == ["k"]  # the hook under both still ran
+
+
+def test_a_gated_counter_counts_only_inside_its_blocks(earlier_hook):
+    """Two engines in one process: each counts the compiles of its own launches only."""
+    _, seen = earlier_hook
+    first, second = CompileCounter(gated=True), CompileCounter(gated=True)
+    _compile_event("warm_up_of_another_engine")
+    with first:
+        _compile_event("first_step")
+        with first:  # nested: execute_async calls sample_async
+            _compile_event("first_sampling")
+        _compile_event("first_step_again")
+    with second:
+        _compile_event("second_step")
+    second.close()
+    first.close()
+    assert (first.count, first.names) == (3, {"first_step", "first_sampling", "first_step_again"})
+    assert (second.count, second.names) == (1, {"second_step"})
+    assert len(seen) == 5  # the hook under both saw every compile

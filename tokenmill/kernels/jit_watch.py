@@ -8,7 +8,9 @@ an H200, 41% of a first-process `bench throughput` pass (benchmarks/RESULTS.md, 
         llm.generate(...)
     # names: ["paged_attention_decode", ...], one entry per compile, in order
 
-`CompileCounter` keeps counting until closed (the engine's mid-run compiles).
+`CompileCounter` keeps counting until closed (the engine's mid-run compiles); a gated one
+counts only inside `with counter:` blocks, so an engine counts the compiles of its own steps and
+not those of another engine in the same process (its warm-up, its other shapes).
 
 Uses Triton's `knobs.runtime.jit_post_compile_hook` (Triton 3.4+); on an older Triton, or under
 the interpreter (which never compiles), the list stays empty.
@@ -45,19 +47,29 @@ class CompileCounter:
     hook already set still runs. The engine keeps one after its start-up warm-up: any count
     is a kernel variant the warm-up missed, compiled while requests wait."""
 
-    def __init__(self, on_compile=None) -> None:
+    def __init__(self, on_compile=None, gated: bool = False) -> None:
         self.count = 0
         self.names: set[str] = set()
         self._on_compile = on_compile
         self._closed = False
+        self._open_blocks = 0 if gated else 1  # counts while > 0
         self._runtime = _runtime_knobs()
         self._previous = None
         if self._runtime is not None:
             self._previous = self._runtime.jit_post_compile_hook
             self._runtime.jit_post_compile_hook = self._hook
 
+    def __enter__(self) -> CompileCounter:
+        """A block whose compiles count (for a gated counter: only those)."""
+        self._open_blocks += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._open_blocks -= 1
+
     def _hook(self, *args, **kwargs):
-        if not self._closed:  # closed under a later hook that still chains to this one
+        # closed: under a later hook that still chains to this one
+        if not self._closed and self._open_blocks > 0:
             fn = kwargs.get("fn")
             name = getattr(fn, "name", None) or str(fn)
             self.count += 1
