@@ -3,7 +3,12 @@ import torch
 from kernel_utils import DEVICE, assert_close, pick
 
 from tokenmill.engine.models.moe import experts_torch
-from tokenmill.kernels.fused_moe import align_by_expert, fused_moe, moe_tile_config
+from tokenmill.kernels.fused_moe import (
+    align_by_expert,
+    fused_moe,
+    moe_tile_config,
+    moe_tile_token_counts,
+)
 
 
 def test_align_by_expert_groups_pairs_by_expert_in_padded_blocks():
@@ -88,3 +93,14 @@ def test_tiles_follow_pairs_per_expert():
         moe_tile_config(64, 8, torch.float32).num_stages
         < moe_tile_config(64, 8, torch.bfloat16).num_stages
     )
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(4, 2), (8, 2), (128, 8), (60, 4), (3, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_warm_up_token_counts_reach_every_tile_config(num_experts, top_k, dtype):
+    """The engine's warm-up runs fused_moe at these counts: every tile configuration a step can
+    pick must be among theirs, or that step compiles it mid-run."""
+    counts = moe_tile_token_counts(num_experts, top_k)
+    warmed = {moe_tile_config(n * top_k, num_experts, dtype) for n in counts}
+    reachable = {moe_tile_config(n * top_k, num_experts, dtype) for n in range(1, 20_000, 7)}
+    assert reachable <= warmed

@@ -205,8 +205,9 @@ class ModelRunner:
         compiling those (benchmarks/RESULTS.md, fourth session); a server's first requests
         would wait for the same compiles. One eager forward per chunk class (a decode row
         plus a chunk of 1, 2, 4, .. 64 tokens, reading zeroed cache blocks, writing nothing),
-        then one draw per sampling filter combination and one grammar-mask launch on dummy
-        logits."""
+        the layers that pick tiles of their own by batch size (MoE: `warm_up_kernels` on the
+        module), then one draw per sampling filter combination and one grammar-mask launch on
+        dummy logits."""
         n_max = min(self.config.max_num_batched_tokens, self.max_model_len) - 1
         bs, logits = self.block_size, None
         for chunk in (1, 2, 4, 8, 16, 32, 64):
@@ -222,6 +223,10 @@ class ModelRunner:
             with set_forward_context(meta):
                 hidden = self.model(ids, pos)
             logits = self.model.compute_logits(hidden[-2:]).float()  # [2, vocab_size]
+        for module in self.model.modules():  # layers with tile choices of their own (MoE)
+            warm_up = getattr(module, "warm_up_kernels", None)
+            if warm_up is not None and module is not self.model:
+                warm_up()
         if logits is not None and logits.is_cuda:
             self.sampler.warm_up(logits)
             self.structured.warm_up(logits)

@@ -63,6 +63,13 @@ def moe_tile_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> Moe
     return MoeTileConfig(64, 128, 64, num_warps=8 if not fp32 else 4, num_stages=2 if fp32 else 3)
 
 
+def moe_tile_token_counts(num_experts: int, top_k: int) -> list[int]:
+    """One token count for each tile configuration `moe_tile_config` can pick: a warm-up that
+    runs fused_moe at each compiles every variant a step may need (the prefill tiles start
+    past 32 pairs per expert: 129 tokens for 8 experts, top-2)."""
+    return [1, 32 * num_experts // top_k + 1]
+
+
 @triton.jit(**runtime_args(ints=["num_pairs"]))
 def _moe_gemm_kernel(
     out_ptr,  # [num_pairs, N]

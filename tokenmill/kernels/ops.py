@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.kernels.activation import silu_and_mul
-from tokenmill.kernels.fused_moe import fused_moe
+from tokenmill.kernels.fused_moe import fused_moe, moe_tile_token_counts
 from tokenmill.kernels.qk_norm_rope import qk_norm_rope_write_kv
 from tokenmill.kernels.rmsnorm import fused_add_rms_norm
 from tokenmill.kernels.rmsnorm import rms_norm as _rms_norm
@@ -38,4 +38,11 @@ def rotary(
     return q, k
 
 
-__all__ = ["fused_moe", "qk_norm_rope_write_kv", "rms_norm", "rotary", "silu_and_mul"]
+__all__ = [
+    "fused_moe",
+    "moe_tile_token_counts",
+    "qk_norm_rope_write_kv",
+    "rms_norm",
+    "rotary",
+    "silu_and_mul",
+]

@@ -64,6 +64,20 @@ class SparseMoE(nn.Module):
             out = experts_torch(x, self.w13, self.w2, weights, ids)
         return self.tp.all_reduce(out)
 
+    @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Run the fused kernel once per tile configuration it can pick (ModelRunner's start-up
+        warm-up): its forwards of up to 65 tokens leave the prefill tiles of a model with 8 or
+        more experts to the first long prompt, which would wait for the compile."""
+        if self.fused is None:
+            return
+        num_experts, top_k = self.w13.shape[0], self.top_k
+        for n in self.fused.moe_tile_token_counts(num_experts, top_k):
+            x = self.w13.new_zeros(n, self.w13.shape[2])  # [n, hidden_size]
+            ids = torch.arange(n * top_k, device=x.device).remainder(num_experts).view(n, top_k)
+            weights = torch.full((n, top_k), 1.0 / top_k, device=x.device)
+            self.fused.fused_moe(x, self.w13, self.w2, weights, ids)
+
     def load_expert(self, expert: int, shard: str, tensor: torch.Tensor) -> None:
         """Copy this rank's slice of one expert's gate/up/down tensor into the stacked weights."""
         inter, start = self.intermediate_size, self.start
