@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tokenmill.server.serving import sse
+from tokenmill.server.serving import ChunkEvents, sse
 
 
 @pytest.mark.parametrize("text", ["a\u2028b", "a\u2029b", "a\x85b", "plain", "é 東京 \n\r\t"])
@@ -45,14 +45,20 @@ def test_the_fast_stream_chunks_equal_the_pydantic_ones(text, finish_reason, sto
         data.pop("created")
         return data
 
+    def same(fast: str, slow: str) -> None:
+        assert fast.endswith("\n\n") and len(fast[:-2].splitlines()) == 1
+        assert body(fast) == body(slow)
+        assert fast.replace(str(json.loads(fast[6:])["created"]), "0") == slow.replace(
+            str(json.loads(slow[6:])["created"]), "0"
+        )  # byte for byte, key order included, but for the time
+
     kw = dict(index=1, finish_reason=finish_reason, stop_reason=stop_reason)
     choice = CompletionChoice(text=text, **kw)
-    fmt = SimpleNamespace(id="cmpl-1", model="m")
-    fast = sse(CompletionStream.chunk(fmt, [choice]))
+    fmt = SimpleNamespace(events=ChunkEvents("cmpl-1", "text_completion", "m"))
     slow = CompletionResponse(id="cmpl-1", model="m", choices=[choice])
-    assert body(fast) == body(sse(slow.model_dump(exclude_none=True)))
+    same(CompletionStream.event(fmt, choice), sse(slow.model_dump(exclude_none=True)))
+    fmt = SimpleNamespace(events=ChunkEvents("c-1", "chat.completion.chunk", "m"))
     for delta in (DeltaMessage(content=text), DeltaMessage(role="assistant", content=text)):
         choice = ChatStreamChoice(delta=delta, **kw)
         slow = ChatCompletionChunk(id="c-1", model="m", choices=[choice])
-        fast = ChatStream._chunk(SimpleNamespace(id="c-1", model="m"), [choice])
-        assert body(fast) == body(sse(slow.model_dump(exclude_none=True)))
+        same(ChatStream._chunk(fmt, [choice]), sse(slow.model_dump(exclude_none=True)))

@@ -29,11 +29,10 @@ from tokenmill.server.protocol import (
     usage,
 )
 from tokenmill.server.serving import (
+    ChunkEvents,
     DeltaTracker,
     RequestTimer,
-    plain_choice,
     sse,
-    stream_chunk,
     token_text,
 )
 from tokenmill.server.tools import ToolPlan
@@ -80,6 +79,7 @@ class ChatStream:
         self.req, self.params, self.model, self.request_id = req, params, model, request_id
         self.tools = tools if tools is not None and tools.mode != "none" else None
         self.id = random_id("chatcmpl")
+        self.events = ChunkEvents(self.id, "chat.completion.chunk", model)
         self.num_prompt_tokens = num_prompt_tokens
         self.trackers = [DeltaTracker() for _ in range(params.n)]
         self.timer = RequestTimer()
@@ -106,11 +106,13 @@ class ChatStream:
         return content, [c.to_openai(i) for i, c in enumerate(calls)], reason
 
     def _chunk(self, choices: list[ChatStreamChoice]) -> str:
-        if all(c.logprobs is None and c.delta.tool_calls is None for c in choices):
-            # NOTE: the per-token path: a plain dict, as model_dump(exclude_none=True) would
-            # give it, costs a tenth of building and dumping the pydantic chunk.
-            plain = [plain_choice(c, delta=_plain_delta(c.delta)) for c in choices]
-            return sse(stream_chunk(self.id, "chat.completion.chunk", self.model, plain))
+        c = choices[0] if len(choices) == 1 else None
+        if c is not None and c.logprobs is None and c.delta.tool_calls is None:
+            # NOTE: the per-token path: from the response's template (serving.ChunkEvents),
+            # the same JSON as model_dump(exclude_none=True) of the pydantic chunk
+            return self.events.choice(
+                c.index, "delta", _plain_delta(c.delta), c.finish_reason, c.stop_reason
+            )
         chunk = ChatCompletionChunk(id=self.id, model=self.model, choices=choices)
         return sse(chunk.model_dump(exclude_none=True))
 

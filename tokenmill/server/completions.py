@@ -22,12 +22,11 @@ from tokenmill.server.protocol import (
     usage,
 )
 from tokenmill.server.serving import (
+    ChunkEvents,
     Delta,
     DeltaTracker,
     RequestTimer,
-    plain_choice,
     sse,
-    stream_chunk,
     token_text,
 )
 
@@ -131,6 +130,7 @@ class CompletionStream:
     ) -> None:
         self.req, self.params, self.model, self.prompts = req, params, model, prompts
         self.id = random_id("cmpl")
+        self.events = ChunkEvents(self.id, "text_completion", model)
         self.index_of = {rid: i for i, rid in enumerate(request_ids)}
         self.trackers: dict[int, DeltaTracker] = {}
         self.offsets: dict[int, int] = {}
@@ -180,23 +180,14 @@ class CompletionStream:
         num_gen = sum(len(c.token_ids) for o in self.final.values() for c in o.outputs)
         return usage(num_prompt, 0 if self.req.echo_only else num_gen)  # its token is not sent
 
-    def chunk(self, choices: list[CompletionChoice], with_usage: bool = False) -> dict:
-        if not with_usage and all(c.logprobs is None for c in choices):
-            # NOTE: the per-token path: a plain dict, as model_dump(exclude_none=True) would
-            # give it, costs a tenth of building and dumping the pydantic response.
-            return stream_chunk(
-                self.id,
-                "text_completion",
-                self.model,
-                [plain_choice(c, text=c.text) for c in choices],
+    def event(self, choice: CompletionChoice) -> str:
+        """The SSE event of a chunk with one choice."""
+        if choice.logprobs is None:  # the per-token path (serving.ChunkEvents)
+            return self.events.choice(
+                choice.index, "text", choice.text, choice.finish_reason, choice.stop_reason
             )
-        resp = CompletionResponse(
-            id=self.id,
-            model=self.model,
-            choices=choices,
-            usage=self.usage() if with_usage else None,
-        )
-        return resp.model_dump(exclude_none=not with_usage)
+        resp = CompletionResponse(id=self.id, model=self.model, choices=[choice])
+        return sse(resp.model_dump(exclude_none=True))
 
     async def sse_events(
         self, outputs: AsyncIterator[RequestOutput], on_finish
@@ -207,7 +198,7 @@ class CompletionStream:
                 self.final[out.request_id] = out
                 on_finish(self.timers[out.request_id], out)
             for choice in self.choice_deltas(out):  # one choice per chunk, as OpenAI does
-                yield sse(self.chunk([choice]))
+                yield self.event(choice)
         if self.req.include_usage_in_stream:
             yield sse(
                 CompletionResponse(

@@ -79,37 +79,45 @@ class RequestTimer:
         )
 
 
-def stream_chunk(chunk_id: str, obj: str, model: str, choices: list[dict]) -> dict:
-    """A streamed chunk as a plain dict: the pydantic chunk's model_dump(exclude_none=True)."""
-    return {
-        "id": chunk_id,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-
-
-def plain_choice(choice: Any, **fields: Any) -> dict:
-    """A stream choice without logprobs as a plain dict (None fields left out, as pydantic's
-    exclude_none): `index`, then `fields`, then finish_reason / stop_reason when set."""
-    out = {"index": choice.index, **fields}
-    if choice.finish_reason is not None:
-        out["finish_reason"] = choice.finish_reason
-    if choice.stop_reason is not None:
-        out["stop_reason"] = choice.stop_reason
-    return out
-
-
 # JSON leaves these unescaped, but line readers that follow str.splitlines() (httpx's
 # aiter_lines among them) end a line at each: one model-generated U+2028 cut an event in two.
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(x, ensure_ascii=False)
+
+
 def sse(payload: Any) -> str:
     """One server-sent event: `data: <json>` on a single line, whatever the text holds."""
-    body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    body = payload if isinstance(payload, str) else _encode(payload)
     return f"data: {body.translate(_LINE_BREAKS)}\n\n"
+
+
+class ChunkEvents:
+    """The per-token events of one streamed response: chunks with one plain choice (no
+    logprobs, no tool calls), as `model_dump(exclude_none=True)` of the pydantic chunk would
+    give them, written from a template.
+
+    A chunk's id, object, created and model are the same in every event of a response, so they
+    are encoded once; an event encodes only its choice's value (the text, or the chat delta).
+    0.4-1 us an event instead of 6.3 for building and encoding the chunk's dicts (dev CPU), on
+    the API process's per-token path. Same JSON as the pydantic chunk's, key for key
+    (tests/server/test_sse.py)."""
+
+    def __init__(self, chunk_id: str, obj: str, model: str) -> None:
+        head = _encode({"id": chunk_id, "object": obj, "created": int(time.time()), "model": model})
+        self._head = f'data: {head[:-1].translate(_LINE_BREAKS)}, "choices": [{{"index": '
+
+    def choice(
+        self, index: int, key: str, value: Any, finish_reason: Any = None, stop_reason: Any = None
+    ) -> str:
+        """The event of a chunk whose one choice is {index, key: value, finish/stop reason}."""
+        event = f'{self._head}{index}, "{key}": {_encode(value).translate(_LINE_BREAKS)}'
+        if finish_reason is not None:
+            event += f', "finish_reason": {_encode(finish_reason)}'
+        if stop_reason is not None:
+            event += f', "stop_reason": {_encode(stop_reason).translate(_LINE_BREAKS)}'
+        return event + "}]}\n\n"
 
 
 async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
