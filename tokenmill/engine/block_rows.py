@@ -36,8 +36,7 @@ class _Row:
     def __init__(self, blocks: list[int], freed: int) -> None:
         self.src = blocks  # the request's own list: a new list means a new row
         self.buf = np.empty(max(16, 2 * len(blocks)), dtype=np.int32)
-        self.n = 0
-        self.freed = -1  # forces the freed prefix to be re-read below
+        self.n, self.freed = 0, freed
         self.sync(blocks, freed)
 
     def sync(self, blocks: list[int], freed: int) -> None:
@@ -63,6 +62,7 @@ class BlockRows:
     def table(self, seqs: list[Any]) -> np.ndarray:
         """[len(seqs), longest row] int32 for ScheduledSeqs (req_id, block_ids, req)."""
         rows: dict[str, _Row] = {}
+        picked: list[_Row] = []  # in seqs' order
         old = self._rows
         for seq in seqs:
             blocks, freed = seq.block_ids, seq.req.num_freed_blocks
@@ -72,10 +72,10 @@ class BlockRows:
             elif row.n < len(blocks) or row.freed != freed:
                 row.sync(blocks, freed)
             rows[seq.req_id] = row
+            picked.append(row)
         self._rows = rows  # requests not scheduled this step drop out
-        if not seqs:
+        if not picked:
             return np.zeros((0, 1), dtype=np.int32)
-        picked = [rows[s.req_id] for s in seqs]
         lens = np.fromiter((r.n for r in picked), np.int64, count=len(picked))
         width = max(int(lens.max()), 1)
         table = np.zeros((len(picked), width), dtype=np.int32)
