@@ -21,6 +21,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def snapshot() -> dict[str, list]:
+    """{pid: [command line, CPU seconds, threads, parent pid]} of every process now."""
     out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -32,7 +33,7 @@ def snapshot() -> dict[str, list]:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         cpu = (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-        out[d.name] = [cmd.strip()[:160], cpu, int(fields[17])]
+        out[d.name] = [cmd.strip()[:160], cpu, int(fields[17]), int(fields[1])]
     return out
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     last = json.loads(Path(sys.argv[3]).read_text())
     before, after, wall = first["procs"], last["procs"], last["time"] - first["time"]
     rows = []
-    for pid, (cmd, cpu, threads) in after.items():
+    for pid, (cmd, cpu, threads, *_) in after.items():
         used = cpu - before.get(pid, [cmd, 0.0])[1]
         if used > 0.05:
             rows.append((used, pid, threads, cmd))

@@ -74,20 +74,12 @@ def process_cpu(before: dict, after: dict, wall_s: float, server: subprocess.Pop
     def cpu(pid: str) -> float:
         return after.get(pid, [None, 0.0])[1] - before.get(pid, [None, 0.0])[1]
 
-    children = [pid for pid in after if _parent(pid) == server.pid]
+    children = [pid for pid, (*_, parent) in after.items() if parent == server.pid]
     return {
         "api": cpu(str(server.pid)) / wall_s,
         "engine core": sum(cpu(pid) for pid in children) / wall_s,
         "client": cpu(str(os.getpid())) / wall_s,
     }
-
-
-def _parent(pid: str) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 def wait_up(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
