@@ -13,7 +13,7 @@ def are_token_ids(values: Sequence[Any]) -> bool:
     kinds = set(map(type, values))
     if kinds <= {int}:
         return True
-    return bool not in kinds and all(isinstance(t, int) for t in values)  # int subclasses
+    return bool not in kinds and all(issubclass(k, int) for k in kinds)  # int subclasses
 
 
 def need_tokenizer(tokenizer: Any) -> Any:
