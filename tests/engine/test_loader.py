@@ -212,3 +212,35 @@ def test_gguf_conversions_of_an_older_format_are_redone(tiny_model_dir, tmp_path
     monkeypatch.setattr(model_source, "CONVERSION_VERSION", 2)
     new = model_source.gguf_to_checkpoint(gguf_path)
     assert old != new and (new / "generation_config.json").exists()
+    assert not old.exists()  # the older conversion of the same file is removed, not kept forever
+
+
+def test_gguf_conversion_is_shared_by_copies_and_redone_for_new_content(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The cache is keyed by the file's content: the same GGUF at another path (a new virtualenv,
+    a fresh clone, another mtime) reuses the conversion instead of adding another copy of the
+    weights (each CI clone once added 540 MB for the default model and filled the disk), and a
+    file whose bytes change at the same path is converted again."""
+    import os
+    import shutil
+
+    from tokenmill.engine import model_source
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a").mkdir()
+    first = write_llama_gguf(tiny_model_dir, tmp_path / "a" / "tiny-llama.gguf")
+    converted = model_source.gguf_to_checkpoint(first)
+    weights_mtime = (converted / "model.safetensors").stat().st_mtime_ns
+    copy = tmp_path / "b" / "tiny-llama.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(first, copy)
+    os.utime(copy, ns=(1, 1))
+    assert model_source.gguf_to_checkpoint(copy) == converted
+    assert (converted / "model.safetensors").stat().st_mtime_ns == weights_mtime
+    conversions = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.name != "digests"]
+    assert conversions == [converted]
+
+    with open(copy, "ab") as f:  # new bytes at the same path: a different file
+        f.write(b"\0" * 32)
+    assert model_source.gguf_to_checkpoint(copy) != converted

@@ -3,7 +3,10 @@
 
 A .gguf file is converted once (dequantised, with its tokenizer and chat template) into a
 checkpoint directory under the cache (TOKENMILL_CACHE, default ~/.cache/tokenmill), keyed by
-the file's path, size and mtime; later starts load that directory directly.
+the file's content and the conversion's version; later starts load that directory directly. The
+same file at another path (a new virtualenv, a fresh clone, a copy) reuses that conversion, so
+the cache holds one conversion per distinct file, not one per install. The content hash is
+itself remembered per (path, size, mtime), so a start reads the file's bytes only once.
 
 A hub id is looked up in huggingface_hub's own cache first (HF_HOME / HF_HUB_CACHE, or
 `download_dir`), so a pre-filled cache works with HF_HUB_OFFLINE=1 and no network. Otherwise
@@ -85,10 +88,9 @@ def is_hub_id(model: str) -> bool:
 
 
 def gguf_to_checkpoint(gguf: Path) -> Path:
-    st = gguf.stat()
-    ident = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{CONVERSION_VERSION}"
-    key = hashlib.sha256(ident.encode()).hexdigest()
-    out = cache_dir() / "gguf" / f"{gguf.stem}-{key[:16]}"
+    root = cache_dir() / "gguf"
+    prefix = f"{gguf.stem}-{gguf_content_digest(gguf)[:16]}"
+    out = root / f"{prefix}-v{CONVERSION_VERSION}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -97,7 +99,33 @@ def gguf_to_checkpoint(gguf: Path) -> Path:
     _convert_gguf(gguf, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)  # atomic: a half-written conversion is never picked up
+    for stale in root.glob(f"{prefix}-v*"):  # the same file converted by an older tokenmill
+        if stale != out and ".tmp" not in stale.name[len(prefix) :]:
+            shutil.rmtree(stale, ignore_errors=True)
     return out
+
+
+def gguf_content_digest(gguf: Path) -> str:
+    """sha256 of the file's bytes, remembered under the cache per (path, size, mtime)."""
+    st = gguf.stat()
+    ident = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo = cache_dir() / "gguf" / "digests" / hashlib.sha256(ident.encode()).hexdigest()[:32]
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(memo.name + f".tmp{os.getpid()}")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
