@@ -14,6 +14,7 @@ from tokenmill.engine.torch_draw import (
     exponential_race,
     head_top_k_top_p_min_p_mask,
     noise_at,
+    row_argmax,
     top_k_top_p_min_p_mask,
 )
 
@@ -135,3 +136,22 @@ def test_sampler_draws_the_tokens_of_the_sorted_mask_and_dense_noise():
         [r.seed for r in reqs], [r.sample_index for r in reqs], VOCAB, torch.device("cpu")
     )
     assert got.tolist() == (probs / noise).argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("vocab_size", [300, 2048, 5000, 49152])
+def test_row_argmax_is_torch_argmax(vocab_size):
+    """The chunked argmax gives torch's index: the first of tied maxima (bf16 ties, maxima at
+    chunk edges and in a short tail chunk), NaN as the maximum, -inf rows, every row alike."""
+    gen = torch.Generator().manual_seed(vocab_size)
+    x = torch.randn(12, vocab_size, generator=gen)
+    x[0] = (x[0] * 2).to(torch.bfloat16).float().round()  # many ties at the maximum
+    x[1] = float("-inf")
+    x[2] = 0.0  # every column tied: index 0
+    x[3, -1] = 50.0  # the last column (inside the tail chunk when there is one)
+    x[4, vocab_size // 2] = float("nan")
+    x[5, min(1023, vocab_size - 1)] = 50.0  # a chunk's last column ...
+    x[5, min(1024, vocab_size - 1)] = 50.0  # ... tied with the next chunk's first
+    x[6, -3:] = 60.0  # tied maxima in the tail
+    x[7, 1:3] = float("inf")
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    assert torch.equal(row_argmax(x[:0]), x[:0].argmax(dim=-1))

@@ -24,7 +24,11 @@ import torch
 from tokenmill.engine.outputs import Logprob
 from tokenmill.engine.request import Request
 from tokenmill.engine.staging import Staging
-from tokenmill.engine.torch_draw import exponential_race, head_top_k_top_p_min_p_mask
+from tokenmill.engine.torch_draw import (
+    exponential_race,
+    head_top_k_top_p_min_p_mask,
+    row_argmax,
+)
 
 _MASK = float("-inf")
 
@@ -184,11 +188,11 @@ class Sampler:
             logits = apply_penalties(logits.clone(), reqs)
         greedy = [r.params.is_greedy for r in reqs]
         if all(greedy):
-            token_ids = logits.argmax(dim=-1)  # [num_seqs]
+            token_ids = row_argmax(logits)  # [num_seqs]
         elif self.kernels is not None and logits.is_cuda:
             token_ids = self._sample_triton(logits, reqs)
         else:
-            token_ids = self._sample_random(logits, reqs, greedy, logits.argmax(dim=-1))
+            token_ids = self._sample_random(logits, reqs, greedy)
         return token_ids
 
     def _sample_triton(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -221,14 +225,19 @@ class Sampler:
             logits.contiguous(), temps, seeds, positions, top_k, top_p, min_p
         )
 
-    def _sample_random(self, logits, reqs, greedy, token_ids):
+    def _sample_random(self, logits, reqs, greedy):
         """The torch draw (engine/torch_draw.py): no vocabulary sort, noise at kept tokens."""
         rows = [i for i, g in enumerate(greedy) if not g]
         dev = logits.device
+        if len(rows) == len(reqs):  # every row draws: no argmax needed
+            token_ids = torch.empty(len(reqs), dtype=torch.long, device=dev)
+        else:  # the greedy rows' argmax (a full pass: only when some row is greedy)
+            token_ids = row_argmax(logits)
         sub = [reqs[i] for i in rows]
         idx = torch.tensor(rows, device=dev)
         temps = torch.tensor([r.params.temperature for r in sub], device=dev)
-        scaled = logits[idx] / temps[:, None]  # [num_random, vocab_size]
+        every = len(rows) == len(reqs)  # no gather copy when every row draws
+        scaled = (logits if every else logits[idx]) / temps[:, None]  # [num_random, vocab_size]
         if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in sub):
             keep = head_top_k_top_p_min_p_mask(
                 scaled,
@@ -238,7 +247,6 @@ class Sampler:
             )
             scaled = scaled.masked_fill(~keep, _MASK)
         probs = scaled.softmax(dim=-1)
-        token_ids = token_ids.clone()
         token_ids[idx] = exponential_race(
             probs, [r.seed for r in sub], [r.sample_index for r in sub]
         )

@@ -103,6 +103,32 @@ def head_top_k_top_p_min_p_mask(
     return keep
 
 
+ARGMAX_CHUNK = 1024  # columns per chunk in row_argmax
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:  # [num_rows] int64
+    """x.argmax(dim=-1) of a [num_rows, vocab_size] tensor, the same indices (the first of tied
+    maxima, NaN counting as the maximum), 5-6x faster on CPU.
+
+    NOTE: on CPU (torch 2.13) argmax is a scalar loop: 31 ms for 256 rows x 49,152 float32 on
+    one core where amax takes 3. So: amax of each 1,024-column chunk, the first chunk holding
+    the row's maximum (argmax over ~50 values), then argmax inside that chunk alone. On CUDA
+    torch's own argmax is used."""
+    num_rows, vocab_size = x.shape
+    num_chunks = vocab_size // ARGMAX_CHUNK
+    if x.is_cuda or num_chunks < 2:
+        return x.argmax(dim=-1)
+    whole = num_chunks * ARGMAX_CHUNK
+    chunk_max = x[:, :whole].reshape(num_rows, num_chunks, ARGMAX_CHUNK).amax(-1)
+    if whole < vocab_size:  # the tail shorter than a chunk, as one more chunk
+        chunk_max = torch.cat([chunk_max, x[:, whole:].amax(-1, keepdim=True)], dim=1)
+    first = chunk_max.argmax(dim=-1)  # [num_rows] first chunk holding the max (NaN included)
+    cols = first[:, None] * ARGMAX_CHUNK + torch.arange(ARGMAX_CHUNK, device=x.device)
+    inside = x.gather(1, cols.clamp(max=vocab_size - 1)).argmax(dim=-1)
+    # clamped tail columns repeat the last column: never before the first maximum
+    return first * ARGMAX_CHUNK + inside
+
+
 # The smallest noise open_uniform allows: -log(1 - 2**-24) = 5.96e-8 in float32; a little
 # under it, so that no token that could win is ever left out.
 NOISE_FLOOR = 5.9e-8
@@ -122,12 +148,12 @@ def exponential_race(
     hundred a trained model does not rule out. The winner, ties included, is the dense one."""
     num_seqs = probs.shape[0]
     every = torch.arange(num_seqs, device=probs.device)
-    top = probs.argmax(dim=-1)  # [num_seqs]
+    top = row_argmax(probs)  # [num_seqs]
     bound = probs[every, top] / noise_at(seeds, positions, every, top)  # [num_seqs]
     rows, cols = (probs >= (bound * NOISE_FLOOR)[:, None]).nonzero(as_tuple=True)
     ratio = torch.zeros_like(probs)
     ratio[rows, cols] = probs[rows, cols] / noise_at(seeds, positions, rows, cols)
-    return ratio.argmax(dim=-1)
+    return row_argmax(ratio)
 
 
 def noise_seed(seed: int, position: int) -> int:
