@@ -11,6 +11,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 from engine_utils import make_llm
 
 from tokenmill import SamplingParams
@@ -269,3 +270,37 @@ def test_changing_fill_threads_retires_the_old_workers(tiny_model_dir):
     llm.generate(PROMPTS * 16, constrained(json=SCHEMA, max_tokens=4), use_tqdm=False)
     assert manager._threads is not old and manager._threads.num_threads == 3
     assert old._pool._shutdown
+
+
+@pytest.mark.parametrize(
+    "num_seqs,rows,vocab_size",
+    [
+        (1, [0], 32),
+        (5, [4, 0, 2], 1000),  # rows out of order
+        (40, list(range(3, 40)), 49_157),  # > 16 consecutive rows, vocab not a multiple of 32
+        (40, list(range(0, 40, 2)) + [1], 333),  # strided rows, then one more
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_bitmask_path_equals_the_reference(num_seqs, rows, vocab_size, dtype):
+    """The engine's CPU masking (numpy, a few rows at a time) bans exactly the reference's
+    tokens, with the JSON control-byte ban on some rows and infinite logits among the rest."""
+    from tokenmill.engine.structured_output import (
+        apply_token_bitmask_cpu_,
+        apply_token_bitmask_torch_,
+    )
+
+    gen = torch.Generator().manual_seed(vocab_size)
+    words = (vocab_size + 31) // 32
+    logits = torch.randn(num_seqs, vocab_size, generator=gen).to(dtype)
+    logits[0, :3] = torch.tensor([float("inf"), float("-inf"), 0.0]).to(dtype)
+    bits = torch.randint(0, 2**32, (len(rows), words), generator=gen, dtype=torch.int64)
+    bitmask = (bits - 2**31).to(torch.int32)
+    ban_words = (torch.randint(0, 2**32, (words,), generator=gen) - 2**31).to(torch.int32)
+    ban_rows = torch.tensor([i % 3 == 0 for i in range(len(rows))], dtype=torch.int32)
+    rows_t = torch.tensor(rows, dtype=torch.int32)
+    expected, got = logits.clone(), logits.clone()
+    apply_token_bitmask_torch_(expected, bitmask, rows_t, ban_words, ban_rows)
+    apply_token_bitmask_cpu_(got, bitmask, rows_t, ban_words, ban_rows)
+    assert torch.equal(got, expected)
+    assert (got == float("-inf")).sum() > (logits == float("-inf")).sum()  # it did ban
