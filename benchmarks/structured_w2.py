@@ -9,7 +9,9 @@ Prompts: the `mixed` workload's 2,000 log-normal prompts (random token ids), T 0
    (ignore_eos), so both runs schedule the same tokens and only the constraint differs.
 The ratio of the two walls is the constraint's cost. Also printed: host ms per step (the wall
 less the time spent waiting for sampled tokens), the mask fill's share, and how many steps
-sampled behind their forward pass (constrained rows keep step overlap). Prints one table last.
+sampled behind their forward pass (constrained rows keep step overlap), and a table of the
+host's milliseconds per step in each engine phase with the sampler kernels' device time (where
+a constrained step's time goes), then the cost ratio.
 """
 
 from __future__ import annotations
@@ -85,14 +87,106 @@ class HostClock:
         return self.wait_s, self.fill_s, self.fill_rows, self.deferred, self.advance_s
 
 
+class Phases:
+    """Host seconds inside each engine phase, and the device time of the sampling launches.
+
+    Phases nest as the engine calls them: execute_async holds prepare, forward and (when not
+    deferred: every unconstrained step) sample_async; sample_async holds the grammar apply
+    (fill + mask upload + kernel) and the sampler's launches; land holds collect (the wait
+    for sampled tokens), the scheduler update and the output processing. "other" is the wall
+    less schedule, execute_async, sample_async (when deferred) and land: the step loop's own
+    Python."""
+
+    NAMES = [
+        ("schedule", "scheduler", "schedule"),
+        ("execute_async", "runner", "execute_async"),
+        ("  prepare", "runner", "prepare"),
+        ("  forward", "runner", "_forward"),
+        ("sample_async", "runner", "sample_async"),
+        ("  grammar apply", "structured", "apply"),
+        ("  sampler", "sampler", "sample"),
+        ("land", "llm", "_land"),
+        ("  collect (wait)", "runner", "collect"),
+        ("  update", "scheduler", "update_from_output"),
+        ("  outputs", "outputs", "process"),
+    ]
+
+    def __init__(self, llm: LLM):
+        owners = {
+            "scheduler": llm.scheduler,
+            "runner": llm.runner,
+            "structured": llm.runner.structured,
+            "sampler": llm.runner.sampler,
+            "llm": llm,
+            "outputs": llm.output_processor,
+        }
+        self.seconds = dict.fromkeys((n for n, _, _ in self.NAMES), 0.0)
+        self.seconds["sample_async (deferred)"] = 0.0  # called by LLM.step, not execute_async
+        self._in_execute = False
+        self.events: list = []  # (start, end) CUDA events around each sampler launch
+        for name, owner, attr in self.NAMES:
+            self._wrap(owners[owner], attr, name)
+
+    def _wrap(self, obj, attr: str, name: str) -> None:
+        inner = getattr(obj, attr)
+        cuda = name == "  sampler" and torch.cuda.is_available()
+
+        def call(*args, **kwargs):
+            if name == "execute_async":
+                self._in_execute = True
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self.seconds[name] += dt
+                if name == "sample_async" and not self._in_execute:
+                    self.seconds["sample_async (deferred)"] += dt
+                if name == "execute_async":
+                    self._in_execute = False
+                if cuda:
+                    end.record()
+                    self.events.append((start, end))
+
+        setattr(obj, attr, call)
+
+    def snapshot(self) -> tuple[dict[str, float], float]:
+        sync()
+        device_ms = sum(a.elapsed_time(b) for a, b in self.events)
+        return dict(self.seconds), device_ms
+
+    @staticmethod
+    def table(runs: list[tuple[str, dict[str, float], float, int, float]]) -> str:
+        """runs: (name, seconds by phase, sampling device ms, steps, wall s) -> markdown."""
+        head = "| phase (ms/step) | " + " | ".join(r[0] for r in runs) + " |"
+        lines = [head, "|---" * (len(runs) + 1) + "|"]
+        for name, _, _ in Phases.NAMES:
+            cells = [f"{1e3 * sec[name] / steps:.2f}" for _, sec, _, steps, _ in runs]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        other = []
+        for _, sec, _, steps, wall in runs:
+            top = sec["schedule"] + sec["execute_async"] + sec["land"]
+            top += sec["sample_async (deferred)"]
+            other.append(f"{1e3 * (wall - top) / steps:.2f}")
+        lines.append("| other (wall less the top-level phases) | " + " | ".join(other) + " |")
+        dev = [f"{ms / steps:.2f}" for _, _, ms, steps, _ in runs]
+        lines.append("| sampler kernels on the device | " + " | ".join(dev) + " |")
+        return "\n".join(lines)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def timed(llm: LLM, clock: HostClock, prompts, params) -> tuple[float, list, dict]:
+def timed(llm: LLM, clock: HostClock, phases: Phases, prompts, params) -> tuple[float, list, dict]:
     s0 = copy.copy(llm.stats)
     c0 = clock.snapshot()
+    p0, d0 = phases.snapshot()
     sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -100,6 +194,7 @@ def timed(llm: LLM, clock: HostClock, prompts, params) -> tuple[float, list, dic
     wall = time.perf_counter() - t0
     s1 = llm.stats
     wait_s, fill_s, fill_rows, deferred, advance_s = (b - a for a, b in zip(c0, clock.snapshot()))
+    p1, d1 = phases.snapshot()
     steps = s1.num_steps - s0.num_steps
     return (
         wall,
@@ -114,6 +209,8 @@ def timed(llm: LLM, clock: HostClock, prompts, params) -> tuple[float, list, dic
             "fill_us_row": 1e6 * fill_s / fill_rows if fill_rows else 0.0,
             "advance_us_row": 1e6 * advance_s / fill_rows if fill_rows else 0.0,
             "deferred": deferred,
+            "phases": {k: p1[k] - p0[k] for k in p1},
+            "sampler_device_ms": d1 - d0,
         },
     )
 
@@ -147,11 +244,12 @@ def main() -> None:
     if args.grammar_threads:
         llm.runner.structured.num_threads = args.grammar_threads  # before the first fill
     clock = HostClock(llm)
+    phases = Phases(llm)
     # Warm-up: the whole constrained pass, untimed. NOTE: an 8-prompt warm-up left Triton
     # compiles for the workload's shapes inside the timed constrained pass, which ran first, and
     # inflated the constraint's cost (benchmarks/RESULTS.md, fourth session).
     llm.generate(prompts, constrained, use_tqdm=False)
-    wall_c, outs_c, st_c = timed(llm, clock, prompts, constrained)
+    wall_c, outs_c, st_c = timed(llm, clock, phases, prompts, constrained)
     lens = [len(o.outputs[0].token_ids) for o in outs_c]
     valid = 0
     for o in outs_c:
@@ -165,7 +263,7 @@ def main() -> None:
         for n in lens
     ]
     llm.generate(prompts[:8], plain[:8], use_tqdm=False)
-    wall_p, outs_p, st_p = timed(llm, clock, prompts, plain)
+    wall_p, outs_p, st_p = timed(llm, clock, phases, prompts, plain)
     tokens = sum(lens)
     assert sum(len(o.outputs[0].token_ids) for o in outs_p) == tokens
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -189,6 +287,18 @@ def main() -> None:
             f"{st['graph']}/{st['eager']} | {st['mean_batch']:.0f} | "
             f"{1000 * wall / st['steps']:.2f} | {st['host_ms']:.2f} | {st['fill_ms']:.2f} |"
         )
+    print("\nwhere a step's host time goes (and the sampler's device time):\n")
+    print(
+        Phases.table(
+            [
+                (name, st["phases"], st["sampler_device_ms"], st["steps"], wall)
+                for name, wall, st in (
+                    ("json schema", wall_c, st_c),
+                    ("unconstrained", wall_p, st_p),
+                )
+            ]
+        )
+    )
     print(f"\nconstraint cost: {wall_c / wall_p:.2f}x the unconstrained wall")
 
 
