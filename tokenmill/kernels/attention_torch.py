@@ -76,10 +76,12 @@ def paged_attention_torch(
         # [seq_len - base, num_kv_heads, head_dim]
         keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - base]
         vals = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - base]
-        # GQA without copying K/V per query head: the `group` query heads that share a KV head
-        # ride along the query-length axis. [num_kv_heads, group * q_len, head_dim]
-        qs = q[q_start:q_end].view(q_len, num_kv_heads, group, head_dim)
-        qs = qs.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
+        # GQA without copying K/V per query head: each KV head expanded (a stride-0 view) over
+        # the `group` query heads that share it. 4-D, with a mask that broadcasts over both,
+        # so that CPU SDPA takes its flash kernel (3-D inputs took the math path: 3x slower
+        # on a 300-token prefill). [num_kv_heads, group, q_len, head_dim]
+        qs = q[q_start:q_end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        kv_shape = (num_kv_heads, group, seq_len - base, head_dim)
         # query i sits at position seq_len - q_len + i; it sees keys at positions <= that.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(base, seq_len, device=q.device)
@@ -87,15 +89,14 @@ def paged_attention_torch(
         if window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - window
         o = _attend(
-            qs.to(keys.dtype),
-            keys.transpose(0, 1),
-            vals.transpose(0, 1),
-            mask.repeat(group, 1),  # [group * q_len, seq_len - base]
+            qs.contiguous().to(keys.dtype),
+            keys.transpose(0, 1)[:, None].expand(kv_shape),
+            vals.transpose(0, 1)[:, None].expand(kv_shape),
+            mask[None, None],  # [1, 1, q_len, seq_len - base]
             scale,
             softcap,
-        )  # [num_kv_heads, group * q_len, head_dim]
-        o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
-        out[q_start:q_end] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
+        )  # [num_kv_heads, group, q_len, head_dim]
+        out[q_start:q_end] = o.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim).to(q.dtype)
     return out
 
 
