@@ -21,6 +21,16 @@ def write_kv_torch(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
 
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache[blocks] ([*blocks.shape, block_size, num_kv_heads, head_dim]) by index_select.
+
+    NOTE: on CPU, advanced indexing copies element by element: 4.4 ms for 64 x 26 blocks of
+    SmolLM2's K (20 MB) on the dev machine, where index_select copies whole blocks in 1.0 ms.
+    The gathers were a third of a 64-sequence decode step."""
+    flat = cache.index_select(0, blocks.reshape(-1))
+    return flat.view(*blocks.shape, *cache.shape[1:])
+
+
 def paged_attention_torch(
     q,
     k_cache,
@@ -74,8 +84,8 @@ def paged_attention_torch(
         base = first_block * block_size  # position of the first gathered key
         blocks = meta.block_tables[s, first_block:num_blocks].long()
         # [seq_len - base, num_kv_heads, head_dim]
-        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - base]
-        vals = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - base]
+        keys = gather_blocks(k_cache, blocks).reshape(-1, num_kv_heads, head_dim)[: seq_len - base]
+        vals = gather_blocks(v_cache, blocks).reshape(-1, num_kv_heads, head_dim)[: seq_len - base]
         # GQA without copying K/V per query head: each KV head expanded (a stride-0 view) over
         # the `group` query heads that share it. 4-D, with a mask that broadcasts over both,
         # so that CPU SDPA takes its flash kernel (3-D inputs took the math path: 3x slower
@@ -186,8 +196,9 @@ def _decode_group(q, k_cache, v_cache, seq_lens: list[int], block_tables, scale,
     tables = block_tables.long().gather(1, cols.clamp(max=width - 1))
     max_len = num_blocks * block_size
     # [num_seqs, num_kv_heads, max_len, head_dim]
-    keys = k_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    vals = v_cache[tables].reshape(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    shape = (num_seqs, max_len, num_kv_heads, head_dim)
+    keys = gather_blocks(k_cache, tables).reshape(shape).transpose(1, 2)
+    vals = gather_blocks(v_cache, tables).reshape(shape).transpose(1, 2)
     group = num_heads // num_kv_heads
     # the query heads of one KV head as `group` queries: [num_seqs, num_kv_heads, group, head_dim]
     qs = q.view(num_seqs, num_kv_heads, group, head_dim)
