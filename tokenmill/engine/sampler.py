@@ -229,14 +229,14 @@ class Sampler:
         """The torch draw (engine/torch_draw.py): no vocabulary sort, noise at kept tokens."""
         rows = [i for i, g in enumerate(greedy) if not g]
         dev = logits.device
-        if len(rows) == len(reqs):  # every row draws: no argmax needed
+        every = len(rows) == len(reqs)  # every row draws: no argmax, no gather copy
+        if every:
             token_ids = torch.empty(len(reqs), dtype=torch.long, device=dev)
         else:  # the greedy rows' argmax (a full pass: only when some row is greedy)
             token_ids = row_argmax(logits)
         sub = [reqs[i] for i in rows]
         idx = torch.tensor(rows, device=dev)
         temps = torch.tensor([r.params.temperature for r in sub], device=dev)
-        every = len(rows) == len(reqs)  # no gather copy when every row draws
         scaled = (logits if every else logits[idx]) / temps[:, None]  # [num_random, vocab_size]
         if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in sub):
             keep = head_top_k_top_p_min_p_mask(

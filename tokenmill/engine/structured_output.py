@@ -136,8 +136,7 @@ class GrammarMasks:
 
     def host_bitmask_with_ban(self) -> torch.Tensor:
         """The bitmask with the JSON ban applied, as the device sees it (tests, benchmarks)."""
-        ban = self.ban_control.bool()
-        return torch.where(ban[:, None], self.bitmask & self.ban_words, self.bitmask)
+        return _with_ban(self.bitmask, self.ban_words, self.ban_control)
 
 
 class _HostSlot:
@@ -384,10 +383,8 @@ def apply_token_bitmask_torch_(
     assert bitmask.shape[1] * 32 >= vocab_size, (
         f"bitmask covers {bitmask.shape[1] * 32} tokens, logits have {vocab_size}"
     )
-    if ban_words is not None:
-        banned = bitmask & ban_words  # [num_masked_rows, words]
-        bitmask = torch.where(ban_rows.bool()[:, None], banned, bitmask)
     rows = rows.long()
+    bitmask = _with_ban(bitmask, ban_words, ban_rows)
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask[:, :, None] >> bits) & 1).bool()  # [num_masked_rows, words, 32]
     allowed = allowed.flatten(1)[:, :vocab_size]  # [num_masked_rows, vocab_size]
@@ -396,6 +393,13 @@ def apply_token_bitmask_torch_(
         logits.masked_fill_(~allowed, float("-inf"))  # every row: no gather / scatter copies
     else:
         logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+
+
+def _with_ban(bitmask, ban_words, ban_rows):
+    """bitmask with ban_words ANDed into the rows whose ban_rows flag is set."""
+    if ban_words is None:
+        return bitmask
+    return torch.where(ban_rows.bool()[:, None], bitmask & ban_words, bitmask)
 
 
 # bit value -> what the logit is clipped to: 0 (banned) -inf, 1 (allowed) +inf (unchanged)
@@ -424,8 +428,7 @@ def apply_token_bitmask_cpu_(
     if not fast or bitmask.shape[0] == 0:
         apply_token_bitmask_torch_(logits, bitmask, rows, ban_words, ban_rows)
         return
-    if ban_words is not None:
-        bitmask = torch.where(ban_rows.bool()[:, None], bitmask & ban_words, bitmask)
+    bitmask = _with_ban(bitmask, ban_words, ban_rows)
     vocab_size = logits.shape[1]
     out = logits.numpy()
     masks = bitmask.contiguous().numpy().view(np.uint8)  # [num_masked_rows, 4 * words]
@@ -433,8 +436,8 @@ def apply_token_bitmask_cpu_(
     for lo in range(0, len(targets), _NUMPY_ROWS):
         hi = min(lo + _NUMPY_ROWS, len(targets))
         clip = _CLIP[np.unpackbits(masks[lo:hi], axis=1, bitorder="little")[:, :vocab_size]]
-        first, last = targets[lo], targets[hi - 1]
-        if last - first == hi - lo - 1 and targets[lo:hi] == list(range(first, last + 1)):
-            np.minimum(out[first : last + 1], clip, out=out[first : last + 1])
+        first = targets[lo]
+        if targets[lo:hi] == list(range(first, first + hi - lo)):  # consecutive rows: a view
+            np.minimum(out[first : first + hi - lo], clip, out=out[first : first + hi - lo])
         else:
             out[targets[lo:hi]] = np.minimum(out[targets[lo:hi]], clip)

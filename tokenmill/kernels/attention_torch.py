@@ -229,5 +229,5 @@ def _decode_block_columns(seq_lens: list[int], block_size: int, window, device) 
         num_blocks = -(-max(seq_lens) // block_size)
         return torch.arange(num_blocks, device=device).expand(len(seq_lens), num_blocks)
     first = [max(0, n - window) // block_size for n in seq_lens]
-    num_blocks = max(-(-n // block_size) - f for n, f in zip(seq_lens, first))
+    num_blocks = max(_decode_num_blocks(n, block_size, window) for n in seq_lens)
     return torch.tensor(first, device=device)[:, None] + torch.arange(num_blocks, device=device)
