@@ -152,6 +152,43 @@ def test_decode_dtypes_and_more_splits_than_blocks(dtype, num_splits, min_partit
     assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.2), dtype)
 
 
+# Launch knobs benchmarks/decode_sweep.py tries: tiles smaller and larger than the default,
+# deeper pipelines, K loaded by rows, partitions of one or two tiles, and the KV head on the
+# grid's fastest axis.
+DECODE_KNOBS = [
+    dict(block_n=32, num_stages=3, num_splits=4, min_partition=64),
+    dict(block_n=128, num_warps=8, num_splits=2, min_partition=64, k_rows=True),
+    dict(block_n=16, num_stages=4, num_splits=1),
+    dict(heads_first=True, num_splits=3, min_partition=64),
+    dict(heads_first=True, num_splits=1),
+]
+
+
+@pytest.mark.parametrize(
+    "knobs", DECODE_KNOBS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items())
+)
+def test_decode_launch_knobs_match_reference(knobs):
+    # 130 and 300 keys: partial last tiles at every block_n, several partitions of 64 keys
+    rows = [(1, n) for n in pick([1, 17, 130, 300], [1, 17, 130, 300, 2048, 1000] * 20)]
+    num_heads, num_kv_heads, head_dim = pick((4, 2, 32), (16, 8, 128))
+    q, k_cache, v_cache, meta = make_batch(
+        rows, num_heads, num_kv_heads, head_dim, 16, torch.bfloat16, seed=9
+    )
+    out = paged_attention_decode(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.2, **knobs
+    )
+    ref = paged_attention_reference(q, k_cache, v_cache, meta, 0.2)
+    assert_close(out, ref, torch.bfloat16)
+
+
+def test_decode_rejects_a_block_n_that_is_no_power_of_two():
+    q, k_cache, v_cache, meta = make_batch([(1, 5)], 2, 1, 16, 16, torch.float32)
+    with pytest.raises(AssertionError, match="block_n must be a power of two >= 16"):
+        paged_attention_decode(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 1.0, block_n=48
+        )
+
+
 def test_decode_agrees_with_varlen_on_decode_batch():
     rows = [(1, n) for n in (5, 40, 77)]
     q, k_cache, v_cache, meta = make_batch(rows, 8, 2, 32, 16, torch.float32, seed=6)

@@ -18,7 +18,7 @@ tile is read once per group, not once per query head. The rows of a program's sc
    the block table (so BLOCK_N need not equal block_size). The engine sends decode rows to
    the decode kernel instead (engine/triton_attention.py).
 2. `paged_attention_decode` (every sequence has exactly one new token). Grid:
-   (num_seqs, num_kv_heads, num_splits); split i of sequence s covers keys
+   (num_kv_heads, num_seqs, num_splits), the KV head fastest; split i of sequence s covers keys
    [i * P, (i + 1) * P) with P = max(cdiv(seq_lens[s], num_splits), MIN_PARTITION) rounded up
    to BLOCK_N (so short contexts leave the last splits empty). Each split
    writes an unnormalised partial output with its running max and sum; a reduce kernel merges
@@ -278,9 +278,14 @@ def _decode_kernel(
     USE_SOFTCAP: tl.constexpr,
     USE_FP32_DOT: tl.constexpr,
     USE_K_ROWS: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,  # grid (num_kv_heads, num_seqs, num_splits): see heads_first
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     # The one query sits at seq_len - 1: its window is keys [lo, seq_len), no mask needed.
@@ -565,16 +570,35 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Splits per sequence so the decode grid has about 4 programs per SM, at most 16.
+    """Splits per sequence: about 16 programs per SM, at least 2, at most 16.
 
-    Measured on an H200 (132 SMs), Qwen3-0.6B shapes: 256 seqs x 8 KV heads = 2,048 programs
-    and 64 x 8 = 512 already stream K/V at 3.1-3.9 TB/s unsplit (1 split: no reduce step);
-    8 seqs x 8 KV heads: 0.8 TB/s unsplit, 3.0 TB/s with 8 splits.
-    Depends on no context length, so a CUDA graph captured for a batch size stays valid; short
-    contexts leave the extra splits empty (see MIN_PARTITION).
+    Measured on an H200 (132 SMs; benchmarks/decode_sweep.py, Qwen3-0.6B's attention, bf16,
+    with the KV head on the grid's fast axis, 64-key tiles, min_partition 256), TB/s of KV
+    read (the card copies at ~4.2):
+
+        batch (seqs, context)        1 split   2 splits   4      8
+        256, 100..2048               3.99      4.02       3.89   3.72
+        128, 600..2048               3.50      3.78       3.82   3.69
+        1000, log-normal ~600        3.95      4.07       3.91   3.66
+        32, 500..3000                1.78      2.66       2.91   3.10
+
+    One split left the large batches' last wave to a few long sequences; two even it out for
+    the price of the reduce kernel. (Before, about 4 programs per SM with no minimum: one
+    split down to 8 seqs x 8 KV heads.) Depends on no context length, so a CUDA graph
+    captured for a batch size stays valid; short contexts leave the extra splits empty (see
+    MIN_PARTITION).
     """
     num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
-    return max(1, min(16, (4 * num_sms) // max(num_seqs * num_kv_heads, 1)))
+    return max(2, min(16, (16 * num_sms) // max(num_seqs * num_kv_heads, 1)))
+
+
+def default_block_n(head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per decode tile: 32 KB of K per tile (128 keys of bf16 at head_dim 128), at most
+    128 keys. benchmarks/decode_sweep.py on an H200, bf16 at head_dim 128: 128 keys read
+    1-2% faster than 64 at 2 splits (3.73 vs 3.69 TB/s, geometric mean of five batches), 32
+    keys 7% slower. float32 caches keep two 32 KB tiles per pipeline stage in shared memory."""
+    keys = 32768 // (head_dim * torch.empty(0, dtype=dtype).element_size())
+    return max(16, min(128, 1 << (max(keys, 1).bit_length() - 1)))
 
 
 def paged_attention_decode(
@@ -590,12 +614,23 @@ def paged_attention_decode(
     window: int | None = None,
     softcap: float | None = None,
     k_rows: bool = False,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    heads_first: bool = True,
 ) -> torch.Tensor:
     """Decode attention, each sequence's keys split across `num_splits` programs (flash-decoding).
 
     BLOCK_M = the KV group padded to >= 16 rows (tl.dot's minimum): decode is bound by reading
-    K/V, so the idle rows cost registers, not bandwidth. BLOCK_N = 64 keys (32 at head_dim 256).
+    K/V, so the idle rows cost registers, not bandwidth. BLOCK_N: `default_block_n`.
     k_rows: load K tiles as [BLOCK_N, head_dim] (see TileConfig); benchmarks/bench_attention.py.
+    block_n, num_warps, num_stages: launch knobs for benchmarks/decode_sweep.py; None keeps
+    the defaults (BLOCK_N above, 4 warps, 2 stages). Each new combination is a compile.
+    heads_first: the KV head on the grid's fastest axis, so the programs that run together
+    read the same blocks' slots (a slot holds every KV head's key) instead of one head's
+    piece of each of many sequences' blocks: 3% more KV bandwidth on an H200 (decode_sweep,
+    3.59 vs 3.48 TB/s geometric mean at today's other defaults then). False: the old grid.
     """
     num_heads, num_kv_heads, head_dim = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     num_seqs = seq_lens.shape[0]
@@ -610,6 +645,12 @@ def paged_attention_decode(
         return out
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, q.device)
+    assert num_splits >= 1, f"num_splits must be >= 1 (got {num_splits})"
+    if block_n is None:
+        block_n = default_block_n(head_dim, k_cache.dtype)
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, (
+        f"block_n must be a power of two >= 16 (tl.dot's minimum; got {block_n})"
+    )
     group = num_heads // num_kv_heads
     use_splits = num_splits > 1
     if use_splits:
@@ -621,7 +662,8 @@ def paged_attention_decode(
         target = partial
     else:
         maxes = sums = target = out
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, num_seqs) if heads_first else (num_seqs, num_kv_heads)
+    _decode_kernel[(*grid, num_splits)](
         target,
         maxes,
         sums,
@@ -645,13 +687,14 @@ def paged_attention_decode(
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim,
         BLOCK_M=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=64 if head_dim <= 128 else 32,
+        BLOCK_N=block_n,
         USE_SPLITS=use_splits,
         USE_SOFTCAP=softcap is not None,
         USE_FP32_DOT=_use_fp32_dot(k_cache.dtype),
         USE_K_ROWS=k_rows,
-        num_warps=4,
-        num_stages=2,
+        HEADS_FIRST=heads_first,
+        num_warps=4 if num_warps is None else num_warps,
+        num_stages=2 if num_stages is None else num_stages,
     )
     if use_splits:
         _decode_reduce_kernel[(num_seqs, num_heads)](
