@@ -301,6 +301,10 @@ class StructuredOutputManager:
 
         NOTE: the per-row Python here is list building and one accept_token per new token;
         masks fill in chunks on GrammarThreads (see default_num_threads for the figures).
+        Filling on a background thread while the host processes outputs and schedules and
+        prepares the next step was tried on an H200 (benchmarks/RESULTS.md, tenth session):
+        the wait for the masks fell from ~10 to ~2 ms a step, the host's other phases slowed
+        by as much, and the constrained wall did not move (mean 5.11 vs 5.15 s); reverted.
         """
         rows = [i for i, r in enumerate(reqs) if r.params.structured_outputs is not None]
         if not rows:
