@@ -662,6 +662,7 @@ def paged_attention_decode(
         target = partial
     else:
         maxes = sums = target = out
+    heads_first = heads_first and num_seqs <= 65535  # CUDA's limit on the grid's 2nd axis
     grid = (num_kv_heads, num_seqs) if heads_first else (num_seqs, num_kv_heads)
     _decode_kernel[(*grid, num_splits)](
         target,
