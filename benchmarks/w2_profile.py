@@ -7,7 +7,10 @@ The run is W2 as the bench runs it (qwen3-0.6b random weights, 2,000 log-normal 
 T 0.8, card-sized limits) driven step by step: per step, the host time of schedule /
 launch (execute_async) / land (read back + outputs), the step's wall time, its tokens, and
 whether it replayed a graph. Steps overlap on the GPU, so a step's wall is the device time
-when the device is the bottleneck and the host time when the host is. Prints tables last.
+when the device is the bottleneck and the host time when the host is. Prints tables last:
+the bins, the profiled window's kernels, and the same window's kernels by the kind of step
+that launched them (so a window over many steps shows what the mixed steps spend, e.g.
+`--profile-steps 50,350`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.presets import make_dummy_checkpoint
@@ -46,6 +49,39 @@ def kind_of(name: str) -> str:
         if any(k in low for k in keys):
             return kind
     return "copy/other"
+
+
+def step_kind(s) -> str:
+    """The bin of a scheduled step: decode-only by batch size, or mixed by token count."""
+    ntok = sum(x.num_new_tokens for x in s.seqs)
+    nseq = len(s.seqs)
+    if all(x.num_new_tokens == 1 for x in s.seqs):
+        return f"decode-only {'<64' if nseq < 64 else '64-255' if nseq < 256 else '>=256'} seqs"
+    return "mixed <=2048" if ntok <= 2048 else "mixed >2048"
+
+
+STEP_RANGE = "tm_step:"  # profiler range around each launch, named by the step's kind
+
+
+def kernels_by_step_kind(events) -> dict[str, tuple[int, dict[str, list]]]:
+    """{kind: (steps, {kernel: [device us, calls]})} from the STEP_RANGE ranges of a
+    profile: every kernel launched inside a step's launch (forward and sampling), its device
+    time summed per kernel name."""
+    out: dict[str, tuple[int, dict]] = {}
+    for e in events:
+        if not e.name.startswith(STEP_RANGE):
+            continue
+        kind = e.name[len(STEP_RANGE) :]
+        steps, per = out.get(kind, (0, defaultdict(lambda: [0.0, 0])))
+        stack = [e]
+        while stack:
+            ev = stack.pop()
+            for k in ev.kernels:
+                per[k.name][0] += k.duration
+                per[k.name][1] += 1
+            stack.extend(ev.cpu_children)
+        out[kind] = (steps + 1, per)
+    return out
 
 
 def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
@@ -78,6 +114,13 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
         (runner, "execute_async", timed(runner, "execute_async", "launch")),
         (llm, "_land", timed(llm, "_land", "land")),
     ]
+    launch = runner.execute_async
+
+    def ranged_launch(sched_out, *a, **k):  # a named profiler range per step: its kernels
+        with record_function(STEP_RANGE + step_kind(sched_out)):
+            return launch(sched_out, *a, **k)
+
+    runner.execute_async = ranged_launch
     for i, (r, p) in enumerate(zip(wl.requests, params)):
         llm.add_request(f"w{i}", r.prompt, p, stream=False)
     # count, wall, tokens, host launch s, host land s
@@ -100,7 +143,6 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
         wall = time.perf_counter() - t0
         s = last.get("sched")
         ntok = sum(x.num_new_tokens for x in s.seqs) if s is not None else 0
-        decode = s is not None and all(x.num_new_tokens == 1 for x in s.seqs)
         how = (
             "graph"
             if runner.num_graph_steps > g0
@@ -108,14 +150,7 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
             if runner.num_eager_steps > e0
             else "-"
         )
-        nseq = len(s.seqs) if s is not None else 0
-        size = (
-            f"decode-only {'<64' if nseq < 64 else '64-255' if nseq < 256 else '>=256'} seqs"
-            if decode
-            else "mixed <=2048"
-            if ntok <= 2048
-            else "mixed >2048"
-        )
+        size = step_kind(s) if s is not None and s.seqs else "decode-only <64 seqs"
         b = bins[f"{size} ({how})"]
         b[0], b[1], b[2] = b[0] + 1, b[1] + wall, b[2] + ntok
         b[3] += host.get("launch", 0.0) - h0.get("launch", 0.0)
@@ -125,10 +160,16 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
             sync()
             prof_wall = (time.perf_counter() - t_prof) / (profile_window[1] - profile_window[0])
             prof.__exit__(None, None, None)
-            prof_res = (prof.key_averages(), prof_wall, profile_window[1] - profile_window[0])
+            prof_res = (
+                prof.key_averages(),
+                prof_wall,
+                profile_window[1] - profile_window[0],
+                kernels_by_step_kind(prof.events()),
+            )
             prof = None
     sync()
     total = time.perf_counter() - t_start
+    runner.execute_async = launch
     for obj, name, fn in orig:
         setattr(obj, name, fn)
     return {"total": total, "steps": step, "bins": dict(bins), "host": dict(host), "prof": prof_res}
@@ -157,7 +198,7 @@ def report(name: str, wl, res: dict) -> None:
     )
     if res["prof"] is None:
         return
-    ka, wall, n = res["prof"]
+    ka, wall, n, by_step_kind = res["prof"]
     gpu = [e for e in ka if e.self_device_time_total > 0]
     busy = sum(e.self_device_time_total for e in gpu) / n / 1e3
     by_kind = defaultdict(float)
@@ -171,6 +212,15 @@ def report(name: str, wl, res: dict) -> None:
     print("| kernel | ms/step | calls/step |\n|---|---|---|")
     for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"| {e.key[:60]} | {e.self_device_time_total / n / 1e3:.3f} | {e.count / n:.1f} |")
+    for kind, (steps, per) in sorted(by_step_kind.items()):
+        total = sum(us for us, _ in per.values()) / steps / 1e3
+        print(
+            f"\n{kind}: {steps} steps in the window, {total:.2f} ms of kernels a step "
+            "(launched by the step: forward and sampling)"
+        )
+        print("| kernel | ms/step | calls/step |\n|---|---|---|")
+        for name, (us, calls) in sorted(per.items(), key=lambda kv: -kv[1][0])[:10]:
+            print(f"| {name[:60]} | {us / steps / 1e3:.3f} | {calls / steps:.1f} |")
 
 
 def main() -> None:
