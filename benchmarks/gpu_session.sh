@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call that re-measures what the open issues ask of the GPU, about 7 minutes:
-#   bash benchmarks/gpu_session.sh [PHASE ...]     PHASE: smoke serve structured w1 w2 (default all)
+#   bash benchmarks/gpu_session.sh [PHASE ...]     PHASE: smoke serve structured w1 w2 (default
+#                                                  these five), sweep (decode kernel launch
+#                                                  configs), profile (W2 by step kind)
 # in this order: correctness before speed. Each phase has its own time limit, so one that hangs
 # cannot eat the call; its log is under $OUT (the device tool's folder, else out/gpu_session).
 #
@@ -52,7 +54,9 @@ for phase in ${*:-smoke serve structured w1 w2}; do
     structured) run structured 120 python3 benchmarks/structured_w2.py /tmp/smolr ;;
     w1) run w1 75 "${bench[@]}" --workload nano ;;
     w2) run w2 75 "${bench[@]}" --workload mixed --temperature 0.8 --top-p 0.95 ;;
-    *) echo "unknown phase $phase (smoke serve structured w1 w2)" >&2 ;;
+    sweep) run sweep 150 env OUT="$OUT" python3 benchmarks/decode_sweep.py ;;
+    profile) run profile 200 python3 benchmarks/w2_profile.py --profile-steps 50,350 ;;
+    *) echo "unknown phase $phase (smoke serve structured w1 w2 sweep profile)" >&2 ;;
   esac
 done
 echo "== summary"
