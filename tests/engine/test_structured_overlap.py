@@ -220,3 +220,32 @@ def test_manager_batch_advance_keeps_the_failure_rules(tiny_model_dir, caplog):
     assert not bool((after[1] == -1).all()) and not torch.equal(after[1], first_bits[1])
     assert torch.equal(after[2], first_bits[2])  # nothing new: the same mask
     assert torch.equal(first.host_bitmask_with_ban(), first_bits)  # not overwritten
+
+
+def test_advance_catches_up_on_several_tokens_and_stops_at_the_first_bad_one(tiny_model_dir):
+    """A matcher fed two tokens in one advance ends where one-by-one feeding ends; after a
+    rejected token it is fed nothing more."""
+    from transformers import AutoTokenizer
+
+    from tokenmill.engine.request import Request
+    from tokenmill.engine.structured_output import StructuredOutputManager, advance_matchers
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    manager = StructuredOutputManager(tiny_model_dir, len(tok), max_num_seqs=4)
+    regex = SamplingParams(structured_outputs=so(regex="[a-c]{4}"))
+    ids = [tok.convert_tokens_to_ids(c) for c in "abcz"]
+    assert tok.unk_token_id not in ids[:3]
+    reqs = [Request(f"r{i}", [1], regex, 0, 8, eos_token_ids=frozenset({2})) for i in range(3)]
+    manager.fill(reqs)
+    states = [manager._states[r] for r in reqs]
+    reqs[0].output_token_ids += ids[:2]  # two at once
+    reqs[1].output_token_ids.append(ids[0])  # one now, one later
+    reqs[2].output_token_ids += [ids[0], ids[3], ids[1]]  # "z" leaves the grammar
+    advance_matchers(states, reqs)
+    reqs[1].output_token_ids.append(ids[1])
+    advance_matchers(states, reqs)
+    masks = manager.fill(reqs).host_bitmask_with_ban()
+    assert [s.num_consumed for s in states] == [2, 2, 2]  # row 2 stopped at "z"
+    assert not states[0].failed and not states[1].failed and states[2].failed
+    assert torch.equal(masks[0], masks[1])  # the same state either way
+    assert bool((masks[2] == -1).all())  # no longer constrained

@@ -84,9 +84,6 @@ class _RequestGrammar:
         self.num_consumed = 0  # output tokens the matcher has seen
         self.failed = False  # stopped constraining: compile error, a rejected token, or done
 
-    def is_behind(self, req: Request) -> bool:
-        return not self.failed and self.num_consumed < req.num_output_tokens
-
     def start(self, req: Request) -> None:
         """Create the matcher (waits for the compilation); a failed compile stops constraining."""
         import xgrammar as xgr
@@ -111,17 +108,26 @@ def advance_matchers(states: list[_RequestGrammar], reqs: list[Request]) -> None
     NOTE: one accept_token per row, not BatchGrammarMatcher.batch_accept_token, nor threads:
     on an H200 host (benchmarks/grammar_fill.py, 700 rows) the loop took 2.2 ms a step,
     batch_accept_token 3.0 ms, and chunks on 2 / 4 / 8 threads 2.6 / 5.5 / 10.3 ms (accepting
-    holds the GIL, so threads only add hand-offs).
+    holds the GIL, so threads only add hand-offs). The loop reads each row's fields once (no
+    method call per token): 713 rows one token each on the dev CPU, 2.5-3.1 -> 2.35-2.45 ms.
     """
     for s, r in zip(states, reqs):
-        while s.is_behind(r):
-            token = r.output_token_ids[s.num_consumed]
-            s.num_consumed += 1
-            if not s.matcher.accept_token(token):
+        out = r.output_token_ids
+        i, n = s.num_consumed, len(out)
+        if s.failed or i >= n:
+            continue
+        matcher, eos = s.matcher, r.eos_token_ids
+        while i < n:
+            token = out[i]
+            i += 1
+            if not matcher.accept_token(token):
                 logger.warning("request %s left its grammar at token %d", r.req_id, token)
                 s.failed = True
-            elif (not r.eos_token_ids or token in r.eos_token_ids) and s.matcher.is_terminated():
+                break
+            if (not eos or token in eos) and matcher.is_terminated():
                 s.failed = True
+                break
+        s.num_consumed = i
 
 
 @dataclass
