@@ -40,23 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class HostClock:
-    """Splits a run's wall into device waits and the rest (host time per step).
-
-    Wraps three engine methods: the runner's collect (where the host waits for sampled
-    tokens: device-bound time), the structured-output fill (advance matchers + masks) and
-    execute_async (to count steps whose sampling was deferred behind the forward pass)."""
+    """The structured-output fill (advance matchers + masks) and the steps whose sampling was
+    deferred behind the forward pass (wraps the manager's fill and the runner's execute_async).
+    The wait for sampled tokens comes from Phases ("  collect (wait)")."""
 
     def __init__(self, llm: LLM):
-        self.wait_s = self.fill_s = self.advance_s = 0.0
+        self.fill_s = self.advance_s = 0.0
         self.fill_rows = self.deferred = 0
         runner, manager = llm.runner, llm.runner.structured
-        collect, fill, execute = runner.collect, manager.fill, runner.execute_async
-
-        def timed_collect(pending):
-            t0 = time.perf_counter()
-            out = collect(pending)
-            self.wait_s += time.perf_counter() - t0
-            return out
+        fill, execute = manager.fill, runner.execute_async
 
         def timed_fill(reqs):
             t0 = time.perf_counter()
@@ -69,11 +61,7 @@ class HostClock:
             self.deferred += defer_sampling
             return execute(sched, defer_sampling)
 
-        runner.collect, manager.fill, runner.execute_async = (
-            timed_collect,
-            timed_fill,
-            counted_execute,
-        )
+        manager.fill, runner.execute_async = timed_fill, counted_execute
         advance = structured_output.advance_matchers
 
         def timed_advance(states, reqs):
@@ -83,19 +71,19 @@ class HostClock:
 
         structured_output.advance_matchers = timed_advance  # fill looks it up at each call
 
-    def snapshot(self) -> tuple[float, float, int, int, float]:
-        return self.wait_s, self.fill_s, self.fill_rows, self.deferred, self.advance_s
+    def snapshot(self) -> tuple[float, int, int, float]:
+        return self.fill_s, self.fill_rows, self.deferred, self.advance_s
 
 
 class Phases:
     """Host seconds inside each engine phase, and the device time of the sampling launches.
 
-    Phases nest as the engine calls them: execute_async holds prepare, forward and (when not
-    deferred: every unconstrained step) sample_async; sample_async holds the grammar apply
-    (fill + mask upload + kernel) and the sampler's launches; land holds collect (the wait
-    for sampled tokens), the scheduler update and the output processing. "other" is the wall
-    less schedule, execute_async, sample_async (when deferred) and land: the step loop's own
-    Python."""
+    Phases nest as the engine calls them (indented under their caller): execute_async holds
+    prepare, forward and (when not deferred: every unconstrained step) sample_async;
+    sample_async holds the grammar apply (fill + mask upload + kernel) and the sampler's
+    launches; land holds collect (the wait for sampled tokens), the scheduler update and the
+    output processing. "other" is the wall less the time inside outermost phases: the step
+    loop's own Python."""
 
     NAMES = [
         ("schedule", "scheduler", "schedule"),
@@ -121,8 +109,8 @@ class Phases:
             "outputs": llm.output_processor,
         }
         self.seconds = dict.fromkeys((n for n, _, _ in self.NAMES), 0.0)
-        self.seconds["sample_async (deferred)"] = 0.0  # called by LLM.step, not execute_async
-        self._in_execute = False
+        self.seconds["outermost"] = 0.0  # inside a phase that no other phase called
+        self._depth = 0
         self.events: list = []  # (start, end) CUDA events around each sampler launch
         for name, owner, attr in self.NAMES:
             self._wrap(owners[owner], attr, name)
@@ -132,8 +120,7 @@ class Phases:
         cuda = name == "  sampler" and torch.cuda.is_available()
 
         def call(*args, **kwargs):
-            if name == "execute_async":
-                self._in_execute = True
+            self._depth += 1
             if cuda:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -143,11 +130,10 @@ class Phases:
                 return inner(*args, **kwargs)
             finally:
                 dt = time.perf_counter() - t0
+                self._depth -= 1
                 self.seconds[name] += dt
-                if name == "sample_async" and not self._in_execute:
-                    self.seconds["sample_async (deferred)"] += dt
-                if name == "execute_async":
-                    self._in_execute = False
+                if self._depth == 0:
+                    self.seconds["outermost"] += dt
                 if cuda:
                     end.record()
                     self.events.append((start, end))
@@ -167,12 +153,8 @@ class Phases:
         for name, _, _ in Phases.NAMES:
             cells = [f"{1e3 * sec[name] / steps:.2f}" for _, sec, _, steps, _ in runs]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        other = []
-        for _, sec, _, steps, wall in runs:
-            top = sec["schedule"] + sec["execute_async"] + sec["land"]
-            top += sec["sample_async (deferred)"]
-            other.append(f"{1e3 * (wall - top) / steps:.2f}")
-        lines.append("| other (wall less the top-level phases) | " + " | ".join(other) + " |")
+        other = [f"{1e3 * (w - sec['outermost']) / steps:.2f}" for _, sec, _, steps, w in runs]
+        lines.append("| other (wall less the outermost phases) | " + " | ".join(other) + " |")
         dev = [f"{ms / steps:.2f}" for _, _, ms, steps, _ in runs]
         lines.append("| sampler kernels on the device | " + " | ".join(dev) + " |")
         return "\n".join(lines)
@@ -193,8 +175,9 @@ def timed(llm: LLM, clock: HostClock, phases: Phases, prompts, params) -> tuple[
     sync()
     wall = time.perf_counter() - t0
     s1 = llm.stats
-    wait_s, fill_s, fill_rows, deferred, advance_s = (b - a for a, b in zip(c0, clock.snapshot()))
+    fill_s, fill_rows, deferred, advance_s = (b - a for a, b in zip(c0, clock.snapshot()))
     p1, d1 = phases.snapshot()
+    wait_s = p1["  collect (wait)"] - p0["  collect (wait)"]
     steps = s1.num_steps - s0.num_steps
     return (
         wall,
