@@ -3,7 +3,7 @@ the Triton kernels are tested against. Pure torch (no Triton), so CPU runs impor
 
 `meta` is the engine's per-step attention metadata; these functions read its fields
 cu_seqlens_q_cpu, seq_lens_cpu, block_tables [num_seqs, max_blocks], max_seqlen_k,
-is_decode_only and num_seqs (see tokenmill/engine/attention.py for the batch layout).
+is_decode_only, num_decodes and num_seqs (see tokenmill/engine/attention.py for the batch layout).
 """
 
 from __future__ import annotations
@@ -50,25 +50,20 @@ def paged_attention_torch(
     group = num_heads // num_kv_heads
     seq_lens = meta.seq_lens_cpu
     # decodes first (the scheduler's order): rows 0 .. num_decodes - 1 of q are theirs
-    num_decodes = len(seq_lens) if meta.is_decode_only else getattr(meta, "num_decodes", 0)
-    if num_decodes == len(seq_lens) and num_decodes > 1:
-        return _decode_attention_torch(
-            q, k_cache, v_cache, seq_lens, meta.block_tables, scale, window, softcap
-        )
+    num_decodes = len(seq_lens) if meta.is_decode_only else meta.num_decodes
     out = torch.empty_like(q)
-    first = 0
-    if num_decodes > 1:
-        out[:num_decodes] = _decode_attention_torch(
-            q[:num_decodes],
+    first = num_decodes if num_decodes > 1 else 0  # one decode alone takes the loop below
+    if first:
+        out[:first] = _decode_attention_torch(
+            q[:first],
             k_cache,
             v_cache,
-            seq_lens[:num_decodes],
-            meta.block_tables[:num_decodes],
+            seq_lens[:first],
+            meta.block_tables[:first],
             scale,
             window,
             softcap,
         )
-        first = num_decodes
     cu = meta.cu_seqlens_q_cpu
     for s in range(first, len(seq_lens)):
         seq_len = seq_lens[s]
