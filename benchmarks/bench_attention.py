@@ -226,6 +226,20 @@ def max_err(out, ref) -> float:
     return (out.float() - ref.float()).abs().max().item()
 
 
+def output(name: str):
+    """(out_dir, say): $OUT (the device tool's folder) or out/<name>, and a say(msg) that
+    prints msg and appends it to <name>.log there."""
+    out_dir = Path(os.environ.get("OUT") or f"out/{name}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / f"{name}.log", "w", buffering=1)  # line-buffered: a killed run keeps it
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log.write(msg + "\n")
+
+    return out_dir, say
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter check)")
@@ -235,13 +249,7 @@ def main() -> None:
     args = ap.parse_args()
     before = load_before(args.before) if args.before else None
     iters = args.iters or (2 if args.smoke else 20)
-    out_dir = Path(os.environ.get("OUT") or "out/bench_attention")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = open(out_dir / "bench_attention.log", "w")
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
+    out_dir, say = output("bench_attention")
 
     if ON_GPU:
         say(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
@@ -324,7 +332,6 @@ def main() -> None:
         tf = "" if r["tflop_s"] is None else f"{r['tflop_s']:.1f}"
         err = "" if r["max_err"] is None else f"{r['max_err']:.4f}"
         say(f"| {r['case']} | {r['path']} | {r['ms']:.3f} | {speed} | {tb} | {tf} | {err} |")
-    log.close()
     if not all(r["ok"] for r in results):
         sys.exit(1)
 

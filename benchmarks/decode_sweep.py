@@ -50,29 +50,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from importlib.metadata import version
 
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# bench_attention, first: it switches Triton to its interpreter on CPU (before anything loads
+# triton) and puts the repository on sys.path
+from bench_attention import DEV, DTYPE, ON_GPU, lognormal_contexts, output
 
-import triton  # noqa: E402
-from bench_attention import lognormal_contexts  # noqa: E402
+from tokenmill.engine.attention import AttentionMetadata
+from tokenmill.kernels import paged_attention as pa
+from tokenmill.kernels.attention_torch import paged_attention_torch
 
-from tokenmill.engine.attention import AttentionMetadata  # noqa: E402
-from tokenmill.kernels import paged_attention as pa  # noqa: E402
-from tokenmill.kernels.attention_torch import paged_attention_torch  # noqa: E402
-
-DEV = "cuda" if ON_GPU else "cpu"
-DTYPE = torch.bfloat16
 BLOCK_SIZE = 16
 L2_FLUSH_BYTES = 256 << 20  # > the H200's 50 MB L2
 BUSY_CYCLES = 300_000  # ~0.15 ms at ~2 GHz: longer than the launcher's host time
@@ -377,7 +369,7 @@ class Sweep:
         doc = dict(
             device=torch.cuda.get_device_name() if ON_GPU else "cpu (TRITON_INTERPRET)",
             torch=torch.__version__,
-            triton=triton.__version__,
+            triton=version("triton"),
             shape=asdict(self.shape),
             dtype=str(DTYPE),
             block_size=BLOCK_SIZE,
@@ -452,17 +444,11 @@ def main() -> None:
     args = ap.parse_args()
     args.iters = args.iters or (2 if args.smoke else 20)
     t_start = time.perf_counter()
-    out_dir = Path(os.environ.get("OUT") or "out/decode_sweep")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = open(out_dir / "decode_sweep.log", "w")
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
+    out_dir, say = output("decode_sweep")
 
     shape = SMOKE_SHAPE if args.smoke else QWEN3_0_6B
     device = torch.cuda.get_device_name() if ON_GPU else "CPU interpreter"
-    say(f"{device}  torch {torch.__version__}  triton {triton.__version__}  {shape}")
+    say(f"{device}  torch {torch.__version__}  triton {version('triton')}  {shape}")
     k_cache, v_cache, batches = build_batches(batch_contexts(args.smoke), shape)
     for b in batches:
         s = b.summary()
@@ -503,7 +489,6 @@ def main() -> None:
     sweep.write_json()
     say(f"\n## decode_sweep ({device}{', smoke' if args.smoke else ''}), {wall:.0f} s")
     report(sweep, say)
-    log.close()
 
 
 if __name__ == "__main__":

@@ -597,7 +597,7 @@ def default_block_n(head_dim: int, dtype: torch.dtype) -> int:
     128 keys. benchmarks/decode_sweep.py on an H200, bf16 at head_dim 128: 128 keys read
     1-2% faster than 64 at 2 splits (3.73 vs 3.69 TB/s, geometric mean of five batches), 32
     keys 7% slower. float32 caches keep two 32 KB tiles per pipeline stage in shared memory."""
-    keys = 32768 // (head_dim * torch.empty(0, dtype=dtype).element_size())
+    keys = 32768 // (head_dim * dtype.itemsize)
     return max(16, min(128, 1 << (max(keys, 1).bit_length() - 1)))
 
 
