@@ -2,7 +2,9 @@
 # One device call that re-measures what the open issues ask of the GPU, about 7 minutes:
 #   bash benchmarks/gpu_session.sh [PHASE ...]     PHASE: smoke serve structured w1 w2 (default
 #                                                  these five), sweep (decode kernel launch
-#                                                  configs), profile (W2 by step kind)
+#                                                  configs), profile / profile-w1 (W2 / W1
+#                                                  by step kind, each bin against its
+#                                                  floor), w2-8b (W2 on llama-3.1-8b)
 # in this order: correctness before speed. Each phase has its own time limit, so one that hangs
 # cannot eat the call; its log is under $OUT (the device tool's folder, else out/gpu_session).
 #
@@ -55,8 +57,13 @@ for phase in ${*:-smoke serve structured w1 w2}; do
     w1) run w1 75 "${bench[@]}" --workload nano ;;
     w2) run w2 75 "${bench[@]}" --workload mixed --temperature 0.8 --top-p 0.95 ;;
     sweep) run sweep 150 env OUT="$OUT" python3 benchmarks/decode_sweep.py ;;
-    profile) run profile 200 python3 benchmarks/w2_profile.py --profile-steps 50,350 ;;
-    *) echo "unknown phase $phase (smoke serve structured w1 w2 sweep profile)" >&2 ;;
+    profile) run profile 200 python3 benchmarks/w2_profile.py --profile-steps 100,250 ;;
+    profile-w1) run profile-w1 150 python3 benchmarks/w2_profile.py --workload nano \
+      --profile-steps 400,430 ;;
+    w2-8b) run w2-8b 300 python3 -m tokenmill bench throughput --dummy-weights \
+      --arch llama-3.1-8b --workload mixed --temperature 0.8 --top-p 0.95 ;;
+    *) echo "unknown phase $phase (smoke serve structured w1 w2 sweep profile profile-w1" \
+      "w2-8b)" >&2 ;;
   esac
 done
 echo "== summary"

@@ -1,7 +1,14 @@
-"""Where W2's time goes (issue 8): every step of `bench throughput --workload mixed` timed and
-binned, host phases timed, and a torch.profiler window of kernels at steady state.
+"""Where W2's (or W1's) time goes (issue 8): every step of `bench throughput --workload mixed`
+timed and binned, host phases timed, each bin set against its own floor, and a torch.profiler
+window of kernels at steady state.
 
-    PYTHONPATH=. python3 benchmarks/w2_profile.py [--top-p 0.95] [--also-plain] [--arch A]
+    PYTHONPATH=. python3 benchmarks/w2_profile.py [--workload mixed|nano] [--top-p 0.95]
+                                                  [--also-plain] [--arch A]
+
+A bin's floor is the sum of its steps' floors, each step's the roofline of that step alone:
+max(bytes / copy rate, FLOPs / matmul rate) with the weights read once, every KV entry its
+rows attend to read once and its new entries written, and the dense, head and attention FLOPs
+(tokenmill/bench/roofline.py's terms, per step). A bin far from 1.0 is where the run loses.
 
 The run is W2 as the bench runs it (qwen3-0.6b random weights, 2,000 log-normal requests,
 T 0.8, card-sized limits) driven step by step: per step, the host time of schedule /
@@ -24,15 +31,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.presets import make_dummy_checkpoint
-from tokenmill.bench.workloads import mixed_workload
+from tokenmill.bench.roofline import ModelShape, measure_copy_bandwidth, measure_matmul_rate
+from tokenmill.bench.workloads import mixed_workload, nano_workload
 
 
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
-
-PROFILE_WINDOW = (300, 330)
 
 KINDS = (
     ("sampling", ("sampl", "threshold", "gumbel", "sort", "softmax", "topk", "cumsum")),
@@ -60,6 +66,28 @@ def step_kind(s) -> str:
     return "mixed <=2048" if ntok <= 2048 else "mixed >2048"
 
 
+def step_floor(s, shape: ModelShape, bandwidth: float, flops_per_s: float) -> float:
+    """Seconds no engine can beat for this one step (see the module docstring)."""
+    ntok = sum(x.num_new_tokens for x in s.seqs)
+    nsample = sum(1 for x in s.seqs if x.sample)
+    # KV entries each row attends to: a chunk of n new tokens at start p reads p + n entries
+    # once (a tiled kernel) and makes sum_j (p + j + 1) query-key pairs
+    kv_read = sum(x.start_pos + x.num_new_tokens for x in s.seqs)
+    pairs = sum(
+        x.num_new_tokens * x.start_pos + x.num_new_tokens * (x.num_new_tokens + 1) // 2
+        for x in s.seqs
+    )
+    kv = shape.kv_bytes_per_token
+    nbytes = (
+        shape.body_bytes_per_step(ntok)
+        + shape.dtype_bytes * shape.head_params
+        + (kv_read + ntok) * kv
+    )
+    attn_width = shape.num_heads * shape.head_dim * shape.num_layers
+    flops = 2 * shape.body_params * ntok + 2 * shape.head_params * nsample + 4 * attn_width * pairs
+    return max(nbytes / bandwidth, flops / flops_per_s)
+
+
 STEP_RANGE = "tm_step:"  # profiler range around each launch, named by the step's kind
 
 
@@ -84,10 +112,12 @@ def kernels_by_step_kind(events) -> dict[str, tuple[int, dict[str, list]]]:
     return out
 
 
-def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
-    profile_window = PROFILE_WINDOW
+def run(llm: LLM, wl, top_p: float, floor_of, profile_window=(300, 330)) -> dict:
+    """Drive `wl` step by step; `floor_of(scheduled step)` gives a step's floor in seconds."""
     params = [
-        SamplingParams(temperature=0.8, top_p=top_p, ignore_eos=True, max_tokens=r.max_tokens)
+        SamplingParams(
+            temperature=wl.temperature, top_p=top_p, ignore_eos=True, max_tokens=r.max_tokens
+        )
         for r in wl.requests
     ]
     llm.generate([wl.requests[0].prompt], SamplingParams(max_tokens=8, top_p=top_p))  # warm
@@ -123,8 +153,8 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
     runner.execute_async = ranged_launch
     for i, (r, p) in enumerate(zip(wl.requests, params)):
         llm.add_request(f"w{i}", r.prompt, p, stream=False)
-    # count, wall, tokens, host launch s, host land s
-    bins: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, 0.0, 0.0])
+    # count, wall, tokens, host launch s, host land s, floor s
+    bins: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, 0.0, 0.0, 0.0])
     prof_res = None
     sync()
     t_start = time.perf_counter()
@@ -155,6 +185,7 @@ def run(llm: LLM, wl, top_p: float, profile_window=(300, 330)) -> dict:
         b[0], b[1], b[2] = b[0] + 1, b[1] + wall, b[2] + ntok
         b[3] += host.get("launch", 0.0) - h0.get("launch", 0.0)
         b[4] += host.get("land", 0.0) - h0.get("land", 0.0)
+        b[5] += floor_of(s) if s is not None and s.seqs else 0.0
         step += 1
         if prof is not None and step == profile_window[1]:
             sync()
@@ -183,13 +214,21 @@ def report(name: str, wl, res: dict) -> None:
     )
     print(
         "| steps | count | wall s | ms/step | tokens/step | host launch ms/step | "
-        "land (read back + outputs) ms/step |\n|---|---|---|---|---|---|---|"
+        "land (read back + outputs) ms/step | floor ms/step | fraction of floor |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
-    for k, (n, wall, tok, launch, land) in sorted(res["bins"].items(), key=lambda kv: -kv[1][1]):
+    rows = sorted(res["bins"].items(), key=lambda kv: -kv[1][1])
+    for k, (n, wall, tok, launch, land, floor) in rows:
         print(
             f"| {k} | {n} | {wall:.2f} | {1e3 * wall / n:.2f} | {tok / n:.0f} | "
-            f"{1e3 * launch / n:.2f} | {1e3 * land / n:.2f} |"
+            f"{1e3 * launch / n:.2f} | {1e3 * land / n:.2f} | {1e3 * floor / n:.2f} | "
+            f"{floor / wall:.2f} |"
         )
+    floor = sum(b[5] for b in res["bins"].values())
+    print(
+        f"sum of step floors {floor:.2f} s, fraction {floor / res['total']:.2f} "
+        "(above the workload's floor: real steps re-read the weights more often)"
+    )
     h = res["host"]
     print(
         "host s: "
@@ -226,14 +265,14 @@ def report(name: str, wl, res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="qwen3-0.6b")
-    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--workload", choices=("mixed", "nano"), default="mixed")
+    ap.add_argument("--top-p", type=float, default=None, help="default: 0.95 (mixed), 1 (nano)")
     ap.add_argument("--also-plain", action="store_true")
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--num-prompts", type=int, default=2000)
     ap.add_argument("--profile-steps", default="300,330")
     args = ap.parse_args()
-    global PROFILE_WINDOW
-    PROFILE_WINDOW = tuple(int(x) for x in args.profile_steps.split(","))
+    window = tuple(int(x) for x in args.profile_steps.split(","))
     d = make_dummy_checkpoint(args.arch, weights=False)
     # no prefix caching: the second run must not find the first run's prompts cached
     llm = LLM(
@@ -248,10 +287,24 @@ def main() -> None:
         f"card {card}; max_num_seqs {llm.config.max_num_seqs}, "
         f"max_num_batched_tokens {llm.config.max_num_batched_tokens}"
     )
-    wl = mixed_workload(args.num_prompts, min(10_000, llm.hf_config.vocab_size), seed=0)
-    report(f"W2 top-p {args.top_p}", wl, run(llm, wl, args.top_p))
+    vocab = min(10_000, llm.hf_config.vocab_size)
+    if args.workload == "mixed":
+        wl, name, top_p = mixed_workload(args.num_prompts, vocab, seed=0), "W2", 0.95
+    else:
+        wl, name, top_p = nano_workload(), "W1", 1.0
+    top_p = top_p if args.top_p is None else args.top_p
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = ModelShape.from_hf_config(llm.hf_config)
+    bandwidth = measure_copy_bandwidth(device)
+    flops_per_s = measure_matmul_rate(device, torch.bfloat16)
+    print(f"copy {bandwidth / 1e12:.2f} TB/s, matmul {flops_per_s / 1e12:.0f} TFLOP/s")
+
+    def floor_of(s):
+        return step_floor(s, shape, bandwidth, flops_per_s)
+
+    report(f"{name} top-p {top_p}", wl, run(llm, wl, top_p, floor_of, window))
     if args.also_plain:
-        report("W2 plain temperature", wl, run(llm, wl, 1.0))
+        report(f"{name} plain temperature", wl, run(llm, wl, 1.0, floor_of, window))
 
 
 if __name__ == "__main__":
