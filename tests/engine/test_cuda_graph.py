@@ -9,16 +9,23 @@ import torch
 from engine_utils import DEVICE, make_llm
 
 from tokenmill import SamplingParams
-from tokenmill.engine.cuda_graph import PIECEWISE_MAX_TOKENS, piecewise_sizes
+from tokenmill.engine.cuda_graph import FINE_BUCKETS_UP_TO, piecewise_sizes
 from tokenmill.engine.model_runner import ModelRunner
 
 
-def test_piecewise_buckets_cover_every_count_up_to_the_budget_or_2048():
-    sizes = piecewise_sizes(16384)
-    assert sizes == sorted(set(sizes)) and sizes[0] == 8 and sizes[-1] == PIECEWISE_MAX_TOKENS
-    assert all(b - a <= 256 for a, b in zip(sizes, sizes[1:]))  # padding <= 255 rows
-    assert piecewise_sizes(8192)[-1] == 2048
+@pytest.mark.parametrize("budget", [16384, 8192, 65536, 10000])
+def test_piecewise_buckets_cover_every_count_up_to_the_step_budget(budget):
+    sizes = piecewise_sizes(budget)
+    assert sizes == sorted(set(sizes)) and sizes[0] == 8 and sizes[-1] == budget
+    for a, b in zip(sizes, sizes[1:]):
+        # padding: at most 255 rows up to 2,048 tokens, at most an eighth of the step above
+        assert b - a <= (256 if a < FINE_BUCKETS_UP_TO else max(256, a // 8)), (a, b)
+    assert len(sizes) <= 14 + 8 * (budget // FINE_BUCKETS_UP_TO).bit_length()  # ~8 a doubling
+
+
+def test_piecewise_buckets_of_small_budgets():
     assert piecewise_sizes(1000)[-1] == 1000 and 768 in piecewise_sizes(1000)
+    assert piecewise_sizes(2048)[-1] == 2048 and 2304 not in piecewise_sizes(2048)
     assert piecewise_sizes(5) == [5]
 
 
@@ -48,7 +55,7 @@ def _meta(decode_only):
     return SimpleNamespace(is_decode_only=decode_only)
 
 
-def test_decode_steps_replay_the_decode_graph_mixed_steps_the_pieces_large_steps_run_eager():
+def test_decode_steps_replay_the_decode_graph_mixed_steps_the_pieces_past_the_buckets_eager():
     r = _runner()
     pick = ModelRunner._graphs_for
     assert pick(r, _meta(True), 4) is r.graphs

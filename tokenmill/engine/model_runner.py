@@ -155,7 +155,7 @@ class ModelRunner:
         # on CPU (torch runs synchronously there), but tests switch it on to check the logic.
         self.can_overlap = self.device.type == "cuda"
         # CUDA graphs (docs/cuda_graphs.md): whole-model graphs for decode-only steps, piecewise
-        # graphs (attention eager between them) for any other step of up to 2,048 tokens.
+        # graphs (attention eager between them) for any other step.
         self.graphs = self.piecewise = None
         self.num_graph_steps = self.num_eager_steps = 0
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
@@ -424,8 +424,12 @@ class ModelRunner:
                 max_q = max(max_q, n)
                 input_ids.extend(toks)
                 positions.extend(range(start + off, start + n + off))
-                for pos in range(start, start + n):
-                    slot_mapping.append(blocks[pos // bs] * bs + pos % bs)
+                pos, end = start, start + n
+                while pos < end:  # a run of slots per block, not one Python step per token
+                    slot = blocks[pos // bs] * bs + pos % bs
+                    take = min(bs - pos % bs, end - pos)
+                    slot_mapping.extend(range(slot, slot + take))
+                    pos += take
             total += n
             if toks[-1] == PLACEHOLDER:
                 inflight_at.append(total - 1)

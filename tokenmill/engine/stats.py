@@ -26,7 +26,7 @@ class EngineStats:
     num_kv_blocks: int = 0
     num_free_blocks: int = 0
     graph_steps: int = 0  # forward passes replayed from CUDA graphs (docs/cuda_graphs.md)
-    eager_steps: int = 0  # forward passes run eagerly (CPU, enforce_eager, > 2,048 tokens)
+    eager_steps: int = 0  # forward passes run eagerly (CPU, enforce_eager, torch attention)
     kernel_compiles: int = 0  # Triton compiles after start-up: variants the warm-up missed
 
     @property
