@@ -13,8 +13,13 @@ rows attend to read once and its new entries written, and the dense, head and at
 The run is W2 as the bench runs it (qwen3-0.6b random weights, 2,000 log-normal requests,
 T 0.8, card-sized limits) driven step by step: per step, the host time of schedule /
 launch (execute_async) / land (read back + outputs), the step's wall time, its tokens, and
-whether it replayed a graph. Steps overlap on the GPU, so a step's wall is the device time
-when the device is the bottleneck and the host time when the host is. Prints tables last:
+whether it replayed a graph, and its device time (CUDA events before and after everything its
+launch queued: a step whose device time is well under its wall waits on the host). Steps
+overlap on the GPU, so a step's wall is the device time when the device is the bottleneck and
+the host time when the host is. Keep the profiler window (--profile-steps) away from the steps
+you read: it slows their host side. `--sync-debug` counts the host-device synchronisations
+torch sees (torch.cuda.set_sync_debug_mode), by call site: the loop should have none besides
+reading the tokens back. Prints tables last:
 the bins, the profiled window's kernels, and the same window's kernels by the kind of step
 that launched them (so a window over many steps shows what the mixed steps spend, e.g.
 `--profile-steps 50,350`).
@@ -24,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -146,15 +154,27 @@ def run(llm: LLM, wl, top_p: float, floor_of, profile_window=(300, 330)) -> dict
     ]
     launch = runner.execute_async
 
+    on_gpu = torch.cuda.is_available()
+
     def ranged_launch(sched_out, *a, **k):  # a named profiler range per step: its kernels
+        # CUDA events around everything the launch queues: the step's device time
+        pair = None
+        if on_gpu:
+            pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            pair[0].record()
         with record_function(STEP_RANGE + step_kind(sched_out)):
-            return launch(sched_out, *a, **k)
+            out = launch(sched_out, *a, **k)
+        if on_gpu:
+            pair[1].record()
+            last["events"] = pair
+        return out
 
     runner.execute_async = ranged_launch
     for i, (r, p) in enumerate(zip(wl.requests, params)):
         llm.add_request(f"w{i}", r.prompt, p, stream=False)
-    # count, wall, tokens, host launch s, host land s, floor s
-    bins: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, 0.0, 0.0, 0.0])
+    # count, wall, tokens, host launch s, host land s, floor s, device s
+    bins: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, 0.0, 0.0, 0.0, 0.0])
+    step_bins = []  # per step: its bin, to add the device time once the run is done
     prof_res = None
     sync()
     t_start = time.perf_counter()
@@ -186,6 +206,7 @@ def run(llm: LLM, wl, top_p: float, floor_of, profile_window=(300, 330)) -> dict
         b[3] += host.get("launch", 0.0) - h0.get("launch", 0.0)
         b[4] += host.get("land", 0.0) - h0.get("land", 0.0)
         b[5] += floor_of(s) if s is not None and s.seqs else 0.0
+        step_bins.append((b, last.pop("events", None)))
         step += 1
         if prof is not None and step == profile_window[1]:
             sync()
@@ -200,6 +221,9 @@ def run(llm: LLM, wl, top_p: float, floor_of, profile_window=(300, 330)) -> dict
             prof = None
     sync()
     total = time.perf_counter() - t_start
+    for b, pair in step_bins:  # device time from the step's first to its last queued work
+        if pair is not None:
+            b[6] += pair[0].elapsed_time(pair[1]) / 1e3
     runner.execute_async = launch
     for obj, name, fn in orig:
         setattr(obj, name, fn)
@@ -214,15 +238,15 @@ def report(name: str, wl, res: dict) -> None:
     )
     print(
         "| steps | count | wall s | ms/step | tokens/step | host launch ms/step | "
-        "land (read back + outputs) ms/step | floor ms/step | fraction of floor |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "land (read back + outputs) ms/step | device ms/step | floor ms/step | "
+        "fraction of floor |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = sorted(res["bins"].items(), key=lambda kv: -kv[1][1])
-    for k, (n, wall, tok, launch, land, floor) in rows:
+    for k, (n, wall, tok, launch, land, floor, dev) in rows:
         print(
             f"| {k} | {n} | {wall:.2f} | {1e3 * wall / n:.2f} | {tok / n:.0f} | "
-            f"{1e3 * launch / n:.2f} | {1e3 * land / n:.2f} | {1e3 * floor / n:.2f} | "
-            f"{floor / wall:.2f} |"
+            f"{1e3 * launch / n:.2f} | {1e3 * land / n:.2f} | {1e3 * dev / n:.2f} | "
+            f"{1e3 * floor / n:.2f} | {floor / wall:.2f} |"
         )
     floor = sum(b[5] for b in res["bins"].values())
     print(
@@ -262,6 +286,23 @@ def report(name: str, wl, res: dict) -> None:
             print(f"| {name[:60]} | {us / steps / 1e3:.3f} | {calls / steps:.1f} |")
 
 
+def count_syncs() -> Counter:
+    """Synchronising torch calls from now on, by their innermost three tokenmill frames."""
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "tokenmill" in f.filename]
+        sites[
+            " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1][:3])
+        ] += 1
+
+    warnings.showwarning = record
+    warnings.simplefilter("always")
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn")
+    return sites
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="qwen3-0.6b")
@@ -271,6 +312,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--num-prompts", type=int, default=2000)
     ap.add_argument("--profile-steps", default="300,330")
+    ap.add_argument("--sync-debug", action="store_true")
     args = ap.parse_args()
     window = tuple(int(x) for x in args.profile_steps.split(","))
     d = make_dummy_checkpoint(args.arch, weights=False)
@@ -302,7 +344,14 @@ def main() -> None:
     def floor_of(s):
         return step_floor(s, shape, bandwidth, flops_per_s)
 
+    syncs = count_syncs() if args.sync_debug else None
     report(f"{name} top-p {top_p}", wl, run(llm, wl, top_p, floor_of, window))
+    if syncs is not None:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(0)
+        print("\n| synchronising call site | count |\n|---|---|")
+        for site, n in syncs.most_common(15):
+            print(f"| {site} | {n} |")
     if args.also_plain:
         report(f"{name} plain temperature", wl, run(llm, wl, 1.0, floor_of, window))
 
