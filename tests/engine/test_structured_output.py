@@ -304,3 +304,26 @@ def test_cpu_bitmask_path_equals_the_reference(num_seqs, rows, vocab_size, dtype
     apply_token_bitmask_cpu_(got, bitmask, rows_t, ban_words, ban_rows)
     assert torch.equal(got, expected)
     assert (got == float("-inf")).sum() > (logits == float("-inf")).sum()  # it did ban
+
+
+@pytest.mark.parametrize(
+    ("cpus", "threads"), [(1, 1), (2, 1), (4, 1), (8, 2), (12, 3), (16, 4), (128, 4)]
+)
+def test_fill_threads_default_to_one_per_four_cpus_at_most_four(cpus, threads):
+    from tokenmill.engine.structured_output import default_num_threads
+
+    assert default_num_threads(cpus) == threads
+
+
+def test_fill_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    """A SLURM job or taskset limits the CPUs: the default counts those, not the machine's."""
+    import os
+
+    from tokenmill.engine import structured_output
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert structured_output.available_cpus() == 8
+    assert structured_output.default_num_threads() == 2

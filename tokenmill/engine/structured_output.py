@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import sys
 import weakref
@@ -159,21 +160,34 @@ class _HostSlot:
             self.copied.synchronize()  # NOTE: two steps back; long done unless the host raced
 
 
-def default_num_threads() -> int:
-    """Threads for the mask fill: one, until a GPU host shows the threads paying off.
+MAX_FILL_THREADS = 4
 
-    Alone the fill scales: on an H200 host (16 CPUs, benchmarks/grammar_fill.py, 700 rows
-    under the person schema) one BatchGrammarMatcher took 7.3 ms a step, the rows in 2 / 4 /
-    8 chunks on as many threads (GrammarThreads) 4.3 / 2.8 / 2.4 ms, xgrammar's own
-    max_threads=8 3.5 ms; and with every fill a state's first (each variant on its own
-    fresh walk), on the 2-core dev machine, 6.6 -> 4.3 us a row on 2 threads. Inside the
-    engine on the H200 it did not (benchmarks/structured_w2.py, 713 rows a step): 8 threads
-    8.45 ms a step for advance + fill, 1 thread 7.89; in the third session xgrammar's 8
-    threads made the whole host step 2.3x slower. Not explained yet. One suspect:
-    structured_w2.py ran with torch's 16 OpenMP threads spinning after each CPU op (the CLI
-    makes them sleep, cli/threads.py); it now runs as the CLI does. `--grammar-threads` in
-    structured_w2.py (or StructuredOutputManager.num_threads) tries others."""
-    return 1
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a SLURM or taskset mask, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_num_threads(cpus: int | None = None) -> int:
+    """Threads for the mask fill: one per four CPUs this process may use, at most four (so
+    one on a 2-4 core machine, four on a 16-core GPU host).
+
+    Measured on an H200 host (16 CPUs, benchmarks/structured_w2.py, 714 rows a step under the
+    person schema, every step a CUDA graph; 2026-11-30, eleventh session), alternating in one
+    call: 1 / 4 / 1 / 4 threads, JSON-schema wall 6.74 / 5.99 / 5.85 / 4.47 s, grammar apply
+    15.3 / 9.4 / 13.8 / 8.0 ms a step. Earlier sessions saw threads cut the fill but not the
+    wall, or slow the whole host step (8 threads, torch's OpenMP threads spinning beside them);
+    then mixed steps of over 2,048 tokens ran eagerly and their launches waited on the device.
+    Alone the fill scales further (benchmarks/grammar_fill.py, 700 rows: one
+    BatchGrammarMatcher 7.3 ms a step, 2 / 4 / 8 threads 4.3 / 2.8 / 2.4 ms), but the engine's
+    own thread needs a core, and no engine run has measured more than four.
+    `--grammar-threads` in structured_w2.py (or StructuredOutputManager.num_threads) tries
+    others."""
+    cpus = available_cpus() if cpus is None else cpus
+    return max(1, min(MAX_FILL_THREADS, cpus // 4))
 
 
 class GrammarThreads:
