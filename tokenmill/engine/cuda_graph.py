@@ -113,10 +113,11 @@ class DecodeGraphs:
 # the buffer the next piece reads. Rows past the step's tokens are padding: garbage, but rows
 # never mix outside attention, and attention only sees the step's rows.
 
-# Up to here buckets are at most 256 tokens apart; above it, an eighth of the bucket apart (a
-# padded step computes at most 12.5% more rows, and the bucket count grows by 8 per doubling).
-# Large steps replay graphs too: measured on W2 (H200, qwen3-0.6b), a mixed step of ~5,900
-# tokens spent 34 ms launching ~400 eager kernels against ~28 ms of device work.
+# Buckets are at most 256 tokens apart up to FINE_BUCKETS_UP_TO, an eighth of the bucket apart
+# above (a padded step computes at most 12.5% more rows; the count grows by 8 per doubling).
+# Large steps replay graphs too: on W2 (H200, qwen3-0.6b, benchmarks/RESULTS.md) the ~400
+# eager launches of a ~5,900-token mixed step kept the host busy for longer than the device's
+# ~28 ms; with graphs those steps went from 41.5 to 34.5 ms under the same profiler.
 FINE_BUCKETS_UP_TO = 2048
 
 
