@@ -38,16 +38,23 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt) :].tolist()
 
 
-def tiny_gpu_model(arch: str) -> Path:
+def tiny_gpu_model(arch: str, max_position_embeddings: int = 1024) -> Path:
     """A tiny float32 checkpoint of `arch` with head_dim 16: the Triton kernels take
     power-of-two head sizes (others fall back to the torch backend)."""
     heads = ARCHS[arch][1]["num_attention_heads"]
     return make_tiny_model(
         tempfile.mkdtemp(),
         arch=arch,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_position_embeddings,
         hidden_size=16 * heads,
         head_dim=16,
+    )
+
+
+def tiny_gpu_llm(model_dir: Path, **kwargs) -> LLM:
+    """The engine over a tiny checkpoint: float32 on the GPU, a 256 MiB KV cache."""
+    return LLM(
+        model=str(model_dir), dtype="float32", device="cuda", kv_cache_memory="256MiB", **kwargs
     )
 
 
@@ -63,14 +70,8 @@ def tiny_parity() -> dict:
     rows = {}
     for arch in ARCHS:
         d = tiny_gpu_model(arch)
-        llm = LLM(
-            model=str(d),
-            dtype="float32",
-            device="cuda",
-            kv_cache_memory="256MiB",
-            max_num_seqs=16,
-            attention_backend=BACKEND,
-            enforce_eager=BACKEND == "torch",
+        llm = tiny_gpu_llm(
+            d, max_num_seqs=16, attention_backend=BACKEND, enforce_eager=BACKEND == "torch"
         )
         outs = llm.generate(
             PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False

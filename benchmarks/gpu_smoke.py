@@ -14,9 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from factories import make_tiny_model  # noqa: E402
-from gpu_correctness import hf_greedy, hf_reference, tiny_parity  # noqa: E402
+from gpu_correctness import (  # noqa: E402
+    hf_greedy,
+    hf_reference,
+    tiny_gpu_llm,
+    tiny_gpu_model,
+    tiny_parity,
+)
 
-from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill import SamplingParams  # noqa: E402
 from tokenmill.engine.sampling_params import StructuredOutputsParams  # noqa: E402
 
 SCHEMA = {
@@ -35,22 +41,8 @@ def large_steps() -> dict:
     prompts = [[(13 * i + 7 * j) % 300 + 5 for j in range(n)] for i, n in enumerate(lens)]
     rows = {}
     for arch in ("qwen3", "llama"):
-        heads = 4  # the tiny configs' head count
-        d = make_tiny_model(
-            tempfile.mkdtemp(),
-            arch=arch,
-            max_position_embeddings=4096,
-            hidden_size=16 * heads,
-            head_dim=16,
-        )
-        llm = LLM(
-            model=str(d),
-            dtype="float32",
-            device="cuda",
-            kv_cache_memory="256MiB",
-            max_num_seqs=16,
-            max_num_batched_tokens=8192,
-        )
+        d = tiny_gpu_model(arch, max_position_embeddings=4096)
+        llm = tiny_gpu_llm(d, max_num_seqs=16, max_num_batched_tokens=8192)
         outs = llm.generate(
             prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False
         )
@@ -66,7 +58,7 @@ def large_steps() -> dict:
 
 def structured() -> str:
     d = make_tiny_model(tempfile.mkdtemp(), arch="llama", hidden_size=64, head_dim=16)
-    llm = LLM(model=str(d), dtype="float32", device="cuda", kv_cache_memory="256MiB")
+    llm = tiny_gpu_llm(d)
     params = SamplingParams(
         temperature=0.7,
         seed=1,

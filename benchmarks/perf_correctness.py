@@ -22,9 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from factories import ARCHS  # noqa: E402
-from gpu_correctness import PROMPTS, hf_greedy, hf_reference, tiny_gpu_model  # noqa: E402
+from gpu_correctness import (  # noqa: E402
+    PROMPTS,
+    hf_greedy,
+    hf_reference,
+    tiny_gpu_llm,
+    tiny_gpu_model,
+)
 
-from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill import SamplingParams  # noqa: E402
 from tokenmill.engine.torch_draw import top_k_top_p_min_p_mask  # noqa: E402
 from tokenmill.kernels.sampling import sample, sample_tokens, sampling_thresholds  # noqa: E402
 
@@ -35,14 +41,7 @@ def graph_parity() -> tuple[dict, bool]:
     rows, ok = {}, True
     for arch in ARCHS:
         d = tiny_gpu_model(arch)
-        llm = LLM(
-            model=str(d),
-            dtype="float32",
-            device="cuda",
-            kv_cache_memory="256MiB",
-            max_num_seqs=4,
-            max_num_batched_tokens=64,
-        )
+        llm = tiny_gpu_llm(d, max_num_seqs=4, max_num_batched_tokens=64)
         pw = llm.runner.piecewise
         assert pw is not None, "piecewise graphs were not captured"
         pw_runs = [0]
