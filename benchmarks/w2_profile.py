@@ -8,7 +8,7 @@ window of kernels at steady state.
 A bin's floor is the sum of its steps' floors, each step's the roofline of that step alone:
 max(bytes / copy rate, FLOPs / matmul rate) with the weights read once, every KV entry its
 rows attend to read once and its new entries written, and the dense, head and attention FLOPs
-(tokenmill/bench/roofline.py's terms, per step). A bin far from 1.0 is where the run loses.
+(tokenmill/bench/roofline.py's step_floor). A bin far from 1.0 is where the run loses.
 
 The run is W2 as the bench runs it (qwen3-0.6b random weights, 2,000 log-normal requests,
 T 0.8, card-sized limits) driven step by step: per step, the host time of schedule /
@@ -39,7 +39,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.presets import make_dummy_checkpoint
-from tokenmill.bench.roofline import ModelShape, measure_copy_bandwidth, measure_matmul_rate
+from tokenmill.bench.roofline import (
+    ModelShape,
+    measure_copy_bandwidth,
+    measure_matmul_rate,
+    step_floor,
+)
 from tokenmill.bench.workloads import mixed_workload, nano_workload
 
 
@@ -72,28 +77,6 @@ def step_kind(s) -> str:
     if all(x.num_new_tokens == 1 for x in s.seqs):
         return f"decode-only {'<64' if nseq < 64 else '64-255' if nseq < 256 else '>=256'} seqs"
     return "mixed <=2048" if ntok <= 2048 else "mixed >2048"
-
-
-def step_floor(s, shape: ModelShape, bandwidth: float, flops_per_s: float) -> float:
-    """Seconds no engine can beat for this one step (see the module docstring)."""
-    ntok = sum(x.num_new_tokens for x in s.seqs)
-    nsample = sum(1 for x in s.seqs if x.sample)
-    # KV entries each row attends to: a chunk of n new tokens at start p reads p + n entries
-    # once (a tiled kernel) and makes sum_j (p + j + 1) query-key pairs
-    kv_read = sum(x.start_pos + x.num_new_tokens for x in s.seqs)
-    pairs = sum(
-        x.num_new_tokens * x.start_pos + x.num_new_tokens * (x.num_new_tokens + 1) // 2
-        for x in s.seqs
-    )
-    kv = shape.kv_bytes_per_token
-    nbytes = (
-        shape.body_bytes_per_step(ntok)
-        + shape.dtype_bytes * shape.head_params
-        + (kv_read + ntok) * kv
-    )
-    attn_width = shape.num_heads * shape.head_dim * shape.num_layers
-    flops = 2 * shape.body_params * ntok + 2 * shape.head_params * nsample + 4 * attn_width * pairs
-    return max(nbytes / bandwidth, flops / flops_per_s)
 
 
 STEP_RANGE = "tm_step:"  # profiler range around each launch, named by the step's kind
@@ -342,7 +325,8 @@ def main() -> None:
     print(f"copy {bandwidth / 1e12:.2f} TB/s, matmul {flops_per_s / 1e12:.0f} TFLOP/s")
 
     def floor_of(s):
-        return step_floor(s, shape, bandwidth, flops_per_s)
+        rows = [(x.start_pos, x.num_new_tokens, x.sample) for x in s.seqs]
+        return step_floor(shape, rows, bandwidth, flops_per_s)
 
     syncs = count_syncs() if args.sync_debug else None
     report(f"{name} top-p {top_p}", wl, run(llm, wl, top_p, floor_of, window))

@@ -3,7 +3,7 @@
 import pytest
 
 from tokenmill.bench.presets import preset_config
-from tokenmill.bench.roofline import ModelShape, roofline_floor
+from tokenmill.bench.roofline import ModelShape, roofline_floor, step_floor
 from tokenmill.bench.workloads import mixed_workload, nano_workload
 
 QWEN3_06B = ModelShape.from_hf_config(preset_config("qwen3-0.6b"))
@@ -76,3 +76,24 @@ def test_moe_floor_counts_active_experts_for_flops_and_touched_experts_for_bytes
 def test_dense_shapes_have_no_experts():
     assert QWEN3_06B.num_moe_layers == 0
     assert QWEN3_06B.body_bytes_per_step(512) == QWEN3_06B.dtype_bytes * QWEN3_06B.body_params
+
+
+def test_a_decode_step_reads_the_weights_once_however_many_rows_it_has():
+    bw, rate = 4.0e12, 790e12
+    one = step_floor(QWEN3_06B, [(699, 1, True)], bw, rate)
+    two = step_floor(QWEN3_06B, [(699, 1, True)] * 2, bw, rate)
+    # the second row adds only its 700 cached + new KV entries read and its one entry written
+    assert (two - one) * bw == pytest.approx(701 * QWEN3_06B.kv_bytes_per_token, rel=1e-9)
+    assert one * bw == pytest.approx(QWEN3_06B.weight_bytes + 701 * QWEN3_06B.kv_bytes_per_token)
+
+
+def test_chunking_a_prefill_keeps_its_flops():
+    """Compute-bound (a slow matmul rate): a 4,000-token prompt in one step or in chunks of
+    1,000 and 3,000 makes the same dense FLOPs and the same query-key pairs."""
+    bw, rate = 4.0e12, 1e9
+    whole = step_floor(QWEN3_06B, [(0, 4000, True)], bw, rate)
+    chunks = step_floor(QWEN3_06B, [(0, 1000, False)], bw, rate) + step_floor(
+        QWEN3_06B, [(1000, 3000, True)], bw, rate
+    )
+    assert chunks == pytest.approx(whole, rel=1e-12)
+    assert whole * rate == QWEN3_06B.flops(4000, 1, 4000 * 4001 // 2)

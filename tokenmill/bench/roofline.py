@@ -128,6 +128,19 @@ class ModelShape:
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
+    @property
+    def attention_width(self) -> int:
+        """Query width summed over layers: 4x this is the FLOPs of one query-key pair."""
+        return self.num_heads * self.head_dim * self.num_layers
+
+    def flops(self, tokens: int, sampled: int, pairs: float) -> float:
+        """Dense (body) FLOPs of `tokens`, the head's of `sampled` rows, attention's of `pairs`."""
+        return (
+            2 * self.body_params * tokens
+            + 2 * self.head_params * sampled
+            + 4 * self.attention_width * pairs
+        )
+
 
 @dataclass(frozen=True)
 class Floor:
@@ -173,11 +186,8 @@ def roofline_floor(
     nbytes = (
         round(decode_steps * step_weight_bytes) + kv_reads * kv + (num_prompt + num_output) * kv
     )
-    attn_width = shape.num_heads * shape.head_dim * shape.num_layers
-    flops = (
-        2 * shape.body_params * (num_prompt + num_output)
-        + 2 * shape.head_params * (num_output + len(prompt_lens))
-        + 4 * attn_width * (prefill_pairs + kv_reads)
+    flops = shape.flops(
+        num_prompt + num_output, num_output + len(prompt_lens), prefill_pairs + kv_reads
     )
     memory_s, compute_s = nbytes / bandwidth, flops / flops_per_s
     return Floor(
@@ -190,6 +200,27 @@ def roofline_floor(
         bandwidth,
         flops_per_s,
     )
+
+
+def step_floor(
+    shape: ModelShape,
+    rows: list[tuple[int, int, bool]],  # per row: (start position, new tokens, samples)
+    bandwidth: float,  # bytes / s
+    flops_per_s: float,
+) -> float:
+    """Seconds no engine can beat for one engine step: the weights read once, each row's
+    cached and new KV entries read once (a tiled kernel) and its new ones written; FLOPs as in
+    roofline_floor for the step's tokens, sampled rows and causal query-key pairs."""
+    tokens = sum(n for _, n, _ in rows)
+    kv_read = sum(start + n for start, n, _ in rows)
+    pairs = sum(n * start + n * (n + 1) // 2 for start, n, _ in rows)
+    nbytes = (
+        shape.body_bytes_per_step(tokens)
+        + shape.dtype_bytes * shape.head_params
+        + (kv_read + tokens) * shape.kv_bytes_per_token
+    )
+    flops = shape.flops(tokens, sum(1 for *_, sample in rows if sample), pairs)
+    return max(nbytes / bandwidth, flops / flops_per_s)
 
 
 def _median_seconds(fn, reps: int, sync) -> float:
