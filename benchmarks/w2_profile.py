@@ -13,16 +13,17 @@ rows attend to read once and its new entries written, and the dense, head and at
 The run is W2 as the bench runs it (qwen3-0.6b random weights, 2,000 log-normal requests,
 T 0.8, card-sized limits) driven step by step: per step, the host time of schedule /
 launch (execute_async) / land (read back + outputs), the step's wall time, its tokens, and
-whether it replayed a graph, and its device time (CUDA events before and after everything its
-launch queued: a step whose device time is well under its wall waits on the host). Steps
+whether it replayed a graph, and its device time (CUDA events recorded before and after its
+launch). NOTE: that device time includes the device idling while the host is still inside the
+launch, so it tells device-bound steps only from steps that wait on the host outside their
+launch; the profiler window's kernel total against its wall is the direct check. Steps
 overlap on the GPU, so a step's wall is the device time when the device is the bottleneck and
 the host time when the host is. Keep the profiler window (--profile-steps) away from the steps
 you read: it slows their host side. `--sync-debug` counts the host-device synchronisations
 torch sees (torch.cuda.set_sync_debug_mode), by call site: the loop should have none besides
-reading the tokens back. Prints tables last:
-the bins, the profiled window's kernels, and the same window's kernels by the kind of step
-that launched them (so a window over many steps shows what the mixed steps spend, e.g.
-`--profile-steps 50,350`).
+reading the tokens back. Prints tables last: the bins, the profiled window's kernels, and the
+same window's kernels by the kind of step that launched them (kernels inside graph replays
+are not attributed to a step).
 """
 
 from __future__ import annotations
