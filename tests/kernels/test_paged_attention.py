@@ -153,14 +153,15 @@ def test_decode_dtypes_and_more_splits_than_blocks(dtype, num_splits, min_partit
 
 
 # Launch knobs benchmarks/decode_sweep.py tries: tiles smaller and larger than the default,
-# deeper pipelines, K loaded by rows, partitions of one or two tiles, and the KV head on the
-# grid's fastest axis.
+# deeper pipelines, K loaded by rows, partitions of one or two tiles, and the old grid with
+# the sequence on the fastest axis (the default puts the KV head there; the old grid is also
+# the fallback past 65,535 sequences).
 DECODE_KNOBS = [
     dict(block_n=32, num_stages=3, num_splits=4, min_partition=64),
     dict(block_n=128, num_warps=8, num_splits=2, min_partition=64, k_rows=True),
     dict(block_n=16, num_stages=4, num_splits=1),
-    dict(heads_first=True, num_splits=3, min_partition=64),
-    dict(heads_first=True, num_splits=1),
+    dict(heads_first=False, num_splits=3, min_partition=64),
+    dict(heads_first=False, num_splits=1),
 ]
 
 
