@@ -1,7 +1,13 @@
 """GPU cost of a JSON-schema constraint on W2-sized traffic (issue 10), with the default model.
 
     PYTHONPATH=. python3 benchmarks/structured_w2.py MODEL [--num-prompts 2000]
-        [--grammar-threads N]
+        [--grammar-threads N] [--arch qwen3-0.6b]
+
+`--arch A` runs W2's own model shape (issue 8 defines W2 on qwen3-0.6b) with random weights
+made on the card (load_format="dummy") and MODEL's tokenizer: the grammar sees MODEL's
+vocabulary, the logits are the preset's width (ids past the tokenizer's are never allowed).
+Without it the run uses MODEL itself (the default model's 135M shape: its steps are host time,
+which the constraint's fill adds to).
 
 Prompts: the `mixed` workload's 2,000 log-normal prompts (random token ids), T 0.8, top-p 0.95.
 1. constrained: every request under sample_data/person.schema.json (max_tokens 256);
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -160,6 +167,21 @@ class Phases:
         return "\n".join(lines)
 
 
+def preset_with_tokenizer(arch: str, model: Path) -> str:
+    """A config-only checkpoint of the preset `arch` with `model`'s tokenizer and generation
+    config (its EOS ids) beside it."""
+    from tokenmill.bench.presets import make_dummy_checkpoint
+
+    out = make_dummy_checkpoint(arch, weights=False)
+    for f in model.iterdir():
+        if f.is_file() and (
+            f.name.startswith(("tokenizer", "special_tokens"))
+            or f.name in ("generation_config.json", "vocab.json", "merges.txt")
+        ):
+            shutil.copy(f, out / f.name)  # fmt: skip
+    return str(out)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -208,13 +230,22 @@ def main() -> None:
         default=None,
         help="mask-fill threads (default: the engine's)",
     )
+    ap.add_argument(
+        "--arch",
+        default=None,
+        help="a bench preset (qwen3-0.6b: W2's shape) with random weights and MODEL's tokenizer",
+    )
     args = ap.parse_args()
     cpu_threads.configure(None)  # torch CPU threads as `tokenmill generate` sets them
     import jsonschema
 
     schema = json.loads((ROOT / "sample_data/person.schema.json").read_text())
     # no prefix caching: run 2 must not find run 1's prompts cached
-    llm = LLM(args.model, enable_prefix_caching=False)
+    if args.arch:
+        llm = LLM(preset_with_tokenizer(args.arch, Path(args.model)), load_format="dummy",
+                  enable_prefix_caching=False)  # fmt: skip
+    else:
+        llm = LLM(args.model, enable_prefix_caching=False)
     vocab = min(10_000, llm.hf_config.vocab_size)
     prompts = [r.prompt for r in mixed_workload(args.num_prompts, vocab, seed=0).requests]
     constrained = SamplingParams(

@@ -273,16 +273,17 @@ def test_changing_fill_threads_retires_the_old_workers(tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    "num_seqs,rows,vocab_size",
+    "num_seqs,rows,vocab_size,words",
     [
-        (1, [0], 32),
-        (5, [4, 0, 2], 1000),  # rows out of order
-        (40, list(range(3, 40)), 49_157),  # > 16 consecutive rows, vocab not a multiple of 32
-        (40, list(range(0, 40, 2)) + [1], 333),  # strided rows, then one more
+        (1, [0], 32, None),
+        (5, [4, 0, 2], 1000, None),  # rows out of order
+        (40, list(range(3, 40)), 49_157, None),  # > 16 consecutive rows, vocab % 32 != 0
+        (40, list(range(0, 40, 2)) + [1], 333, None),  # strided rows, then one more
+        (20, [19, 4, 5, 6], 1000, 7),  # a bitmask of 7 words: the ids past 224 are banned
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_bitmask_path_equals_the_reference(num_seqs, rows, vocab_size, dtype):
+def test_cpu_bitmask_path_equals_the_reference(num_seqs, rows, vocab_size, words, dtype):
     """The engine's CPU masking (numpy, a few rows at a time) bans exactly the reference's
     tokens, with the JSON control-byte ban on some rows and infinite logits among the rest."""
     from tokenmill.engine.structured_output import (
@@ -291,7 +292,7 @@ def test_cpu_bitmask_path_equals_the_reference(num_seqs, rows, vocab_size, dtype
     )
 
     gen = torch.Generator().manual_seed(vocab_size)
-    words = (vocab_size + 31) // 32
+    words = words or (vocab_size + 31) // 32
     logits = torch.randn(num_seqs, vocab_size, generator=gen).to(dtype)
     logits[0, :3] = torch.tensor([float("inf"), float("-inf"), 0.0]).to(dtype)
     bits = torch.randint(0, 2**32, (len(rows), words), generator=gen, dtype=torch.int64)
@@ -327,3 +328,34 @@ def test_fill_threads_follow_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert structured_output.available_cpus() == 8
     assert structured_output.default_num_threads() == 2
+
+
+def test_a_padded_model_vocabulary_keeps_the_grammar_to_the_tokenizers_ids(tiny_model_dir):
+    """A model whose logits are wider than its tokenizer (padded embeddings): the grammar is
+    built over the tokenizer's ids (xgrammar's accept_token slows with every padding id it
+    must take for a special token), the masks are as wide as those ids, and the padding ids
+    are banned when the mask is applied. An EOS id past the tokenizer is dropped, not fatal."""
+    from transformers import AutoTokenizer
+
+    from tokenmill.engine.request import Request
+    from tokenmill.engine.structured_output import StructuredOutputManager
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    n = len(tok)
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object"}))
+    masks = {}
+    for vocab in (n, n + 300):
+        manager = StructuredOutputManager(tiny_model_dir, vocab, max_num_seqs=2)
+        eos = frozenset({2, vocab - 1})  # vocab - 1: a padding id in the padded model
+        reqs = [Request("r", [1], params, 0, 8, eos_token_ids=eos)]
+        got = manager.fill(reqs)
+        assert manager._tokenizer_info.vocab_size == n
+        assert got.bitmask.shape[1] == (n + 31) // 32
+        masks[vocab] = got.host_bitmask_with_ban().clone()
+        logits = torch.zeros(1, vocab)
+        manager.apply(logits, reqs)
+        if vocab > n:
+            assert torch.isinf(logits[0, n:]).all()
+        allowed = torch.isfinite(logits[0, :n]).nonzero().flatten().tolist()
+        assert allowed and tok.convert_tokens_to_ids("{") in allowed
+    assert torch.equal(masks[n], masks[n + 300])

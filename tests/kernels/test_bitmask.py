@@ -49,9 +49,45 @@ def test_reference_bit_order():
 
 
 @pytest.mark.parametrize("apply", [apply_token_bitmask_, apply_token_bitmask_reference_])
-def test_bitmask_too_narrow_is_refused(apply):
-    with pytest.raises(AssertionError, match="covers 32 tokens"):
-        apply(torch.zeros(1, 33), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0]))
+def test_bitmask_too_wide_is_refused(apply):
+    with pytest.raises(AssertionError, match="more than logits of 32 need"):
+        apply(
+            torch.zeros(1, 32, device=DEVICE),
+            torch.zeros(1, 2, dtype=torch.int32, device=DEVICE),
+            torch.tensor([0], device=DEVICE),
+        )
+
+
+@pytest.mark.parametrize("ban", [False, True])
+def test_ids_past_a_narrower_bitmask_are_banned(ban):
+    """A tokenizer shorter than the model's padded vocabulary: the bitmask covers its ids
+    only (3 words = 96 ids of 200 logits); the rest are -inf in masked rows, untouched in
+    the others, and the covered ids follow their bits as with a full-width mask."""
+    vocab_size, words = 200, 3
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, vocab_size, generator=gen)
+    narrow = _random_bitmask(2, 32 * words, seed=7)
+    rows = torch.tensor([3, 1], dtype=torch.int32)
+    extra = ()
+    if ban:
+        extra = (_random_bitmask(1, 32 * words, seed=8)[0], torch.tensor([1, 0], dtype=torch.int32))
+    full = torch.zeros(2, (vocab_size + 31) // 32, dtype=torch.int32)  # past word 3: banned
+    full[:, :words] = narrow
+    wide_extra = ()
+    if ban:
+        wide_ban = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
+        wide_ban[:words] = extra[0]
+        wide_extra = (wide_ban, extra[1])
+    expected = logits.clone()
+    apply_token_bitmask_reference_(expected, full, rows.long(), *wide_extra)
+    assert torch.isinf(expected[[3, 1], 32 * words :]).all()
+    assert torch.isfinite(expected[[0, 2]]).all()
+    ref = logits.clone()
+    apply_token_bitmask_reference_(ref, narrow, rows.long(), *extra)
+    assert torch.equal(ref, expected)
+    got = logits.to(DEVICE)
+    apply_token_bitmask_(got, narrow.to(DEVICE), rows.to(DEVICE), *(a.to(DEVICE) for a in extra))
+    assert torch.equal(got.cpu(), expected)
 
 
 @pytest.mark.parametrize("num_seqs,rows,ban", [(3, [0, 2], [1, 0]), (4, [3, 1, 0], [1, 1, 1])])

@@ -95,7 +95,8 @@ class _RequestGrammar:
             logger.error("request %s: its constraint failed to compile: %s", req.req_id, e)
             self.failed = True
             return
-        stop = sorted(req.eos_token_ids) or None
+        vocab = compiled.tokenizer_info.vocab_size
+        stop = sorted(t for t in req.eos_token_ids if t < vocab) or None  # past it: banned
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop)
 
 
@@ -135,10 +136,10 @@ def advance_matchers(states: list[_RequestGrammar], reqs: list[Request]) -> None
 class GrammarMasks:
     """One step's masks for the constrained rows of a batch, filled on the host."""
 
-    bitmask: torch.Tensor  # [num_masked_rows, ceil(vocab_size / 32)] int32, host (pinned on CUDA)
+    bitmask: torch.Tensor  # [num_masked_rows, num_words] int32, host (pinned on CUDA)
     rows: torch.Tensor  # [num_masked_rows] int32: the logits row of each bitmask row
     ban_control: torch.Tensor  # [num_masked_rows] int32: 1 = also ban control-byte tokens (JSON)
-    ban_words: torch.Tensor  # [ceil(vocab_size / 32)] int32: tokens without bytes < 0x20
+    ban_words: torch.Tensor  # [num_words] int32: tokens without bytes < 0x20
     slot: _HostSlot | None = None  # the reused host buffers behind the tensors above
 
     def host_bitmask_with_ban(self) -> torch.Tensor:
@@ -229,6 +230,19 @@ class GrammarThreads:
             self._pool.shutdown(wait=False)
 
 
+def grammar_vocab_size(tokenizer) -> int:
+    """The ids the grammar sees: the tokenizer's (its largest id + 1), not the model's padded
+    vocabulary. Grammar masks ban the ids past it (tokenmill.kernels.bitmask).
+
+    NOTE: xgrammar 0.2.9 takes every id without a token (padding) for a special token, and
+    accept_token's cost grows with their number: a 49,152-token tokenizer under a model of
+    151,936 ids made an accept 46-55 us instead of 13-13.5 (dev CPU, person.schema.json,
+    uniformly drawn allowed tokens); on an H200 host (benchmarks/structured_w2.py --arch
+    qwen3-0.6b) advancing took 27.5 of a constrained row's 35.4 us of grammar work.
+    """
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 class StructuredOutputManager:
     """Compiles constraints for the runner's tokenizer and fills the per-step bitmasks."""
 
@@ -242,6 +256,8 @@ class StructuredOutputManager:
     ):
         self.model_dir = model_dir
         self.vocab_size = vocab_size  # the model's (logits width), may exceed the tokenizer's
+        # bitmask words a row: the model's vocabulary until the tokenizer loads, then the
+        # grammar's (see _get_compiler)
         self.num_words = (vocab_size + 31) // 32
         self.max_num_seqs = max_num_seqs
         self.device = device or torch.device("cpu")
@@ -267,9 +283,11 @@ class StructuredOutputManager:
             if self.model_dir is None:
                 raise ValueError("structured outputs need the model's tokenizer; none is loaded")
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            vocab = min(self.vocab_size, grammar_vocab_size(tokenizer))
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
             self._tokenizer_info = info
+            self.num_words = (vocab + 31) // 32  # the ids past them: banned by the kernel
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         return self._compiler
 
     def _json_safe_words(self) -> torch.Tensor:
@@ -397,21 +415,24 @@ def apply_token_bitmask_torch_(
     ban_rows: torch.Tensor | None = None,  # [num_masked_rows] int32, 1 = AND ban_words in
 ) -> None:
     """In place: logits[rows[i], t] = -inf wherever bit t % 32 of bitmask[i, t // 32] is clear
-    (of bitmask[i] & ban_words where ban_rows[i] is set).
+    (of bitmask[i] & ban_words where ban_rows[i] is set), and for every t past the bitmask's
+    words (a tokenizer shorter than the model's padded vocabulary).
 
     The CPU path, and the reference tokenmill.kernels.bitmask is tested against.
     """
     if bitmask.shape[0] == 0:
         return
     vocab_size = logits.shape[1]
-    assert bitmask.shape[1] * 32 >= vocab_size, (
-        f"bitmask covers {bitmask.shape[1] * 32} tokens, logits have {vocab_size}"
+    assert bitmask.shape[1] <= (vocab_size + 31) // 32, (
+        f"bitmask has {bitmask.shape[1]} words, more than logits of {vocab_size} need"
     )
     rows = rows.long()
     bitmask = _with_ban(bitmask, ban_words, ban_rows)
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask[:, :, None] >> bits) & 1).bool()  # [num_masked_rows, words, 32]
-    allowed = allowed.flatten(1)[:, :vocab_size]  # [num_masked_rows, vocab_size]
+    allowed = allowed.flatten(1)[:, :vocab_size]  # [num_masked_rows, <= vocab_size]
+    if allowed.shape[1] < vocab_size:  # the ids past the bitmask are banned
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
     every = torch.arange(rows.shape[0], device=rows.device)
     if rows.shape[0] == logits.shape[0] and bool((rows == every).all()):
         logits.masked_fill_(~allowed, float("-inf"))  # every row: no gather / scatter copies
@@ -454,12 +475,16 @@ def apply_token_bitmask_cpu_(
         return
     bitmask = _with_ban(bitmask, ban_words, ban_rows)
     vocab_size = logits.shape[1]
+    covered = min(vocab_size, 32 * bitmask.shape[1])  # the ids past the bitmask are banned
     out = logits.numpy()
     masks = bitmask.contiguous().numpy().view(np.uint8)  # [num_masked_rows, 4 * words]
     targets = rows.tolist()
+    if covered < vocab_size:
+        out[targets, covered:] = -np.inf
+        out = out[:, :covered]
     for lo in range(0, len(targets), _NUMPY_ROWS):
         hi = min(lo + _NUMPY_ROWS, len(targets))
-        clip = _CLIP[np.unpackbits(masks[lo:hi], axis=1, bitorder="little")[:, :vocab_size]]
+        clip = _CLIP[np.unpackbits(masks[lo:hi], axis=1, bitorder="little")[:, :covered]]
         first = targets[lo]
         if targets[lo:hi] == list(range(first, first + hi - lo)):  # consecutive rows: a view
             np.minimum(out[first : first + hi - lo], clip, out=out[first : first + hi - lo])
