@@ -4,7 +4,9 @@
 #                                                  these five), sweep (decode kernel launch
 #                                                  configs), profile / profile-w1 (W2 / W1
 #                                                  by step kind, each bin against its
-#                                                  floor), w2-8b (W2 on llama-3.1-8b)
+#                                                  floor), w2-8b (W2 on llama-3.1-8b),
+#                                                  structured-w2 (the JSON-schema cost on
+#                                                  W2's shape with Qwen's vocabulary)
 # in this order: correctness before speed. Each phase has its own time limit, so one that hangs
 # cannot eat the call; its log is under $OUT (the device tool's folder, else out/gpu_session).
 #
@@ -13,8 +15,9 @@
 # manylinux2014_x86_64`) are installed into /tmp/site once per warm machine. The serve and
 # structured phases use the default model's shape with random weights, built from TOKENIZER
 # (default .gpu/smol_tok: SmolLM2-135M-Instruct's config.json, generation_config.json and
-# tokenizer files) by benchmarks/random_weights.py. With the device tool, carry them:
-#   carry [".gpu/whl", ".gpu/smol_tok"]
+# tokenizer files) by benchmarks/random_weights.py. structured-w2 needs QWEN_TOKENIZER (default
+# .gpu/qwen_tok, from benchmarks/qwen_vocab_tokenizer.py). With the device tool, carry them:
+#   carry [".gpu/whl", ".gpu/smol_tok", ".gpu/qwen_tok"]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_session}
@@ -54,6 +57,8 @@ for phase in ${*:-smoke serve structured w1 w2}; do
     serve) run serve 150 env OUT="$OUT/serve" python3 benchmarks/serve_alternating.py \
       --model /tmp/smolr --rounds 4 ;;
     structured) run structured 120 python3 benchmarks/structured_w2.py /tmp/smolr ;;
+    structured-w2) run structured-w2 120 python3 benchmarks/structured_w2.py \
+      "${QWEN_TOKENIZER:-.gpu/qwen_tok}" --arch qwen3-0.6b ;;
     w1) run w1 75 "${bench[@]}" --workload nano ;;
     w2) run w2 75 "${bench[@]}" --workload mixed --temperature 0.8 --top-p 0.95 ;;
     sweep) run sweep 150 env OUT="$OUT" python3 benchmarks/decode_sweep.py ;;
@@ -62,8 +67,8 @@ for phase in ${*:-smoke serve structured w1 w2}; do
       --profile-steps 400,430 ;;
     w2-8b) run w2-8b 300 python3 -m tokenmill bench throughput --dummy-weights \
       --arch llama-3.1-8b --workload mixed --temperature 0.8 --top-p 0.95 ;;
-    *) echo "unknown phase $phase (smoke serve structured w1 w2 sweep profile profile-w1" \
-      "w2-8b)" >&2 ;;
+    *) echo "unknown phase $phase (smoke serve structured structured-w2 w1 w2 sweep profile" \
+      "profile-w1 w2-8b)" >&2 ;;
   esac
 done
 echo "== summary"
