@@ -308,9 +308,9 @@ def test_cpu_bitmask_path_equals_the_reference(num_seqs, rows, vocab_size, words
 
 
 @pytest.mark.parametrize(
-    ("cpus", "threads"), [(1, 1), (2, 1), (4, 1), (8, 2), (12, 3), (16, 4), (128, 4)]
+    ("cpus", "threads"), [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (12, 6), (16, 8), (128, 8)]
 )
-def test_fill_threads_default_to_one_per_four_cpus_at_most_four(cpus, threads):
+def test_fill_threads_default_to_one_per_two_cpus_at_most_eight(cpus, threads):
     from tokenmill.engine.structured_output import default_num_threads
 
     assert default_num_threads(cpus) == threads
@@ -327,7 +327,7 @@ def test_fill_threads_follow_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert structured_output.available_cpus() == 8
-    assert structured_output.default_num_threads() == 2
+    assert structured_output.default_num_threads() == 4
 
 
 def test_a_padded_model_vocabulary_keeps_the_grammar_to_the_tokenizers_ids(tiny_model_dir):

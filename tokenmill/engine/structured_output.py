@@ -161,7 +161,7 @@ class _HostSlot:
             self.copied.synchronize()  # NOTE: two steps back; long done unless the host raced
 
 
-MAX_FILL_THREADS = 4
+MAX_FILL_THREADS = 8
 
 
 def available_cpus() -> int:
@@ -173,22 +173,22 @@ def available_cpus() -> int:
 
 
 def default_num_threads(cpus: int | None = None) -> int:
-    """Threads for the mask fill: one per four CPUs this process may use, at most four (so
-    one on a 2-4 core machine, four on a 16-core GPU host).
+    """Threads for the mask fill: one per two CPUs this process may use, at most eight (one
+    on a 2-3 core machine, four on 8 cores, eight on a 16-core GPU host).
 
-    Measured on an H200 host (16 CPUs, benchmarks/structured_w2.py, 714 rows a step under the
-    person schema, every step a CUDA graph; 2026-11-30, eleventh session), alternating in one
-    call: 1 / 4 / 1 / 4 threads, JSON-schema wall 6.74 / 5.99 / 5.85 / 4.47 s, grammar apply
-    15.3 / 9.4 / 13.8 / 8.0 ms a step. Earlier sessions saw threads cut the fill but not the
-    wall, or slow the whole host step (8 threads, torch's OpenMP threads spinning beside them);
-    then mixed steps of over 2,048 tokens ran eagerly and their launches waited on the device.
-    Alone the fill scales further (benchmarks/grammar_fill.py, 700 rows: one
-    BatchGrammarMatcher 7.3 ms a step, 2 / 4 / 8 threads 4.3 / 2.8 / 2.4 ms), but the engine's
-    own thread needs a core, and no engine run has measured more than four.
+    Measured on H200 hosts (16 CPUs; benchmarks/structured_w2.py --arch qwen3-0.6b with Qwen's
+    own 151,646-token vocabulary, ~690 rows a step under the person schema, every step a CUDA
+    graph; 2026-11-30, twelfth session), JSON-schema cost against the unconstrained wall:
+    one call 4 / 8 / 12 / 4 / 8 threads 1.42 / 1.10 / 1.17 / 1.33 / 1.10x (grammar apply
+    14.0 / 9.0 / 11.3 / 13.6 / 9.4 ms a step), another host 4 / 8 threads 1.53 / 1.33x: eight
+    beat four in all three pairs. On SmolLM2's shape (135M, host-bound) 4 / 8 / 4 / 8 gave
+    1.49 / 1.45 / 1.59 / 1.67x: no difference beyond that host's noise. The eleventh session
+    had four beat one in both pairs. A thread per CPU leaves none for the engine's own thread
+    and the process's others (12 of 16 was slower than 8); eight is the most measured.
     `--grammar-threads` in structured_w2.py (or StructuredOutputManager.num_threads) tries
     others."""
     cpus = available_cpus() if cpus is None else cpus
-    return max(1, min(MAX_FILL_THREADS, cpus // 4))
+    return max(1, min(MAX_FILL_THREADS, cpus // 2))
 
 
 class GrammarThreads:
