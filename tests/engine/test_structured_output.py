@@ -359,3 +359,24 @@ def test_a_padded_model_vocabulary_keeps_the_grammar_to_the_tokenizers_ids(tiny_
         allowed = torch.isfinite(logits[0, :n]).nonzero().flatten().tolist()
         assert allowed and tok.convert_tokens_to_ids("{") in allowed
     assert torch.equal(masks[n], masks[n + 300])
+
+
+def test_padding_ids_sharing_the_tokenizers_last_mask_word_are_banned(tmp_path):
+    """A 300-token tokenizer under 400 logits: ids 300-319 share the last bitmask word with
+    real tokens, and a permissive grammar (regex ".*") must not let them through."""
+    from factories import make_tokenizer
+
+    from tokenmill.engine.request import Request
+    from tokenmill.engine.structured_output import StructuredOutputManager
+
+    tok = make_tokenizer(vocab_size=300)
+    tok.save_pretrained(tmp_path)
+    n = len(tok)
+    assert n % 32, "the tokenizer must end inside a bitmask word for this test"
+    manager = StructuredOutputManager(tmp_path, n + 100, max_num_seqs=2)
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex=".*"))
+    reqs = [Request("r", [1], params, 0, 8, eos_token_ids=frozenset({2}))]
+    logits = torch.zeros(1, n + 100)
+    manager.apply(logits, reqs)
+    assert torch.isfinite(logits[0, :n]).sum() > n // 2  # the grammar allows most tokens
+    assert torch.isinf(logits[0, n:]).all()

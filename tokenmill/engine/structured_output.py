@@ -259,6 +259,9 @@ class StructuredOutputManager:
         # bitmask words a row: the model's vocabulary until the tokenizer loads, then the
         # grammar's (see _get_compiler)
         self.num_words = (vocab_size + 31) // 32
+        # the grammar's ids past the tokenizer's last id share its last word with padding ids
+        # that xgrammar may leave set: this int32 keeps only the real ones (None: no such ids)
+        self._last_word_keep: int | None = None
         self.max_num_seqs = max_num_seqs
         self.device = device or torch.device("cpu")
         self.num_threads = num_threads or default_num_threads()
@@ -287,6 +290,8 @@ class StructuredOutputManager:
             info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
             self._tokenizer_info = info
             self.num_words = (vocab + 31) // 32  # the ids past them: banned by the kernel
+            if vocab < self.vocab_size and vocab % 32:
+                self._last_word_keep = (1 << (vocab % 32)) - 1  # its real ids' bits (< 2**31)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         return self._compiler
 
@@ -368,6 +373,8 @@ class StructuredOutputManager:
             self._threads = GrammarThreads(self.num_threads)
         if active:
             self._threads.fill([states[j].matcher for j in active], bitmask, active)
+            if self._last_word_keep is not None:  # padding ids in the last word: banned
+                bitmask[:, -1].bitwise_and_(self._last_word_keep)
         meta = slot.meta[:, :n]
         meta[0] = torch.tensor(rows, dtype=torch.int32)
         meta[1] = torch.tensor([s.is_json and not s.failed for s in states], dtype=torch.int32)
