@@ -380,3 +380,34 @@ def test_padding_ids_sharing_the_tokenizers_last_mask_word_are_banned(tmp_path):
     manager.apply(logits, reqs)
     assert torch.isfinite(logits[0, :n]).sum() > n // 2  # the grammar allows most tokens
     assert torch.isinf(logits[0, n:]).all()
+
+
+def test_a_first_step_whose_only_grammar_failed_still_masks_at_the_tokenizers_width(
+    tiny_model_dir, monkeypatch
+):
+    """If the first constrained step's every compile failed, the tokenizer is still loaded
+    before the step's mask buffers are sized: later steps must not mix the model's padded
+    width with the grammar's (which crashed the mask's AND with the JSON ban)."""
+    from transformers import AutoTokenizer
+
+    from tokenmill.engine.request import Request
+    from tokenmill.engine.structured_output import StructuredOutputManager
+
+    n = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    manager = StructuredOutputManager(tiny_model_dir, n + 300, max_num_seqs=2)
+
+    def broken(key):
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(manager, "_compile", broken)
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object"}))
+    reqs = [Request("r0", [1], params, 0, 8, eos_token_ids=frozenset({2}))]
+    logits = torch.zeros(1, n + 300)
+    manager.apply(logits, reqs)  # no longer constrained: every token of the tokenizer allowed
+    assert torch.isfinite(logits[0, :n]).all()
+    monkeypatch.undo()
+    manager._compiled.clear()
+    reqs = [Request("r1", [1], params, 0, 8, eos_token_ids=frozenset({2}))]
+    logits = torch.zeros(1, n + 300)
+    manager.apply(logits, reqs)
+    assert torch.isinf(logits[0, n:]).all() and torch.isfinite(logits[0, :n]).any()

@@ -362,11 +362,12 @@ class StructuredOutputManager:
                 s.start(r)
         advance_matchers(states, creqs)
         n = len(rows)
+        self._get_compiler()  # loads the tokenizer if no compile has: num_words is its width
         slot = self._slot(n)
         bitmask = slot.bitmask[:n]
         active = [j for j, s in enumerate(states) if not s.failed]
         if len(active) < n:
-            bitmask.fill_(-1)  # rows no longer constrained allow everything
+            bitmask.fill_(-1)  # rows no longer constrained allow every token (not padding)
         if self._threads is None or self._threads.num_threads != self.num_threads:
             if self._threads is not None:
                 self._threads.shutdown()  # num_threads changed: the old workers go
