@@ -7,6 +7,13 @@ nn.Embedding do (same ops, same order): the single-GPU and CPU numerics do not m
 
     column-parallel  y[:, rank's cols] = x @ W[rank's rows].T (+ b[rank's rows])
     row-parallel     y = all_reduce(x[:, rank's cols] @ W[:, rank's cols].T) + b
+
+NOTE: the projections stay on torch's BLAS (cuBLAS). At decode sizes they run at a per-kernel
+latency, not at the weights' read time: on an H200, graph-replayed, Qwen3-0.6B's o_proj (2,048
+-> 1,024) takes ~5 us at 16-256 rows against ~1.0-1.5 us of weight bytes, and a layer's four
+GEMMs ~20-26 us against 8-11. A split-K Triton GEMM (branch exp/skinny-gemm) beat cuBLAS only
+on the two narrow projections at <= 32 rows (and o_proj at 1 row, 12.4 -> 4.2 us) and lost past
+that; cuBLASLt matched cuBLAS (benchmarks/RESULTS.md, thirteenth session).
 """
 
 from __future__ import annotations
