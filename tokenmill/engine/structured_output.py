@@ -348,6 +348,10 @@ class StructuredOutputManager:
         prepares the next step was tried on an H200 (benchmarks/RESULTS.md, tenth session):
         the wait for the masks fell from ~10 to ~2 ms a step, the host's other phases slowed
         by as much, and the constrained wall did not move (mean 5.11 vs 5.15 s); reverted.
+        Filling on the threads only beside the previous step's output processing, sampling
+        still launched before the next schedule (thirteenth session, W2's shape with Qwen's
+        vocabulary, four pairs): cost 1.27 / 1.06 / 1.25 / 1.03x against 1.09 / 1.18 / 1.12
+        / 1.21x, no gain; kept on branch exp/fill-beside-outputs, not merged.
         """
         rows = [i for i, r in enumerate(reqs) if r.params.structured_outputs is not None]
         if not rows:
