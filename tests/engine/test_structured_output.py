@@ -382,6 +382,32 @@ def test_padding_ids_sharing_the_tokenizers_last_mask_word_are_banned(tmp_path):
     assert torch.isinf(logits[0, n:]).all()
 
 
+def test_rows_no_longer_constrained_keep_the_last_words_padding_ids_banned(tmp_path, monkeypatch):
+    """A step whose every constrained row has stopped constraining (here: its compile failed)
+    allows every tokenizer token, still not the padding ids sharing the tokenizer's last word."""
+    from factories import make_tokenizer
+
+    from tokenmill.engine.request import Request
+    from tokenmill.engine.structured_output import StructuredOutputManager
+
+    tok = make_tokenizer(vocab_size=300)
+    tok.save_pretrained(tmp_path)
+    n = len(tok)
+    assert n % 32, "the tokenizer must end inside a bitmask word for this test"
+    manager = StructuredOutputManager(tmp_path, n + 100, max_num_seqs=2)
+
+    def broken(key):
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(manager, "_compile", broken)
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    reqs = [Request("r", [1], params, 0, 8, eos_token_ids=frozenset({2}))]
+    logits = torch.zeros(1, n + 100)
+    manager.apply(logits, reqs)
+    assert torch.isfinite(logits[0, :n]).all()
+    assert torch.isinf(logits[0, n:]).all()
+
+
 def test_a_first_step_whose_only_grammar_failed_still_masks_at_the_tokenizers_width(
     tiny_model_dir, monkeypatch
 ):

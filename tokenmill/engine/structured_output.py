@@ -378,8 +378,8 @@ class StructuredOutputManager:
             self._threads = GrammarThreads(self.num_threads)
         if active:
             self._threads.fill([states[j].matcher for j in active], bitmask, active)
-            if self._last_word_keep is not None:  # padding ids in the last word: banned
-                bitmask[:, -1].bitwise_and_(self._last_word_keep)
+        if self._last_word_keep is not None:  # padding ids in the last word: banned, every row
+            bitmask[:, -1].bitwise_and_(self._last_word_keep)
         meta = slot.meta[:, :n]
         meta[0] = torch.tensor(rows, dtype=torch.int32)
         meta[1] = torch.tensor([s.is_json and not s.failed for s in states], dtype=torch.int32)
