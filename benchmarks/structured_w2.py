@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import json
 import shutil
 import time
@@ -169,16 +170,15 @@ class Phases:
 
 def preset_with_tokenizer(arch: str, model: Path) -> str:
     """A config-only checkpoint of the preset `arch` with `model`'s tokenizer and generation
-    config (its EOS ids) beside it."""
+    config (its EOS ids) beside it: every metadata file the engine reads but config.json."""
     from tokenmill.bench.presets import make_dummy_checkpoint
+    from tokenmill.engine.hub import META_PATTERNS
 
     out = make_dummy_checkpoint(arch, weights=False)
     for f in model.iterdir():
-        if f.is_file() and (
-            f.name.startswith(("tokenizer", "special_tokens"))
-            or f.name in ("generation_config.json", "vocab.json", "merges.txt")
-        ):
-            shutil.copy(f, out / f.name)  # fmt: skip
+        if f.is_file() and f.name != "config.json":
+            if any(fnmatch.fnmatch(f.name, p) for p in META_PATTERNS):
+                shutil.copy(f, out / f.name)
     return str(out)
 
 
