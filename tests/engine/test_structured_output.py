@@ -361,19 +361,25 @@ def test_a_padded_model_vocabulary_keeps_the_grammar_to_the_tokenizers_ids(tiny_
     assert torch.equal(masks[n], masks[n + 300])
 
 
-def test_padding_ids_sharing_the_tokenizers_last_mask_word_are_banned(tmp_path):
-    """A 300-token tokenizer under 400 logits: ids 300-319 share the last bitmask word with
-    real tokens, and a permissive grammar (regex ".*") must not let them through."""
+@pytest.fixture
+def short_tokenizer(tmp_path):
+    """(directory, n): a 300-token tokenizer, so its ids end inside a bitmask word."""
     from factories import make_tokenizer
-
-    from tokenmill.engine.request import Request
-    from tokenmill.engine.structured_output import StructuredOutputManager
 
     tok = make_tokenizer(vocab_size=300)
     tok.save_pretrained(tmp_path)
-    n = len(tok)
-    assert n % 32, "the tokenizer must end inside a bitmask word for this test"
-    manager = StructuredOutputManager(tmp_path, n + 100, max_num_seqs=2)
+    assert len(tok) % 32, "the tokenizer must end inside a bitmask word for these tests"
+    return tmp_path, len(tok)
+
+
+def test_padding_ids_sharing_the_tokenizers_last_mask_word_are_banned(short_tokenizer):
+    """A 300-token tokenizer under 400 logits: ids 300-319 share the last bitmask word with
+    real tokens, and a permissive grammar (regex ".*") must not let them through."""
+    from tokenmill.engine.request import Request
+    from tokenmill.engine.structured_output import StructuredOutputManager
+
+    path, n = short_tokenizer
+    manager = StructuredOutputManager(path, n + 100, max_num_seqs=2)
     params = SamplingParams(structured_outputs=StructuredOutputsParams(regex=".*"))
     reqs = [Request("r", [1], params, 0, 8, eos_token_ids=frozenset({2}))]
     logits = torch.zeros(1, n + 100)
@@ -382,19 +388,16 @@ def test_padding_ids_sharing_the_tokenizers_last_mask_word_are_banned(tmp_path):
     assert torch.isinf(logits[0, n:]).all()
 
 
-def test_rows_no_longer_constrained_keep_the_last_words_padding_ids_banned(tmp_path, monkeypatch):
+def test_rows_no_longer_constrained_keep_the_last_words_padding_ids_banned(
+    short_tokenizer, monkeypatch
+):
     """A step whose every constrained row has stopped constraining (here: its compile failed)
     allows every tokenizer token, still not the padding ids sharing the tokenizer's last word."""
-    from factories import make_tokenizer
-
     from tokenmill.engine.request import Request
     from tokenmill.engine.structured_output import StructuredOutputManager
 
-    tok = make_tokenizer(vocab_size=300)
-    tok.save_pretrained(tmp_path)
-    n = len(tok)
-    assert n % 32, "the tokenizer must end inside a bitmask word for this test"
-    manager = StructuredOutputManager(tmp_path, n + 100, max_num_seqs=2)
+    path, n = short_tokenizer
+    manager = StructuredOutputManager(path, n + 100, max_num_seqs=2)
 
     def broken(key):
         raise RuntimeError("compile failed")
